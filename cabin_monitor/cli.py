@@ -1,0 +1,434 @@
+"""The ``cabin-monitor`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def _die(message: str, code: int = EXIT_CONFIG) -> int:
+    print(f"cabin-monitor: {message}", file=sys.stderr)
+    return code
+
+
+# -- run / demo ----------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from cabin_monitor.config import load_config
+
+    cfg = load_config(Path(args.config) if getattr(args, "config", None) else None)
+    camera: dict[str, Any] = {}
+    if getattr(args, "source", None):
+        camera["source"] = args.source
+    if getattr(args, "loop", False):
+        camera["loop"] = True
+    if getattr(args, "fast", False):
+        camera["file_pacing"] = "fast"
+    update: dict[str, Any] = {}
+    if camera:
+        update["camera"] = cfg.camera.model_copy(update=camera)
+    if getattr(args, "mqtt_url", None):
+        from cabin_monitor.config import parse_mqtt_url
+
+        parse_mqtt_url(args.mqtt_url)
+        update["mqtt"] = cfg.mqtt.model_copy(update={"url": args.mqtt_url})
+    if getattr(args, "vehicle_id", None):
+        update["vehicle_id"] = args.vehicle_id
+    if getattr(args, "model", None):
+        update["emotion"] = cfg.emotion.model_copy(update={"model_path": Path(args.model)})
+    cfg = cfg.model_copy(update=update)
+    # Re-validate so overrides from the command line obey the same rules as the file.
+    return type(cfg).model_validate(cfg.model_dump())
+
+
+def _build_pipeline(cfg: Any, on_result: Any = None, events_stream: Any = None) -> Any:
+    import threading
+
+    from cabin_monitor.capture import FrameSource
+    from cabin_monitor.outbox import Outbox
+    from cabin_monitor.pipeline import Pipeline
+    from cabin_monitor.processor import FrameProcessor
+    from cabin_monitor.publish import EventSink, MqttSink, StdoutSink
+    from cabin_monitor.remote import RulesControl
+
+    processor = FrameProcessor(cfg)
+    state_dir = cfg.resolved_state_dir()
+    sink: EventSink
+    control = RulesControl(
+        cfg.rules,
+        processor.model.class_names,
+        (cfg.remote_config.override_path or state_dir / "rules_override.json") if cfg.mqtt.url else None,
+        cfg.remote_config.max_payload_bytes,
+    )
+    if control.effective != cfg.rules:
+        processor.reconfigure_rules(control.effective)
+    if cfg.mqtt.url:
+        outbox = Outbox(cfg.outbox.path or state_dir / "outbox.sqlite", cfg.outbox.max_events, cfg.outbox.max_age_s)
+        sink = MqttSink(
+            cfg.mqtt,
+            cfg.vehicle_id,
+            outbox,
+            on_config_set=control.handle_set if cfg.remote_config.enabled else None,
+            max_payload_bytes=cfg.remote_config.max_payload_bytes,
+        )
+    else:
+        sink = StdoutSink(cfg.vehicle_id, events_stream or sys.stdout)
+    stop = threading.Event()
+    source = FrameSource(cfg.camera, stop)
+    return Pipeline(cfg, processor, source, sink, control, on_result=on_result, stop_event=stop)
+
+
+def _install_signals(pipeline: Any, config_path: Path | None) -> None:
+    import structlog
+
+    log = structlog.get_logger("cabin_monitor.cli")
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        pipeline.request_stop(signal.Signals(signum).name)
+
+    def on_reload(_signum: int, _frame: FrameType | None) -> None:
+        from cabin_monitor.config import ConfigError, load_config
+
+        if config_path is None:
+            log.warning("SIGHUP ignored: no configuration file to reload")
+            return
+        try:
+            rules = load_config(config_path).rules
+            pipeline.rules_control.reload_base(rules)
+        except (ConfigError, ValueError) as exc:
+            log.error("SIGHUP reload refused; rules unchanged", error=str(exc))
+            return
+        log.info("rules reloaded from the configuration file", path=str(config_path))
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cabin_monitor.capture import SourceError
+    from cabin_monitor.config import ConfigError
+    from cabin_monitor.emotion import ModelError
+    from cabin_monitor.logs import configure_logging
+    from cabin_monitor.outbox import OutboxError
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        return _die(str(exc))
+    except ValueError as exc:
+        return _die(str(exc))
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    try:
+        pipeline = _build_pipeline(cfg)
+    except (ModelError, SourceError, OutboxError, FileNotFoundError, ValueError) as exc:
+        return _die(str(exc), EXIT_RUNTIME)
+    _install_signals(pipeline, Path(args.config) if args.config else None)
+    return int(pipeline.run())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cabin_monitor.annotate import AnnotatedVideoWriter
+    from cabin_monitor.config import ConfigError
+    from cabin_monitor.logs import configure_logging
+
+    args.fast = True
+    try:
+        cfg = _load(args)
+    except (ConfigError, ValueError) as exc:
+        return _die(str(exc))
+    cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"url": None})})
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    out = Path(args.out)
+    writer = AnnotatedVideoWriter(out, fps=args.video_fps)
+    pipeline = _build_pipeline(cfg, on_result=writer)
+    _install_signals(pipeline, None)
+    try:
+        code = int(pipeline.run())
+    finally:
+        writer.close()
+    print(f"annotated video: {out} ({writer.frames} frames)", file=sys.stderr)
+    return code
+
+
+# -- analyze ----------------------------------------------------------------------------
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from cabin_monitor.analyze import analyze_image
+    from cabin_monitor.config import DetectorConfig, EmotionConfig
+    from cabin_monitor.detect import create_detector
+    from cabin_monitor.emotion import EmotionModel, ModelError
+    from cabin_monitor.logs import configure_logging
+
+    configure_logging("warning", "auto")
+    try:
+        model = EmotionModel(EmotionConfig(model_path=Path(args.model) if args.model else None))
+    except ModelError as exc:
+        return _die(str(exc), EXIT_RUNTIME)
+    detector = (
+        None
+        if args.assume_face
+        else create_detector(
+            DetectorConfig(type=args.detector, range=args.range, min_score=args.min_score, min_face_px=16, max_faces=32)
+        )
+    )
+    status = 0
+    try:
+        for path in args.images:
+            result = analyze_image(Path(path), model, detector, args.assume_face)
+            if "error" in result:
+                status = EXIT_RUNTIME
+            if args.json:
+                print(json.dumps(result), flush=True)
+            else:
+                print(
+                    f"{path}: {len(result['faces'])} face(s)" + (f" ({result['error']})" if "error" in result else "")
+                )
+                for face in result["faces"]:
+                    top = max(face["emotions"], key=face["emotions"].get)
+                    print(f"  box {face['box']} score {face['score']:.2f}: {top} {face['emotions'][top]:.2f}")
+    finally:
+        if detector is not None:
+            detector.close()
+    return status
+
+
+# -- check-config / schema ----------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from cabin_monitor.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(Path(args.file))
+    except ConfigError as exc:
+        print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK (vehicle {cfg.vehicle_id}, source {cfg.camera.source}, detector {cfg.detector.type})")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from cabin_monitor.payloads import json_schemas
+
+    schemas = json_schemas()
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, schema in schemas.items():
+            (out / f"{name}.schema.json").write_text(json.dumps(schema, indent=2) + "\n")
+        print(f"wrote {len(schemas)} schemas to {out}", file=sys.stderr)
+    else:
+        print(json.dumps(schemas, indent=2))
+    return 0
+
+
+# -- bench ----------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cabin_monitor.bench import run_bench
+    from cabin_monitor.config import ConfigError
+    from cabin_monitor.logs import configure_logging
+
+    try:
+        cfg = _load(args)
+    except (ConfigError, ValueError) as exc:
+        return _die(str(exc))
+    configure_logging("warning", "auto")
+    report = run_bench(cfg, max_frames=args.frames)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(
+            f"frames {report['frames']}  fps {report['fps']:.1f}  e2e p50 {report['e2e_ms']['p50']:.1f} ms "
+            f"p95 {report['e2e_ms']['p95']:.1f} ms"
+        )
+        for name, p in report["stages"].items():
+            print(f"  {name:8s} p50 {p['p50']:6.2f} ms  p95 {p['p95']:6.2f} ms")
+    return 0
+
+
+# -- training side (needs the train extra) ----------------------------------------------
+
+
+def _need_torch() -> int | None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return _die("this command needs the training extra: pip install 'cabin-monitor[train]'", EXIT_RUNTIME)
+    return None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if (code := _need_torch()) is not None:
+        return code
+    from pydantic import ValidationError
+
+    from cabin_monitor.config import describe_errors
+    from cabin_monitor.training.config import load_train_config
+    from cabin_monitor.training.train import train
+
+    try:
+        cfg = load_train_config(Path(args.config))
+    except ValidationError as exc:
+        return _die(f"{args.config}: invalid training configuration\n  " + "\n  ".join(describe_errors(exc)))
+    except (OSError, ValueError) as exc:
+        return _die(f"{args.config}: {exc}")
+    if args.threads:
+        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"threads": args.threads})})
+    metrics = train(cfg, Path(args.data), Path(args.out), device=args.device, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "val_confusion"}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if (code := _need_torch()) is not None:
+        return code
+    from cabin_monitor.training.export import export_run
+
+    path = export_run(Path(args.run_dir), Path(args.out), checkpoint=args.checkpoint, model_version=args.model_version)
+    print(f"exported {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cabin_monitor.evaluate import evaluate_command
+
+    return evaluate_command(args)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    if (code := _need_torch()) is not None:
+        return code
+    from cabin_monitor.training.explain import explain_command
+
+    return explain_command(args)
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    p = argparse.ArgumentParser(prog="cabin-monitor", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the monitoring daemon")
+    run.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
+    run.add_argument("--source", help="camera index, /dev/videoN, video file, rtsp:// URL or gst:PIPELINE")
+    run.add_argument("--mqtt-url", help="broker, mqtt://host:port (overrides the file)")
+    run.add_argument("--vehicle-id", help="vehicle id used in topics (overrides the file)")
+    run.add_argument("--loop", action="store_true", help="replay a video file when it ends")
+    run.add_argument("--fast", action="store_true", help="process every frame of a video file as fast as possible")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="run on the bundled sample video; events to stdout, annotated video to a file")
+    demo.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
+    demo.add_argument("--source", help="video file instead of the bundled sample")
+    demo.add_argument("--model", help="emotion ONNX model instead of the bundled one")
+    demo.add_argument("--out", default="cabin-monitor-demo.mp4", help="annotated video to write")
+    demo.add_argument("--video-fps", type=float, default=25.0, help="frame rate of the written video")
+    demo.set_defaults(func=cmd_demo)
+
+    an = sub.add_parser("analyze", help="read faces and emotions in still images")
+    an.add_argument("images", nargs="+", help="image files")
+    an.add_argument("--json", action="store_true", help="one JSON object per image")
+    an.add_argument("--assume-face", action="store_true", help="the whole image is one pre-cropped face")
+    an.add_argument("--model", help="emotion ONNX model (default: the bundled one)")
+    an.add_argument(
+        "--detector",
+        choices=["yunet", "blazeface"],
+        default="yunet",
+        help="face detector for photos (default: yunet, which suits any image size)",
+    )
+    an.add_argument("--range", choices=["short", "full"], default="full", help="BlazeFace model range")
+    an.add_argument("--min-score", type=float, default=0.6, help="minimum detection score")
+    an.set_defaults(func=cmd_analyze)
+
+    cc = sub.add_parser("check-config", help="validate a configuration file")
+    cc.add_argument("file")
+    cc.set_defaults(func=cmd_check_config)
+
+    sc = sub.add_parser("schema", help="print the JSON schemas of the MQTT payloads")
+    sc.add_argument("--out", help="write one <name>.schema.json per payload into this folder")
+    sc.set_defaults(func=cmd_schema)
+
+    be = sub.add_parser("bench", help="measure fps and per-stage latency on a video, CPU provider by default")
+    be.add_argument("--source", default="sample", help="video file (default: the bundled sample)")
+    be.add_argument("--config", help="YAML configuration file")
+    be.add_argument("--model", help="emotion ONNX model")
+    be.add_argument("--frames", type=int, default=None, help="stop after this many frames")
+    be.add_argument("--json", action="store_true", help="print one JSON object")
+    be.set_defaults(func=cmd_bench)
+
+    tr = sub.add_parser("train", help="train EmotionalDAN (needs the train extra)")
+    tr.add_argument("--config", required=True, help="training YAML (see models/configs/)")
+    tr.add_argument("--data", required=True, help="folder holding the data files named in the config")
+    tr.add_argument("--out", required=True, help="run folder; an existing run there is resumed")
+    tr.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    tr.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    ex = sub.add_parser("export", help="export a trained run to ONNX (needs the train extra)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="ONNX file to write")
+    ex.add_argument("--checkpoint", default="best.pt", help="checkpoint in the run folder")
+    ex.add_argument("--model-version", default=None, help="version string stored in the model")
+    ex.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("evaluate", help="accuracy, confusion matrix and landmark NME of an ONNX model")
+    ev.add_argument("--model", required=True, help="EmotionalDAN ONNX model")
+    ev.add_argument("--data", required=True, help=".npz file (emotion labels or 68-point landmarks)")
+    ev.add_argument("--peer", help="peer emotion model (mini-Xception ONNX) to compare on the same images")
+    ev.add_argument("--out", default=None, help="folder for the confusion-matrix PNG and a JSON report")
+    ev.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    ev.add_argument(
+        "--holdout-only",
+        action="store_true",
+        help="landmark data: score only the 15%% held out from training (by photo)",
+    )
+    ev.set_defaults(func=cmd_evaluate)
+
+    xp = sub.add_parser("explain", help="Grad-CAM heat maps of the emotion decision (needs the train extra)")
+    xp.add_argument("images", nargs="*", help="face images (pre-cropped, or found with the detector)")
+    xp.add_argument("--model", default=None, help="EmotionalDAN ONNX model (default: the bundled one)")
+    xp.add_argument("--out", required=True, help="folder for the heat-map PNGs")
+    xp.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        default=[],
+        help="also explain this class (repeatable); default: the predicted one",
+    )
+    xp.add_argument("--assume-face", action="store_true", help="the images are pre-cropped faces")
+    xp.add_argument("--mean-by-class", metavar="NPZ", help="average map per emotion over a labelled .npz")
+    xp.add_argument("--limit", type=int, default=2000, help="images used from the .npz for --mean-by-class")
+    xp.set_defaults(func=cmd_explain)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cabin-monitor`` command."""
+    os.environ.setdefault("GLOG_minloglevel", "2")  # quiet MediaPipe's C++ start-up lines
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Threads, hand-over and shutdown: capture thread -> latest-frame mailbox -> inference thread -> sink.
+
+The main thread supervises: it feeds the systemd watchdog only while frames
+flow, logs throughput and latency, publishes health, and stops everything on
+a signal, at end of file, or when a stage thread dies (exit code 1, so
+systemd restarts the service).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from cabin_monitor.capture import CameraState, FrameSource, SourceEnded
+from cabin_monitor.config import Config
+from cabin_monitor.mailbox import LatestMailbox
+from cabin_monitor.messages import Frame, FrameResult
+from cabin_monitor.payloads import (
+    CameraHealth,
+    HealthPayload,
+    ModelHealth,
+    MqttHealth,
+    OccupantStatePayload,
+    OutboxHealth,
+    PipelineHealth,
+    utc_iso,
+)
+from cabin_monitor.processor import STAGES, FrameProcessor
+from cabin_monitor.publish import EventSink
+from cabin_monitor.remote import RulesControl
+from cabin_monitor.sdnotify import SystemdNotifier
+
+log = structlog.get_logger("cabin_monitor.pipeline")
+JOIN_TIMEOUT_S = 5.0
+EXIT_OK = 0
+EXIT_STAGE_FAILED = 1
+
+
+class LatencyWindow:
+    """The last N samples of a latency, for percentiles."""
+
+    def __init__(self, size: int = 600) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, value_ms: float) -> None:
+        """Record one sample."""
+        with self._lock:
+            self._values.append(value_ms)
+
+    def percentiles(self) -> dict[str, float]:
+        """p50 and p95 of the window (0 when empty)."""
+        with self._lock:
+            values = np.array(self._values, dtype=np.float64)
+        if values.size == 0:
+            return {"p50": 0.0, "p95": 0.0}
+        return {"p50": round(float(np.percentile(values, 50)), 2), "p95": round(float(np.percentile(values, 95)), 2)}
+
+
+@dataclass
+class _Counters:
+    frames_processed: int = 0
+    stale_frames: int = 0
+    events: int = 0
+    last_processed_s: float = 0.0
+
+
+class Pipeline:
+    """Runs the daemon until the source ends, a stop is requested, or a stage fails."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        processor: FrameProcessor,
+        source: FrameSource,
+        sink: EventSink,
+        rules_control: RulesControl,
+        notifier: SystemdNotifier | None = None,
+        on_result: Callable[[FrameResult], None] | None = None,
+        stop_event: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.processor = processor
+        self.source = source
+        self.sink = sink
+        self.rules_control = rules_control
+        self.notifier = notifier or SystemdNotifier()
+        self.on_result = on_result
+        self._clock = clock
+        self._wall = wall_clock
+        self.stop_event = stop_event or threading.Event()
+        self.mailbox: LatestMailbox[Frame] = LatestMailbox()
+        self.stage_ms = {name: LatencyWindow() for name in (*STAGES, "e2e")}
+        self._counters = _Counters()
+        self._counter_lock = threading.Lock()
+        self._failure: str | None = None
+        self._threads: list[threading.Thread] = []
+        self._inference_done = threading.Event()
+        self._fps_window: deque[float] = deque(maxlen=120)
+
+    # -- control -----------------------------------------------------------------
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask every loop to finish (safe from a signal handler)."""
+        if not self.stop_event.is_set():
+            log.info("stopping", reason=reason)
+        self.stop_event.set()
+
+    @property
+    def failure(self) -> str | None:
+        """Why a stage thread died, if one did."""
+        return self._failure
+
+    # -- threads -----------------------------------------------------------------
+
+    def _guard(self, name: str, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except Exception as exc:
+                log.exception("stage thread failed", thread=name, error=repr(exc))
+                self._failure = f"{name}: {exc!r}"
+                self.stop_event.set()
+
+        return run
+
+    def _capture_loop(self) -> None:
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    frame = self.source.read()
+                except SourceEnded as end:
+                    log.info("source ended", reason=str(end))
+                    return
+                if self.source.paced_realtime:
+                    self.mailbox.put(frame)
+                elif not self.mailbox.put_wait(frame, self.stop_event):
+                    return
+        finally:
+            self.mailbox.close()
+            self.source.release()
+
+    def _inference_loop(self) -> None:
+        try:
+            while True:
+                pending = self.rules_control.take_pending()
+                if pending is not None:
+                    self.processor.reconfigure_rules(pending)
+                    log.info("rules reconfigured")
+                if self.stop_event.is_set():
+                    break
+                frame = self.mailbox.get(timeout_s=0.5)
+                if frame is None:
+                    if self.mailbox.closed and self.mailbox.empty():
+                        break
+                    continue
+                if self.source.paced_realtime:
+                    age_ms = (self._clock() - frame.capture_s) * 1000.0
+                    if age_ms > self.cfg.pipeline.max_frame_age_ms:
+                        with self._counter_lock:
+                            self._counters.stale_frames += 1
+                        continue
+                self._handle(self.processor.process(frame))
+            closing = self.processor.rules.close_all(self._last_capture_s(), self._wall())
+            for event in closing:
+                self.sink.submit_event(event)
+        finally:
+            self._inference_done.set()
+
+    def _last_capture_s(self) -> float:
+        return self._clock() if self.source.paced_realtime else self._counters.last_processed_s
+
+    def _handle(self, result: FrameResult) -> None:
+        frame = result.frame
+        for name, ms in result.stage_ms.items():
+            self.stage_ms[name].add(ms)
+        if self.source.paced_realtime:
+            self.stage_ms["e2e"].add((self._clock() - frame.capture_s) * 1000.0)
+        for event in result.events:
+            self.sink.submit_event(event)
+        now = self._clock()
+        with self._counter_lock:
+            self._counters.frames_processed += 1
+            self._counters.events += len(result.events)
+            self._counters.last_processed_s = frame.capture_s if not self.source.paced_realtime else now
+            self._fps_window.append(now)
+        self._maybe_publish_state(now, frame.wall_time_s)
+        if self.on_result is not None:
+            self.on_result(result)
+
+    _last_state_s = -1e18
+
+    def _maybe_publish_state(self, now: float, wall: float) -> None:
+        interval = self.cfg.mqtt.state_interval_s
+        if interval <= 0 or now - self._last_state_s < interval:
+            return
+        self._last_state_s = now
+        states = []
+        for occ in self.processor.rules.occupants():
+            if not occ.emotions:
+                continue
+            states.append(
+                OccupantStatePayload(
+                    vehicle_id=self.cfg.vehicle_id,
+                    occupant_id=occ.occupant_id,
+                    seat=occ.seat,
+                    ts=utc_iso(wall),
+                    emotions={k: round(v, 4) for k, v in occ.emotions.items()},
+                    top_emotion=max(occ.emotions, key=lambda k: occ.emotions[k]),
+                    active_events=list(occ.active_events),
+                )
+            )
+        if states:
+            self.sink.publish_state(states)
+
+    # -- supervision ---------------------------------------------------------------
+
+    def fps(self) -> float:
+        """Frames processed per second over the recent window."""
+        with self._counter_lock:
+            times = list(self._fps_window)
+        if len(times) < 2 or times[-1] - times[0] <= 0:
+            return 0.0
+        return round((len(times) - 1) / (times[-1] - times[0]), 2)
+
+    def health(self) -> HealthPayload:
+        """The current health snapshot."""
+        cam = self.source.stats()
+        sink = self.sink.stats()
+        with self._counter_lock:
+            counters = _Counters(**vars(self._counters))
+        model = self.processor.model
+        last_error = self._failure or cam.last_error
+        status = "ok"
+        if self._failure or cam.state == CameraState.FAILED:
+            status = "error"
+        elif cam.state in (CameraState.STALLED, CameraState.REOPENING) or (
+            self.cfg.mqtt.url is not None and not sink.connected
+        ):
+            status = "degraded"
+        return HealthPayload(
+            vehicle_id=self.cfg.vehicle_id,
+            ts=utc_iso(self._wall()),
+            status=status,  # type: ignore[arg-type]
+            camera=CameraHealth(
+                state=cam.state.value,  # type: ignore[arg-type]
+                source=cam.source,
+                fps=self.fps(),
+                frames=cam.frames,
+                corrupt_frames=cam.corrupt_frames,
+                reopen_count=cam.reopen_count,
+                last_error=cam.last_error,
+            ),
+            pipeline=PipelineHealth(
+                fps=self.fps(),
+                frames_processed=counters.frames_processed,
+                dropped_frames=self.mailbox.dropped,
+                stale_frames=counters.stale_frames,
+            ),
+            model=ModelHealth(
+                path=str(model.info.path),
+                providers_requested=model.providers_requested,
+                provider_in_use=model.provider_in_use,
+            ),
+            outbox=OutboxHealth(
+                depth=sink.outbox_depth,
+                dropped_total=sink.dropped_total,
+                dropped_by_reason=dict(sink.dropped_by_reason),
+            ),
+            mqtt=MqttHealth(connected=sink.connected, reconnects=sink.reconnects),
+            last_error=last_error,
+        )
+
+    def _frames_flowing(self, now: float) -> bool:
+        with self._counter_lock:
+            last = self._counters.last_processed_s
+        if not self.source.paced_realtime:
+            return self._counters.frames_processed > 0 and not self._inference_done.is_set()
+        return last > 0 and now - last < self.cfg.pipeline.watchdog_stall_s
+
+    def _log_stats(self) -> None:
+        with self._counter_lock:
+            counters = _Counters(**vars(self._counters))
+        cam = self.source.stats()
+        sink = self.sink.stats()
+        log.info(
+            "stats",
+            fps=self.fps(),
+            frames=counters.frames_processed,
+            dropped_frames=self.mailbox.dropped,
+            stale_frames=counters.stale_frames,
+            corrupt_frames=cam.corrupt_frames,
+            camera=cam.state.value,
+            events=counters.events,
+            outbox_depth=sink.outbox_depth,
+            mqtt_connected=sink.connected,
+            latency_ms={name: w.percentiles() for name, w in self.stage_ms.items()},
+        )
+
+    def run(self) -> int:
+        """Start the threads, supervise until done, shut down; returns the process exit code."""
+        self.sink.start()
+        self.processor.model.warm_up()
+        capture = threading.Thread(target=self._guard("capture", self._capture_loop), name="capture", daemon=True)
+        inference = threading.Thread(
+            target=self._guard("inference", self._inference_loop), name="inference", daemon=True
+        )
+        self._threads = [capture, inference]
+        for t in self._threads:
+            t.start()
+        self.notifier.ready(f"watching {self.cfg.camera.source}")
+        log.info(
+            "ready",
+            vehicle_id=self.cfg.vehicle_id,
+            source=self.cfg.camera.source,
+            model=str(self.processor.model.info.path),
+            provider=self.processor.model.provider_in_use,
+        )
+
+        watchdog_s = self.notifier.watchdog_interval_s()
+        last_watchdog = last_stats = last_health = -1e18
+        last_health_key: tuple[object, ...] | None = None
+        while not self._inference_done.is_set():
+            self.stop_event.wait(0.25)
+            now = self._clock()
+            if self.stop_event.is_set() and not inference.is_alive():
+                break
+            if self._frames_flowing(now):
+                if watchdog_s is not None and now - last_watchdog >= watchdog_s:
+                    self.notifier.watchdog()
+                    last_watchdog = now
+            elif self.source.paced_realtime and self.source.stats().state == CameraState.STREAMING:
+                with self._counter_lock:
+                    last = self._counters.last_processed_s
+                if last > 0 and now - last > self.cfg.camera.read_timeout_s:
+                    self.source.mark_stalled(f"no frame for {now - last:.1f} s")
+            if now - last_stats >= self.cfg.logging.stats_interval_s:
+                self._log_stats()
+                last_stats = now
+            health = self.health()
+            key = (health.status, health.camera.state, health.mqtt.connected, health.last_error)
+            if key != last_health_key or now - last_health >= self.cfg.mqtt.health_interval_s:
+                self.sink.publish_health(health)
+                last_health, last_health_key = now, key
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        self.notifier.stopping()
+        self.stop_event.set()
+        for t in reversed(self._threads):
+            t.join(JOIN_TIMEOUT_S)
+            if t.is_alive():
+                log.error("thread did not stop in time", thread=t.name, timeout_s=JOIN_TIMEOUT_S)
+        self._log_stats()
+        try:
+            self.sink.publish_health(self.health())
+        finally:
+            self.sink.stop(flush_timeout_s=10.0)
+            self.processor.close()
+        if self._failure:
+            log.error("stopped after a stage failure", failure=self._failure)
+            return EXIT_STAGE_FAILED
+        log.info("stopped", frames=self._counters.frames_processed, events=self._counters.events)
+        return EXIT_OK

@@ -1,0 +1,72 @@
+"""One frame through every stage: detect, track, align, read emotions, apply the rules.
+
+``FrameProcessor`` holds the stages and runs them in order on the calling
+thread; ``pipeline.py`` gives it frames from the capture thread, ``bench``
+and ``demo`` call it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from cabin_monitor.align import FaceAligner, grey
+from cabin_monitor.config import Config, RulesConfig
+from cabin_monitor.detect import FaceDetector, create_detector
+from cabin_monitor.emotion import EmotionModel
+from cabin_monitor.messages import Frame, FrameResult
+from cabin_monitor.rules import RulesEngine
+from cabin_monitor.track import OccupantTracker
+
+STAGES = ("detect", "track", "align", "emotion", "rules")
+
+
+class FrameProcessor:
+    """The per-frame stages of the daemon, wired in order."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: EmotionModel | None = None,
+        detector: FaceDetector | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.model = model or EmotionModel(cfg.emotion)
+        self.detector = detector or create_detector(cfg.detector)
+        self.tracker = OccupantTracker(cfg.tracker)
+        self.aligner = FaceAligner(self.model.input_size)
+        self.rules = RulesEngine(cfg.rules, self.model.class_names)
+        self._clock = clock
+
+    def reconfigure_rules(self, rules: RulesConfig) -> None:
+        """Swap rule thresholds between frames (raises ValueError if they do not fit the model)."""
+        self.rules.reconfigure(rules)
+
+    def process(self, frame: Frame) -> FrameResult:
+        """Run every stage on one frame and time each."""
+        t = self._clock()
+        stage_ms: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            nonlocal t
+            now = self._clock()
+            stage_ms[name] = (now - t) * 1000.0
+            t = now
+
+        faces = self.detector.detect(frame)
+        lap("detect")
+        h, w = frame.image.shape[:2]
+        tracked = self.tracker.update(faces, frame.capture_s, w, h)
+        lap("track")
+        gray = grey(frame.image)
+        aligned = [self.aligner.align(gray, tf) for tf in tracked]
+        lap("align")
+        readings = self.model.read(frame, aligned)
+        lap("emotion")
+        events = self.rules.update(readings, frame.capture_s, frame.wall_time_s)
+        lap("rules")
+        return FrameResult(frame=frame, readings=tuple(readings), events=tuple(events), stage_ms=stage_ms)
+
+    def close(self) -> None:
+        """Release the detector."""
+        self.detector.close()

@@ -1,0 +1,117 @@
+"""Export a trained run to ONNX with its metadata, and check onnxruntime agrees with PyTorch."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from cabin_monitor.framing import TEMPLATE_5
+from cabin_monitor.training.model import EmotionalDAN, ModelSpec
+
+OPSET = 17
+PARITY_ATOL = 1e-3
+
+
+def load_checkpoint_model(path: Path) -> tuple[EmotionalDAN, dict[str, Any]]:
+    """The network of a checkpoint (its weight average when it has one), in eval mode, and the raw state."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    spec = ModelSpec.from_dict(state["spec"])
+    weights = state.get("ema") or state["model"]
+    model = EmotionalDAN(spec, weights["mean_shape"])
+    model.load_state_dict(weights)
+    return model.eval(), state
+
+
+def _metadata(model: EmotionalDAN, state: dict[str, Any], version: str) -> dict[str, str]:
+    cfg = state["config"]
+    metrics = {k: v for k, v in state.get("metrics", {}).items() if k != "val_confusion"}
+    return {
+        "format": "cabin-monitor/emotionaldan/1",
+        "model_version": version,
+        "class_names": json.dumps(list(model.spec.class_names)),
+        "class_map": json.dumps(cfg["model"].get("class_map", {})),
+        "input_size": str(model.spec.input_size),
+        "width": str(model.spec.width),
+        "spec": json.dumps(model.spec.to_dict()),
+        "input": "image: float32 [N,1,S,S], grey levels 0..255, face in the canonical framing",
+        "normalisation": "inside the graph: per-image (x - mean(x)) / max(std(x), 1)",
+        "outputs": "emotion_probs: float32 [N,K] softmax; landmarks: float32 [N,68,2] crop pixels (iBUG 68)",
+        "framing_template": json.dumps(TEMPLATE_5.tolist()),
+        "framing": "eye centres, nose tip, mouth corners at framing_template x S (cabin_monitor/framing.py)",
+        "mean_shape": json.dumps(np.round(model.mean_shape.numpy(), 5).tolist()),
+        "training_data": json.dumps(cfg["data"]),
+        "training_config": json.dumps(cfg),
+        "training_steps": str(state.get("global_step", "")),
+        "metrics": json.dumps(metrics),
+        "data_terms": "Trained on FER2013 and 300-W (AFW, HELEN) research datasets, which carry no licence "
+        "for commercial use; retrain on licensed data for production (see models/README.md).",
+        "exported_with": f"torch {torch.__version__}, onnx {onnx.__version__}, python {platform.python_version()}",
+    }
+
+
+def export_model(model: EmotionalDAN, state: dict[str, Any], out: Path, version: str) -> Path:
+    """Write ``model`` to ``out`` (opset 17, dynamic batch) and verify it with onnxruntime."""
+    size = model.spec.input_size
+    example = torch.full((2, 1, size, size), 128.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(out),
+        input_names=["image"],
+        output_names=["emotion_probs", "landmarks"],
+        dynamic_axes={"image": {0: "batch"}, "emotion_probs": {0: "batch"}, "landmarks": {0: "batch"}},
+        opset_version=OPSET,
+        dynamo=False,
+        # Unfolded, every initializer keeps its PyTorch parameter name, so `explain`
+        # can rebuild the network from the ONNX file alone; onnxruntime fuses the
+        # BatchNorms into the convolutions when it loads the model anyway.
+        do_constant_folding=False,
+    )
+    proto = onnx.load(str(out))
+    for key, value in _metadata(model, state, version).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "cabin-monitor"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+    check_parity(model, out)
+    return out
+
+
+def check_parity(model: EmotionalDAN, path: Path, images: np.ndarray | None = None) -> dict[str, float]:
+    """Largest |PyTorch - onnxruntime| difference on ``images`` (uint8 [N,S,S]); raises when above tolerance."""
+    import onnxruntime as ort
+
+    size = model.spec.input_size
+    if images is None:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(4, size, size), dtype=np.uint8)
+    x = images.astype(np.float32)[:, None]
+    with torch.no_grad():
+        probs_t, points_t = model(torch.from_numpy(x))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probs_o, points_o = session.run(["emotion_probs", "landmarks"], {"image": x})
+    diff = {
+        "probs": float(np.abs(probs_o - probs_t.numpy()).max()),
+        "landmarks_px": float(np.abs(points_o - points_t.numpy()).max()),
+    }
+    if diff["probs"] > PARITY_ATOL or diff["landmarks_px"] > 100 * PARITY_ATOL:
+        raise RuntimeError(f"{path}: onnxruntime and PyTorch disagree: {diff}")
+    return diff
+
+
+def export_run(run_dir: Path, out: Path, checkpoint: str = "best.pt", model_version: str | None = None) -> Path:
+    """Export ``run_dir/checkpoint`` to ``out``."""
+    path = run_dir / checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint {path}")
+    model, state = load_checkpoint_model(path)
+    version = model_version or f"{run_dir.name}-step{state.get('global_step', 0)}"
+    return export_model(model, state, out, version)

@@ -1,0 +1,65 @@
+"""Tests of keypoint alignment and the canonical crop."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from cabin_monitor.align import KEYPOINT_TEMPLATE, FaceAligner, grey, keypoints_to_crop, landmarks_to_frame, warp_crop
+from cabin_monitor.assets import sample_path
+from cabin_monitor.config import DetectorConfig
+from cabin_monitor.detect import create_detector
+from cabin_monitor.framing import apply_affine
+from cabin_monitor.messages import Face, Frame, TrackedFace
+
+
+def detected_face(image: np.ndarray) -> Face:
+    """The single face YuNet finds in an image."""
+    det = create_detector(DetectorConfig(type="yunet", min_score=0.5))
+    faces = det.detect(Frame(0, 0.0, 0.0, image))
+    assert len(faces) == 1
+    return faces[0]
+
+
+def test_template_shaped_keypoints_map_exactly() -> None:
+    """Keypoints that are a scaled, shifted template land on the template."""
+    kp = KEYPOINT_TEMPLATE * 300 + np.array([40, 25], np.float32)
+    m = keypoints_to_crop(kp, 112)
+    assert np.allclose(apply_affine(m, kp), KEYPOINT_TEMPLATE * 112, atol=1e-3)
+
+
+def test_landmarks_round_trip_between_crop_and_frame() -> None:
+    """landmarks_to_frame inverts the frame-to-crop transform."""
+    kp = np.array([[200, 210], [260, 205], [230, 250], [232, 280]], np.float32)
+    m = keypoints_to_crop(kp, 112)
+    pts = np.random.default_rng(1).uniform(0, 112, size=(68, 2)).astype(np.float32)
+    assert np.allclose(apply_affine(m, landmarks_to_frame(pts, m)), pts, atol=1e-3)
+
+
+def test_real_face_crop_puts_the_eyes_on_the_template() -> None:
+    """Detecting again inside the aligned crop finds the eyes near the template's eye positions."""
+    image = cv2.imread(str(sample_path("single_face.jpg")))
+    face = detected_face(image)
+    aligned = FaceAligner(112).align(grey(image), TrackedFace(face, "o", None))
+    assert aligned.crop.shape == (112, 112) and aligned.crop.dtype == np.uint8
+    eyes_in_crop = apply_affine(aligned.frame_to_crop, face.keypoints[:2])
+    assert np.abs(eyes_in_crop - KEYPOINT_TEMPLATE[:2] * 112).max() < 6.0
+
+
+def test_big_faces_are_shrunk_without_aliasing() -> None:
+    """A face four times larger gives nearly the same crop as the original (area-averaged shrink)."""
+    image = cv2.imread(str(sample_path("single_face.jpg")))
+    big = cv2.resize(image, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
+    face = detected_face(image)
+    m_small = keypoints_to_crop(face.keypoints, 112)
+    m_big = keypoints_to_crop(face.keypoints * 4, 112)
+    crop_small = warp_crop(grey(image), m_small, 112).astype(np.float32)
+    crop_big = warp_crop(grey(big), m_big, 112).astype(np.float32)
+    assert np.abs(crop_small - crop_big).mean() < 6.0
+
+
+def test_box_matrix_maps_the_box_onto_the_crop() -> None:
+    """A square box's corners go to the crop's corners."""
+    m = FaceAligner(112).box_matrix((10.0, 20.0, 200.0, 200.0))
+    corners = apply_affine(m, np.array([[10, 20], [210, 220]], np.float32))
+    assert np.allclose(corners, [[0, 0], [112, 112]], atol=1e-4)

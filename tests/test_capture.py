@@ -1,0 +1,245 @@
+"""Tests of the frame source on real video files, with faults injected around OpenCV captures."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cabin_monitor.assets import sample_path
+from cabin_monitor.capture import (
+    CameraState,
+    FrameSource,
+    SourceEnded,
+    SourceError,
+    SourceSpec,
+    open_capture,
+    parse_source,
+    validate_image,
+)
+from cabin_monitor.config import CameraConfig
+from cabin_monitor.messages import Frame
+
+VIDEO = sample_path("single_face.mp4")
+
+
+def read_all(source: FrameSource, limit: int = 10_000) -> list[Frame]:
+    """Frames until the source ends."""
+    frames: list[Frame] = []
+    try:
+        while len(frames) < limit:
+            frames.append(source.read())
+    except SourceEnded:
+        pass
+    return frames
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("0", SourceSpec("camera", 0)),
+        ("/dev/video2", SourceSpec("camera", "/dev/video2")),
+        ("rtsp://cam.local/stream", SourceSpec("stream", "rtsp://cam.local/stream")),
+        ("gst: v4l2src ! appsink", SourceSpec("gstreamer", "v4l2src ! appsink")),
+        ("clip.mp4", SourceSpec("file", "clip.mp4")),
+    ],
+)
+def test_parse_source(text: str, spec: SourceSpec) -> None:
+    """Source strings are classified by shape."""
+    assert parse_source(text) == spec
+
+
+def test_a_missing_video_file_is_refused_up_front() -> None:
+    """A file source that does not exist raises SourceError naming it."""
+    with pytest.raises(SourceError, match="not found"):
+        FrameSource(CameraConfig(source="/no/such/clip.mp4"), threading.Event())
+
+
+def test_file_is_read_to_the_end_on_the_file_clock() -> None:
+    """Fast pacing returns every frame with ids in order and capture times one frame period apart."""
+    source = FrameSource(CameraConfig(source=str(VIDEO), file_pacing="fast"), threading.Event())
+    frames = read_all(source)
+    cap = cv2.VideoCapture(str(VIDEO))
+    expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    cap.release()
+    assert abs(len(frames) - expected) <= 1
+    assert [f.frame_id for f in frames] == list(range(len(frames)))
+    steps = np.diff([f.capture_s for f in frames])
+    assert np.allclose(steps, 1.0 / fps, atol=2e-3)
+    assert frames[0].image.shape == (360, 640, 3) and frames[0].image.dtype == np.uint8
+    assert source.stats().state == CameraState.ENDED
+
+
+def test_loop_replays_with_increasing_capture_times() -> None:
+    """With loop on, a file plays again and capture times keep rising."""
+    source = FrameSource(CameraConfig(source=str(VIDEO), file_pacing="fast", loop=True), threading.Event())
+    frames = read_all(source, limit=200)
+    assert len(frames) == 200
+    assert np.all(np.diff([f.capture_s for f in frames]) > 0)
+
+
+def test_truncated_video_ends_cleanly(tmp_path: Path) -> None:
+    """A video cut in half either refuses to open with SourceError or yields frames and then ends."""
+    cut = tmp_path / "cut.mp4"
+    data = sample_path("WolfgangLanger_Pexels.mp4").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    try:
+        source = FrameSource(CameraConfig(source=str(cut), file_pacing="fast"), threading.Event())
+        frames = read_all(source)
+    except SourceError as exc:
+        assert "cut.mp4" in str(exc)
+    else:
+        assert all(f.image.ndim == 3 for f in frames)
+
+
+def test_garbage_file_is_a_source_error(tmp_path: Path) -> None:
+    """A file that is not a video gives SourceError, not a crash."""
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00not a video" * 1000)
+    with pytest.raises(SourceError):
+        FrameSource(CameraConfig(source=str(junk), file_pacing="fast"), threading.Event()).read()
+
+
+class FlakyCamera:
+    """A real capture of a video file that plays the part of a camera and fails on cue."""
+
+    def __init__(self, fail_after: int | None = None, corrupt_every: int | None = None) -> None:
+        self.cap = cv2.VideoCapture(str(VIDEO))
+        self.reads = 0
+        self.fail_after = fail_after
+        self.corrupt_every = corrupt_every
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return bool(self.cap.isOpened())
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        self.reads += 1
+        if self.fail_after is not None and self.reads > self.fail_after:
+            return False, None
+        ok, image = self.cap.read()
+        if self.corrupt_every and self.reads % self.corrupt_every == 0:
+            return True, np.zeros((4,), np.float64)
+        return ok, image
+
+    def get(self, prop: int) -> float:
+        return float(self.cap.get(prop))
+
+    def set(self, prop: int, value: float) -> bool:
+        return bool(self.cap.set(prop, value))
+
+    def release(self) -> None:
+        self.cap.release()
+
+
+def camera_config(**changes: object) -> CameraConfig:
+    """A camera source with fast reopen timings."""
+    return CameraConfig(source="0", reopen_initial_s=0.01, reopen_max_s=0.05, **changes)  # type: ignore[arg-type]
+
+
+def test_camera_that_fails_mid_stream_is_reopened() -> None:
+    """After the camera stops delivering, the source reopens it and frames flow again."""
+    opened: list[FlakyCamera] = []
+
+    def opener(spec: SourceSpec, cfg: CameraConfig) -> FlakyCamera:
+        cam = FlakyCamera(fail_after=10 if not opened else None)
+        opened.append(cam)
+        return cam
+
+    source = FrameSource(camera_config(), threading.Event(), opener=opener)
+    frames = [source.read() for _ in range(25)]
+    stats = source.stats()
+    assert len(opened) == 2
+    assert stats.reopen_count == 1 and stats.read_failures == 1
+    assert stats.state == CameraState.STREAMING
+    assert "read failed" in (stats.last_error or "")
+    assert [f.frame_id for f in frames] == list(range(25))
+
+
+def test_camera_that_cannot_open_is_retried_with_backoff() -> None:
+    """Failed opens are retried until the camera appears."""
+    attempts: list[int] = []
+
+    class Closed(FlakyCamera):
+        def isOpened(self) -> bool:  # noqa: N802
+            return False
+
+    def opener(spec: SourceSpec, cfg: CameraConfig) -> FlakyCamera:
+        attempts.append(1)
+        return Closed() if len(attempts) < 4 else FlakyCamera()
+
+    source = FrameSource(camera_config(), threading.Event(), opener=opener)
+    assert source.read().frame_id == 0
+    assert len(attempts) == 4
+
+
+def test_stop_ends_an_endless_reopen_loop() -> None:
+    """A camera that never opens does not hold the daemon: stop ends the wait with SourceEnded."""
+    stop = threading.Event()
+
+    def opener(spec: SourceSpec, cfg: CameraConfig) -> FlakyCamera:
+        stop.set()
+        raise cv2.error("no such device")
+
+    source = FrameSource(camera_config(), stop, opener=opener)
+    with pytest.raises(SourceEnded):
+        source.read()
+    assert source.stats().state == CameraState.REOPENING
+
+
+def test_corrupt_frames_are_skipped_and_counted() -> None:
+    """Frames of the wrong shape or dtype never leave the source; they are counted."""
+    source = FrameSource(camera_config(), threading.Event(), opener=lambda s, c: FlakyCamera(corrupt_every=3))
+    frames = [source.read() for _ in range(20)]
+    assert all(f.image.dtype == np.uint8 and f.image.ndim == 3 for f in frames)
+    assert source.stats().corrupt_frames >= 9
+
+
+def test_a_run_of_corrupt_frames_reopens_the_camera() -> None:
+    """max_corrupt_frames bad frames in a row trigger a reopen."""
+    calls: list[int] = []
+
+    def opener(spec: SourceSpec, cfg: CameraConfig) -> FlakyCamera:
+        calls.append(1)
+        return FlakyCamera(corrupt_every=1) if len(calls) == 1 else FlakyCamera()
+
+    source = FrameSource(camera_config(max_corrupt_frames=5), threading.Event(), opener=opener)
+    source.read()
+    assert source.stats().reopen_count == 1
+    assert source.stats().corrupt_frames == 5
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        None,
+        np.zeros((0, 0, 3), np.uint8),
+        np.zeros((10, 10, 3), np.uint8),
+        np.zeros((100, 100, 3), np.float32),
+        np.zeros((100, 100, 2), np.uint8),
+        "frame",
+    ],
+)
+def test_unusable_images_are_rejected(image: object) -> None:
+    """Empty, tiny, float, two-channel and non-array frames are not usable."""
+    assert validate_image(image) is None
+
+
+def test_grey_and_bgra_frames_become_bgr() -> None:
+    """Single-channel and four-channel frames are converted to three channels."""
+    assert validate_image(np.zeros((32, 32), np.uint8)).shape == (32, 32, 3)  # type: ignore[union-attr]
+    assert validate_image(np.zeros((32, 32, 4), np.uint8)).shape == (32, 32, 3)  # type: ignore[union-attr]
+
+
+def test_open_capture_on_a_real_file() -> None:
+    """The OpenCV opener opens a video file through FFmpeg."""
+    cap = open_capture(SourceSpec("file", str(VIDEO)), CameraConfig())
+    try:
+        assert cap.isOpened()
+        ok, image = cap.read()
+        assert ok and image is not None
+    finally:
+        cap.release()

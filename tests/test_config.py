@@ -1,0 +1,183 @@
+"""Tests of configuration loading, validation messages and overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cabin_monitor.config import (
+    Config,
+    ConfigError,
+    RulesConfig,
+    apply_env_overrides,
+    load_config,
+    merge_rules,
+    parse_config_text,
+    parse_mqtt_url,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "cabin-monitor.example.yaml"
+
+
+def test_defaults_are_valid() -> None:
+    """An empty file gives the documented defaults."""
+    cfg = parse_config_text("", environ={})
+    assert cfg.camera.source == "sample"
+    assert cfg.emotion.providers == ("cpu",)
+    assert cfg.rules.stress.enter_score > cfg.rules.stress.exit_score
+
+
+def test_annotated_example_is_valid() -> None:
+    """The example shipped in deploy/ passes validation."""
+    cfg = load_config(EXAMPLE, environ={})
+    assert [s.name for s in cfg.tracker.seats] == ["driver", "front_passenger"]
+
+
+def test_unknown_key_is_reported_with_path_and_line() -> None:
+    """A misspelt key names its YAML path and line."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text("camera:\n  sorce: 0\n", "x.yaml", environ={})
+    assert err.value.problems == ["camera.sorce (line 2): unknown key (not a setting here; check the spelling)"]
+
+
+def test_every_problem_is_listed() -> None:
+    """Several bad values produce one line each."""
+    text = "rules:\n  stress:\n    enter_score: 0.3\n    exit_score: 0.5\nmqtt:\n  url: http://x\n  keepalive_s: 1\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(text, environ={})
+    joined = "\n".join(err.value.problems)
+    assert "rules.stress (line 2): exit_score (0.5) must be below enter_score (0.3)" in joined
+    assert "mqtt.url (line 6)" in joined
+    assert "mqtt.keepalive_s (line 7)" in joined
+
+
+def test_broken_yaml_names_the_line() -> None:
+    """A YAML syntax error is reported with its position, not a traceback."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text("camera:\n  source: [unclosed\n", environ={})
+    assert "not valid YAML (line" in err.value.problems[0]
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    """A list at the top level is refused clearly."""
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_config_text("- a\n- b\n", environ={})
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    """An unreadable path gives a ConfigError naming it."""
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_config(tmp_path / "nope.yaml", environ={})
+
+
+def test_environment_overrides_single_values() -> None:
+    """CABIN_MONITOR__A__B=value sets one nested value, parsed as YAML."""
+    cfg = parse_config_text(
+        "mqtt:\n  keepalive_s: 60\n",
+        environ={"CABIN_MONITOR__MQTT__KEEPALIVE_S": "15", "CABIN_MONITOR__RULES__STRESS__ENABLED": "false"},
+    )
+    assert cfg.mqtt.keepalive_s == 15
+    assert cfg.rules.stress.enabled is False
+
+
+def test_environment_override_is_validated() -> None:
+    """A bad value from the environment is reported like one from the file."""
+    with pytest.raises(ConfigError, match=r"mqtt\.keepalive_s"):
+        parse_config_text("", environ={"CABIN_MONITOR__MQTT__KEEPALIVE_S": "soon"})
+
+
+def test_env_override_does_not_touch_the_input() -> None:
+    """Applying overrides returns a copy."""
+    raw = {"mqtt": {"keepalive_s": 30}}
+    apply_env_overrides(raw, {"CABIN_MONITOR__MQTT__KEEPALIVE_S": "5"})
+    assert raw == {"mqtt": {"keepalive_s": 30}}
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mqtt://broker:1884", ("broker", 1884, False)),
+        ("mqtts://broker", ("broker", 8883, True)),
+        ("mqtt://127.0.0.1", ("127.0.0.1", 1883, False)),
+    ],
+)
+def test_mqtt_urls(url: str, expected: tuple[str, int, bool]) -> None:
+    """Scheme, host and port are parsed, with scheme-specific default ports."""
+    assert parse_mqtt_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["broker:1883", "http://x", "mqtt://:1883", "mqtt://x:99999", "mqtt://x:port"])
+def test_bad_mqtt_urls(url: str) -> None:
+    """Malformed broker URLs are refused."""
+    with pytest.raises(ValueError, match="MQTT URL"):
+        parse_mqtt_url(url)
+
+
+def test_merge_rules_applies_a_partial_patch() -> None:
+    """A partial rules mapping changes only what it names."""
+    merged = merge_rules(RulesConfig(), {"stress": {"sustain_s": 9}})
+    assert merged.stress.sustain_s == 9
+    assert merged.stress.enter_score == RulesConfig().stress.enter_score
+
+
+def test_seat_zones_are_checked() -> None:
+    """An inverted seat zone is refused."""
+    with pytest.raises(ConfigError, match=r"tracker\.seats\.0\.zone"):
+        parse_config_text("tracker:\n  seats:\n    - {name: driver, zone: [0.5, 0, 0.2, 1]}\n", environ={})
+
+
+def test_check_config_command_exit_codes(tmp_path: Path) -> None:
+    """check-config exits 0 on a good file and 1 with one line per problem on a bad one."""
+    good = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "check-config", str(EXAMPLE)], capture_output=True, text=True
+    )
+    assert good.returncode == 0, good.stderr
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text("camera:\n  sorce: 0\nemotion:\n  providers: [opencl]\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "check-config", str(bad_file)], capture_output=True, text=True
+    )
+    assert bad.returncode == 1
+    assert "camera.sorce (line 2)" in bad.stderr
+    assert "emotion.providers.0 (line 4)" in bad.stderr
+
+
+# Any YAML-representable value, nested a little.
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+section_names = st.sampled_from([*Config.model_fields.keys(), "bogus"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(section_names, yaml_values, max_size=4))
+def test_arbitrary_documents_give_a_config_or_clean_errors(doc: dict[str, object]) -> None:
+    """Whatever the document holds, the result is a Config or a ConfigError with one line per problem."""
+    text = yaml.safe_dump(doc)
+    try:
+        cfg = parse_config_text(text, environ={})
+    except ConfigError as exc:
+        assert exc.problems
+        assert all(isinstance(p, str) and ":" in p for p in exc.problems)
+    else:
+        assert isinstance(cfg, Config)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_crash_the_loader(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+    """Random file contents (binary, broken UTF-8, broken YAML) give a ConfigError or a Config."""
+    path = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    path.write_bytes(data)
+    try:
+        load_config(path, environ={})
+    except ConfigError as exc:
+        assert exc.problems

@@ -1,0 +1,185 @@
+"""The durable event outbox: order, acknowledgement, bounds, expiry, persistence."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cabin_monitor.outbox import SEVERITY_RANK, Outbox, OutboxError
+
+NOW = time.time()
+
+
+def put(outbox: Outbox, event_id: str, severity: str = "warning", created_wall_s: float = NOW) -> list[str]:
+    """Put an event; returns the ids of the events dropped."""
+    dropped = outbox.put(event_id, "cabin/car-1/events", f'{{"id":"{event_id}"}}'.encode(), severity, created_wall_s)
+    return [d.event_id for d in dropped]
+
+
+def ids(outbox: Outbox) -> list[str]:
+    return [item.event_id for item in outbox.pending(1000)]
+
+
+def test_pending_in_insertion_order(tmp_path: Path) -> None:
+    """pending() returns events oldest first, with their bytes, topic and severity."""
+    with Outbox(tmp_path / "outbox.sqlite") as outbox:
+        for i, severity in enumerate(["info", "critical", "warning"]):
+            put(outbox, f"e{i}", severity)
+        items = outbox.pending(10)
+        assert [i.event_id for i in items] == ["e0", "e1", "e2"]
+        assert [i.severity for i in items] == ["info", "critical", "warning"]
+        assert items[1].payload == b'{"id":"e1"}' and items[1].topic == "cabin/car-1/events"
+        assert [i.event_id for i in outbox.pending(2)] == ["e0", "e1"]
+        assert [i.event_id for i in outbox.pending(10, after_row_id=items[0].row_id)] == ["e1", "e2"]
+
+
+def test_ack_removes_only_that_event(tmp_path: Path) -> None:
+    """ack() removes one row; acking it again reports False."""
+    with Outbox(tmp_path / "outbox.sqlite") as outbox:
+        for i in range(3):
+            put(outbox, f"e{i}")
+        middle = outbox.pending(10)[1]
+        assert outbox.ack(middle.row_id)
+        assert not outbox.ack(middle.row_id)
+        assert ids(outbox) == ["e0", "e2"]
+        assert outbox.depth() == 2
+
+
+def test_row_ids_never_reused(tmp_path: Path) -> None:
+    """After the newest row is acknowledged, the next event still gets a larger row id."""
+    with Outbox(tmp_path / "outbox.sqlite") as outbox:
+        put(outbox, "e0")
+        first = outbox.pending(1)[0]
+        outbox.ack(first.row_id)
+        put(outbox, "e1")
+        assert outbox.pending(1, after_row_id=first.row_id)[0].event_id == "e1"
+
+
+def test_put_is_idempotent(tmp_path: Path) -> None:
+    """Putting the same event_id twice keeps one copy in its first place."""
+    with Outbox(tmp_path / "outbox.sqlite") as outbox:
+        put(outbox, "a")
+        put(outbox, "b")
+        assert put(outbox, "a") == []
+        assert ids(outbox) == ["a", "b"]
+
+
+def test_eviction_lowest_severity_then_oldest(tmp_path: Path) -> None:
+    """When full, the oldest event of the lowest severity held goes first, and is counted."""
+    with Outbox(tmp_path / "outbox.sqlite", max_events=4) as outbox:
+        put(outbox, "w1", "warning")
+        put(outbox, "i1", "info")
+        put(outbox, "c1", "critical")
+        put(outbox, "i2", "info")
+        assert put(outbox, "w2", "warning") == ["i1"]
+        assert put(outbox, "c2", "critical") == ["i2"]
+        assert put(outbox, "w3", "warning") == ["w1"]
+        assert ids(outbox) == ["c1", "w2", "c2", "w3"]
+        assert outbox.dropped_by_reason == {"full": 3, "expired": 0}
+        assert outbox.dropped_total == 3
+
+
+def test_full_of_more_severe_events_refuses_newcomer(tmp_path: Path) -> None:
+    """An info event is refused (and counted) rather than evicting a critical one."""
+    with Outbox(tmp_path / "outbox.sqlite", max_events=2) as outbox:
+        put(outbox, "c1", "critical")
+        put(outbox, "c2", "critical")
+        dropped = outbox.put("i1", "t", b"{}", "info", NOW)
+        assert [(d.event_id, d.reason, d.severity) for d in dropped] == [("i1", "full", "info")]
+        assert ids(outbox) == ["c1", "c2"]
+
+
+def test_unknown_severity_rejected(tmp_path: Path) -> None:
+    """Severity must be info, warning or critical."""
+    with Outbox(tmp_path / "outbox.sqlite") as outbox, pytest.raises(ValueError, match="severity"):
+        put(outbox, "x", "urgent")
+
+
+def test_expiry(tmp_path: Path) -> None:
+    """Events older than max_age_s are dropped, reported and counted; an already-old event is refused."""
+    with Outbox(tmp_path / "outbox.sqlite", max_age_s=60) as outbox:
+        put(outbox, "old", created_wall_s=NOW - 30)
+        put(outbox, "new", created_wall_s=NOW)
+        dropped = outbox.expire(now_wall_s=NOW + 45)
+        assert [(d.event_id, d.reason) for d in dropped] == [("old", "expired")]
+        assert ids(outbox) == ["new"]
+        assert put(outbox, "ancient", created_wall_s=NOW - 3600) == ["ancient"]
+        assert outbox.dropped_by_reason == {"full": 0, "expired": 2}
+
+
+def test_persists_across_reopen(tmp_path: Path) -> None:
+    """A new Outbox on the same file sees what was pending, in order, without acked rows."""
+    path = tmp_path / "state" / "outbox.sqlite"
+    outbox = Outbox(path)
+    for i in range(3):
+        put(outbox, f"e{i}")
+    outbox.ack(outbox.pending(1)[0].row_id)
+    outbox.close()
+    with Outbox(path) as reopened:
+        assert ids(reopened) == ["e1", "e2"]
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    """A file that is not SQLite gives an OutboxError naming the path."""
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(b"this is not a database, just some text that is long enough" * 100)
+    with pytest.raises(OutboxError, match="not a usable SQLite outbox") as info:
+        Outbox(path)
+    assert str(path) in str(info.value)
+    assert info.value.path == path
+
+
+def test_unopenable_path(tmp_path: Path) -> None:
+    """A path that cannot be a database file (a folder) gives an OutboxError naming it."""
+    with pytest.raises(OutboxError, match=str(tmp_path)):
+        Outbox(tmp_path)
+
+
+def test_concurrent_put_and_ack(tmp_path: Path) -> None:
+    """A putting thread and an acking thread share the outbox without errors or losses."""
+    with Outbox(tmp_path / "outbox.sqlite") as outbox:
+        acked: list[str] = []
+        done = threading.Event()
+
+        def producer() -> None:
+            for i in range(200):
+                put(outbox, f"e{i:03}")
+            done.set()
+
+        thread = threading.Thread(target=producer)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while (not done.is_set() or outbox.depth()) and time.monotonic() < deadline:
+            for item in outbox.pending(10):
+                assert outbox.ack(item.row_id)
+                acked.append(item.event_id)
+        thread.join(10)
+        assert acked == [f"e{i:03}" for i in range(200)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(severities=st.lists(st.sampled_from(sorted(SEVERITY_RANK)), max_size=25), max_events=st.integers(1, 6))
+def test_eviction_matches_reference(
+    tmp_path_factory: pytest.TempPathFactory, severities: list[str], max_events: int
+) -> None:
+    """Whatever the sequence, the outbox keeps what a plain list evicting lowest-severity-oldest keeps."""
+    kept: list[tuple[str, str]] = []
+    dropped = 0
+    with Outbox(tmp_path_factory.mktemp("prop") / "outbox.sqlite", max_events=max_events) as outbox:
+        for i, severity in enumerate(severities):
+            put(outbox, f"e{i}", severity)
+            if len(kept) < max_events:
+                kept.append((f"e{i}", severity))
+                continue
+            dropped += 1
+            victim = min(kept, key=lambda e: SEVERITY_RANK[e[1]])
+            if SEVERITY_RANK[severity] >= SEVERITY_RANK[victim[1]]:
+                kept.remove(victim)
+                kept.append((f"e{i}", severity))
+        assert ids(outbox) == [e for e, _ in kept]
+        assert outbox.dropped_total == dropped

@@ -1,0 +1,185 @@
+"""The MQTT JSON payloads: round trips, mapping from events, schema export."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from cabin_monitor.messages import Event, Phase
+from cabin_monitor.payloads import (
+    PAYLOADS,
+    ConfigResultPayload,
+    ConfigSetPayload,
+    EventPayload,
+    HealthPayload,
+    OccupantStatePayload,
+    json_schemas,
+    utc_iso,
+)
+from cabin_monitor.testing import make_health
+
+EMOTIONS = {"neutral": 0.1, "anger": 0.6, "fear": 0.3}
+
+
+def make_event(phase: Phase = Phase.START, **changes: Any) -> Event:
+    fields: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "type": "stress",
+        "phase": phase,
+        "rule": "stress",
+        "occupant_id": "occ-1",
+        "seat": "driver",
+        "capture_s": 123.0,
+        "wall_time_s": 1_700_000_000.25,
+        "score": 0.9,
+        "emotions": EMOTIONS,
+        "severity": "warning",
+        "frame_id": 42,
+    }
+    if phase is Phase.END:
+        fields |= {"started_wall_time_s": 1_699_999_990.5, "start_event_id": str(uuid.uuid4())}
+    return Event(**(fields | changes))
+
+
+def samples() -> list[BaseModel]:
+    return [
+        EventPayload.from_event(make_event(), "car-1"),
+        EventPayload.from_event(make_event(Phase.END), "car-1"),
+        OccupantStatePayload(
+            vehicle_id="car-1",
+            occupant_id="occ-1",
+            seat=None,
+            ts=utc_iso(1_700_000_000),
+            emotions=EMOTIONS,
+            top_emotion="anger",
+            active_events=["stress"],
+        ),
+        make_health().model_copy(update={"ts": utc_iso(1_700_000_000), "last_error": "x"}),
+        ConfigSetPayload(request_id="r1", rules={"stress": {"enter_score": 0.7}}),
+        ConfigResultPayload(ts=utc_iso(1_700_000_000), request_id="r1", ok=True, rules={"smoothing_s": 0.7}),
+        ConfigResultPayload.failure("bad", wall_time_s=1_700_000_000, request_id="r2", path="stress.enter_score"),
+    ]
+
+
+@pytest.mark.parametrize("payload", samples(), ids=lambda p: type(p).__name__)
+def test_round_trip(payload: BaseModel) -> None:
+    """Every payload survives JSON serialisation unchanged."""
+    assert type(payload).model_validate_json(payload.model_dump_json()) == payload
+
+
+def test_from_event_start() -> None:
+    """A start event maps field by field, with a UTC 'Z' timestamp and no start reference."""
+    event = make_event()
+    payload = EventPayload.from_event(event, "car-1")
+    doc = json.loads(payload.model_dump_json())
+    assert doc == {
+        "schema_version": 1,
+        "event_id": event.event_id,
+        "vehicle_id": "car-1",
+        "type": "stress",
+        "phase": "start",
+        "occupant_id": "occ-1",
+        "seat": "driver",
+        "ts": "2023-11-14T22:13:20.250Z",
+        "started_ts": None,
+        "start_event_id": None,
+        "score": 0.9,
+        "emotions": EMOTIONS,
+        "rule": "stress",
+        "severity": "warning",
+        "frame_id": 42,
+    }
+
+
+def test_from_event_end() -> None:
+    """An end event carries when its start happened and the start's event_id."""
+    event = make_event(Phase.END, severity="critical", seat=None)
+    payload = EventPayload.from_event(event, "car-1")
+    assert payload.phase == "end"
+    assert payload.started_ts == "2023-11-14T22:13:10.500Z"
+    assert payload.start_event_id == event.start_event_id
+    assert payload.severity == "critical"
+    assert payload.seat is None
+
+
+def test_end_without_start_reference_is_rejected() -> None:
+    """An end event that does not say which start it closes is invalid."""
+    with pytest.raises(ValidationError, match="started_ts and start_event_id"):
+        EventPayload.from_event(make_event(Phase.END, start_event_id=None), "car-1")
+
+
+def test_unknown_severity_is_rejected() -> None:
+    """Severity is one of info, warning, critical."""
+    with pytest.raises(ValidationError, match="severity"):
+        EventPayload.from_event(make_event(severity="panic"), "car-1")
+
+
+@pytest.mark.parametrize("ts", ["2024-01-01T00:00:00Z", "2024-01-01T00:00:00.123+00:00"])
+def test_utc_timestamps_accepted(ts: str) -> None:
+    """'Z' and +00:00 are both UTC."""
+    doc = json.loads(EventPayload.from_event(make_event(), "car-1").model_dump_json()) | {"ts": ts}
+    assert EventPayload.model_validate(doc).ts == ts
+
+
+@pytest.mark.parametrize("ts", ["2024-01-01T00:00:00", "2024-01-01T01:00:00+01:00", "yesterday"])
+def test_non_utc_timestamps_rejected(ts: str) -> None:
+    """Naive, non-UTC and non-ISO timestamps are errors."""
+    doc = json.loads(EventPayload.from_event(make_event(), "car-1").model_dump_json()) | {"ts": ts}
+    with pytest.raises(ValidationError, match="ts"):
+        EventPayload.model_validate(doc)
+
+
+def test_unknown_keys_rejected() -> None:
+    """extra='forbid': a misspelt key is an error, also in nested models."""
+    doc = json.loads(make_health().model_dump_json())
+    doc["camera"]["fsp"] = 30
+    with pytest.raises(ValidationError, match="fsp"):
+        HealthPayload.model_validate(doc)
+
+
+def test_bad_event_id_rejected() -> None:
+    """event_id must be a UUID."""
+    with pytest.raises(ValidationError, match="UUID"):
+        EventPayload.from_event(make_event(event_id="not-a-uuid"), "car-1")
+
+
+def test_config_result_ok_matches_errors() -> None:
+    """ok is true exactly when there are no errors."""
+    with pytest.raises(ValidationError, match="ok must be true"):
+        ConfigResultPayload(ts=utc_iso(0), ok=False)
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_json_schemas_export() -> None:
+    """Every payload has a JSON-serialisable object schema whose refs resolve and whose required keys exist."""
+    schemas = json_schemas()
+    assert set(schemas) == set(PAYLOADS)
+    for name, schema in schemas.items():
+        schema = json.loads(json.dumps(schema))
+        assert schema["type"] == "object", name
+        assert schema["additionalProperties"] is False, name
+        assert set(schema["required"]) <= set(schema["properties"]), name
+        for ref in _refs(schema):
+            assert ref.startswith("#/$defs/") and ref.removeprefix("#/$defs/") in schema["$defs"], (name, ref)
+
+
+def test_json_schemas_required_fields() -> None:
+    """Published payloads require every field; config/set requires only the rules."""
+    schemas = json_schemas()
+    assert set(schemas["event"]["required"]) == set(EventPayload.model_fields)
+    assert {"started_ts", "start_event_id"} <= set(schemas["event"]["required"])
+    assert set(schemas["health"]["required"]) == set(HealthPayload.model_fields)
+    assert set(schemas["health"]["$defs"]["CameraHealth"]["required"]) >= {"state", "fps", "last_error"}
+    assert schemas["event"]["properties"]["ts"]["format"] == "date-time"
+    assert schemas["config_set"]["required"] == ["rules"]

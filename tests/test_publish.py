@@ -1,0 +1,350 @@
+"""The event sinks against a real Mosquitto: delivery, availability, outages, remote config, TLS."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from paho.mqtt import publish as mqtt_publish
+from pydantic import SecretStr
+
+from cabin_monitor.config import MqttConfig, TlsConfig
+from cabin_monitor.messages import Event
+from cabin_monitor.outbox import Outbox
+from cabin_monitor.payloads import (
+    ConfigResultPayload,
+    ConfigSetPayload,
+    EventPayload,
+    OccupantStatePayload,
+    utc_iso,
+)
+from cabin_monitor.publish import MqttSink, StdoutSink, TlsSetupError
+from cabin_monitor.testing import (
+    MosquittoBroker,
+    MqttRecorder,
+    RecordedMessage,
+    capturing_logger,
+    free_port,
+    make_event,
+    make_health,
+    make_test_pki,
+    wait_until,
+)
+
+BASE = "cabin/car-1"
+FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5, "keepalive_s": 5, "max_inflight": 5}
+
+# Runs an MqttSink in a child process so that the test can SIGKILL it: argv = url, outbox path, event ids.
+CHILD = """
+import sys, time
+import structlog
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+from cabin_monitor.config import MqttConfig
+from cabin_monitor.outbox import Outbox
+from cabin_monitor.publish import MqttSink
+from cabin_monitor.testing import make_event
+url, outbox_path, *event_ids = sys.argv[1:]
+sink = MqttSink(MqttConfig(url=url, reconnect_min_s=0.05, reconnect_max_s=0.5), "car-1", Outbox(outbox_path))
+for event_id in event_ids:
+    sink.submit_event(make_event(event_id=event_id))
+sink.start()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    """An empty outbox in the test's folder."""
+    with Outbox(tmp_path / "outbox.sqlite") as box:
+        yield box
+
+
+@pytest.fixture
+def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A broker that keeps sessions and queued messages across stop/start."""
+    with MosquittoBroker(tmp_path / "persistent-mosquitto", persistence=True) as broker:
+        yield broker
+
+
+def make_sink(url: str, outbox: Outbox, **options: Any) -> MqttSink:
+    """A started sink with fast reconnects."""
+    sink_options = {k: options.pop(k) for k in ("on_config_set", "logger", "max_payload_bytes") if k in options}
+    sink = MqttSink(MqttConfig(url=url, **(FAST | options)), "car-1", outbox, **sink_options)
+    sink.start()
+    return sink
+
+
+def event_ids(messages: list[RecordedMessage]) -> list[str]:
+    """Event ids in arrival order, duplicates removed (keeping the first)."""
+    seen: dict[str, None] = {}
+    for m in messages:
+        seen.setdefault(json.loads(m.payload)["event_id"], None)
+    return list(seen)
+
+
+def expected_bytes(event: Event) -> bytes:
+    return EventPayload.from_event(event, "car-1").model_dump_json().encode()
+
+
+def test_events_arrive_once_in_order(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
+    """Events are published at QoS 1 as EventPayload JSON, once each, in order, and leave the outbox."""
+    events = [make_event(frame_id=i) for i in range(30)]
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/events"]) as recorder:
+        sink = make_sink(mqtt_broker.url, outbox)
+        for event in events:
+            sink.submit_event(event)
+        recorder.wait_for(lambda ms: len(ms) >= len(events))
+        wait_until(lambda: sink.stats().outbox_depth == 0, what="empty outbox")
+        sink.stop(flush_timeout_s=2.0)
+        assert [m.payload for m in recorder.messages] == [expected_bytes(e) for e in events]
+        stats = sink.stats()
+        assert stats.published_total == 30 and stats.dropped_total == 0 and not stats.connected
+
+
+def test_status_online_then_offline_on_stop(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
+    """'online' is retained after connecting; a clean stop leaves a retained 'offline'."""
+    sink = make_sink(mqtt_broker.url, outbox)
+    wait_until(lambda: sink.stats().connected, what="connected")
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/status"], clean_session=True, client_id="r1") as recorder:
+        recorder.wait_for(lambda ms: RecordedMessage(f"{BASE}/status", b"online", True) in ms)
+        sink.stop(flush_timeout_s=1.0)
+        recorder.wait_for(lambda ms: ms[-1].payload == b"offline")
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/status"], clean_session=True, client_id="r2") as late:
+        late.wait_for(lambda ms: ms == [RecordedMessage(f"{BASE}/status", b"offline", True)])
+
+
+def test_last_will_when_killed(mqtt_broker: MosquittoBroker, tmp_path: Path) -> None:
+    """A SIGKILLed daemon's broker publishes the retained 'offline' last will."""
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/status"], clean_session=True) as recorder:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, mqtt_broker.url, str(tmp_path / "o.sqlite")])
+        try:
+            recorder.wait_for(lambda ms: [m.payload for m in ms] == [b"online"], timeout_s=30)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        recorder.wait_for(lambda ms: [m.payload for m in ms] == [b"online", b"offline"])
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/status"], clean_session=True, client_id="late") as late:
+        late.wait_for(lambda ms: ms == [RecordedMessage(f"{BASE}/status", b"offline", True)])
+
+
+def test_new_sink_sends_what_a_killed_one_left(mqtt_broker: MosquittoBroker, tmp_path: Path) -> None:
+    """Events submitted by a daemon killed before it could publish are sent by the next one, in order."""
+    path = tmp_path / "outbox.sqlite"
+    ids = [make_event().event_id for _ in range(5)]
+    unreachable = f"mqtt://127.0.0.1:{free_port()}"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, unreachable, str(path), *ids], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/events"]) as recorder, Outbox(path) as outbox:
+        assert outbox.depth() == 5
+        sink = make_sink(mqtt_broker.url, outbox)
+        recorder.wait_for(lambda ms: len(event_ids(ms)) >= 5)
+        wait_until(lambda: outbox.depth() == 0, what="empty outbox")
+        sink.stop(flush_timeout_s=1.0)
+        assert event_ids(recorder.messages) == ids
+
+
+def test_broker_restart_mid_stream(persistent_broker: MosquittoBroker, outbox: Outbox) -> None:
+    """With the broker stopped and restarted mid-stream, every event arrives, in order after de-duplication."""
+    events = [make_event(frame_id=i) for i in range(60)]
+    submitted = threading.Semaphore(0)
+
+    def feed() -> None:
+        for event in events:
+            sink.submit_event(event)
+            submitted.release()
+            time.sleep(0.01)
+
+    with MqttRecorder(persistent_broker.url, [f"{BASE}/events"]) as recorder:
+        sink = make_sink(persistent_broker.url, outbox)
+        wait_until(lambda: sink.stats().connected, what="connected")
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        for _ in range(20):
+            submitted.acquire(timeout=10)
+        persistent_broker.stop()
+        for _ in range(20):
+            submitted.acquire(timeout=10)
+        persistent_broker.start()
+        feeder.join(10)
+        recorder.wait_for(lambda ms: len(event_ids(ms)) >= len(events), timeout_s=20)
+        wait_until(lambda: outbox.depth() == 0, what="empty outbox")
+        sink.stop(flush_timeout_s=1.0)
+        assert event_ids(recorder.messages) == [e.event_id for e in events]
+        assert sink.stats().reconnects >= 1
+
+
+def test_events_kept_while_broker_down(persistent_broker: MosquittoBroker, outbox: Outbox) -> None:
+    """Events submitted while the broker is down wait in the outbox and are sent after it returns."""
+    with MqttRecorder(persistent_broker.url, [f"{BASE}/events"]) as recorder:
+        sink = make_sink(persistent_broker.url, outbox)
+        wait_until(lambda: sink.stats().connected, what="connected")
+        persistent_broker.stop()
+        wait_until(lambda: not sink.stats().connected, what="disconnected")
+        events = [make_event(severity="critical") for _ in range(5)]
+        for event in events:
+            sink.submit_event(event)
+        assert sink.stats().outbox_depth == 5
+        persistent_broker.start()
+        recorder.wait_for(lambda ms: len(event_ids(ms)) >= 5, timeout_s=20)
+        wait_until(lambda: outbox.depth() == 0, what="empty outbox")
+        sink.stop(flush_timeout_s=1.0)
+        assert event_ids(recorder.messages) == [e.event_id for e in events]
+
+
+def test_health_retained_latest_wins_and_state(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
+    """Health given while offline is published retained on connect (latest only); states go out at QoS 0."""
+    first = make_health()
+    latest = first.model_copy(update={"status": "degraded", "last_error": "camera stalled"})
+    sink = MqttSink(MqttConfig(url=mqtt_broker.url, **FAST), "car-1", outbox)
+    sink.publish_health(first)
+    sink.publish_health(latest)
+    sink.start()
+    state = OccupantStatePayload(
+        vehicle_id="car-1",
+        occupant_id="occupant-1",
+        seat="driver",
+        ts=utc_iso(1_700_000_000),
+        emotions={"neutral": 0.9, "anger": 0.1},
+        top_emotion="neutral",
+        active_events=[],
+    )
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/#"], clean_session=True) as recorder:
+        recorder.wait_for(lambda ms: any(m.topic == f"{BASE}/health" for m in ms))
+        sink.publish_state([state])
+        recorder.wait_for(lambda ms: any(m.topic == f"{BASE}/occupants/occupant-1/state" for m in ms))
+    sink.stop(flush_timeout_s=1.0)
+    health = [m for m in recorder.messages if m.topic == f"{BASE}/health"]
+    assert [m.payload for m in health] == [latest.model_dump_json().encode()]
+    states = [m for m in recorder.messages if m.topic.endswith("/state")]
+    assert OccupantStatePayload.model_validate_json(states[0].payload) == state
+
+
+def test_config_set(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
+    """Valid requests reach the callback; oversized, non-JSON and failing ones get error results; the sink goes on."""
+    received: list[bytes] = []
+
+    def on_config_set(payload: bytes) -> ConfigResultPayload:
+        received.append(payload)
+        request = ConfigSetPayload.model_validate_json(payload)
+        if request.rules.get("boom"):
+            raise RuntimeError("disk full")
+        return ConfigResultPayload(ts=utc_iso(0), request_id=request.request_id, ok=True, rules=request.rules)
+
+    logger, logs = capturing_logger()
+    sink = make_sink(mqtt_broker.url, outbox, on_config_set=on_config_set, logger=logger, max_payload_bytes=200)
+    wait_until(lambda: sink.stats().connected, what="connected")
+    requests = [
+        ConfigSetPayload(request_id="ok-1", rules={"smoothing_s": 1.0}).model_dump_json().encode(),
+        json.dumps({"request_id": "big", "rules": {"x": "y" * 300}}).encode(),
+        b"{not json",
+        b"\xff\xfe\x00",
+        b"[1, 2]",
+        json.dumps({"request_id": "boom-1", "rules": {"boom": True}}).encode(),
+    ]
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/config/result", f"{BASE}/events"], clean_session=True) as recorder:
+        for payload in requests:
+            mqtt_publish.single(f"{BASE}/config/set", payload, qos=1, hostname="127.0.0.1", port=mqtt_broker.port)
+        recorder.wait_for(lambda ms: len(ms) >= len(requests))
+        event = make_event()
+        sink.submit_event(event)
+        recorder.wait_for(lambda ms: any(m.topic == f"{BASE}/events" for m in ms))
+    sink.stop(flush_timeout_s=1.0)
+    results = [ConfigResultPayload.model_validate_json(m.payload) for m in recorder.messages[: len(requests)]]
+    assert all(not m.retain for m in recorder.messages)
+    assert received == [requests[0], requests[5]]
+    assert results[0].ok and results[0].request_id == "ok-1" and results[0].rules == {"smoothing_s": 1.0}
+    assert [r.ok for r in results[1:]] == [False] * 5
+    assert "at most 200" in results[1].errors[0].message
+    assert "not JSON" in results[2].errors[0].message and "not JSON" in results[3].errors[0].message
+    assert "JSON object" in results[4].errors[0].message
+    assert results[5].request_id == "boom-1" and "disk full" in results[5].errors[0].message
+    assert recorder.messages[-1].payload == expected_bytes(event)
+    assert any(e["event"] == "config/set handler failed" and e["log_level"] == "error" for e in logs.entries)
+
+
+def test_tls_mutual_authentication(tmp_path: Path, outbox: Outbox) -> None:
+    """With the right CA and a client certificate, the sink connects over TLS and delivers events."""
+    pki = make_test_pki(tmp_path / "pki")
+    with MosquittoBroker(tmp_path / "broker", pki=pki, require_certificate=True) as broker:
+        tls = TlsConfig(ca_file=pki.ca_file, cert_file=pki.client_cert, key_file=pki.client_key)
+        with MqttRecorder(broker.url, [f"{BASE}/events"]) as recorder:
+            sink = make_sink(broker.tls_url, outbox, tls=tls)
+            event = make_event()
+            sink.submit_event(event)
+            recorder.wait_for(lambda ms: len(ms) == 1)
+            sink.stop(flush_timeout_s=1.0)
+        assert recorder.messages[0].payload == expected_bytes(event)
+
+
+def test_tls_wrong_ca_is_logged_and_retried(tmp_path: Path, outbox: Outbox) -> None:
+    """A broker certificate from another CA gives a clear TLS error, retried with backoff, never a connection."""
+    pki = make_test_pki(tmp_path / "pki")
+    other = make_test_pki(tmp_path / "other", common_name="some other CA")
+    with MosquittoBroker(tmp_path / "broker", pki=pki) as broker:
+        logger, logs = capturing_logger()
+        sink = make_sink(broker.tls_url, outbox, tls=TlsConfig(ca_file=other.ca_file), logger=logger)
+        prefix = f"TLS handshake with 127.0.0.1:{broker.tls_port} failed"
+
+        def failures() -> list[MutableMapping[str, Any]]:
+            return [e for e in logs.entries if e["event"].startswith(prefix)]
+
+        wait_until(lambda: len(failures()) >= 2, what="two failed TLS attempts")
+        sink.stop(flush_timeout_s=0.1)
+    assert "certificate verify failed" in failures()[0]["event"]
+    assert failures()[0]["log_level"] == "error"
+    assert sink.stats().reconnects == 0 and not sink.stats().connected
+
+
+def test_missing_tls_file_refuses_to_start(tmp_path: Path, outbox: Outbox) -> None:
+    """A configured certificate that does not exist is named in an exception at construction."""
+    missing = tmp_path / "nope" / "client.crt"
+    pki = make_test_pki(tmp_path / "pki")
+    tls = TlsConfig(ca_file=pki.ca_file, cert_file=missing, key_file=pki.client_key)
+    with pytest.raises(TlsSetupError, match=f"mqtt.tls.cert_file: cannot read {missing}"):
+        MqttSink(MqttConfig(url="mqtts://127.0.0.1:8883", tls=tls), "car-1", outbox)
+
+
+def test_username_password(tmp_path: Path, outbox: Outbox) -> None:
+    """Credentials from the config are used; wrong ones are refused and logged, not fatal."""
+    with MosquittoBroker(tmp_path / "broker", passwords={"car-1": "s3cret"}) as broker:
+        good = make_sink(broker.url, outbox, username="car-1", password=SecretStr("s3cret"))
+        wait_until(lambda: good.stats().connected, what="connected")
+        good.stop(flush_timeout_s=0.1)
+        logger, logs = capturing_logger()
+        bad = make_sink(broker.url, outbox, username="car-1", password=SecretStr("wrong"), logger=logger)
+        wait_until(lambda: any(e["event"] == "mqtt broker refused the connection" for e in logs.entries))
+        bad.stop(flush_timeout_s=0.1)
+        assert not bad.stats().connected
+
+
+def test_stdout_sink_prints_json_lines() -> None:
+    """Each event is one EventPayload JSON line."""
+    stream = io.StringIO()
+    sink = StdoutSink("car-1", stream)
+    events = [make_event(), make_event(severity="info")]
+    sink.start()
+    for event in events:
+        sink.submit_event(event)
+    sink.publish_health(make_health())
+    sink.stop(flush_timeout_s=0.1)
+    lines = stream.getvalue().splitlines()
+    assert [EventPayload.model_validate_json(line) for line in lines] == [
+        EventPayload.from_event(e, "car-1") for e in events
+    ]
+    assert sink.stats().published_total == 2
