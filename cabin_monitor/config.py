@@ -96,6 +96,13 @@ class TrackerConfig(Strict):
         0.6, gt=0, description="Largest centre move between frames, in face widths, when boxes do not overlap."
     )
     forget_after_s: float = Field(30.0, gt=0, description="A track unseen for this long is dropped.")
+    confirm_frames: int = Field(
+        3,
+        ge=1,
+        le=30,
+        description="A new face becomes an occupant after this many consecutive detections "
+        "(one-frame false detections never reach the rules).",
+    )
     seats: tuple[SeatZone, ...] = Field((), description="Seat zones; a face is in the seat holding its box centre.")
 
     @field_validator("seats")

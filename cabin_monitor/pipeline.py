@@ -172,6 +172,8 @@ class Pipeline:
             closing = self.processor.rules.close_all(self._last_capture_s(), self._wall())
             for event in closing:
                 self.sink.submit_event(event)
+            with self._counter_lock:
+                self._counters.events += len(closing)
         finally:
             self._inference_done.set()
 

@@ -1,0 +1,344 @@
+"""End-to-end tests: the real daemon process on real video, talking to a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import pytest
+import yaml
+
+from cabin_monitor.assets import sample_path
+from cabin_monitor.testing import MosquittoBroker, MqttRecorder, RecordedMessage, wait_until
+
+VEHICLE = "test-car"
+PREFIX = f"cabin/{VEHICLE}"
+
+# Rules that make the stream of events depend on faces coming and going, not on
+# what the model reads: "stress" sums every class (always 1.0), so it opens
+# whenever a face has been seen for 0.5 s and closes when the face is lost.
+RULES = {
+    "smoothing_s": 0.0,
+    "stress": {
+        "classes": ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger"],
+        "enter_score": 0.6,
+        "sustain_s": 0.5,
+        "exit_score": 0.4,
+        "release_s": 0.2,
+        "cooldown_s": 0.0,
+    },
+    "unexpected_expression": {"enabled": False},
+    "occupant_lost": {"lost_after_s": 1.0},
+}
+# One pass of the face/gap clip: stress opens, the face goes (stress ends, lost
+# starts), the face returns (lost ends), stress opens again, the clip ends.
+ONE_PASS = [
+    ("stress", "start"),
+    ("stress", "end"),
+    ("occupant_lost", "start"),
+    ("occupant_lost", "end"),
+    ("stress", "start"),
+    ("stress", "end"),
+]
+
+
+@pytest.fixture(scope="session")
+def face_gap_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real clip: 2.4 s of a face, 3.3 s of an empty room, the face again (30 fps, 640x360)."""
+    path = tmp_path_factory.mktemp("video") / "face_gap.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (640, 360))
+
+    def copy(name: str) -> None:
+        cap = cv2.VideoCapture(str(sample_path(name)))
+        while True:
+            ok, image = cap.read()
+            if not ok:
+                break
+            writer.write(cv2.resize(image, (640, 360), interpolation=cv2.INTER_AREA))
+        cap.release()
+
+    copy("single_face.mp4")
+    copy("no_face.mp4")
+    copy("single_face.mp4")
+    writer.release()
+    return path
+
+
+def write_config(directory: Path, **extra: object) -> Path:
+    """A daemon config for the tests, with its own state folder."""
+    cfg = {
+        "vehicle_id": VEHICLE,
+        "state_dir": str(directory / "state"),
+        "rules": RULES,
+        "mqtt": {"reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "state_interval_s": 0.5, "health_interval_s": 1.0},
+        "logging": {"format": "json", "stats_interval_s": 2.0},
+        **extra,
+    }
+    path = directory / "cabin-monitor.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Daemon:
+    """A ``cabin-monitor run`` child process with its output captured to files."""
+
+    def __init__(self, directory: Path, config: Path, *args: str) -> None:
+        self.out_path = directory / f"stdout-{time.monotonic_ns()}.log"
+        self.err_path = directory / f"stderr-{time.monotonic_ns()}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cabin_monitor", "run", "--config", str(config), *args],
+                stdout=out,
+                stderr=err,
+                env=env,
+            )
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        """Exit code, waiting at most ``timeout_s``."""
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"daemon did not exit within {timeout_s} s; stderr:\n{self.logs()[-3000:]}") from None
+
+    def logs(self) -> str:
+        """What the daemon logged so far."""
+        return self.err_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict[str, object]]:
+        """The JSON log lines."""
+        records = []
+        for line in self.logs().splitlines():
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return records
+
+    def kill(self) -> None:
+        """SIGKILL, no clean-up at all."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons started by a test; any still running at the end are killed."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        if d.proc.poll() is None:
+            d.kill()
+
+
+def events(messages: list[RecordedMessage]) -> list[dict[str, object]]:
+    """Event payloads in arrival order, de-duplicated on event_id."""
+    seen: set[object] = set()
+    out = []
+    for m in messages:
+        if m.topic == f"{PREFIX}/events":
+            payload = json.loads(m.payload)
+            if payload["event_id"] not in seen:
+                seen.add(payload["event_id"])
+                out.append(payload)
+    return out
+
+
+def retained(url: str, topic: str, timeout_s: float = 10.0) -> bytes:
+    """The retained message on ``topic``, read by a fresh clean-session subscriber."""
+    with MqttRecorder(url, [topic], client_id=f"probe-{time.monotonic_ns()}", clean_session=True) as probe:
+        msgs = probe.wait_for(lambda ms: any(m.retain for m in ms), timeout_s)
+    return next(m.payload for m in msgs if m.retain)
+
+
+def test_daemon_publishes_events_status_health_and_state(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]
+) -> None:
+    """On a real clip the daemon publishes the expected events in order, state, health and online/offline status."""
+    config = write_config(tmp_path)
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
+        daemon = Daemon(tmp_path, config, "--source", str(face_gap_video), "--fast", "--mqtt-url", mqtt_broker.url)
+        daemons.append(daemon)
+        assert daemon.wait() == 0, daemon.logs()[-3000:]
+        msgs = recorder.wait_for(lambda ms: len(events(ms)) >= len(ONE_PASS), 10)
+    got = events(msgs)
+    assert [(e["type"], e["phase"]) for e in got] == ONE_PASS
+    starts = {e["event_id"]: e for e in got if e["phase"] == "start"}
+    for end in (e for e in got if e["phase"] == "end"):
+        assert end["start_event_id"] in starts
+    assert all(e["schema_version"] == 1 and e["vehicle_id"] == VEHICLE for e in got)
+    assert got[0]["emotions"] and abs(sum(got[0]["emotions"].values()) - 1.0) < 0.01
+    statuses = [m.payload for m in msgs if m.topic == f"{PREFIX}/status"]
+    assert statuses[0] == b"online" and statuses[-1] == b"offline"
+    assert any(m.topic.startswith(f"{PREFIX}/occupants/") and m.topic.endswith("/state") for m in msgs)
+    health = json.loads(retained(mqtt_broker.url, f"{PREFIX}/health"))
+    assert health["camera"]["state"] == "ended"
+    assert health["pipeline"]["frames_processed"] > 200
+    assert health["model"]["provider_in_use"] == "CPUExecutionProvider"
+    assert retained(mqtt_broker.url, f"{PREFIX}/status") == b"offline"
+
+
+def test_sigkill_leaves_the_last_will(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]
+) -> None:
+    """After SIGKILL the broker publishes the retained 'offline' last will."""
+    config = write_config(tmp_path)
+    daemon = Daemon(tmp_path, config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+    daemons.append(daemon)
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
+        recorder.wait_for(lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"online" for m in ms), 30)
+        assert retained(mqtt_broker.url, f"{PREFIX}/status") == b"online"
+        daemon.kill()
+        recorder.wait_for(lambda ms: ms[-1].topic == f"{PREFIX}/status" and ms[-1].payload == b"offline", 10)
+    assert retained(mqtt_broker.url, f"{PREFIX}/status") == b"offline"
+
+
+def test_sigterm_drains_closes_open_events_and_exits_zero(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]
+) -> None:
+    """SIGTERM while an event is open: the daemon ends it, delivers it and exits 0."""
+    config = write_config(tmp_path)
+    daemon = Daemon(tmp_path, config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+    daemons.append(daemon)
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
+        recorder.wait_for(lambda ms: len(events(ms)) >= 1, 30)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0, daemon.logs()[-3000:]
+        msgs = recorder.wait_for(lambda ms: ms[-1].payload == b"offline", 10)
+    got = events(msgs)
+    opened = {e["event_id"] for e in got if e["phase"] == "start"}
+    closed = {e["start_event_id"] for e in got if e["phase"] == "end"}
+    assert opened and opened == closed
+
+
+def outbox_depth(state_dir: Path) -> int:
+    """Rows still pending in a daemon's outbox file."""
+    with sqlite3.connect(state_dir / "outbox.sqlite") as db:
+        return int(db.execute("select count(*) from outbox").fetchone()[0])
+
+
+def test_events_survive_a_daemon_kill_while_the_broker_is_down(
+    tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]
+) -> None:
+    """Events queued while the broker is unreachable are sent by the next daemon after a SIGKILL."""
+    broker = MosquittoBroker(tmp_path / "broker", persistence=True)
+    config = write_config(tmp_path)
+    first = Daemon(tmp_path, config, "--source", str(face_gap_video), "--fast", "--mqtt-url", broker.url)
+    daemons.append(first)
+    wait_until(lambda: any(r.get("event") == "source ended" for r in first.log_records()), 60, "end of the clip")
+    first.kill()
+    pending = outbox_depth(tmp_path / "state")
+    assert pending >= 5  # every event of the pass but the closing one (the kill came first)
+    with broker, MqttRecorder(broker.url, [f"{PREFIX}/events"]) as recorder:
+        second = Daemon(
+            tmp_path, config, "--source", str(sample_path("no_face.mp4")), "--fast", "--mqtt-url", broker.url
+        )
+        daemons.append(second)
+        assert second.wait() == 0, second.logs()[-3000:]
+        got = events(recorder.wait_for(lambda ms: len(events(ms)) >= pending, 15))
+    assert [(e["type"], e["phase"]) for e in got] == ONE_PASS[:pending]
+    assert outbox_depth(tmp_path / "state") == 0
+
+
+def test_broker_outage_loses_no_event(tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]) -> None:
+    """The broker goes down twice mid-run; a persistent subscriber still gets every event, in order."""
+    broker = MosquittoBroker(tmp_path / "broker", persistence=True)
+    config = write_config(tmp_path)
+    with broker, MqttRecorder(broker.url, [f"{PREFIX}/events"]) as recorder:
+        daemon = Daemon(tmp_path, config, "--source", str(face_gap_video), "--loop", "--mqtt-url", broker.url)
+        daemons.append(daemon)
+        for _ in range(2):
+            recorder.wait_for(lambda ms: len(events(ms)) >= 1, 30)
+            broker.stop()
+            time.sleep(4.0)  # an outage long enough for events to happen while it lasts
+            broker.restart()
+        time.sleep(2.0)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0, daemon.logs()[-3000:]
+        stopped = [r for r in daemon.log_records() if r.get("event") == "stopped"]
+        emitted = int(stopped[-1]["events"])  # type: ignore[call-overload]
+        got = events(recorder.wait_for(lambda ms: len(events(ms)) >= emitted, 20))
+    assert len(got) == emitted
+    timestamps = [e["ts"] for e in got]
+    assert timestamps == sorted(timestamps)
+    assert outbox_depth(tmp_path / "state") == 0
+
+
+def test_operator_config_set_is_applied_persisted_or_refused(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]
+) -> None:
+    """config/set: a valid change is answered ok and persisted; a bad one is answered with the exact error."""
+    import paho.mqtt.publish as publish
+
+    config = write_config(tmp_path)
+    daemon = Daemon(tmp_path, config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+    daemons.append(daemon)
+    host, port = "127.0.0.1", int(mqtt_broker.url.rsplit(":", 1)[1])
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
+        recorder.wait_for(lambda ms: any(m.payload == b"online" for m in ms), 30)
+        time.sleep(0.5)
+        good = {"request_id": "r1", "rules": {"stress": {"sustain_s": 2.0}}}
+        publish.single(f"{PREFIX}/config/set", json.dumps(good), qos=1, hostname=host, port=port)
+        typo = {"request_id": "r2", "rules": {"stress": {"sustian_s": 1}}}
+        publish.single(f"{PREFIX}/config/set", json.dumps(typo), qos=1, hostname=host, port=port)
+        inverted = {"request_id": "r3", "rules": {"stress": {"enter_score": 0.1}}}
+        publish.single(f"{PREFIX}/config/set", json.dumps(inverted), qos=1, hostname=host, port=port)
+        publish.single(f"{PREFIX}/config/set", b"\xff not json", qos=1, hostname=host, port=port)
+        msgs = recorder.wait_for(lambda ms: sum(m.topic.endswith("/config/result") for m in ms) >= 4, 15)
+    results = [json.loads(m.payload) for m in msgs if m.topic.endswith("/config/result")]
+    by_id = {r["request_id"]: r for r in results}
+    assert by_id["r1"]["ok"] is True and by_id["r1"]["rules"]["stress"]["sustain_s"] == 2.0
+    assert [(e["path"], by_id["r2"]["ok"]) for e in by_id["r2"]["errors"]] == [("rules.stress.sustian_s", False)]
+    assert by_id["r3"]["errors"][0]["path"] == "rules.stress"
+    assert "must be below enter_score" in by_id["r3"]["errors"][0]["message"]
+    assert any(r["request_id"] is None and not r["ok"] for r in results)
+    override = json.loads((tmp_path / "state" / "rules_override.json").read_text())
+    assert override == {"stress": {"sustain_s": 2.0}}
+    assert daemon.proc.poll() is None  # bad input never stops the daemon
+
+
+def test_events_print_to_stdout_without_a_broker(tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]) -> None:
+    """With no broker configured, events are JSON lines on stdout and logs stay on stderr."""
+    daemon = Daemon(tmp_path, write_config(tmp_path), "--source", str(face_gap_video), "--fast")
+    daemons.append(daemon)
+    assert daemon.wait() == 0, daemon.logs()[-3000:]
+    lines = daemon.out_path.read_text().splitlines()
+    got = [json.loads(line) for line in lines]
+    assert [(e["type"], e["phase"]) for e in got] == ONE_PASS
+
+
+def test_bad_config_exits_with_a_clear_message(tmp_path: Path) -> None:
+    """A broken config file stops start-up with exit code 2 and the problem on stderr."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  stress:\n    sustain_s: -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "run", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "rules.stress.sustain_s (line 3)" in proc.stderr
+
+
+def test_unreachable_model_or_source_exit_with_a_clear_message(tmp_path: Path) -> None:
+    """A missing video file or model file is named in the error and the exit code is 1."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "run", "--source", str(tmp_path / "none.mp4")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1 and "video file not found" in proc.stderr
+    cfg = write_config(tmp_path, emotion={"model_path": str(tmp_path / "none.onnx")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1 and "emotion model not found" in proc.stderr
