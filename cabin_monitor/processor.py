@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import cv2
+
 from cabin_monitor.align import FaceAligner, grey
 from cabin_monitor.config import Config, RulesConfig
 from cabin_monitor.detect import FaceDetector, create_detector
@@ -37,6 +39,10 @@ class FrameProcessor:
         self.aligner = FaceAligner(self.model.input_size)
         self.rules = RulesEngine(cfg.rules, self.model.class_names)
         self._clock = clock
+        # Pixels stay in memory unless the operator explicitly asks for crops on disk.
+        self._crops_dir = cfg.privacy.crops_dir if cfg.privacy.save_crops else None
+        if self._crops_dir is not None:
+            self._crops_dir.mkdir(parents=True, exist_ok=True)
 
     def reconfigure_rules(self, rules: RulesConfig) -> None:
         """Swap rule thresholds between frames (raises ValueError if they do not fit the model)."""
@@ -60,6 +66,9 @@ class FrameProcessor:
         lap("track")
         gray = grey(frame.image)
         aligned = [self.aligner.align(gray, tf) for tf in tracked]
+        if self._crops_dir is not None:
+            for face in aligned:
+                cv2.imwrite(str(self._crops_dir / f"{frame.frame_id:08d}_{face.tracked.occupant_id}.png"), face.crop)
         lap("align")
         readings = self.model.read(frame, aligned)
         lap("emotion")

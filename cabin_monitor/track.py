@@ -84,14 +84,14 @@ class OccupantTracker:
 
     def update(self, faces: list[Face], now_s: float, frame_w: int, frame_h: int) -> list[TrackedFace]:
         """Confirmed occupants among this frame's faces, each with its occupant id and seat."""
-        for key in [k for k, t in self._tracks.items() if now_s - t.last_seen_s > self.cfg.forget_after_s]:
-            del self._tracks[key]
+        for stale in [k for k, t in self._tracks.items() if now_s - t.last_seen_s > self.cfg.forget_after_s]:
+            del self._tracks[stale]
         assigned = self._match(faces)
         seen: set[int] = set(assigned.values())
         out = []
         for fi, face in enumerate(faces):
             seat = self.seat_of(face.box, frame_w, frame_h)
-            key = assigned.get(fi)
+            key: int | None = assigned.get(fi)
             if key is None and seat is not None:
                 # A face back in a seat whose occupant is idle continues that occupant.
                 key = next(
@@ -112,8 +112,8 @@ class OccupantTracker:
             if track.occupant_id is not None:
                 out.append(TrackedFace(face=face, occupant_id=track.occupant_id, seat=seat))
         # A tentative track missed in a frame was most likely a false detection.
-        for key in [k for k, t in self._tracks.items() if t.occupant_id is None and k not in seen]:
-            del self._tracks[key]
+        for missed in [k for k, t in self._tracks.items() if t.occupant_id is None and k not in seen]:
+            del self._tracks[missed]
         return out
 
     def live_occupants(self) -> list[str]:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import pytest
@@ -141,7 +142,7 @@ def daemons() -> Iterator[list[Daemon]]:
             d.kill()
 
 
-def events(messages: list[RecordedMessage]) -> list[dict[str, object]]:
+def events(messages: list[RecordedMessage]) -> list[dict[str, Any]]:
     """Event payloads in arrival order, de-duplicated on event_id."""
     seen: set[object] = set()
     out = []

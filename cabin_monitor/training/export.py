@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ def export_model(model: EmotionalDAN, state: dict[str, Any], out: Path, version:
     size = model.spec.input_size
     example = torch.full((2, 1, size, size), 128.0)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The TorchScript exporter is chosen on purpose: it keeps parameter names as
+    # initializer names (see below) and needs no onnxscript.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"cabin_monitor\.training\.export")
     torch.onnx.export(
         model,
         (example,),

@@ -1,0 +1,115 @@
+"""Tests of the command line: analyze, schema, demo and bench, run as the user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cabin_monitor.align import keypoints_to_crop
+from cabin_monitor.assets import sample_path
+from cabin_monitor.config import DetectorConfig
+from cabin_monitor.detect import create_detector
+from cabin_monitor.framing import invert_affine
+from cabin_monitor.messages import Frame
+
+
+def cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cabin_monitor ARGS``."""
+    return subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", *args], capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+def analyze(*args: str) -> list[dict[str, Any]]:
+    """The JSON lines of ``analyze --json``."""
+    proc = cli("analyze", "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_analyze_finds_the_faces_in_the_bundled_photos() -> None:
+    """One face in single_face.jpg, five in multi_face.jpg, each with emotions and 68 landmarks in its box."""
+    single, multi = analyze(str(sample_path("single_face.jpg")), str(sample_path("multi_face.jpg")))
+    assert len(single["faces"]) == 1 and len(multi["faces"]) == 5
+    for face in single["faces"] + multi["faces"]:
+        assert set(face) == {"box", "score", "emotions", "landmarks"}
+        assert abs(sum(face["emotions"].values()) - 1.0) < 1e-3
+        assert next(iter(face["emotions"])) == "neutral"
+        x, y, w, h = face["box"]
+        pts = np.array(face["landmarks"])
+        assert pts.shape == (68, 2)
+        centre = pts.mean(0)
+        assert x < centre[0] < x + w and y < centre[1] < y + h
+
+
+def test_analyze_reports_unreadable_images_and_fails() -> None:
+    """A file that is not an image is reported in the JSON and the exit code is 1."""
+    proc = cli("analyze", "--json", __file__)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"] == "not a readable image"
+
+
+def test_tight_crop_with_assume_face_agrees_with_the_face_in_the_photo(tmp_path: Path) -> None:
+    """A square crop around the face read with --assume-face agrees with analyze on the whole photo."""
+    photo = cv2.imread(str(sample_path("single_face.jpg")))
+    det = create_detector(DetectorConfig(type="yunet", min_score=0.5))
+    face = det.detect(Frame(0, 0.0, 0.0, photo))[0]
+    # The axis-aligned square a user would cut to frame the face like the canonical crop.
+    corners = np.array([[0, 0], [112, 0], [0, 112], [112, 112]], np.float32)
+    inv = invert_affine(keypoints_to_crop(face.keypoints, 112))
+    mapped = corners @ inv[:, :2].T + inv[:, 2]
+    cx, cy = mapped.mean(0)
+    side = np.linalg.norm(mapped[1] - mapped[0])
+    x0, y0 = round(cx - side / 2), round(cy - side / 2)
+    crop = photo[max(0, y0) : y0 + round(side), max(0, x0) : x0 + round(side)]
+    crop_path = tmp_path / "tight.png"
+    cv2.imwrite(str(crop_path), crop)
+    whole = analyze(str(sample_path("single_face.jpg")))[0]["faces"][0]["emotions"]
+    tight = analyze("--assume-face", str(crop_path))[0]["faces"][0]["emotions"]
+    distance = 0.5 * sum(abs(whole[k] - tight[k]) for k in whole)
+    assert distance < 0.15, (whole, tight)
+    assert max(whole, key=whole.__getitem__) == max(tight, key=tight.__getitem__)
+
+
+def test_schema_command_prints_every_payload_schema(tmp_path: Path) -> None:
+    """schema prints the JSON schemas, and --out writes one file per payload."""
+    proc = cli("schema")
+    assert proc.returncode == 0
+    schemas = json.loads(proc.stdout)
+    assert {"event", "occupant_state", "health", "config_set", "config_result"} <= set(schemas)
+    assert "event_id" in schemas["event"]["required"]
+    assert cli("schema", "--out", str(tmp_path)).returncode == 0
+    assert (tmp_path / "event.schema.json").is_file()
+
+
+def test_demo_prints_events_and_writes_an_annotated_video(tmp_path: Path) -> None:
+    """demo on a real clip exits 0, prints only JSON event lines on stdout, and writes every frame."""
+    out = tmp_path / "demo.mp4"
+    proc = cli("demo", "--source", str(sample_path("single_face.mp4")), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in proc.stdout.splitlines():
+        assert json.loads(line)["schema_version"] == 1
+    cap = cv2.VideoCapture(str(out))
+    frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    ok, image = cap.read()
+    cap.release()
+    assert ok and image.shape == (360, 640, 3)
+    assert frames >= 70
+
+
+def test_bench_reports_fps_and_stage_latencies() -> None:
+    """bench --json prints one object with frames, fps and p50/p95 for the pipeline and each stage."""
+    proc = cli("bench", "--source", str(sample_path("single_face.mp4")), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["frames"] >= 70 and report["fps"] > 0
+    assert set(report["e2e_ms"]) == {"p50", "p95"}
+    assert {"detect", "align", "emotion", "rules"} <= set(report["stages"])
+    assert report["provider"] == "CPUExecutionProvider"
+    assert report["faces_per_frame"] > 0.9

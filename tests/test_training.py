@@ -1,0 +1,343 @@
+"""Tests of the training side: model geometry, augmentation, a tiny run, resume, export, evaluate, explain."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from cabin_monitor.align import FaceAligner, grey
+from cabin_monitor.assets import sample_path
+from cabin_monitor.config import DetectorConfig, EmotionConfig
+from cabin_monitor.detect import create_detector
+from cabin_monitor.emotion import EmotionModel
+from cabin_monitor.framing import FLIP_68
+from cabin_monitor.messages import Frame, TrackedFace
+from cabin_monitor.training.augment import augment_batch
+from cabin_monitor.training.config import AugmentSection, TrainConfig, load_train_config
+from cabin_monitor.training.explain import grad_cam, load_onnx_as_torch
+from cabin_monitor.training.export import check_parity, export_run, load_checkpoint_model
+from cabin_monitor.training.model import EmotionalDAN, ModelSpec, apply_similarity, fit_similarity, invert_similarity
+from cabin_monitor.training.train import default_mean_shape, train
+
+DATA = Path(__file__).resolve().parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+TINY = load_train_config(DATA / "tiny-train.yaml")
+
+
+def tiny(**optim: object) -> TrainConfig:
+    """The tiny config with some optimiser settings changed."""
+    return TINY.model_copy(update={"optim": TINY.optim.model_copy(update=optim)})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished six-step run on the test slices."""
+    run = tmp_path_factory.mktemp("run")
+    train(tiny(max_steps=6), DATA, run, progress=False)
+    return run
+
+
+def test_similarity_fit_inverts_and_limits_scale() -> None:
+    """The fitted similarity maps a moved shape back; its inverse undoes it; absurd scales are capped."""
+    mean = default_mean_shape()
+    angle = torch.tensor(0.2)
+    rot = 1.3 * torch.stack([torch.stack([angle.cos(), -angle.sin()]), torch.stack([angle.sin(), angle.cos()])])
+    moved = (mean @ rot.T + torch.tensor([0.05, -0.02])).unsqueeze(0)
+    a, t = fit_similarity(moved, mean)
+    assert torch.allclose(apply_similarity(a, t, moved)[0], mean, atol=1e-5)
+    ia, it = invert_similarity(a, t)
+    assert torch.allclose(apply_similarity(ia, it, apply_similarity(a, t, moved)), moved, atol=1e-5)
+    tiny_shape = (mean - 0.5) * 0.01 + 0.5
+    a, _ = fit_similarity(tiny_shape.unsqueeze(0), mean)
+    assert math.isclose(float(torch.linalg.det(a[0]).sqrt()), 2.0, rel_tol=1e-4)
+
+
+def test_network_shapes_and_start_at_the_mean_shape() -> None:
+    """An untrained network outputs probabilities and exactly the mean shape (zero-initialised corrections)."""
+    spec = ModelSpec(class_names=("a", "b", "c"), width=0.125, input_size=64)
+    model = EmotionalDAN(spec, default_mean_shape()).eval()
+    probs, points = model(torch.rand(3, 1, 64, 64) * 255)
+    assert probs.shape == (3, 3) and points.shape == (3, 68, 2)
+    assert torch.allclose(probs.sum(1), torch.ones(3))
+    assert torch.allclose(points[0], default_mean_shape() * 64, atol=1e-4)
+
+
+def test_augmentation_moves_landmarks_with_the_image() -> None:
+    """A bright dot drawn at a landmark ends up where the augmented landmark says, flips included."""
+    size = 64
+    pts = torch.rand(8, 68, 2) * 0.5 + 0.25
+    images = torch.zeros(8, 1, size, size)
+    for i in range(8):
+        x, y = (pts[i, 36] * size).long().tolist()
+        images[i, 0, y - 1 : y + 2, x - 1 : x + 2] = 255
+        pts[i, 36] = (pts[i, 36] * size).floor() / size + 0.5 / size
+    cfg = AugmentSection(gamma_jitter=0, noise_std=0, blur_probability=0, erase_probability=0, rotate_deg=20)
+    out, moved = augment_batch(images, pts, cfg, torch.Generator().manual_seed(3))
+    assert moved is not None
+    for i in range(8):
+        ys, xs = np.nonzero(out[i, 0].numpy() > 60)
+        centre = np.array([xs.mean() + 0.5, ys.mean() + 0.5]) / size
+        # Mirrored faces carry the dot as the other eye corner (point 45).
+        candidates = moved[i, [36, 45]].numpy()
+        assert np.min(np.linalg.norm(candidates - centre, axis=1)) < 2.0 / size
+
+
+def test_flip_swaps_left_and_right_points() -> None:
+    """With flipping forced, point 36 of the result is the mirror of point 45 of the input."""
+    pts = torch.rand(1, 68, 2)
+    cfg = AugmentSection(
+        rotate_deg=0,
+        scale_jitter=0,
+        shift_jitter=0,
+        gamma_jitter=0,
+        noise_std=0,
+        blur_probability=0,
+        erase_probability=0,
+    )
+    flipped = None
+    for seed in range(20):
+        _, out = augment_batch(torch.zeros(1, 1, 16, 16), pts, cfg, torch.Generator().manual_seed(seed))
+        assert out is not None
+        if not torch.allclose(out, pts):
+            flipped = out
+            break
+    assert flipped is not None
+    assert torch.allclose(flipped[0, 36], torch.tensor([1 - pts[0, 45, 0], pts[0, 45, 1]]), atol=1e-6)
+    assert FLIP_68[36] == 45
+
+
+def test_tiny_run_writes_checkpoints_and_history(tiny_run: Path) -> None:
+    """A tiny run leaves best/last checkpoints, its config and a history with the joint-task metrics."""
+    assert (tiny_run / "best.pt").is_file() and (tiny_run / "last.pt").is_file()
+    history = [json.loads(line) for line in (tiny_run / "history.jsonl").read_text().splitlines()]
+    assert history and {"val_accuracy", "landmark_nme", "train_ce", "train_nme"} <= set(history[-1])
+    assert json.loads((tiny_run / "config.json").read_text())["model"]["width"] == 0.125
+
+
+def test_interrupted_training_resumes_exactly(tmp_path: Path) -> None:
+    """Three steps, stop, resume to six gives the very weights of six steps straight through."""
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    train(tiny(max_steps=6), DATA, straight, progress=False)
+    train(tiny(max_steps=3), DATA, resumed, progress=False)
+    train(tiny(max_steps=6), DATA, resumed, progress=False)
+    a = torch.load(straight / "last.pt", weights_only=False)
+    b = torch.load(resumed / "last.pt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 6
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
+    """Resuming a run folder with another network configuration is refused."""
+    train(tiny(max_steps=2), DATA, tmp_path, progress=False)
+    other = TINY.model_copy(update={"model": TINY.model.model_copy(update={"width": 0.25})})
+    with pytest.raises(ValueError, match="different configuration"):
+        train(other, DATA, tmp_path, progress=False)
+
+
+def real_crops(size: int) -> np.ndarray:
+    """Aligned crops of the real faces in the bundled group photo."""
+    image = cv2.imread(str(sample_path("multi_face.jpg")))
+    det = create_detector(DetectorConfig(type="yunet", min_score=0.5))
+    aligner = FaceAligner(size)
+    return np.stack(
+        [aligner.align(grey(image), TrackedFace(f, "o", None)).crop for f in det.detect(Frame(0, 0.0, 0.0, image))]
+    )
+
+
+def test_export_matches_pytorch_on_real_faces(tiny_run: Path, tmp_path: Path) -> None:
+    """The exported ONNX model loads in the daemon and agrees with PyTorch on real faces."""
+    path = export_run(tiny_run, tmp_path / "tiny.onnx", model_version="test")
+    model = EmotionModel(EmotionConfig(model_path=path))
+    assert model.input_size == 64 and model.info.version == "test"
+    torch_model, _ = load_checkpoint_model(tiny_run / "best.pt")
+    diff = check_parity(torch_model, path, real_crops(64))
+    assert diff["probs"] < 1e-4 and diff["landmarks_px"] < 1e-2
+    meta = model.info.metadata
+    assert {
+        "class_names",
+        "input_size",
+        "mean_shape",
+        "framing_template",
+        "normalisation",
+        "training_data",
+        "metrics",
+        "model_version",
+    } <= set(meta)
+    import onnx
+
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version >= 17
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+
+def test_explain_rebuilds_the_network_from_onnx_and_maps_the_crop(tiny_run: Path, tmp_path: Path) -> None:
+    """Grad-CAM from the ONNX file gives one map per face, crop-sized and in 0..1."""
+    path = export_run(tiny_run, tmp_path / "tiny.onnx")
+    model = load_onnx_as_torch(path)
+    crops = real_crops(64)
+    cams, probs = grad_cam(model, crops)
+    assert cams.shape == (len(crops), 64, 64)
+    assert cams.min() >= 0 and cams.max() <= 1.0 + 1e-6
+    assert probs.shape == (len(crops), 7)
+
+
+def test_explain_command_on_the_bundled_model(tmp_path: Path) -> None:
+    """explain writes a heat-map PNG and map per face and class, and a mean-by-class panel."""
+    out = tmp_path / "cam"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cabin_monitor",
+            "explain",
+            str(sample_path("single_face.jpg")),
+            "--out",
+            str(out),
+            "--class",
+            "anger",
+            "--mean-by-class",
+            str(DATA / "fer2013_val.npz"),
+            "--limit",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    maps = sorted(out.glob("single_face_face0_*.npy"))
+    assert any(p.name.endswith("_anger.npy") for p in maps)
+    size = EmotionModel(EmotionConfig()).input_size
+    assert np.load(maps[0]).shape == (size, size)
+    assert (out / "mean_by_class.png").is_file()
+
+
+def test_evaluate_command_reports_accuracy_peer_and_nme(tmp_path: Path) -> None:
+    """evaluate prints accuracy and the peer side by side, writes the confusion PNG, and scores landmarks."""
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cabin_monitor",
+            "evaluate",
+            "--model",
+            str(REPO / "models" / "emotionaldan-7.onnx"),
+            "--data",
+            str(DATA / "fer2013_val.npz"),
+            "--peer",
+            str(REPO / "models" / "peers" / "fer_mini_xception.onnx"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"] == 84
+    assert 0 <= report["model"]["accuracy"] <= 1 and 0 <= report["peer"]["accuracy"] <= 1
+    assert np.array(report["model"]["confusion"]).sum() == 84
+    assert (out / "confusion_model.png").is_file() and (out / "confusion_peer.png").is_file()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cabin_monitor",
+            "evaluate",
+            "--model",
+            str(REPO / "models" / "emotionaldan-7.onnx"),
+            "--data",
+            str(DATA / "landmarks68_train.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "inter-ocular NME" in proc.stdout
+
+
+def test_train_command_and_three_class_re_heading(tmp_path: Path) -> None:
+    """The train command runs the tiny config; a 3-class model starts from it and trains only its new head."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cabin_monitor",
+            "train",
+            "--config",
+            str(DATA / "tiny-train.yaml"),
+            "--data",
+            str(DATA),
+            "--out",
+            str(tmp_path / "seven"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    three = TINY.model_copy(
+        update={
+            "model": TINY.model.model_copy(
+                update={
+                    "class_names": ("neutral", "positive", "negative"),
+                    "class_map": {
+                        "happiness": "positive",
+                        "surprise": "positive",
+                        "sadness": "negative",
+                        "fear": "negative",
+                        "disgust": "negative",
+                        "anger": "negative",
+                    },
+                }
+            ),
+            "optim": TINY.optim.model_copy(
+                update={"init_from": str(tmp_path / "seven" / "best.pt"), "train_only": "emotion_head", "max_steps": 3}
+            ),
+        }
+    )
+    train(three, DATA, tmp_path / "three", progress=False)
+    seven, _ = load_checkpoint_model(tmp_path / "seven" / "best.pt")
+    model3, state = load_checkpoint_model(tmp_path / "three" / "best.pt")
+    assert model3.spec.class_names == ("neutral", "positive", "negative")
+    conv3, conv7 = model3.stage1.features[0], seven.stage1.features[0]
+    assert isinstance(conv3, torch.nn.Conv2d) and isinstance(conv7, torch.nn.Conv2d)
+    assert torch.equal(conv3.weight, conv7.weight)
+    assert state["metrics"]["val_confusion"] and len(state["metrics"]["val_confusion"]) == 3
+
+
+def test_bad_training_config_is_reported(tmp_path: Path) -> None:
+    """A misspelt training setting stops the train command with its path."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  epochz: 3\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cabin_monitor",
+            "train",
+            "--config",
+            str(bad),
+            "--data",
+            str(DATA),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "optim.epochz" in proc.stderr
