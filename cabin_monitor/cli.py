@@ -89,28 +89,35 @@ def _build_pipeline(cfg: Any, on_result: Any = None, events_stream: Any = None) 
     return Pipeline(cfg, processor, source, sink, control, on_result=on_result, stop_event=stop)
 
 
-def _install_signals(pipeline: Any, config_path: Path | None) -> None:
+def _reload_rules(pipeline: Any, config_path: Path | None) -> None:
+    """SIGHUP's work, run by the supervising loop (never inside the signal handler)."""
     import structlog
 
-    log = structlog.get_logger("cabin_monitor.cli")
+    from cabin_monitor.config import ConfigError, load_config
 
+    log = structlog.get_logger("cabin_monitor.cli")
+    if config_path is None:
+        log.warning("SIGHUP ignored: no configuration file to reload")
+        return
+    try:
+        rules = load_config(config_path).rules
+        pipeline.rules_control.reload_base(rules)
+    except (ConfigError, ValueError) as exc:
+        log.error("SIGHUP reload refused; rules unchanged", error=str(exc))
+        return
+    log.info("rules reloaded from the configuration file", path=str(config_path))
+
+
+def _install_signals(pipeline: Any, config_path: Path | None) -> None:
+    # Handlers only set flags: they run on the main thread between any two bytecodes,
+    # possibly while it holds a logging or rules lock.
     def on_stop(signum: int, _frame: FrameType | None) -> None:
         pipeline.request_stop(signal.Signals(signum).name)
 
     def on_reload(_signum: int, _frame: FrameType | None) -> None:
-        from cabin_monitor.config import ConfigError, load_config
+        pipeline.request_reload()
 
-        if config_path is None:
-            log.warning("SIGHUP ignored: no configuration file to reload")
-            return
-        try:
-            rules = load_config(config_path).rules
-            pipeline.rules_control.reload_base(rules)
-        except (ConfigError, ValueError) as exc:
-            log.error("SIGHUP reload refused; rules unchanged", error=str(exc))
-            return
-        log.info("rules reloaded from the configuration file", path=str(config_path))
-
+    pipeline.on_reload = lambda: _reload_rules(pipeline, config_path)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
@@ -130,6 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _die(str(exc))
     configure_logging(cfg.logging.level, cfg.logging.format)
+    # A reload request during start-up (model load, TensorRT build) must not kill the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         pipeline = _build_pipeline(cfg)
     except (ModelError, SourceError, OutboxError, FileNotFoundError, ValueError) as exc:
@@ -254,9 +263,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
+        cam = report["camera_pace"]
+        print(f"{report['model']} on {report['provider']}, detector {report['detector']}")
+        print(f"throughput: {report['frames']} frames at {report['fps']:.1f} fps")
         print(
-            f"frames {report['frames']}  fps {report['fps']:.1f}  e2e p50 {report['e2e_ms']['p50']:.1f} ms "
-            f"p95 {report['e2e_ms']['p95']:.1f} ms"
+            f"camera pace: {cam['frames']}/{cam['frames_read']} frames processed, frame-to-reading "
+            f"p50 {report['e2e_ms']['p50']:.1f} ms, p95 {report['e2e_ms']['p95']:.1f} ms"
         )
         for name, p in report["stages"].items():
             print(f"  {name:8s} p50 {p['p50']:6.2f} ms  p95 {p['p95']:6.2f} ms")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -51,7 +55,10 @@ class BlazeFaceDetector:
             min_detection_confidence=cfg.min_score,
         )
         logging.getLogger("absl").setLevel(logging.ERROR)
-        self._detector = vision.FaceDetector.create_from_options(options)
+        with _native_stderr_silenced():
+            self._detector = vision.FaceDetector.create_from_options(options)
+            # The first call reallocates its input buffer and says so; get that over with here.
+            self.detect(Frame(-1, 0.0, 0.0, np.zeros((128, 128, 3), np.uint8)))
         self.model_path = Path(path)
 
     def detect(self, frame: Frame) -> list[Face]:
@@ -82,7 +89,8 @@ class BlazeFaceDetector:
 
     def close(self) -> None:
         """Release the MediaPipe graph."""
-        self._detector.close()
+        with _native_stderr_silenced():
+            self._detector.close()
 
 
 class YuNetDetector:
@@ -121,6 +129,24 @@ class YuNetDetector:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Mute file descriptor 2 while MediaPipe's C++ runtime prints its start-up and shutdown notes.
+
+    They are plain-text INFO lines that no setting turns off and that would break the daemon's
+    JSON log stream. Used only around set-up and tear-down, where no other thread logs.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _bgr(image: ImageArray) -> ImageArray:

@@ -75,6 +75,7 @@ def _provider_list(cfg: EmotionConfig) -> list[str | tuple[str, dict[str, Any]]]
         if name == "tensorrt":
             opts: dict[str, Any] = {"trt_fp16_enable": cfg.trt_fp16}
             if cfg.trt_cache_dir is not None:
+                cfg.trt_cache_dir.mkdir(parents=True, exist_ok=True)
                 opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cfg.trt_cache_dir)}
             out.append((full, opts))
         else:

@@ -105,14 +105,20 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._inference_done = threading.Event()
         self._fps_window: deque[float] = deque(maxlen=120)
+        self._stop_reason: str | None = None
+        self._reload_requested = threading.Event()
+        self.on_reload: Callable[[], None] | None = None
 
     # -- control -----------------------------------------------------------------
 
     def request_stop(self, reason: str = "requested") -> None:
-        """Ask every loop to finish (safe from a signal handler)."""
-        if not self.stop_event.is_set():
-            log.info("stopping", reason=reason)
+        """Ask every loop to finish. Only sets flags, so it is safe in a signal handler."""
+        self._stop_reason = self._stop_reason or reason
         self.stop_event.set()
+
+    def request_reload(self) -> None:
+        """Ask the supervising loop to call ``on_reload`` (safe in a signal handler)."""
+        self._reload_requested.set()
 
     @property
     def failure(self) -> str | None:
@@ -330,11 +336,22 @@ class Pipeline:
         watchdog_s = self.notifier.watchdog_interval_s()
         last_watchdog = last_stats = last_health = -1e18
         last_health_key: tuple[object, ...] | None = None
+        stop_logged = False
         while not self._inference_done.is_set():
-            self.stop_event.wait(0.25)
+            if self.stop_event.is_set():
+                if not stop_logged:
+                    log.info("stopping", reason=self._stop_reason or self._failure or "stop requested")
+                    stop_logged = True
+                self._inference_done.wait(0.25)
+            else:
+                self.stop_event.wait(0.25)
             now = self._clock()
             if self.stop_event.is_set() and not inference.is_alive():
                 break
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                if self.on_reload is not None:
+                    self.on_reload()
             if self._frames_flowing(now):
                 if watchdog_s is not None and now - last_watchdog >= watchdog_s:
                     self.notifier.watchdog()

@@ -28,9 +28,10 @@ class SystemdNotifier:
         if not usec or (pid and pid.isdigit() and int(pid) != os.getpid()):
             return None
         try:
-            return int(usec) / 2e6
+            value = int(usec)
         except ValueError:
             return None
+        return value / 2e6 if value > 0 else None
 
     def notify(self, *fields: str) -> bool:
         """Send ``KEY=value`` lines; False when there is no socket or sending failed."""

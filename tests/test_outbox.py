@@ -102,13 +102,14 @@ def test_unknown_severity_rejected(tmp_path: Path) -> None:
 
 def test_expiry(tmp_path: Path) -> None:
     """Events older than max_age_s are dropped, reported and counted; an already-old event is refused."""
+    now = time.time()  # not the import-time NOW: put() compares with the real clock
     with Outbox(tmp_path / "outbox.sqlite", max_age_s=60) as outbox:
-        put(outbox, "old", created_wall_s=NOW - 30)
-        put(outbox, "new", created_wall_s=NOW)
-        dropped = outbox.expire(now_wall_s=NOW + 45)
+        put(outbox, "old", created_wall_s=now - 30)
+        put(outbox, "new", created_wall_s=now)
+        dropped = outbox.expire(now_wall_s=now + 45)
         assert [(d.event_id, d.reason) for d in dropped] == [("old", "expired")]
         assert ids(outbox) == ["new"]
-        assert put(outbox, "ancient", created_wall_s=NOW - 3600) == ["ancient"]
+        assert put(outbox, "ancient", created_wall_s=now - 3600) == ["ancient"]
         assert outbox.dropped_by_reason == {"full": 0, "expired": 2}
 
 

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -286,16 +287,28 @@ def path_listener(short_dir: Path) -> Iterator[NotifyListener]:
 
 
 class Daemon:
-    """``python -m cabin_monitor run`` started the way systemd would: NOTIFY_SOCKET and WATCHDOG_USEC set."""
+    """``python -m cabin_monitor run`` started the way systemd starts it: NOTIFY_SOCKET, WATCHDOG_USEC/_PID set."""
 
-    def __init__(self, directory: Path, config: Path, notify: NotifyListener, *args: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        config: Path,
+        notify: NotifyListener,
+        *args: str,
+        watchdog_pid: Literal["main", "other"] = "main",
+    ) -> None:
         self.err_path = directory / f"stderr-{time.monotonic_ns()}.log"
         env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ENV and not k.startswith("CABIN_MONITOR__")}
-        # No WATCHDOG_PID: systemd sets it to the main PID, which we cannot know before the fork.
         env |= {"PYTHONUNBUFFERED": "1", "NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"}
+        command = [sys.executable, "-m", "cabin_monitor", "run", "--config", str(config), *args]
+        if watchdog_pid == "main":
+            # systemd sets WATCHDOG_PID to the main PID: the shell's $$, which the daemon keeps through exec.
+            command = ["/bin/sh", "-c", 'export WATCHDOG_PID=$$; exec "$@"', "sh", *command]
+        else:
+            env["WATCHDOG_PID"] = str(os.getpid())  # the watchdog is meant for another process
         with self.err_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cabin_monitor", "run", "--config", str(config), *args],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,  # events (no broker configured)
                 stderr=err,
@@ -342,13 +355,13 @@ def daemons() -> Iterator[list[Daemon]]:
             d.proc.wait(10)
 
 
-def write_config(directory: Path, rules: object = RULES) -> Path:
+def write_config(directory: Path, rules: object = RULES, stats_interval_s: float = 60.0) -> Path:
     """A daemon config with its own state folder and JSON logs."""
     cfg = {
         "vehicle_id": "test-car",
         "state_dir": str(directory / "state"),
         "rules": rules,
-        "logging": {"format": "json", "stats_interval_s": 60.0},
+        "logging": {"format": "json", "stats_interval_s": stats_interval_s},
     }
     path = directory / "cabin-monitor.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -359,7 +372,9 @@ def test_ready_then_watchdog_then_stopping_and_exit_zero(
     listener: NotifyListener, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """On a looping clip: READY=1, then WATCHDOG=1 pings, all from the main PID; SIGTERM -> STOPPING=1, exit 0."""
-    daemon = Daemon(tmp_path, write_config(tmp_path), listener, "--source", str(sample_path("single_face.mp4")), "--loop")
+    daemon = Daemon(
+        tmp_path, write_config(tmp_path), listener, "--source", str(sample_path("single_face.mp4")), "--loop"
+    )
     daemons.append(daemon)
     listener.wait_for("READY=1", START_TIMEOUT_S)
     listener.wait_for("WATCHDOG=1", 60.0, count=3)
@@ -370,6 +385,26 @@ def test_ready_then_watchdog_then_stopping_and_exit_zero(
     assert daemon.wait() == 0, daemon.logs()[-3000:]
     listener.wait_for("STOPPING=1", 5.0)  # sent before the exit, so already queued
     assert {d.pid for d in listener.received} == {daemon.proc.pid}  # NotifyAccess=main accepts them all
+
+
+def test_no_watchdog_when_watchdog_pid_names_another_process(
+    path_listener: NotifyListener, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """WATCHDOG_PID of another process (an inherited environment): frames flow, but the daemon never pings."""
+    config = write_config(tmp_path, stats_interval_s=0.5)
+    clip = str(sample_path("single_face.mp4"))
+    daemon = Daemon(tmp_path, config, path_listener, "--source", clip, "--loop", watchdog_pid="other")
+    daemons.append(daemon)
+    path_listener.wait_for("READY=1", START_TIMEOUT_S)
+
+    def frames_processed() -> int:
+        return max([int(str(r["frames"])) for r in daemon.logged("stats")] or [0])
+
+    wait_until(lambda: frames_processed() >= 30, 60.0, "30 frames processed")
+    path_listener.listen(2.0)  # a pinging daemon would send WATCHDOG=1 every 0.5 s
+    assert path_listener.count("WATCHDOG=1") == 0, path_listener.received
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0, daemon.logs()[-3000:]
 
 
 def test_no_watchdog_while_the_camera_delivers_nothing(
