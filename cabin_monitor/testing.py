@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import pwd
 import shlex
@@ -16,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -422,3 +424,109 @@ def make_health(vehicle_id: str = "car-1") -> HealthPayload:
         outbox=OutboxHealth(depth=0, dropped_total=0, dropped_by_reason={"full": 0, "expired": 0}),
         mqtt=MqttHealth(connected=True, reconnects=0),
     )
+
+
+class DaemonProcess:
+    """A ``python -m cabin_monitor run ARGS`` child process; stdout (events) and stderr (JSON logs) go to files."""
+
+    def __init__(
+        self,
+        directory: Path,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
+    ) -> None:
+        stamp = time.monotonic_ns()
+        self.out_path = directory / f"stdout-{stamp}.log"
+        self.err_path = directory / f"stderr-{stamp}.log"
+        environment = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+        command = [*command_prefix, sys.executable, "-m", "cabin_monitor", "run", *args]
+        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
+            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=environment)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        """The exit code, waiting at most ``timeout_s`` (then the process is killed and AssertionError raised)."""
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"daemon did not exit within {timeout_s} s; stderr:\n{self.logs()[-3000:]}") from None
+
+    def logs(self) -> str:
+        """What the daemon logged so far."""
+        return self.err_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines so far."""
+        records = []
+        for line in self.logs().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    records.append(json.loads(line))
+        return records
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        """Log records whose ``event`` is exactly this message."""
+        return [r for r in self.log_records() if r.get("event") == event]
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+class ScriptedCamera:
+    """A real OpenCV capture of a video file that plays the part of a camera and fails on cue.
+
+    It never ends (it rewinds), can stop delivering after ``fail_after`` reads, can hand out a
+    corrupt frame every ``corrupt_every`` reads, and with ``frame_period_s`` it delivers at a
+    camera's pace. Pass ``lambda spec, cfg: ScriptedCamera(...)`` as a ``FrameSource`` opener.
+    """
+
+    def __init__(
+        self,
+        video: Path,
+        fail_after: int | None = None,
+        corrupt_every: int | None = None,
+        frame_period_s: float = 0.0,
+    ) -> None:
+        import cv2
+
+        self._cv2 = cv2
+        self.cap = cv2.VideoCapture(str(video))
+        self.reads = 0
+        self.fail_after = fail_after
+        self.corrupt_every = corrupt_every
+        self.frame_period_s = frame_period_s
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        """Whether the file opened."""
+        return bool(self.cap.isOpened())
+
+    def read(self) -> tuple[bool, Any]:
+        """The next frame, a failure, or a corrupt frame, as scripted."""
+        self.reads += 1
+        if self.fail_after is not None and self.reads > self.fail_after:
+            return False, None
+        ok, image = self.cap.read()
+        if not ok:
+            self.cap.set(self._cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, image = self.cap.read()
+        if self.frame_period_s:
+            time.sleep(self.frame_period_s)
+        if self.corrupt_every and self.reads % self.corrupt_every == 0:
+            return True, b"not an image"
+        return ok, image
+
+    def get(self, prop: int) -> float:
+        """A capture property (the file's)."""
+        return float(self.cap.get(prop))
+
+    def set(self, prop: int, value: float) -> bool:
+        """Cameras accept settings; the file ignores them."""
+        return True
+
+    def release(self) -> None:
+        """Close the file."""
+        self.cap.release()

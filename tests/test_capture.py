@@ -22,6 +22,7 @@ from cabin_monitor.capture import (
 )
 from cabin_monitor.config import CameraConfig
 from cabin_monitor.messages import Frame
+from cabin_monitor.testing import ScriptedCamera
 
 VIDEO = sample_path("single_face.mp4")
 
@@ -104,35 +105,9 @@ def test_garbage_file_is_a_source_error(tmp_path: Path) -> None:
         FrameSource(CameraConfig(source=str(junk), file_pacing="fast"), threading.Event()).read()
 
 
-class FlakyCamera:
-    """A real capture of a video file that plays the part of a camera and fails on cue."""
-
-    def __init__(self, fail_after: int | None = None, corrupt_every: int | None = None) -> None:
-        self.cap = cv2.VideoCapture(str(VIDEO))
-        self.reads = 0
-        self.fail_after = fail_after
-        self.corrupt_every = corrupt_every
-
-    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
-        return bool(self.cap.isOpened())
-
-    def read(self) -> tuple[bool, np.ndarray | None]:
-        self.reads += 1
-        if self.fail_after is not None and self.reads > self.fail_after:
-            return False, None
-        ok, image = self.cap.read()
-        if self.corrupt_every and self.reads % self.corrupt_every == 0:
-            return True, np.zeros((4,), np.float64)
-        return ok, image
-
-    def get(self, prop: int) -> float:
-        return float(self.cap.get(prop))
-
-    def set(self, prop: int, value: float) -> bool:
-        return bool(self.cap.set(prop, value))
-
-    def release(self) -> None:
-        self.cap.release()
+def sample_camera(fail_after: int | None = None, corrupt_every: int | None = None) -> ScriptedCamera:
+    """The sample clip posing as a camera that fails on cue."""
+    return ScriptedCamera(VIDEO, fail_after=fail_after, corrupt_every=corrupt_every)
 
 
 def camera_config(**changes: object) -> CameraConfig:
@@ -142,10 +117,10 @@ def camera_config(**changes: object) -> CameraConfig:
 
 def test_camera_that_fails_mid_stream_is_reopened() -> None:
     """After the camera stops delivering, the source reopens it and frames flow again."""
-    opened: list[FlakyCamera] = []
+    opened: list[ScriptedCamera] = []
 
-    def opener(spec: SourceSpec, cfg: CameraConfig) -> FlakyCamera:
-        cam = FlakyCamera(fail_after=10 if not opened else None)
+    def opener(spec: SourceSpec, cfg: CameraConfig) -> ScriptedCamera:
+        cam = sample_camera(fail_after=10 if not opened else None)
         opened.append(cam)
         return cam
 
@@ -163,13 +138,13 @@ def test_camera_that_cannot_open_is_retried_with_backoff() -> None:
     """Failed opens are retried until the camera appears."""
     attempts: list[int] = []
 
-    class Closed(FlakyCamera):
+    class Closed(ScriptedCamera):
         def isOpened(self) -> bool:  # noqa: N802
             return False
 
-    def opener(spec: SourceSpec, cfg: CameraConfig) -> FlakyCamera:
+    def opener(spec: SourceSpec, cfg: CameraConfig) -> ScriptedCamera:
         attempts.append(1)
-        return Closed() if len(attempts) < 4 else FlakyCamera()
+        return Closed(VIDEO) if len(attempts) < 4 else sample_camera()
 
     source = FrameSource(camera_config(), threading.Event(), opener=opener)
     assert source.read().frame_id == 0
@@ -180,7 +155,7 @@ def test_stop_ends_an_endless_reopen_loop() -> None:
     """A camera that never opens does not hold the daemon: stop ends the wait with SourceEnded."""
     stop = threading.Event()
 
-    def opener(spec: SourceSpec, cfg: CameraConfig) -> FlakyCamera:
+    def opener(spec: SourceSpec, cfg: CameraConfig) -> ScriptedCamera:
         stop.set()
         raise cv2.error("no such device")
 
@@ -192,7 +167,7 @@ def test_stop_ends_an_endless_reopen_loop() -> None:
 
 def test_corrupt_frames_are_skipped_and_counted() -> None:
     """Frames of the wrong shape or dtype never leave the source; they are counted."""
-    source = FrameSource(camera_config(), threading.Event(), opener=lambda s, c: FlakyCamera(corrupt_every=3))
+    source = FrameSource(camera_config(), threading.Event(), opener=lambda s, c: sample_camera(corrupt_every=3))
     frames = [source.read() for _ in range(20)]
     assert all(f.image.dtype == np.uint8 and f.image.ndim == 3 for f in frames)
     assert source.stats().corrupt_frames >= 9
@@ -202,9 +177,9 @@ def test_a_run_of_corrupt_frames_reopens_the_camera() -> None:
     """max_corrupt_frames bad frames in a row trigger a reopen."""
     calls: list[int] = []
 
-    def opener(spec: SourceSpec, cfg: CameraConfig) -> FlakyCamera:
+    def opener(spec: SourceSpec, cfg: CameraConfig) -> ScriptedCamera:
         calls.append(1)
-        return FlakyCamera(corrupt_every=1) if len(calls) == 1 else FlakyCamera()
+        return sample_camera(corrupt_every=1) if len(calls) == 1 else sample_camera()
 
     source = FrameSource(camera_config(max_corrupt_frames=5), threading.Event(), opener=opener)
     source.read()

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.testing import MosquittoBroker, MqttRecorder, RecordedMessage, wait_until
+from cabin_monitor.testing import DaemonProcess, MosquittoBroker, MqttRecorder, RecordedMessage, wait_until
 
 VEHICLE = "test-car"
 PREFIX = f"cabin/{VEHICLE}"
@@ -88,55 +88,27 @@ def write_config(directory: Path, **extra: object) -> Path:
     return path
 
 
-class Daemon:
-    """A ``cabin-monitor run`` child process with its output captured to files."""
+class Daemon(DaemonProcess):
+    """``cabin-monitor run --config CONFIG ARGS`` for these tests."""
 
     def __init__(self, directory: Path, config: Path, *args: str) -> None:
-        self.out_path = directory / f"stdout-{time.monotonic_ns()}.log"
-        self.err_path = directory / f"stderr-{time.monotonic_ns()}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cabin_monitor", "run", "--config", str(config), *args],
-                stdout=out,
-                stderr=err,
-                env=env,
-            )
+        super().__init__(directory, ["--config", str(config), *args])
 
-    def wait(self, timeout_s: float = 60.0) -> int:
-        """Exit code, waiting at most ``timeout_s``."""
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"daemon did not exit within {timeout_s} s; stderr:\n{self.logs()[-3000:]}") from None
 
-    def logs(self) -> str:
-        """What the daemon logged so far."""
-        return self.err_path.read_text(errors="replace")
-
-    def log_records(self) -> list[dict[str, object]]:
-        """The JSON log lines."""
-        records = []
-        for line in self.logs().splitlines():
-            if line.startswith("{"):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return records
-
-    def kill(self) -> None:
-        """SIGKILL, no clean-up at all."""
-        self.proc.kill()
-        self.proc.wait(10)
+DaemonStarter = Callable[..., Daemon]
 
 
 @pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons started by a test; any still running at the end are killed."""
+def start_daemon(tmp_path: Path) -> Iterator[DaemonStarter]:
+    """Starts ``cabin-monitor run --config CONFIG ARGS``; daemons still running at the end are killed."""
     started: list[Daemon] = []
-    yield started
+
+    def start(config: Path, *args: str) -> Daemon:
+        daemon = Daemon(tmp_path, config, *args)
+        started.append(daemon)
+        return daemon
+
+    yield start
     for d in started:
         if d.proc.poll() is None:
             d.kill()
@@ -168,13 +140,12 @@ def retained(url: str, topic: str, timeout_s: float = 10.0) -> bytes:
 
 
 def test_daemon_publishes_events_status_health_and_state(
-    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
 ) -> None:
     """On a real clip the daemon publishes the expected events in order, state, health and online/offline status."""
     config = write_config(tmp_path)
     with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
-        daemon = Daemon(tmp_path, config, "--source", str(face_gap_video), "--fast", "--mqtt-url", mqtt_broker.url)
-        daemons.append(daemon)
+        daemon = start_daemon(config, "--source", str(face_gap_video), "--fast", "--mqtt-url", mqtt_broker.url)
         assert daemon.wait() == 0, daemon.logs()[-3000:]
         msgs = recorder.wait_for(lambda ms: len(events(ms)) >= len(ONE_PASS), 10)
     got = events(msgs)
@@ -195,12 +166,11 @@ def test_daemon_publishes_events_status_health_and_state(
 
 
 def test_sigkill_leaves_the_last_will(
-    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
 ) -> None:
     """After SIGKILL the broker publishes the retained 'offline' last will."""
     config = write_config(tmp_path)
-    daemon = Daemon(tmp_path, config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
-    daemons.append(daemon)
+    daemon = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
     with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
         recorder.wait_for(lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"online" for m in ms), 30)
         assert retained(mqtt_broker.url, f"{PREFIX}/status") == b"online"
@@ -210,12 +180,11 @@ def test_sigkill_leaves_the_last_will(
 
 
 def test_sigterm_drains_closes_open_events_and_exits_zero(
-    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
 ) -> None:
     """SIGTERM while an event is open: the daemon ends it, delivers it and exits 0."""
     config = write_config(tmp_path)
-    daemon = Daemon(tmp_path, config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
-    daemons.append(daemon)
+    daemon = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
     with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
         recorder.wait_for(lambda ms: len(events(ms)) >= 1, 30)
         daemon.proc.send_signal(signal.SIGTERM)
@@ -234,36 +203,31 @@ def outbox_depth(state_dir: Path) -> int:
 
 
 def test_events_survive_a_daemon_kill_while_the_broker_is_down(
-    tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]
+    tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
 ) -> None:
     """Events queued while the broker is unreachable are sent by the next daemon after a SIGKILL."""
     broker = MosquittoBroker(tmp_path / "broker", persistence=True)
     config = write_config(tmp_path)
-    first = Daemon(tmp_path, config, "--source", str(face_gap_video), "--fast", "--mqtt-url", broker.url)
-    daemons.append(first)
+    first = start_daemon(config, "--source", str(face_gap_video), "--fast", "--mqtt-url", broker.url)
     wait_until(lambda: any(r.get("event") == "source ended" for r in first.log_records()), 60, "end of the clip")
     first.kill()
     pending = outbox_depth(tmp_path / "state")
     assert pending >= 5  # every event of the pass but the closing one (the kill came first)
     with broker, MqttRecorder(broker.url, [f"{PREFIX}/events"]) as recorder:
-        second = Daemon(
-            tmp_path, config, "--source", str(sample_path("no_face.mp4")), "--fast", "--mqtt-url", broker.url
-        )
-        daemons.append(second)
+        second = start_daemon(config, "--source", str(sample_path("no_face.mp4")), "--fast", "--mqtt-url", broker.url)
         assert second.wait() == 0, second.logs()[-3000:]
         got = events(recorder.wait_for(lambda ms: len(events(ms)) >= pending, 15))
     assert [(e["type"], e["phase"]) for e in got] == ONE_PASS[:pending]
     assert outbox_depth(tmp_path / "state") == 0
 
 
-def test_broker_outage_loses_no_event(tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]) -> None:
+def test_broker_outage_loses_no_event(tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter) -> None:
     """The broker goes down mid-run (twice, or $CABIN_MONITOR_SOAK_OUTAGES times); no event is lost or reordered."""
     outages = int(os.environ.get("CABIN_MONITOR_SOAK_OUTAGES", "2"))
     broker = MosquittoBroker(tmp_path / "broker", persistence=True)
     config = write_config(tmp_path)
     with broker, MqttRecorder(broker.url, [f"{PREFIX}/events"]) as recorder:
-        daemon = Daemon(tmp_path, config, "--source", str(face_gap_video), "--loop", "--mqtt-url", broker.url)
-        daemons.append(daemon)
+        daemon = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", broker.url)
         delivered = 0
         for _ in range(outages):
             # Each outage starts only once events flow again after the previous one.
@@ -285,14 +249,13 @@ def test_broker_outage_loses_no_event(tmp_path: Path, face_gap_video: Path, daem
 
 
 def test_operator_config_set_is_applied_persisted_or_refused(
-    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
 ) -> None:
     """config/set: a valid change is answered ok and persisted; a bad one is answered with the exact error."""
     import paho.mqtt.publish as publish
 
     config = write_config(tmp_path)
-    daemon = Daemon(tmp_path, config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
-    daemons.append(daemon)
+    daemon = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
     host, port = "127.0.0.1", int(mqtt_broker.url.rsplit(":", 1)[1])
     with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
         recorder.wait_for(lambda ms: any(m.payload == b"online" for m in ms), 30)
@@ -317,10 +280,11 @@ def test_operator_config_set_is_applied_persisted_or_refused(
     assert daemon.proc.poll() is None  # bad input never stops the daemon
 
 
-def test_events_print_to_stdout_without_a_broker(tmp_path: Path, face_gap_video: Path, daemons: list[Daemon]) -> None:
+def test_events_print_to_stdout_without_a_broker(
+    tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
     """With no broker configured, events are JSON lines on stdout and logs stay on stderr."""
-    daemon = Daemon(tmp_path, write_config(tmp_path), "--source", str(face_gap_video), "--fast")
-    daemons.append(daemon)
+    daemon = start_daemon(write_config(tmp_path), "--source", str(face_gap_video), "--fast")
     assert daemon.wait() == 0, daemon.logs()[-3000:]
     lines = daemon.out_path.read_text().splitlines()
     got = [json.loads(line) for line in lines]

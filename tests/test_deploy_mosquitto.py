@@ -14,7 +14,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.testing import MosquittoBroker, TestPki, make_test_pki
+from cabin_monitor.testing import DaemonProcess, MosquittoBroker, TestPki, make_test_pki
 
 DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
 OPERATOR = "fleet-operator"
@@ -397,15 +396,8 @@ def test_daemon_works_within_the_acl(
     config = tmp_path / "cabin-monitor.yaml"
     config.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CABIN_MONITOR__", "NOTIFY_", "WATCHDOG_"))}
-    err_path = tmp_path / "daemon.log"
     clip = sample_path("single_face.mp4")
-    with err_path.open("wb") as err:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "cabin_monitor", "run", "--config", str(config), "--source", str(clip), "--loop"],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env=env | {"PYTHONUNBUFFERED": "1"},
-        )
+    daemon = DaemonProcess(tmp_path, ["--config", str(config), "--source", str(clip), "--loop"], env=env)
     try:
         operator.wait_for("cabin/car-1/status", b"online", timeout_s=120.0)
         operator.wait(lambda ms: any(m.topic == "cabin/car-1/health" for m in ms), 30.0, "a health message")
@@ -413,11 +405,10 @@ def test_daemon_works_within_the_acl(
         got = operator.wait(lambda ms: any(m.topic == "cabin/car-1/config/result" for m in ms), 30.0, "config/result")
         results = [json.loads(m.payload) for m in got if m.topic == "cabin/car-1/config/result"]
         assert results[0]["request_id"] == "acl-1" and results[0]["ok"] is True
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(60) == 0, err_path.read_text(errors="replace")[-3000:]
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.logs()[-3000:]
         operator.wait_for("cabin/car-1/status", b"offline")
     finally:
-        if daemon.poll() is None:
+        if daemon.proc.poll() is None:
             daemon.kill()
-            daemon.wait(10)
     assert denied_publishes(broker) == []

@@ -7,9 +7,6 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 from cabin_monitor.assets import sample_path
 from cabin_monitor.capture import FrameSource, SourceSpec
 from cabin_monitor.config import CameraConfig, Config, MqttConfig, TrackerConfig
@@ -19,41 +16,9 @@ from cabin_monitor.pipeline import EXIT_OK, EXIT_STAGE_FAILED, Pipeline
 from cabin_monitor.processor import FrameProcessor
 from cabin_monitor.publish import EventSink, MqttSink, StdoutSink
 from cabin_monitor.remote import RulesControl
-from cabin_monitor.testing import MosquittoBroker, MqttRecorder, wait_until
+from cabin_monitor.testing import MosquittoBroker, MqttRecorder, ScriptedCamera, wait_until
 
 VIDEO = sample_path("single_face.mp4")
-
-
-class FlakyCamera:
-    """A real capture of the sample clip posing as a camera; it stops delivering after ``fail_after`` reads."""
-
-    def __init__(self, fail_after: int | None) -> None:
-        self.cap = cv2.VideoCapture(str(VIDEO))
-        self.reads = 0
-        self.fail_after = fail_after
-
-    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
-        return bool(self.cap.isOpened())
-
-    def read(self) -> tuple[bool, np.ndarray | None]:
-        self.reads += 1
-        if self.fail_after is not None and self.reads > self.fail_after:
-            return False, None
-        ok, image = self.cap.read()
-        if not ok:  # a camera never ends: rewind
-            self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-            ok, image = self.cap.read()
-        time.sleep(1 / 30)
-        return ok, image
-
-    def get(self, prop: int) -> float:
-        return 30.0 if prop == cv2.CAP_PROP_FPS else float(self.cap.get(prop))
-
-    def set(self, prop: int, value: float) -> bool:
-        return True
-
-    def release(self) -> None:
-        self.cap.release()
 
 
 def make_pipeline(cfg: Config, sink: EventSink, opener: object = None, **kwargs: object) -> Pipeline:
@@ -67,10 +32,10 @@ def make_pipeline(cfg: Config, sink: EventSink, opener: object = None, **kwargs:
 
 def test_camera_failure_is_recovered_and_reported_in_health(mqtt_broker: MosquittoBroker, tmp_path: Path) -> None:
     """A camera that stops mid-stream is reopened without a restart; the retained health tells the story."""
-    opened: list[FlakyCamera] = []
+    opened: list[ScriptedCamera] = []
 
-    def opener(spec: SourceSpec, cfg: CameraConfig) -> FlakyCamera:
-        cam = FlakyCamera(fail_after=20 if not opened else None)
+    def opener(spec: SourceSpec, cfg: CameraConfig) -> ScriptedCamera:
+        cam = ScriptedCamera(VIDEO, fail_after=20 if not opened else None, frame_period_s=1 / 30)
         opened.append(cam)
         return cam
 

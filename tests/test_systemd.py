@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.testing import wait_until
+from cabin_monitor.testing import DaemonProcess, wait_until
 
 UNIT_FILE = Path(__file__).resolve().parent.parent / "systemd" / "cabin-monitor.service"
 # What the daemon inherits from systemd; cleared so a test run under systemd is not confused by its own.
@@ -286,7 +285,7 @@ def path_listener(short_dir: Path) -> Iterator[NotifyListener]:
     sd.close()
 
 
-class Daemon:
+class Daemon(DaemonProcess):
     """``python -m cabin_monitor run`` started the way systemd starts it: NOTIFY_SOCKET, WATCHDOG_USEC/_PID set."""
 
     def __init__(
@@ -297,51 +296,19 @@ class Daemon:
         *args: str,
         watchdog_pid: Literal["main", "other"] = "main",
     ) -> None:
-        self.err_path = directory / f"stderr-{time.monotonic_ns()}.log"
         env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ENV and not k.startswith("CABIN_MONITOR__")}
-        env |= {"PYTHONUNBUFFERED": "1", "NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"}
-        command = [sys.executable, "-m", "cabin_monitor", "run", "--config", str(config), *args]
+        env |= {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"}
+        prefix: list[str] = []
         if watchdog_pid == "main":
             # systemd sets WATCHDOG_PID to the main PID: the shell's $$, which the daemon keeps through exec.
-            command = ["/bin/sh", "-c", 'export WATCHDOG_PID=$$; exec "$@"', "sh", *command]
+            prefix = ["/bin/sh", "-c", 'export WATCHDOG_PID=$$; exec "$@"', "sh"]
         else:
             env["WATCHDOG_PID"] = str(os.getpid())  # the watchdog is meant for another process
-        with self.err_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # events (no broker configured)
-                stderr=err,
-                env=env,
-            )
+        super().__init__(directory, ["--config", str(config), *args], env=env, command_prefix=prefix)
 
     def wait(self, timeout_s: float = EXIT_TIMEOUT_S) -> int:
         """Exit code, waiting at most ``timeout_s``."""
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"daemon did not exit within {timeout_s} s; stderr:\n{self.logs()[-3000:]}") from None
-
-    def logs(self) -> str:
-        """What the daemon logged so far."""
-        return self.err_path.read_text(errors="replace")
-
-    def log_records(self) -> list[dict[str, object]]:
-        """The JSON log lines."""
-        records = []
-        for line in self.logs().splitlines():
-            if line.startswith("{"):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return records
-
-    def logged(self, event: str) -> list[dict[str, object]]:
-        """Log records whose ``event`` is exactly this message."""
-        return [r for r in self.log_records() if r.get("event") == event]
+        return super().wait(timeout_s)
 
 
 @pytest.fixture

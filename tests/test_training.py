@@ -32,6 +32,13 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = load_train_config(DATA / "tiny-train.yaml")
 
 
+def cli(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cabin_monitor ARGS``."""
+    return subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", *args], capture_output=True, text=True, timeout=timeout_s
+    )
+
+
 def tiny(**optim: object) -> TrainConfig:
     """The tiny config with some optimiser settings changed."""
     return TINY.model_copy(update={"optim": TINY.optim.model_copy(update=optim)})
@@ -193,25 +200,18 @@ def test_explain_rebuilds_the_network_from_onnx_and_maps_the_crop(tiny_run: Path
 def test_explain_command_on_the_bundled_model(tmp_path: Path) -> None:
     """explain writes a heat-map PNG and map per face and class, and a mean-by-class panel."""
     out = tmp_path / "cam"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cabin_monitor",
-            "explain",
-            str(sample_path("single_face.jpg")),
-            "--out",
-            str(out),
-            "--class",
-            "anger",
-            "--mean-by-class",
-            str(DATA / "fer2013_val.npz"),
-            "--limit",
-            "40",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = cli(
+        "explain",
+        str(sample_path("single_face.jpg")),
+        "--out",
+        str(out),
+        "--class",
+        "anger",
+        "--mean-by-class",
+        str(DATA / "fer2013_val.npz"),
+        "--limit",
+        "40",
+        timeout_s=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     maps = sorted(out.glob("single_face_face0_*.npy"))
@@ -224,24 +224,17 @@ def test_explain_command_on_the_bundled_model(tmp_path: Path) -> None:
 def test_evaluate_command_reports_accuracy_peer_and_nme(tmp_path: Path) -> None:
     """evaluate prints accuracy and the peer side by side, writes the confusion PNG, and scores landmarks."""
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cabin_monitor",
-            "evaluate",
-            "--model",
-            str(REPO / "models" / "emotionaldan-7.onnx"),
-            "--data",
-            str(DATA / "fer2013_val.npz"),
-            "--peer",
-            str(REPO / "models" / "peers" / "fer_mini_xception.onnx"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = cli(
+        "evaluate",
+        "--model",
+        str(REPO / "models" / "emotionaldan-7.onnx"),
+        "--data",
+        str(DATA / "fer2013_val.npz"),
+        "--peer",
+        str(REPO / "models" / "peers" / "fer_mini_xception.onnx"),
+        "--out",
+        str(out),
+        timeout_s=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
@@ -249,20 +242,13 @@ def test_evaluate_command_reports_accuracy_peer_and_nme(tmp_path: Path) -> None:
     assert 0 <= report["model"]["accuracy"] <= 1 and 0 <= report["peer"]["accuracy"] <= 1
     assert np.array(report["model"]["confusion"]).sum() == 84
     assert (out / "confusion_model.png").is_file() and (out / "confusion_peer.png").is_file()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cabin_monitor",
-            "evaluate",
-            "--model",
-            str(REPO / "models" / "emotionaldan-7.onnx"),
-            "--data",
-            str(DATA / "landmarks68_train.npz"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = cli(
+        "evaluate",
+        "--model",
+        str(REPO / "models" / "emotionaldan-7.onnx"),
+        "--data",
+        str(DATA / "landmarks68_train.npz"),
+        timeout_s=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "inter-ocular NME" in proc.stdout
@@ -270,23 +256,16 @@ def test_evaluate_command_reports_accuracy_peer_and_nme(tmp_path: Path) -> None:
 
 def test_train_command_and_three_class_re_heading(tmp_path: Path) -> None:
     """The train command runs the tiny config; a 3-class model starts from it and trains only its new head."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cabin_monitor",
-            "train",
-            "--config",
-            str(DATA / "tiny-train.yaml"),
-            "--data",
-            str(DATA),
-            "--out",
-            str(tmp_path / "seven"),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = cli(
+        "train",
+        "--config",
+        str(DATA / "tiny-train.yaml"),
+        "--data",
+        str(DATA),
+        "--out",
+        str(tmp_path / "seven"),
+        "--no-progress",
+        timeout_s=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     three = TINY.model_copy(
@@ -323,21 +302,5 @@ def test_bad_training_config_is_reported(tmp_path: Path) -> None:
     """A misspelt training setting stops the train command with its path."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  epochz: 3\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cabin_monitor",
-            "train",
-            "--config",
-            str(bad),
-            "--data",
-            str(DATA),
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = cli("train", "--config", str(bad), "--data", str(DATA), "--out", str(tmp_path / "run"), timeout_s=120)
     assert proc.returncode == 2 and "optim.epochz" in proc.stderr
