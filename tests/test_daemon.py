@@ -316,3 +316,14 @@ def test_unreachable_model_or_source_exit_with_a_clear_message(tmp_path: Path) -
         [sys.executable, "-m", "cabin_monitor", "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 1 and "emotion model not found" in proc.stderr
+
+
+def test_missing_tls_certificate_refuses_to_start(tmp_path: Path) -> None:
+    """A configured CA file that does not exist stops start-up with the file named and exit code 1."""
+    missing = tmp_path / "certs" / "ca.crt"
+    cfg = write_config(tmp_path, mqtt={"url": "mqtts://127.0.0.1:8883", "tls": {"ca_file": str(missing)}})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert str(missing) in proc.stderr and "ca_file" in proc.stderr
