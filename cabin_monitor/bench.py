@@ -89,6 +89,41 @@ def _run_pass(
     }
 
 
+def run_model_bench(cfg: Config, batches: tuple[int, ...] = (1, 2, 4), runs: int = 200) -> dict[str, Any]:
+    """The emotion model alone: latency per call and per face at several batch sizes, on real crops."""
+    import cv2
+
+    from cabin_monitor.align import FaceAligner, grey
+    from cabin_monitor.assets import sample_path
+    from cabin_monitor.detect import create_detector
+    from cabin_monitor.emotion import EmotionModel
+    from cabin_monitor.messages import TrackedFace
+
+    model = EmotionModel(cfg.emotion)
+    image = cv2.imread(str(sample_path("multi_face.jpg")))
+    detector = create_detector(cfg.detector.model_copy(update={"type": "yunet", "min_face_px": 16}))
+    faces = detector.detect(Frame(0, 0.0, 0.0, image))
+    detector.close()
+    aligner = FaceAligner(model.input_size)
+    crops = np.stack([aligner.align(grey(image), TrackedFace(f, "o", None)).crop for f in faces])
+    report: dict[str, Any] = {"model": str(model.info.path), "provider": model.provider_in_use, "batches": {}}
+    for batch in batches:
+        x = np.resize(crops, (batch, *crops.shape[1:]))
+        for _ in range(10):
+            model.infer(x)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            model.infer(x)
+            times.append((time.perf_counter() - t) * 1000.0)
+        per_call = _percentiles(times)
+        report["batches"][str(batch)] = {
+            "call_ms": per_call,
+            "per_face_ms": {k: round(v / batch, 2) for k, v in per_call.items()},
+        }
+    return report
+
+
 def run_bench(cfg: Config, max_frames: int | None = None) -> dict[str, Any]:
     """Both passes on ``cfg.camera.source``; the top-level keys summarise them."""
     cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"url": None})})

@@ -45,8 +45,13 @@ def _load(args: argparse.Namespace) -> Any:
         update["mqtt"] = cfg.mqtt.model_copy(update={"url": args.mqtt_url})
     if getattr(args, "vehicle_id", None):
         update["vehicle_id"] = args.vehicle_id
+    emotion: dict[str, Any] = {}
     if getattr(args, "model", None):
-        update["emotion"] = cfg.emotion.model_copy(update={"model_path": Path(args.model)})
+        emotion["model_path"] = Path(args.model)
+    if getattr(args, "provider", None):
+        emotion["providers"] = tuple(args.provider)
+    if emotion:
+        update["emotion"] = cfg.emotion.model_copy(update=emotion)
     cfg = cfg.model_copy(update=update)
     # Re-validate so overrides from the command line obey the same rules as the file.
     return type(cfg).model_validate(cfg.model_dump())
@@ -259,6 +264,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         return _die(str(exc))
     configure_logging("warning", "auto")
+    if args.model_only:
+        from cabin_monitor.bench import run_model_bench
+
+        model_report = run_model_bench(cfg)
+        if args.json:
+            print(json.dumps(model_report))
+        else:
+            print(f"{model_report['model']} on {model_report['provider']}")
+            for batch, r in model_report["batches"].items():
+                print(
+                    f"  batch {batch}: {r['call_ms']['p50']:.2f} ms per call (p95 {r['call_ms']['p95']:.2f}), "
+                    f"{r['per_face_ms']['p50']:.2f} ms per face"
+                )
+        return 0
     report = run_bench(cfg, max_frames=args.frames)
     if args.json:
         print(json.dumps(report))
@@ -386,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--model", help="emotion ONNX model")
     be.add_argument("--frames", type=int, default=None, help="stop after this many frames")
     be.add_argument("--json", action="store_true", help="print one JSON object")
+    be.add_argument("--model-only", action="store_true", help="time the emotion model alone at batch 1, 2 and 4")
+    be.add_argument(
+        "--provider",
+        action="append",
+        choices=["tensorrt", "cuda", "cpu"],
+        help="execution provider, in order of preference (repeatable; default: cpu)",
+    )
     be.set_defaults(func=cmd_bench)
 
     tr = sub.add_parser("train", help="train EmotionalDAN (needs the train extra)")

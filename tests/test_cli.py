@@ -113,3 +113,12 @@ def test_bench_reports_fps_and_stage_latencies() -> None:
     assert {"detect", "align", "emotion", "rules"} <= set(report["stages"])
     assert report["provider"] == "CPUExecutionProvider"
     assert report["faces_per_frame"] > 0.9
+
+
+def test_bench_model_only_times_the_model_per_batch() -> None:
+    """bench --model-only reports per-call and per-face latency at batch 1, 2 and 4."""
+    proc = cli("bench", "--model-only", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert set(report["batches"]) == {"1", "2", "4"}
+    assert report["batches"]["4"]["per_face_ms"]["p50"] > 0
