@@ -267,7 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.model_only:
         from cabin_monitor.bench import run_model_bench
 
-        model_report = run_model_bench(cfg)
+        model_report = run_model_bench(cfg, runs=args.runs)
         if args.json:
             print(json.dumps(model_report))
         else:
@@ -406,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--frames", type=int, default=None, help="stop after this many frames")
     be.add_argument("--json", action="store_true", help="print one JSON object")
     be.add_argument("--model-only", action="store_true", help="time the emotion model alone at batch 1, 2 and 4")
+    be.add_argument("--runs", type=int, default=200, help="--model-only: timed calls per batch size")
     be.add_argument(
         "--provider",
         action="append",
