@@ -332,7 +332,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         return code
     from cabin_monitor.training.export import export_run
 
-    path = export_run(Path(args.run_dir), Path(args.out), checkpoint=args.checkpoint, model_version=args.model_version)
+    path = export_run(
+        Path(args.run_dir),
+        Path(args.out),
+        checkpoint=args.checkpoint,
+        model_version=args.model_version,
+        mirror=args.mirror_average,
+    )
     print(f"exported {path}", file=sys.stderr)
     return 0
 
@@ -429,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="ONNX file to write")
     ex.add_argument("--checkpoint", default="best.pt", help="checkpoint in the run folder")
     ex.add_argument("--model-version", default=None, help="version string stored in the model")
+    ex.add_argument(
+        "--mirror-average",
+        action="store_true",
+        help="read each face and its mirror image and average the answers (twice the model time)",
+    )
     ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("evaluate", help="accuracy, confusion matrix and landmark NME of an ONNX model")

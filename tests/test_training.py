@@ -304,3 +304,17 @@ def test_bad_training_config_is_reported(tmp_path: Path) -> None:
     bad.write_text("optim:\n  epochz: 3\n")
     proc = cli("train", "--config", str(bad), "--data", str(DATA), "--out", str(tmp_path / "run"), timeout_s=120)
     assert proc.returncode == 2 and "optim.epochz" in proc.stderr
+
+
+def test_mirror_averaged_export_is_symmetric(tiny_run: Path, tmp_path: Path) -> None:
+    """A mirror-averaged export gives a face and its mirror image the same emotions and mirrored landmarks."""
+    path = export_run(tiny_run, tmp_path / "mirror.onnx", mirror=True)
+    model = EmotionModel(EmotionConfig(model_path=path))
+    assert model.info.metadata["test_time"].startswith("mirror-averaged")
+    crops = real_crops(64)
+    probs, points = model.infer(crops)
+    probs_m, points_m = model.infer(crops[:, :, ::-1].copy())
+    assert np.allclose(probs, probs_m, atol=1e-4)
+    back = np.stack([64 - points_m[..., 0], points_m[..., 1]], -1)[:, FLIP_68]
+    assert np.allclose(points, back, atol=1e-2)
+    assert load_onnx_as_torch(path).spec.input_size == 64

@@ -35,7 +35,11 @@ def load_onnx_as_torch(path: Path) -> EmotionalDAN:
     if "spec" not in meta:
         raise ValueError(f"{path}: no 'spec' metadata; export it with `cabin-monitor export`")
     spec = ModelSpec.from_dict(json.loads(meta["spec"]))
-    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
+    weights = {
+        # A mirror-averaged export nests the network under "model.".
+        t.name.removeprefix("model."): torch.from_numpy(numpy_helper.to_array(t).copy())
+        for t in proto.graph.initializer
+    }
     if "mean_shape" not in weights:
         raise ValueError(f"{path}: the mean shape is missing; was it exported with constant folding?")
     model = EmotionalDAN(spec, weights["mean_shape"])

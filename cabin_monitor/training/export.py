@@ -13,7 +13,7 @@ import onnx
 import torch
 
 from cabin_monitor.framing import TEMPLATE_5
-from cabin_monitor.training.model import EmotionalDAN, ModelSpec
+from cabin_monitor.training.model import EmotionalDAN, MirrorAveraged, ModelSpec
 
 OPSET = 17
 PARITY_ATOL = 1e-3
@@ -29,7 +29,7 @@ def load_checkpoint_model(path: Path) -> tuple[EmotionalDAN, dict[str, Any]]:
     return model.eval(), state
 
 
-def _metadata(model: EmotionalDAN, state: dict[str, Any], version: str) -> dict[str, str]:
+def _metadata(model: EmotionalDAN, state: dict[str, Any], version: str, mirror: bool) -> dict[str, str]:
     cfg = state["config"]
     metrics = {k: v for k, v in state.get("metrics", {}).items() if k != "val_confusion"}
     return {
@@ -43,6 +43,7 @@ def _metadata(model: EmotionalDAN, state: dict[str, Any], version: str) -> dict[
         "input": "image: float32 [N,1,S,S], grey levels 0..255, face in the canonical framing",
         "normalisation": "inside the graph: per-image (x - mean(x)) / max(std(x), 1)",
         "outputs": "emotion_probs: float32 [N,K] softmax; landmarks: float32 [N,68,2] crop pixels (iBUG 68)",
+        "test_time": "mirror-averaged: each face and its mirror image, answers averaged" if mirror else "single pass",
         "framing_template": json.dumps(TEMPLATE_5.tolist()),
         "framing": "eye centres, nose tip, mouth corners at framing_template x S (cabin_monitor/framing.py)",
         "mean_shape": json.dumps(np.round(model.mean_shape.numpy(), 5).tolist()),
@@ -56,9 +57,13 @@ def _metadata(model: EmotionalDAN, state: dict[str, Any], version: str) -> dict[
     }
 
 
-def export_model(model: EmotionalDAN, state: dict[str, Any], out: Path, version: str) -> Path:
-    """Write ``model`` to ``out`` (opset 17, dynamic batch) and verify it with onnxruntime."""
+def export_model(model: EmotionalDAN, state: dict[str, Any], out: Path, version: str, mirror: bool = False) -> Path:
+    """Write ``model`` to ``out`` (opset 17, dynamic batch) and verify it with onnxruntime.
+
+    With ``mirror`` the graph reads every face and its mirror image and averages the answers.
+    """
     size = model.spec.input_size
+    graph: EmotionalDAN | MirrorAveraged = MirrorAveraged(model).eval() if mirror else model
     example = torch.full((2, 1, size, size), 128.0)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The TorchScript exporter is chosen on purpose: it keeps parameter names as
@@ -66,7 +71,7 @@ def export_model(model: EmotionalDAN, state: dict[str, Any], out: Path, version:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"cabin_monitor\.training\.export")
     torch.onnx.export(
-        model,
+        graph,
         (example,),
         str(out),
         input_names=["image"],
@@ -80,17 +85,19 @@ def export_model(model: EmotionalDAN, state: dict[str, Any], out: Path, version:
         do_constant_folding=False,
     )
     proto = onnx.load(str(out))
-    for key, value in _metadata(model, state, version).items():
+    for key, value in _metadata(model, state, version, mirror).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "cabin-monitor"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
-    check_parity(model, out)
+    check_parity(graph, out)
     return out
 
 
-def check_parity(model: EmotionalDAN, path: Path, images: np.ndarray | None = None) -> dict[str, float]:
+def check_parity(
+    model: EmotionalDAN | MirrorAveraged, path: Path, images: np.ndarray | None = None
+) -> dict[str, float]:
     """Largest |PyTorch - onnxruntime| difference on ``images`` (uint8 [N,S,S]); raises when above tolerance."""
     import onnxruntime as ort
 
@@ -112,11 +119,13 @@ def check_parity(model: EmotionalDAN, path: Path, images: np.ndarray | None = No
     return diff
 
 
-def export_run(run_dir: Path, out: Path, checkpoint: str = "best.pt", model_version: str | None = None) -> Path:
+def export_run(
+    run_dir: Path, out: Path, checkpoint: str = "best.pt", model_version: str | None = None, mirror: bool = False
+) -> Path:
     """Export ``run_dir/checkpoint`` to ``out``."""
     path = run_dir / checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint {path}")
     model, state = load_checkpoint_model(path)
     version = model_version or f"{run_dir.name}-step{state.get('global_step', 0)}"
-    return export_model(model, state, out, version)
+    return export_model(model, state, out, version, mirror)

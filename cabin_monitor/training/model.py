@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cabin_monitor.framing import FLIP_68
+
 NUM_LANDMARKS = 68
 FC_UNITS = 256
 BASE_CHANNELS = (64, 128, 256, 512)
@@ -224,3 +226,27 @@ class EmotionalDAN(nn.Module):
         out = self.forward_all(image)
         probs = torch.softmax(out["logits"], dim=1)
         return probs, out["shape2"] * self.spec.input_size
+
+
+class MirrorAveraged(nn.Module):
+    """Reads each face and its mirror image in one batch and averages the two answers.
+
+    Landmarks of the mirrored face are mirrored back and re-indexed left/right
+    before averaging. Costs one extra face per face; used at export time only.
+    """
+
+    def __init__(self, model: EmotionalDAN) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = model.spec
+        self.register_buffer("flip_index", torch.as_tensor(FLIP_68))
+
+    flip_index: Tensor
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Same inputs and outputs as ``EmotionalDAN.forward``."""
+        n = image.shape[0]
+        probs, points = self.model(torch.cat([image, image.flip(-1)], dim=0))
+        mirrored = points[n:].index_select(1, self.flip_index)
+        mirrored = torch.stack([self.spec.input_size - mirrored[..., 0], mirrored[..., 1]], dim=-1)
+        return (probs[:n] + probs[n:]) / 2, (points[:n] + mirrored) / 2
