@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -165,6 +166,7 @@ class FrameSource:
         self._file_offset_s = 0.0
         self._last_media_s = 0.0
         self._next_due: float | None = None
+        self._delivered_at: deque[float] = deque(maxlen=120)
 
     @property
     def is_file(self) -> bool:
@@ -180,6 +182,14 @@ class FrameSource:
         """A snapshot of the counters."""
         with self._lock:
             return self._stats
+
+    def fps(self) -> float:
+        """Frames delivered per second over the last few seconds (wall pace, not the file's clock)."""
+        with self._lock:
+            times = list(self._delivered_at)
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 0.0
+        return round((len(times) - 1) / (times[-1] - times[0]), 2)
 
     def _update(self, **changes: object) -> None:
         with self._lock:
@@ -304,6 +314,7 @@ class FrameSource:
         self._next_id += 1
         with self._lock:
             self._stats = replace(self._stats, state=CameraState.STREAMING, frames=self._stats.frames + 1)
+            self._delivered_at.append(self._clock())
         return frame
 
     def release(self) -> None:

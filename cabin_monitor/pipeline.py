@@ -261,7 +261,7 @@ class Pipeline:
             camera=CameraHealth(
                 state=cam.state.value,  # type: ignore[arg-type]
                 source=cam.source,
-                fps=self.fps(),
+                fps=self.source.fps(),
                 frames=cam.frames,
                 corrupt_frames=cam.corrupt_frames,
                 reopen_count=cam.reopen_count,

@@ -218,3 +218,13 @@ def test_open_capture_on_a_real_file() -> None:
         assert ok and image is not None
     finally:
         cap.release()
+
+
+def test_fps_follows_the_delivery_pace() -> None:
+    """The source's fps reflects how fast frames actually come, here a camera delivering at about 30 per second."""
+    source = FrameSource(
+        camera_config(), threading.Event(), opener=lambda s, c: ScriptedCamera(VIDEO, frame_period_s=1 / 30)
+    )
+    for _ in range(15):
+        source.read()
+    assert 10 < source.fps() < 40
