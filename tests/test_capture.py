@@ -221,10 +221,11 @@ def test_open_capture_on_a_real_file() -> None:
 
 
 def test_fps_follows_the_delivery_pace() -> None:
-    """The source's fps reflects how fast frames actually come, here a camera delivering at about 30 per second."""
-    source = FrameSource(
-        camera_config(), threading.Event(), opener=lambda s, c: ScriptedCamera(VIDEO, frame_period_s=1 / 30)
-    )
+    """The source's fps is the pace at which frames are delivered, here one every 1/30 s."""
+    now = [100.0]
+    source = FrameSource(camera_config(), threading.Event(), opener=lambda s, c: sample_camera(), clock=lambda: now[0])
+    assert source.fps() == 0.0
     for _ in range(15):
         source.read()
-    assert 10 < source.fps() < 40
+        now[0] += 1 / 30
+    assert source.fps() == pytest.approx(30.0, rel=1e-3)
