@@ -456,6 +456,5 @@ def train(
             f"resumed {last}: epoch {trainer.epoch}, step {trainer.step_in_epoch}/{trainer.steps_per_epoch}",
             file=sys.stderr,
         )
-    else:
-        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     return trainer.fit(progress)
