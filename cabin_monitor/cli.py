@@ -60,8 +60,10 @@ def _load(args: argparse.Namespace) -> Any:
 def _build_pipeline(cfg: Any, on_result: Any = None, events_stream: Any = None) -> Any:
     import threading
 
+    import structlog
+
     from cabin_monitor.capture import FrameSource
-    from cabin_monitor.outbox import Outbox
+    from cabin_monitor.outbox import open_outbox
     from cabin_monitor.pipeline import Pipeline
     from cabin_monitor.processor import FrameProcessor
     from cabin_monitor.publish import EventSink, MqttSink, StdoutSink
@@ -79,7 +81,14 @@ def _build_pipeline(cfg: Any, on_result: Any = None, events_stream: Any = None) 
     if control.effective != cfg.rules:
         processor.reconfigure_rules(control.effective)
     if cfg.mqtt.url:
-        outbox = Outbox(cfg.outbox.path or state_dir / "outbox.sqlite", cfg.outbox.max_events, cfg.outbox.max_age_s)
+        outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
+        outbox, moved = open_outbox(outbox_path, cfg.outbox.max_events, cfg.outbox.max_age_s)
+        if moved is not None:
+            structlog.get_logger("cabin_monitor.cli").error(
+                "outbox file unusable; moved aside, starting with an empty outbox",
+                path=str(outbox_path),
+                moved_to=str(moved),
+            )
         sink = MqttSink(
             cfg.mqtt,
             cfg.vehicle_id,

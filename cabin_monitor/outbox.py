@@ -42,8 +42,10 @@ CREATE INDEX IF NOT EXISTS outbox_age ON outbox (created_wall_s);
 class OutboxError(Exception):
     """The outbox file cannot be opened or used."""
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Path, reason: str, unreadable_content: bool = True) -> None:
         self.path = path
+        # False when the file itself may be fine (a permission or path problem).
+        self.unreadable_content = unreadable_content
         super().__init__(f"outbox {path}: {reason}")
 
 
@@ -91,7 +93,7 @@ class Outbox:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
         except (OSError, sqlite3.Error) as exc:
-            raise OutboxError(self.path, f"cannot open: {exc}") from exc
+            raise OutboxError(self.path, f"cannot open: {exc}", unreadable_content=False) from exc
         try:
             # WAL: commits append to the log instead of rewriting pages, and readers never block writers.
             db.execute("PRAGMA journal_mode=WAL")
@@ -242,3 +244,22 @@ def _rank(severity: str) -> int:
         return SEVERITY_RANK[severity]
     except KeyError:
         raise ValueError(f"severity must be one of {sorted(SEVERITY_RANK)}, got {severity!r}") from None
+
+
+def open_outbox(path: Path, max_events: int, max_age_s: float) -> tuple[Outbox, Path | None]:
+    """Open the outbox; a damaged or foreign file is moved aside (and returned) and an empty one started.
+
+    A daemon that refused to start over a damaged file would be restarted into the same
+    refusal forever; the moved file keeps whatever can still be salvaged from it.
+    """
+    try:
+        return Outbox(path, max_events, max_age_s), None
+    except OutboxError as exc:
+        if not exc.unreadable_content:
+            raise
+    aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        candidate = Path(f"{path}{suffix}")
+        if candidate.exists():
+            candidate.rename(Path(f"{aside}{suffix}"))
+    return Outbox(path, max_events, max_age_s), aside

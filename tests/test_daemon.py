@@ -327,3 +327,19 @@ def test_missing_tls_certificate_refuses_to_start(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert str(missing) in proc.stderr and "ca_file" in proc.stderr
+
+
+def test_a_damaged_outbox_is_moved_aside_not_a_crash_loop(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """A garbage outbox file is set aside with an error logged; the daemon starts and delivers events."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "outbox.sqlite").write_bytes(b"\x00garbage, not SQLite" * 100)
+    config = write_config(tmp_path)
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/events"]) as recorder:
+        daemon = start_daemon(config, "--source", str(face_gap_video), "--fast", "--mqtt-url", mqtt_broker.url)
+        assert daemon.wait() == 0, daemon.logs()[-3000:]
+        recorder.wait_for(lambda ms: len(events(ms)) >= len(ONE_PASS), 10)
+    assert daemon.logged("outbox file unusable; moved aside, starting with an empty outbox")
+    assert list(state.glob("outbox.sqlite.unusable-*"))
