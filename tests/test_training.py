@@ -25,7 +25,7 @@ from cabin_monitor.training.config import AugmentSection, TrainConfig, load_trai
 from cabin_monitor.training.explain import grad_cam, load_onnx_as_torch
 from cabin_monitor.training.export import check_parity, export_run, load_checkpoint_model
 from cabin_monitor.training.model import EmotionalDAN, ModelSpec, apply_similarity, fit_similarity, invert_similarity
-from cabin_monitor.training.train import default_mean_shape, train
+from cabin_monitor.training.train import Trainer, default_mean_shape, load_datasets, train
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -318,3 +318,14 @@ def test_mirror_averaged_export_is_symmetric(tiny_run: Path, tmp_path: Path) -> 
     back = np.stack([64 - points_m[..., 0], points_m[..., 1]], -1)[:, FLIP_68]
     assert np.allclose(points, back, atol=1e-2)
     assert load_onnx_as_torch(path).spec.input_size == 64
+
+
+def test_training_starts_from_an_exported_model(tiny_run: Path, tmp_path: Path) -> None:
+    """init_from accepts an exported .onnx file and starts from exactly its weights."""
+    path = export_run(tiny_run, tmp_path / "start.onnx")
+    exported = load_onnx_as_torch(path).state_dict()
+    cfg = tiny(init_from=str(path))
+    trainer = Trainer(cfg, load_datasets(cfg, DATA), tmp_path / "again")
+    started = trainer.model.state_dict()
+    for name, weight in exported.items():
+        assert torch.equal(started[name], weight), name

@@ -76,11 +76,13 @@ class OptimSection(_Strict):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="0 disables the weight average.")
     early_stop_patience_epochs: int = Field(8, ge=1)
     checkpoint_every_steps: int = Field(50, ge=1)
-    bf16: bool = Field(True, description="bfloat16 autocast on the CPU (fast on AVX-512 BF16 / AMX).")
+    bf16: bool = Field(False, description="bfloat16 autocast on the CPU: faster only on CPUs with AVX-512 BF16 or AMX.")
     channels_last: bool = True
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
     init_from: str | None = Field(
-        None, description="Checkpoint whose weights start this run (the emotion head is kept only if it fits)."
+        None,
+        description="Checkpoint (.pt) or exported model (.onnx) whose weights start this run"
+        " (the emotion head is kept only if it fits).",
     )
     train_only: Literal["all", "emotion_head"] = Field(
         "all", description="emotion_head freezes everything but the emotion head (3-class re-heading)."

@@ -246,8 +246,13 @@ class Trainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _init_from(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        weights = state.get("ema") or state["model"]
+        if path.suffix == ".onnx":
+            from cabin_monitor.training.explain import load_onnx_as_torch
+
+            weights = load_onnx_as_torch(path).to(self.device).state_dict()
+        else:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            weights = state.get("ema") or state["model"]
         own = self.model.state_dict()
         usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(set(own) - set(usable))
