@@ -135,9 +135,9 @@ class StressRuleConfig(Strict):
 
     enabled: bool = True
     classes: tuple[str, ...] = Field(NEGATIVE_7, min_length=1, description="Classes whose probabilities are summed.")
-    enter_score: float = Field(0.7, gt=0, le=1, description="Smoothed group score that opens the event...")
+    enter_score: float = Field(0.6, gt=0, le=1, description="Smoothed group score that opens the event...")
     sustain_s: float = Field(3.0, ge=0, le=600, description="...when held at or above it for this long.")
-    exit_score: float = Field(0.5, ge=0, lt=1, description="Score below which the event may close...")
+    exit_score: float = Field(0.4, ge=0, lt=1, description="Score below which the event may close...")
     release_s: float = Field(1.5, ge=0, le=600, description="...once it has stayed below for this long.")
     cooldown_s: float = Field(30.0, ge=0, le=86400, description="No new stress event this soon after one ended.")
     severity: Literal["info", "warning", "critical"] = "warning"

@@ -139,11 +139,11 @@ def test_stress_starts_after_sustain_and_not_before() -> None:
 
 
 def test_smoothing_delays_stress_by_the_time_the_average_takes() -> None:
-    """With smoothing_s 0.7 a 0.8 step crosses enter_score 0.7 after 0.7*ln(8) s, then sustain_s runs."""
+    """With smoothing_s 0.7 a 0.8 step crosses enter_score 0.6 after 0.7*ln(4) s, then sustain_s runs."""
     drive = Drive(make_engine())
     drive.run(5, a=NEUTRAL)
     drive.run(6, a=probs(anger=0.8))
-    assert drive.times(STRESS, Phase.START) == at(5 + 0.7 * math.log(0.8 / 0.1) + 3)
+    assert drive.times(STRESS, Phase.START) == at(5 + 0.7 * math.log(0.8 / 0.2) + 3)
 
 
 def test_short_negative_spikes_do_not_start_stress() -> None:
