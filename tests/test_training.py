@@ -22,8 +22,8 @@ from cabin_monitor.framing import FLIP_68
 from cabin_monitor.messages import Frame, TrackedFace
 from cabin_monitor.training.augment import augment_batch
 from cabin_monitor.training.config import AugmentSection, TrainConfig, load_train_config
-from cabin_monitor.training.explain import grad_cam, load_onnx_as_torch
-from cabin_monitor.training.export import check_parity, export_run, load_checkpoint_model
+from cabin_monitor.training.explain import grad_cam
+from cabin_monitor.training.export import check_parity, export_run, load_checkpoint_model, load_onnx_as_torch
 from cabin_monitor.training.model import EmotionalDAN, ModelSpec, apply_similarity, fit_similarity, invert_similarity
 from cabin_monitor.training.train import Trainer, default_mean_shape, load_datasets, train
 

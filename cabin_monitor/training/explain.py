@@ -9,45 +9,21 @@ the input crop through the inverse of the stage-1 similarity transform.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 
 from cabin_monitor.align import FaceAligner, grey
 from cabin_monitor.config import DetectorConfig
 from cabin_monitor.detect import create_detector
 from cabin_monitor.messages import Frame, TrackedFace
 from cabin_monitor.training.data import load_emotion_npz
-from cabin_monitor.training.model import EmotionalDAN, ModelSpec, apply_similarity
-
-
-def load_onnx_as_torch(path: Path) -> EmotionalDAN:
-    """The PyTorch network holding the weights of an exported EmotionalDAN ONNX file."""
-    proto = onnx.load(str(path))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if "spec" not in meta:
-        raise ValueError(f"{path}: no 'spec' metadata; export it with `cabin-monitor export`")
-    spec = ModelSpec.from_dict(json.loads(meta["spec"]))
-    weights = {
-        # A mirror-averaged export nests the network under "model.".
-        t.name.removeprefix("model."): torch.from_numpy(numpy_helper.to_array(t).copy())
-        for t in proto.graph.initializer
-    }
-    if "mean_shape" not in weights:
-        raise ValueError(f"{path}: the mean shape is missing; was it exported with constant folding?")
-    model = EmotionalDAN(spec, weights["mean_shape"])
-    missing, _ = model.load_state_dict(weights, strict=False)
-    real_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if real_missing:
-        raise ValueError(f"{path}: weights missing for {real_missing[:5]} ... ({len(real_missing)} in all)")
-    return model.eval()
+from cabin_monitor.training.export import load_onnx_as_torch
+from cabin_monitor.training.model import EmotionalDAN, apply_similarity
 
 
 def grad_cam(

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from cabin_monitor.framing import TEMPLATE_5
 from cabin_monitor.training.model import EmotionalDAN, MirrorAveraged, ModelSpec
@@ -129,3 +130,25 @@ def export_run(
     model, state = load_checkpoint_model(path)
     version = model_version or f"{run_dir.name}-step{state.get('global_step', 0)}"
     return export_model(model, state, out, version, mirror)
+
+
+def load_onnx_as_torch(path: Path) -> EmotionalDAN:
+    """The PyTorch network holding the weights of an exported EmotionalDAN ONNX file."""
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "spec" not in meta:
+        raise ValueError(f"{path}: no 'spec' metadata; export it with `cabin-monitor export`")
+    spec = ModelSpec.from_dict(json.loads(meta["spec"]))
+    weights = {
+        # A mirror-averaged export nests the network under "model.".
+        t.name.removeprefix("model."): torch.from_numpy(numpy_helper.to_array(t).copy())
+        for t in proto.graph.initializer
+    }
+    if "mean_shape" not in weights:
+        raise ValueError(f"{path}: the mean shape is missing; was it exported with constant folding?")
+    model = EmotionalDAN(spec, weights["mean_shape"])
+    missing, _ = model.load_state_dict(weights, strict=False)
+    real_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if real_missing:
+        raise ValueError(f"{path}: weights missing for {real_missing[:5]} ... ({len(real_missing)} in all)")
+    return model.eval()

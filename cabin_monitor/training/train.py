@@ -40,6 +40,7 @@ from cabin_monitor.training.data import (
     subset_emotion,
     subset_landmarks,
 )
+from cabin_monitor.training.export import load_onnx_as_torch
 from cabin_monitor.training.model import EmotionalDAN, ModelSpec
 
 MEAN_SHAPE_FILE = Path(__file__).with_name("mean_shape_68.json")
@@ -247,8 +248,6 @@ class Trainer:
 
     def _init_from(self, path: Path) -> None:
         if path.suffix == ".onnx":
-            from cabin_monitor.training.explain import load_onnx_as_torch
-
             weights = load_onnx_as_torch(path).to(self.device).state_dict()
         else:
             state = torch.load(path, map_location=self.device, weights_only=False)
