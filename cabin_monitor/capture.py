@@ -183,7 +183,7 @@ class FrameSource:
         with self._lock:
             return self._stats
 
-    def fps(self) -> float:
+    def delivered_fps(self) -> float:
         """Frames delivered per second over the last few seconds (wall pace, not the file's clock)."""
         with self._lock:
             times = list(self._delivered_at)

@@ -42,11 +42,13 @@ CREATE INDEX IF NOT EXISTS outbox_age ON outbox (created_wall_s);
 class OutboxError(Exception):
     """The outbox file cannot be opened or used."""
 
-    def __init__(self, path: Path, reason: str, unreadable_content: bool = True) -> None:
+    def __init__(self, path: Path, reason: str) -> None:
         self.path = path
-        # False when the file itself may be fine (a permission or path problem).
-        self.unreadable_content = unreadable_content
         super().__init__(f"outbox {path}: {reason}")
+
+
+class OutboxContentError(OutboxError):
+    """The outbox file opens, but what it holds is damaged or not ours; moving it aside would let a new one start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,7 @@ class Outbox:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
         except (OSError, sqlite3.Error) as exc:
-            raise OutboxError(self.path, f"cannot open: {exc}", unreadable_content=False) from exc
+            raise OutboxError(self.path, f"cannot open: {exc}") from exc
         try:
             # WAL: commits append to the log instead of rewriting pages, and readers never block writers.
             db.execute("PRAGMA journal_mode=WAL")
@@ -103,15 +105,15 @@ class Outbox:
             db.execute("PRAGMA synchronous=FULL")
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
-                raise OutboxError(self.path, f"the database is damaged ({check}); move it away to start empty")
+                raise OutboxContentError(self.path, f"the database is damaged ({check}); move it away to start empty")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
-                raise OutboxError(self.path, f"written by a newer cabin-monitor (schema {version})")
+                raise OutboxContentError(self.path, f"written by a newer cabin-monitor (schema {version})")
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             db.close()
-            raise OutboxError(
+            raise OutboxContentError(
                 self.path, f"not a usable SQLite outbox ({exc}); move it away to start with an empty outbox"
             ) from exc
         except OutboxError:
@@ -254,9 +256,8 @@ def open_outbox(path: Path, max_events: int, max_age_s: float) -> tuple[Outbox, 
     """
     try:
         return Outbox(path, max_events, max_age_s), None
-    except OutboxError as exc:
-        if not exc.unreadable_content:
-            raise
+    except OutboxContentError:
+        pass  # a path or permission problem (plain OutboxError) is not solved by moving the file
     aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
     for suffix in ("", "-wal", "-shm"):
         candidate = Path(f"{path}{suffix}")

@@ -231,7 +231,7 @@ class Pipeline:
 
     # -- supervision ---------------------------------------------------------------
 
-    def fps(self) -> float:
+    def processed_fps(self) -> float:
         """Frames processed per second over the recent window."""
         with self._counter_lock:
             times = list(self._fps_window)
@@ -261,14 +261,14 @@ class Pipeline:
             camera=CameraHealth(
                 state=cam.state.value,  # type: ignore[arg-type]
                 source=cam.source,
-                fps=self.source.fps(),
+                fps=self.source.delivered_fps(),
                 frames=cam.frames,
                 corrupt_frames=cam.corrupt_frames,
                 reopen_count=cam.reopen_count,
                 last_error=cam.last_error,
             ),
             pipeline=PipelineHealth(
-                fps=self.fps(),
+                fps=self.processed_fps(),
                 frames_processed=counters.frames_processed,
                 dropped_frames=self.mailbox.dropped,
                 stale_frames=counters.stale_frames,
@@ -301,7 +301,7 @@ class Pipeline:
         sink = self.sink.stats()
         log.info(
             "stats",
-            fps=self.fps(),
+            fps=self.processed_fps(),
             frames=counters.frames_processed,
             dropped_frames=self.mailbox.dropped,
             stale_frames=counters.stale_frames,

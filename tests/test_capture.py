@@ -224,8 +224,8 @@ def test_fps_follows_the_delivery_pace() -> None:
     """The source's fps is the pace at which frames are delivered, here one every 1/30 s."""
     now = [100.0]
     source = FrameSource(camera_config(), threading.Event(), opener=lambda s, c: sample_camera(), clock=lambda: now[0])
-    assert source.fps() == 0.0
+    assert source.delivered_fps() == 0.0
     for _ in range(15):
         source.read()
         now[0] += 1 / 30
-    assert source.fps() == pytest.approx(30.0, rel=1e-3)
+    assert source.delivered_fps() == pytest.approx(30.0, rel=1e-3)

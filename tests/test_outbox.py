@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cabin_monitor.outbox import SEVERITY_RANK, Outbox, OutboxError
+from cabin_monitor.outbox import SEVERITY_RANK, Outbox, OutboxContentError, OutboxError, open_outbox
 
 NOW = time.time()
 
@@ -129,7 +129,7 @@ def test_not_a_database(tmp_path: Path) -> None:
     """A file that is not SQLite gives an OutboxError naming the path."""
     path = tmp_path / "outbox.sqlite"
     path.write_bytes(b"this is not a database, just some text that is long enough" * 100)
-    with pytest.raises(OutboxError, match="not a usable SQLite outbox") as info:
+    with pytest.raises(OutboxContentError, match="not a usable SQLite outbox") as info:
         Outbox(path)
     assert str(path) in str(info.value)
     assert info.value.path == path
@@ -137,8 +137,26 @@ def test_not_a_database(tmp_path: Path) -> None:
 
 def test_unopenable_path(tmp_path: Path) -> None:
     """A path that cannot be a database file (a folder) gives an OutboxError naming it."""
-    with pytest.raises(OutboxError, match=str(tmp_path)):
+    with pytest.raises(OutboxError, match=str(tmp_path)) as info:
         Outbox(tmp_path)
+    assert not isinstance(info.value, OutboxContentError)
+
+
+def test_open_outbox_moves_a_damaged_file_aside(tmp_path: Path) -> None:
+    """open_outbox moves a file that is not SQLite aside and starts an empty outbox in its place."""
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(b"not a database" * 500)
+    outbox, aside = open_outbox(path, max_events=10, max_age_s=60.0)
+    with outbox:
+        assert outbox.pending(limit=10) == []
+    assert aside is not None and aside.read_bytes() == b"not a database" * 500
+
+
+def test_open_outbox_refuses_an_unopenable_path(tmp_path: Path) -> None:
+    """open_outbox leaves a path problem to the caller instead of moving anything."""
+    with pytest.raises(OutboxError):
+        open_outbox(tmp_path, max_events=10, max_age_s=60.0)
+    assert tmp_path.is_dir()
 
 
 def test_concurrent_put_and_ack(tmp_path: Path) -> None:
