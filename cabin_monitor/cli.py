@@ -339,15 +339,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if (code := _need_torch()) is not None:
         return code
-    from cabin_monitor.training.export import export_run
+    from cabin_monitor.training.export import export_run, reexport_onnx
 
-    path = export_run(
-        Path(args.run_dir),
-        Path(args.out),
-        checkpoint=args.checkpoint,
-        model_version=args.model_version,
-        mirror=args.mirror_average,
-    )
+    source = Path(args.source)
+    try:
+        if source.suffix == ".onnx":
+            path = reexport_onnx(source, Path(args.out), model_version=args.model_version, mirror=args.mirror_average)
+        else:
+            path = export_run(
+                source,
+                Path(args.out),
+                checkpoint=args.checkpoint,
+                model_version=args.model_version,
+                mirror=args.mirror_average,
+            )
+    except (OSError, ValueError) as exc:
+        return _die(f"{source}: {exc}")
     print(f"exported {path}", file=sys.stderr)
     return 0
 
@@ -439,10 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     tr.set_defaults(func=cmd_train)
 
-    ex = sub.add_parser("export", help="export a trained run to ONNX (needs the train extra)")
-    ex.add_argument("run_dir")
+    ex = sub.add_parser(
+        "export", help="export a trained run to ONNX, or re-export an exported model (needs the train extra)"
+    )
+    ex.add_argument("source", help="run folder, or an exported .onnx model to write again (e.g. mirror-averaged)")
     ex.add_argument("--out", required=True, help="ONNX file to write")
-    ex.add_argument("--checkpoint", default="best.pt", help="checkpoint in the run folder")
+    ex.add_argument("--checkpoint", default="best.pt", help="checkpoint in the run folder (run folders only)")
     ex.add_argument("--model-version", default=None, help="version string stored in the model")
     ex.add_argument(
         "--mirror-average",

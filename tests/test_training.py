@@ -320,6 +320,29 @@ def test_mirror_averaged_export_is_symmetric(tiny_run: Path, tmp_path: Path) -> 
     assert load_onnx_as_torch(path).spec.input_size == 64
 
 
+def test_exported_model_reexports_mirror_averaged(tiny_run: Path, tmp_path: Path) -> None:
+    """`export MODEL.onnx --mirror-average` keeps the weights and version and averages face and mirror."""
+    single = export_run(tiny_run, tmp_path / "single.onnx", model_version="7.7.7")
+    mirror = tmp_path / "mirror.onnx"
+    proc = cli("export", str(single), "--out", str(mirror), "--mirror-average", timeout_s=300)
+    assert proc.returncode == 0, proc.stderr
+    plain, averaged = EmotionModel(EmotionConfig(model_path=single)), EmotionModel(EmotionConfig(model_path=mirror))
+    assert averaged.info.metadata["model_version"] == "7.7.7"
+    assert averaged.info.metadata["test_time"].startswith("mirror-averaged")
+    assert averaged.info.metadata["training_config"] == plain.info.metadata["training_config"]
+    crops = real_crops(64)
+    expected = (plain.infer(crops)[0] + plain.infer(crops[:, :, ::-1].copy())[0]) / 2
+    assert np.allclose(averaged.infer(crops)[0], expected, atol=1e-4)
+
+
+def test_export_of_a_foreign_onnx_file_is_refused(tmp_path: Path) -> None:
+    """Re-exporting an ONNX file that is not an EmotionalDAN export fails with a clear message."""
+    peer = REPO / "models" / "peers" / "fer_mini_xception.onnx"
+    proc = cli("export", str(peer), "--out", str(tmp_path / "x.onnx"), timeout_s=120)
+    assert proc.returncode == 2 and "no 'spec' metadata" in proc.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_training_starts_from_an_exported_model(tiny_run: Path, tmp_path: Path) -> None:
     """init_from accepts an exported .onnx file and starts from exactly its weights."""
     path = export_run(tiny_run, tmp_path / "start.onnx")

@@ -1,4 +1,4 @@
-"""Export a trained run to ONNX with its metadata, and check onnxruntime agrees with PyTorch."""
+"""Export a trained run (or re-export an exported model) to ONNX with its metadata, and check onnxruntime agrees."""
 
 from __future__ import annotations
 
@@ -129,6 +129,27 @@ def export_run(
         raise FileNotFoundError(f"no checkpoint {path}")
     model, state = load_checkpoint_model(path)
     version = model_version or f"{run_dir.name}-step{state.get('global_step', 0)}"
+    return export_model(model, state, out, version, mirror)
+
+
+def reexport_onnx(source: Path, out: Path, model_version: str | None = None, mirror: bool = False) -> Path:
+    """Write the weights of an exported model to ``out`` again, e.g. as its mirror-averaged graph.
+
+    The training configuration, metrics and step count come from the source's metadata;
+    the model version too unless ``model_version`` is given.
+    """
+    if not source.is_file():
+        raise FileNotFoundError(f"no model {source}")
+    model = load_onnx_as_torch(source)
+    meta = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
+    if "training_config" not in meta:
+        raise ValueError(f"{source}: no 'training_config' metadata; export it with `cabin-monitor export`")
+    state = {
+        "config": json.loads(meta["training_config"]),
+        "metrics": json.loads(meta.get("metrics", "{}")),
+        "global_step": meta.get("training_steps", ""),
+    }
+    version = model_version or meta.get("model_version") or source.stem
     return export_model(model, state, out, version, mirror)
 
 
