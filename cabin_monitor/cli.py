@@ -354,7 +354,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 mirror=args.mirror_average,
             )
     except (OSError, ValueError) as exc:
-        return _die(f"{source}: {exc}")
+        return _die(str(exc))
     print(f"exported {path}", file=sys.stderr)
     return 0
 

@@ -336,11 +336,15 @@ def test_exported_model_reexports_mirror_averaged(tiny_run: Path, tmp_path: Path
 
 
 def test_export_of_a_foreign_onnx_file_is_refused(tmp_path: Path) -> None:
-    """Re-exporting an ONNX file that is not an EmotionalDAN export fails with a clear message."""
+    """Re-exporting an ONNX file that is not an EmotionalDAN export, or not ONNX at all, fails with a clear message."""
     peer = REPO / "models" / "peers" / "fer_mini_xception.onnx"
     proc = cli("export", str(peer), "--out", str(tmp_path / "x.onnx"), timeout_s=120)
     assert proc.returncode == 2 and "no 'spec' metadata" in proc.stderr
     assert not (tmp_path / "x.onnx").exists()
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a model")
+    proc = cli("export", str(corrupt), "--out", str(tmp_path / "x.onnx"), timeout_s=120)
+    assert proc.returncode == 2 and "not an ONNX model" in proc.stderr
 
 
 def test_training_starts_from_an_exported_model(tiny_run: Path, tmp_path: Path) -> None:

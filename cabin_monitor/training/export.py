@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from cabin_monitor.framing import TEMPLATE_5
@@ -138,10 +139,9 @@ def reexport_onnx(source: Path, out: Path, model_version: str | None = None, mir
     The training configuration, metrics and step count come from the source's metadata;
     the model version too unless ``model_version`` is given.
     """
-    if not source.is_file():
-        raise FileNotFoundError(f"no model {source}")
-    model = load_onnx_as_torch(source)
-    meta = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
+    proto = _read_onnx(source)
+    model = _network_from_proto(proto, source)
+    meta = {p.key: p.value for p in proto.metadata_props}
     if "training_config" not in meta:
         raise ValueError(f"{source}: no 'training_config' metadata; export it with `cabin-monitor export`")
     state = {
@@ -155,7 +155,19 @@ def reexport_onnx(source: Path, out: Path, model_version: str | None = None, mir
 
 def load_onnx_as_torch(path: Path) -> EmotionalDAN:
     """The PyTorch network holding the weights of an exported EmotionalDAN ONNX file."""
-    proto = onnx.load(str(path))
+    return _network_from_proto(_read_onnx(path), path)
+
+
+def _read_onnx(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
+        return onnx.load(str(path))
+    except DecodeError as exc:
+        raise ValueError(f"{path}: not an ONNX model ({exc})") from exc
+
+
+def _network_from_proto(proto: onnx.ModelProto, path: Path) -> EmotionalDAN:
     meta = {p.key: p.value for p in proto.metadata_props}
     if "spec" not in meta:
         raise ValueError(f"{path}: no 'spec' metadata; export it with `cabin-monitor export`")
