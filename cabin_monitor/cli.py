@@ -321,7 +321,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from cabin_monitor.config import describe_errors
     from cabin_monitor.training.config import load_train_config
-    from cabin_monitor.training.train import train
+    from cabin_monitor.training.train import TrainingInterrupted, benchmark, train
 
     try:
         cfg = load_train_config(Path(args.config))
@@ -331,7 +331,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _die(f"{args.config}: {exc}")
     if args.threads:
         cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"threads": args.threads})})
-    metrics = train(cfg, Path(args.data), Path(args.out), device=args.device, progress=not args.no_progress)
+    if args.benchmark_steps:
+        print(json.dumps(benchmark(cfg, Path(args.data), args.device, args.benchmark_steps)))
+        return 0
+    if not args.out:
+        return _die("train: --out is required (the run folder)")
+    try:
+        metrics = train(cfg, Path(args.data), Path(args.out), device=args.device, progress=not args.no_progress)
+    except TrainingInterrupted as exc:
+        print(f"cabin-monitor: {exc}", file=sys.stderr)
+        return 130
     print(json.dumps({k: v for k, v in metrics.items() if k != "val_confusion"}))
     return 0
 
@@ -344,7 +353,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = Path(args.source)
     try:
         if source.suffix == ".onnx":
-            path = reexport_onnx(source, Path(args.out), model_version=args.model_version, mirror=args.mirror_average)
+            path = reexport_onnx(
+                source,
+                Path(args.out),
+                model_version=args.model_version,
+                mirror=args.mirror_average,
+                prior_weight=args.prior_weight,
+            )
         else:
             path = export_run(
                 source,
@@ -352,6 +367,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 checkpoint=args.checkpoint,
                 model_version=args.model_version,
                 mirror=args.mirror_average,
+                prior_weight=args.prior_weight,
             )
     except (OSError, ValueError) as exc:
         return _die(str(exc))
@@ -440,10 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train EmotionalDAN (needs the train extra)")
     tr.add_argument("--config", required=True, help="training YAML (see models/configs/)")
     tr.add_argument("--data", required=True, help="folder holding the data files named in the config")
-    tr.add_argument("--out", required=True, help="run folder; an existing run there is resumed")
+    tr.add_argument("--out", help="run folder; an existing run there is resumed (required unless benchmarking)")
     tr.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     tr.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    tr.add_argument(
+        "--benchmark-steps",
+        type=int,
+        metavar="N",
+        help="time N training steps and print faces/s and the share of data, forward and backward; trains nothing",
+    )
     tr.set_defaults(func=cmd_train)
 
     ex = sub.add_parser(
@@ -453,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="ONNX file to write")
     ex.add_argument("--checkpoint", default="best.pt", help="checkpoint in the run folder (run folders only)")
     ex.add_argument("--model-version", default=None, help="version string stored in the model")
+    ex.add_argument(
+        "--prior-weight",
+        type=float,
+        default=None,
+        help="put this share of the training class prior back onto the logits (0: uniform prior, 1: the data's)",
+    )
     ex.add_argument(
         "--mirror-average",
         action="store_true",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -21,11 +23,12 @@ from cabin_monitor.emotion import EmotionModel
 from cabin_monitor.framing import FLIP_68
 from cabin_monitor.messages import Frame, TrackedFace
 from cabin_monitor.training.augment import augment_batch
-from cabin_monitor.training.config import AugmentSection, TrainConfig, load_train_config
+from cabin_monitor.training.config import EMOTIONS_7, AugmentSection, TrainConfig, load_train_config
+from cabin_monitor.training.data import load_emotion
 from cabin_monitor.training.explain import grad_cam
 from cabin_monitor.training.export import check_parity, export_run, load_checkpoint_model, load_onnx_as_torch
 from cabin_monitor.training.model import EmotionalDAN, ModelSpec, apply_similarity, fit_similarity, invert_similarity
-from cabin_monitor.training.train import Trainer, default_mean_shape, load_datasets, train
+from cabin_monitor.training.train import Trainer, default_mean_shape, load_datasets, train, training_targets
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -356,3 +359,148 @@ def test_training_starts_from_an_exported_model(tiny_run: Path, tmp_path: Path) 
     started = trainer.model.state_dict()
     for name, weight in exported.items():
         assert torch.equal(started[name], weight), name
+
+
+def test_ferplus_votes_map_onto_the_model_classes() -> None:
+    """FER+ votes land on the model's classes (grouped for the 3-class model) and give a majority label or -1."""
+    seven = load_emotion(DATA / "fer2013_train.npz", 64, {}, EMOTIONS_7)
+    groups = {"happiness": "positive", "surprise": "positive"} | {
+        c: "negative" for c in ("sadness", "fear", "disgust", "anger")
+    }
+    three = load_emotion(DATA / "fer2013_train.npz", 64, groups, ("neutral", "positive", "negative"))
+    assert seven.votes is not None and three.votes is not None
+    assert seven.votes.sum(1).max() <= 10
+    order = [EMOTIONS_7.index(c) for c in ("happiness", "surprise")]
+    assert np.array_equal(three.votes[:, 1], seven.votes[:, order].sum(1))
+    crowd = seven.crowd_labels()
+    assert crowd is not None
+    tied = (seven.votes == seven.votes.max(1, keepdims=True)).sum(1) > 1
+    assert (crowd[tied] == -1).all() and (crowd[~tied] == seven.votes[~tied].argmax(1)).all()
+
+
+def test_faces_most_taggers_call_unknown_are_dropped() -> None:
+    """A face with at least max_unknown_votes 'unknown'/'not a face' votes leaves the training set."""
+    with np.load(DATA / "fer2013_val.npz") as npz:
+        junk = npz["ferplus_votes"][:, 8:].sum(1)
+    kept = load_emotion(DATA / "fer2013_val.npz", 64, {}, EMOTIONS_7, max_unknown_votes=5)
+    assert len(kept.labels) == int((junk < 5).sum()) < len(junk)
+
+
+def test_soft_targets_mix_crowd_votes_with_the_original_label() -> None:
+    """Targets are distributions: the original label's share plus the vote shares; one-hot without votes."""
+    data = load_emotion(DATA / "fer2013_train.npz", 64, {}, EMOTIONS_7)
+    assert data.votes is not None
+    targets = training_targets(data, tiny(original_label_weight=0.3)).numpy()
+    assert np.allclose(targets.sum(1), 1.0, atol=1e-6)
+    with_votes = data.votes.sum(1) > 0
+    shares = data.votes[with_votes] / data.votes[with_votes].sum(1, keepdims=True)
+    onehot = np.eye(7)[data.labels]
+    assert np.allclose(targets[with_votes], 0.3 * onehot[with_votes] + 0.7 * shares, atol=1e-6)
+    assert np.array_equal(targets[~with_votes], onehot[~with_votes])
+    assert np.array_equal(training_targets(data, tiny(targets="original")).numpy(), onehot)
+
+
+def test_training_batch_is_the_augmentation_of_the_indexed_faces(tmp_path: Path) -> None:
+    """The on-device batch is augment_batch of exactly the chosen faces, with their targets, in order."""
+    cfg = tiny(batch_landmarks=0)
+    data = load_datasets(cfg, DATA)
+    trainer = Trainer(cfg, data, tmp_path)
+    index = np.array([5, 0, 17, 3])
+    images, _, targets = trainer.batch(index, step=7)
+    expected, _ = augment_batch(
+        torch.from_numpy(data.train.images[index]).float().unsqueeze(1),
+        torch.zeros(4, 68, 2),
+        cfg.augment,
+        torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7),
+    )
+    assert torch.allclose(images, expected)
+    assert torch.equal(targets, training_targets(data.train, cfg)[index])
+
+
+def test_landmark_faces_keep_their_own_points_in_a_batch(tmp_path: Path) -> None:
+    """Without augmentation, each landmark face of a batch arrives with its own 68 points."""
+    still = AugmentSection(
+        rotate_deg=0,
+        scale_jitter=0,
+        shift_jitter=0,
+        flip=False,
+        gamma_jitter=0,
+        noise_std=0,
+        blur_probability=0,
+        erase_probability=0,
+    )
+    cfg = tiny(batch_landmarks=6).model_copy(update={"augment": still})
+    data = load_datasets(cfg, DATA)
+    assert data.landmarks_train is not None
+    images, points, _ = Trainer(cfg, data, tmp_path).batch(np.arange(4), step=3)
+    for image, pts in zip(images[4:, 0], points[4:], strict=True):
+        match = np.flatnonzero(np.all(np.isclose(data.landmarks_train.landmarks, pts.numpy(), atol=1e-5), axis=(1, 2)))
+        assert len(match) >= 1
+        assert np.allclose(image.numpy(), data.landmarks_train.images[match[0]], atol=1e-3)
+
+
+def test_prior_weight_puts_the_class_prior_back_at_export(tiny_run: Path, tmp_path: Path) -> None:
+    """Exported with prior weight 1, answers are the weight-0 answers times the training prior, renormalised."""
+    flat = export_run(tiny_run, tmp_path / "flat.onnx", prior_weight=0.0)
+    proc = cli("export", str(tiny_run), "--out", str(tmp_path / "prior.onnx"), "--prior-weight", "1", timeout_s=300)
+    assert proc.returncode == 0, proc.stderr
+    prior = np.array(torch.load(tiny_run / "best.pt", weights_only=False)["class_prior"])
+    plain, shifted = (
+        EmotionModel(EmotionConfig(model_path=flat)),
+        EmotionModel(EmotionConfig(model_path=tmp_path / "prior.onnx")),
+    )
+    assert json.loads(shifted.info.metadata["prior_weight"]) == 1.0
+    crops = real_crops(64)
+    expected = plain.infer(crops)[0] * prior
+    expected /= expected.sum(1, keepdims=True)
+    assert np.allclose(shifted.infer(crops)[0], expected, atol=1e-4)
+
+
+def test_benchmark_steps_reports_faces_per_second(tmp_path: Path) -> None:
+    """`train --benchmark-steps` prints faces/s and the data/forward/backward shares, and writes no run."""
+    proc = cli(
+        "train", "--config", str(DATA / "tiny-train.yaml"), "--data", str(DATA), "--benchmark-steps", "3", timeout_s=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["faces"] == 3 * (16 + 4) and report["faces_per_s"] > 0
+    assert set(report["share"]) == {"data", "forward", "backward"}
+    assert abs(sum(report["share"].values()) - 1.0) < 0.01
+    assert isinstance(report["bf16"], bool)
+
+
+def test_sigint_checkpoints_and_the_run_resumes(tmp_path: Path) -> None:
+    """SIGINT during training writes last.pt at the current step, exits 130 in one line, and the run resumes."""
+    run = tmp_path / "run"
+    slow = tmp_path / "slow.yaml"
+    slow.write_text((DATA / "tiny-train.yaml").read_text().replace("epochs: 2", "epochs: 200"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cabin_monitor",
+            "train",
+            "--config",
+            str(slow),
+            "--data",
+            str(DATA),
+            "--out",
+            str(run),
+            "--no-progress",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (run / "history.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted at step" in err
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert torch.load(run / "last.pt", weights_only=False)["global_step"] == step
+    cfg = load_train_config(slow)
+    trainer = Trainer(cfg, load_datasets(cfg, DATA), run)
+    trainer.resume(run / "last.pt")
+    assert trainer.global_step == step

@@ -41,6 +41,13 @@ class DataSection(_Strict):
     split_seed: int = Field(0, description="Seed of the landmark hold-out split (fixed across runs).")
     limit_train: int | None = Field(None, ge=1, description="Use only the first N emotion training faces.")
     limit_val: int | None = Field(None, ge=1, description="Use only the first N validation faces.")
+    max_unknown_votes: int = Field(
+        5,
+        ge=1,
+        le=10,
+        description="Training faces with at least this many of the ten FER+ votes for 'unknown' or 'not a face'"
+        " are dropped (files without FER+ votes keep every face).",
+    )
 
 
 class AugmentSection(_Strict):
@@ -69,6 +76,21 @@ class OptimSection(_Strict):
     weight_decay: float = Field(5e-4, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    targets: Literal["original", "ferplus"] = Field(
+        "original",
+        description="Emotion targets: the file's own labels, or the FER+ crowd votes mixed with them"
+        " (faces without votes keep their own label).",
+    )
+    original_label_weight: float = Field(
+        0.3, ge=0.0, le=1.0, description="With targets: ferplus, the share of the file's own label in each target."
+    )
+    logit_adjust_tau: float = Field(
+        0.0,
+        ge=0.0,
+        le=2.0,
+        description="Logit-adjusted loss: training adds tau * log(class prior) to the logits, so the network's"
+        " own logits lean towards a uniform prior by that much (0 = off, 1 = fully balanced).",
+    )
     class_balance: Literal["none", "sqrt", "inverse"] = Field(
         "sqrt", description="Cross-entropy class weights from training frequencies."
     )
@@ -76,7 +98,11 @@ class OptimSection(_Strict):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="0 disables the weight average.")
     early_stop_patience_epochs: int = Field(8, ge=1)
     checkpoint_every_steps: int = Field(50, ge=1)
-    bf16: bool = Field(False, description="bfloat16 autocast on the CPU: faster only on CPUs with AVX-512 BF16 or AMX.")
+    bf16: bool | Literal["auto"] = Field(
+        "auto",
+        description="bfloat16 autocast; auto: on CUDA GPUs that support it and on CPUs with AVX-512 BF16 or AMX"
+        " (elsewhere bfloat16 is slower than float32).",
+    )
     channels_last: bool = True
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
     init_from: str | None = Field(

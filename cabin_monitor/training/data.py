@@ -32,11 +32,24 @@ I64 = npt.NDArray[np.int64]
 
 @dataclass(frozen=True)
 class EmotionSet:
-    """Canonical grey crops [N,S,S] with class indices [N] into ``class_names``."""
+    """Canonical grey crops [N,S,S] with class indices [N] into ``class_names``.
+
+    ``votes`` [N,K] holds the FER+ crowd votes per model class where the file
+    carries them (a row of zeros where no tagger's vote maps to a model class).
+    """
 
     images: U8
     labels: I64
     class_names: tuple[str, ...]
+    votes: F32 | None = None
+
+    def crowd_labels(self) -> I64 | None:
+        """The FER+ majority class of each face (-1 where votes are missing or tied), or None without votes."""
+        if self.votes is None:
+            return None
+        top = self.votes.max(axis=1, keepdims=True)
+        unique = (self.votes == top).sum(axis=1) == 1
+        return np.where(unique & (top[:, 0] > 0), self.votes.argmax(axis=1), -1).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -73,20 +86,52 @@ def _resize_square(gray: U8, size: int) -> U8:
     return np.asarray(cv2.resize(gray, (size, size), interpolation=interp), dtype=np.uint8)
 
 
-def load_emotion_npz(path: Path, size: int, class_map: dict[str, str], class_names: tuple[str, ...]) -> EmotionSet:
-    """Load an emotion ``.npz`` and map its classes onto ``class_names`` through ``class_map``."""
+def load_emotion_npz(
+    path: Path,
+    size: int,
+    class_map: dict[str, str],
+    class_names: tuple[str, ...],
+    max_unknown_votes: int = 10,
+) -> EmotionSet:
+    """Load an emotion ``.npz`` and map its classes onto ``class_names`` through ``class_map``.
+
+    Where the file has ``ferplus_votes``, they are mapped the same way, and faces
+    with at least ``max_unknown_votes`` 'unknown' or 'not a face' votes are dropped.
+    """
     with np.load(path, allow_pickle=False) as npz:
         for key in ("jpeg", "offsets", "labels", "classes"):
             if key not in npz.files:
                 raise ValueError(f"{path}: missing array '{key}' (has {sorted(npz.files)})")
         file_classes = [str(c) for c in npz["classes"]]
         raw_labels = npz["labels"].astype(np.int64)
+        raw_votes = npz["ferplus_votes"].astype(np.float32) if "ferplus_votes" in npz.files else None
+        vote_classes = [str(c) for c in npz["ferplus_classes"]] if raw_votes is not None else []
         images = _decode_all(npz)
     lookup = _class_lookup(file_classes, class_map, class_names, str(path))
     labels = lookup[raw_labels]
     keep = labels >= 0
+    votes = None
+    if raw_votes is not None:
+        votes, unknown = _map_votes(raw_votes, vote_classes, class_map, class_names, str(path))
+        keep &= unknown < max_unknown_votes
+        votes = votes[keep]
     stack = np.stack([_resize_square(img, size) for img, k in zip(images, keep, strict=True) if k])
-    return EmotionSet(stack, labels[keep], class_names)
+    return EmotionSet(stack, labels[keep], class_names, votes)
+
+
+def _map_votes(
+    raw: F32, vote_classes: list[str], class_map: dict[str, str], class_names: tuple[str, ...], where: str
+) -> tuple[F32, F32]:
+    """FER+ votes summed per model class [N,K], and the 'unknown' + 'not a face' votes [N]; -1 rows count as none."""
+    matched = (raw >= 0).all(axis=1, keepdims=True)
+    raw = np.where(matched, raw, 0.0).astype(np.float32)
+    lookup = _class_lookup(vote_classes, class_map, class_names, where)
+    votes = np.zeros((len(raw), len(class_names)), dtype=np.float32)
+    for source, target in enumerate(lookup):
+        if target >= 0:
+            votes[:, target] += raw[:, source]
+    junk = [i for i, name in enumerate(vote_classes) if name in ("unknown", "NF")]
+    return votes, raw[:, junk].sum(axis=1)
 
 
 def load_emotion_folder(root: Path, size: int, class_map: dict[str, str], class_names: tuple[str, ...]) -> EmotionSet:
@@ -113,12 +158,14 @@ def load_emotion_folder(root: Path, size: int, class_map: dict[str, str], class_
     return EmotionSet(np.stack(images), np.asarray(labels, dtype=np.int64), class_names)
 
 
-def load_emotion(path: Path, size: int, class_map: dict[str, str], class_names: tuple[str, ...]) -> EmotionSet:
+def load_emotion(
+    path: Path, size: int, class_map: dict[str, str], class_names: tuple[str, ...], max_unknown_votes: int = 10
+) -> EmotionSet:
     """Load emotion data from an ``.npz`` file or a class-folder tree."""
     if path.is_dir():
         return load_emotion_folder(path, size, class_map, class_names)
     if path.suffix == ".npz":
-        return load_emotion_npz(path, size, class_map, class_names)
+        return load_emotion_npz(path, size, class_map, class_names, max_unknown_votes)
     raise ValueError(f"{path}: expected an .npz file or a folder of class folders")
 
 
@@ -189,4 +236,5 @@ def subset_landmarks(data: LandmarkSet, index: I64) -> LandmarkSet:
 
 def subset_emotion(data: EmotionSet, index: I64) -> EmotionSet:
     """The faces of ``data`` at ``index``."""
-    return EmotionSet(data.images[index], data.labels[index], data.class_names)
+    votes = data.votes[index] if data.votes is not None else None
+    return EmotionSet(data.images[index], data.labels[index], data.class_names, votes)

@@ -27,8 +27,20 @@ def load_checkpoint_model(path: Path) -> tuple[EmotionalDAN, dict[str, Any]]:
     spec = ModelSpec.from_dict(state["spec"])
     weights = state.get("ema") or state["model"]
     model = EmotionalDAN(spec, weights["mean_shape"])
-    model.load_state_dict(weights)
+    model.load_weights(weights)
     return model.eval(), state
+
+
+def set_prior_weight(model: EmotionalDAN, class_prior: list[float], weight: float) -> None:
+    """Put ``weight`` x log(training class prior) back onto the logits of the inference graph.
+
+    A network trained with a logit-adjusted loss answers as if every class were
+    equally common (weight 0); weight 1 restores the training data's prior.
+    """
+    prior = torch.tensor(class_prior, dtype=torch.float32)
+    if prior.shape != model.logit_bias.shape or bool((prior <= 0).any()):
+        raise ValueError(f"class prior {class_prior} does not fit the model's {len(model.spec.class_names)} classes")
+    model.logit_bias.copy_(weight * prior.log())
 
 
 def _metadata(model: EmotionalDAN, state: dict[str, Any], version: str, mirror: bool) -> dict[str, str]:
@@ -52,6 +64,8 @@ def _metadata(model: EmotionalDAN, state: dict[str, Any], version: str, mirror: 
         "training_data": json.dumps(cfg["data"]),
         "training_config": json.dumps(cfg),
         "training_steps": str(state.get("global_step", "")),
+        "class_prior": json.dumps(state.get("class_prior")),
+        "prior_weight": json.dumps(state.get("prior_weight")),
         "metrics": json.dumps(metrics),
         "data_terms": "Trained on FER2013 and 300-W (AFW, HELEN) research datasets, which carry no licence "
         "for commercial use; retrain on licensed data for production (see models/README.md).",
@@ -122,18 +136,39 @@ def check_parity(
 
 
 def export_run(
-    run_dir: Path, out: Path, checkpoint: str = "best.pt", model_version: str | None = None, mirror: bool = False
+    run_dir: Path,
+    out: Path,
+    checkpoint: str = "best.pt",
+    model_version: str | None = None,
+    mirror: bool = False,
+    prior_weight: float | None = None,
 ) -> Path:
-    """Export ``run_dir/checkpoint`` to ``out``."""
+    """Export ``run_dir/checkpoint`` to ``out``, with ``prior_weight`` of the class prior put back when given."""
     path = run_dir / checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint {path}")
     model, state = load_checkpoint_model(path)
+    _apply_prior_weight(model, state, prior_weight, str(path))
     version = model_version or f"{run_dir.name}-step{state.get('global_step', 0)}"
     return export_model(model, state, out, version, mirror)
 
 
-def reexport_onnx(source: Path, out: Path, model_version: str | None = None, mirror: bool = False) -> Path:
+def _apply_prior_weight(model: EmotionalDAN, state: dict[str, Any], weight: float | None, where: str) -> None:
+    if weight is None:
+        return
+    if not state.get("class_prior"):
+        raise ValueError(f"{where}: no class prior stored; --prior-weight needs a run trained by this version")
+    set_prior_weight(model, state["class_prior"], weight)
+    state["prior_weight"] = weight
+
+
+def reexport_onnx(
+    source: Path,
+    out: Path,
+    model_version: str | None = None,
+    mirror: bool = False,
+    prior_weight: float | None = None,
+) -> Path:
     """Write the weights of an exported model to ``out`` again, e.g. as its mirror-averaged graph.
 
     The training configuration, metrics and step count come from the source's metadata;
@@ -148,7 +183,10 @@ def reexport_onnx(source: Path, out: Path, model_version: str | None = None, mir
         "config": json.loads(meta["training_config"]),
         "metrics": json.loads(meta.get("metrics", "{}")),
         "global_step": meta.get("training_steps", ""),
+        "class_prior": json.loads(meta.get("class_prior", "null")),
+        "prior_weight": json.loads(meta.get("prior_weight", "null")),
     }
+    _apply_prior_weight(model, state, prior_weight, str(source))
     version = model_version or meta.get("model_version") or source.stem
     return export_model(model, state, out, version, mirror)
 
@@ -181,7 +219,8 @@ def _network_from_proto(proto: onnx.ModelProto, path: Path) -> EmotionalDAN:
         raise ValueError(f"{path}: the mean shape is missing; was it exported with constant folding?")
     model = EmotionalDAN(spec, weights["mean_shape"])
     missing, _ = model.load_state_dict(weights, strict=False)
-    real_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    # Models exported before the class-prior bias existed have none: it stays at zero.
+    real_missing = [k for k in missing if not k.endswith("num_batches_tracked") and k != "logit_bias"]
     if real_missing:
         raise ValueError(f"{path}: weights missing for {real_missing[:5]} ... ({len(real_missing)} in all)")
     return model.eval()

@@ -158,9 +158,19 @@ class EmotionalDAN(nn.Module):
         half = size // 2
         self.feature_image = nn.Sequential(nn.Linear(FC_UNITS, half * half), nn.ReLU(inplace=True))
         self.emotion_head = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(FC_UNITS, len(spec.class_names)))
+        # Added to the logits of the inference graph only: the class prior put back at export
+        # (prior_weight * log prior) when training balanced the logits; zeros otherwise.
+        self.register_buffer("logit_bias", torch.zeros(len(spec.class_names)))
 
     mean_shape: Tensor
     pixel_grid: Tensor
+    logit_bias: Tensor
+
+    def load_weights(self, weights: dict[str, Tensor]) -> None:
+        """Load a state dict; weights from before ``logit_bias`` existed keep it at zero."""
+        if "logit_bias" not in weights:
+            weights = {**weights, "logit_bias": torch.zeros_like(self.logit_bias)}
+        self.load_state_dict(weights)
 
     def normalise(self, image: Tensor) -> Tensor:
         """Per-image standardisation of 0..255 grey input (robust to exposure and gain)."""
@@ -181,12 +191,11 @@ class EmotionalDAN(nn.Module):
         size = self.spec.input_size
         grid = self.pixel_grid * size  # [1,P,2]
         pts = shape * size  # [N,68,2]
-        sq = (
-            (grid * grid).sum(-1, keepdim=True)
-            - 2.0 * torch.matmul(grid, pts.transpose(1, 2))
-            + (pts * pts).sum(-1).unsqueeze(1)
-        )
-        nearest = sq.min(dim=2).values.clamp_min(0.0).sqrt()
+        # |g - p|^2 = |g|^2 + (|p|^2 - 2 g.p): the [N,P,68] term is one matmul plus one add,
+        # and |g|^2 is added after the minimum, so the large tensor is written once and read once.
+        cross = torch.matmul(grid, pts.transpose(1, 2) * -2.0) + (pts * pts).sum(-1).unsqueeze(1)
+        sq = cross.min(dim=2).values + (grid * grid).sum(-1)
+        nearest = sq.clamp_min(0.0).sqrt()
         return (1.0 / (1.0 + nearest)).view(-1, 1, size, size)
 
     def forward_all(self, image: Tensor) -> dict[str, Tensor]:
@@ -224,7 +233,7 @@ class EmotionalDAN(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """Inference graph: emotion probabilities [N,K] and landmarks [N,68,2] in input-crop pixels."""
         out = self.forward_all(image)
-        probs = torch.softmax(out["logits"], dim=1)
+        probs = torch.softmax(out["logits"] + self.logit_bias, dim=1)
         return probs, out["shape2"] * self.spec.input_size
 
 

@@ -17,7 +17,9 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +65,11 @@ def load_datasets(cfg: TrainConfig, data_dir: Path) -> Datasets:
     size = cfg.model.input_size_px
     names = cfg.model.class_names
     cmap = cfg.model.class_map
-    train = load_emotion(data_dir / cfg.data.emotion_train, size, cmap, names)
-    val = load_emotion(data_dir / cfg.data.emotion_val, size, cmap, names)
+    train = load_emotion(data_dir / cfg.data.emotion_train, size, cmap, names, cfg.data.max_unknown_votes)
+    # Validation keeps every face: accuracy is reported on the whole split, against both label sets.
+    val = load_emotion(data_dir / cfg.data.emotion_val, size, cmap, names, max_unknown_votes=11)
+    if cfg.optim.targets == "ferplus" and train.votes is None:
+        raise ValueError(f"optim.targets is ferplus, but {cfg.data.emotion_train} has no ferplus_votes")
     if cfg.data.limit_train:
         train = subset_emotion(train, np.arange(min(cfg.data.limit_train, len(train.labels))))
     if cfg.data.limit_val:
@@ -91,12 +96,11 @@ def nme(pred: Tensor, target: Tensor) -> Tensor:
     return result
 
 
-def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> Tensor:
-    """Cross-entropy weights from class frequencies, normalised to mean 1 over samples."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    counts = np.maximum(counts, 1.0)
+def class_weights(counts: np.ndarray, mode: str) -> Tensor:
+    """Cross-entropy weights from (soft) class counts, normalised to mean 1 over samples."""
+    counts = np.maximum(counts.astype(np.float64), 1.0)
     if mode == "none":
-        w = np.ones(num_classes)
+        w = np.ones(len(counts))
     elif mode == "sqrt":
         w = 1.0 / np.sqrt(counts)
     else:
@@ -133,34 +137,76 @@ def _lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) * 0.99 + 0.01
 
 
-def _to_input(images: np.ndarray, channels_last: bool) -> Tensor:
-    x = torch.from_numpy(images).float().unsqueeze(1)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def training_targets(data: EmotionSet, cfg: TrainConfig) -> Tensor:
+    """Soft emotion targets [N,K]: one-hot labels, or FER+ vote shares mixed with the file's own label."""
+    k = len(data.class_names)
+    onehot = np.eye(k, dtype=np.float32)[data.labels]
+    if cfg.optim.targets == "original" or data.votes is None:
+        return torch.from_numpy(onehot)
+    totals = data.votes.sum(axis=1, keepdims=True)
+    shares = data.votes / np.maximum(totals, 1.0)
+    alpha = cfg.optim.original_label_weight
+    mixed = np.where(totals > 0, alpha * onehot + (1.0 - alpha) * shares, onehot)
+    return torch.from_numpy(mixed.astype(np.float32))
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast is faster than float32 here: CUDA GPUs with bf16, CPUs with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _confusion(pred: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    keep = labels >= 0
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels[keep], pred[keep]), 1)
+    return confusion
+
+
+@torch.no_grad()
+def _predict(model: EmotionalDAN, images: np.ndarray, batch: int) -> tuple[np.ndarray, Tensor]:
+    device = model.mean_shape.device
+    preds, shapes = [], []
+    for i in range(0, len(images), batch):
+        out = model.forward_all(torch.from_numpy(images[i : i + batch]).to(device).float().unsqueeze(1))
+        preds.append(out["logits"].argmax(1).cpu().numpy())
+        shapes.append(out["shape2"].float().cpu())
+    return np.concatenate(preds), torch.cat(shapes)
 
 
 @torch.no_grad()
 def evaluate_torch(model: EmotionalDAN, data: Datasets, batch: int = 256) -> dict[str, Any]:
-    """Validation accuracy, class-balanced accuracy, confusion matrix and landmark NME."""
+    """Validation accuracy (file labels and FER+ majority), class-balanced accuracy, confusion and landmark NME.
+
+    ``selection_metric`` ranks checkpoints: the mean of the two accuracies where
+    FER+ votes exist, the file-label accuracy otherwise.
+    """
     model.eval()
     k = len(data.val.class_names)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    for i in range(0, len(data.val.labels), batch):
-        logits = model.forward_all(_to_input(data.val.images[i : i + batch], False))["logits"]
-        pred = logits.argmax(1).numpy()
-        np.add.at(confusion, (data.val.labels[i : i + batch], pred), 1)
+    pred, _ = _predict(model, data.val.images, batch)
+    confusion = _confusion(pred, data.val.labels, k)
     acc = float(np.trace(confusion) / max(1, confusion.sum()))
     per_class = np.diag(confusion) / np.maximum(1, confusion.sum(1))
     out: dict[str, Any] = {
         "val_accuracy": acc,
         "val_balanced_accuracy": float(per_class.mean()),
         "val_confusion": confusion.tolist(),
+        "selection_metric": acc,
     }
+    crowd = data.val.crowd_labels()
+    if crowd is not None and (crowd >= 0).any():
+        crowd_confusion = _confusion(pred, crowd, k)
+        out["val_crowd_accuracy"] = float(np.trace(crowd_confusion) / max(1, crowd_confusion.sum()))
+        out["val_crowd_faces"] = int(crowd_confusion.sum())
+        out["selection_metric"] = (acc + out["val_crowd_accuracy"]) / 2
     if data.landmarks_holdout is not None and len(data.landmarks_holdout.landmarks):
-        errs = []
-        for i in range(0, len(data.landmarks_holdout.landmarks), batch):
-            res = model.forward_all(_to_input(data.landmarks_holdout.images[i : i + batch], False))
-            errs.append(nme(res["shape2"], torch.from_numpy(data.landmarks_holdout.landmarks[i : i + batch])))
-        out["landmark_nme"] = float(torch.cat(errs).mean())
+        _, shapes = _predict(model, data.landmarks_holdout.images, batch)
+        out["landmark_nme"] = float(nme(shapes, torch.from_numpy(data.landmarks_holdout.landmarks)).mean())
     return out
 
 
@@ -173,6 +219,15 @@ def _resume_key(config: dict[str, Any]) -> dict[str, Any]:
     for name in ("max_steps", "threads", "checkpoint_every_steps", "epochs", "early_stop_patience_epochs"):
         key["optim"].pop(name, None)
     return key
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped a run; ``last.pt`` holds every step done so far."""
+
+    def __init__(self, checkpoint: Path, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint {checkpoint} (run the same command to resume)")
+        self.checkpoint = checkpoint
+        self.step = step
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
@@ -228,15 +283,25 @@ class Trainer:
         self.steps_per_epoch = len(_batches(len(data.train.labels), cfg.optim.batch_emotion, cfg.seed, 0))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr_factor(s, self.steps_per_epoch, cfg))
         self.ema = WeightAverage(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        self.ce_weights = class_weights(data.train.labels, len(cfg.model.class_names), cfg.optim.class_balance).to(
+        # Faces live on the training device as uint8; each step indexes and augments them there.
+        self.train_images = torch.from_numpy(data.train.images).to(self.device)
+        self.train_targets = training_targets(data.train, cfg).to(self.device)
+        lm = data.landmarks_train
+        self.landmark_images = torch.from_numpy(lm.images).to(self.device) if lm is not None else None
+        self.landmark_points = torch.from_numpy(lm.landmarks).to(self.device) if lm is not None else None
+        prior = self.train_targets.mean(0).clamp_min(1e-4)
+        self.ce_weights = class_weights(self.train_targets.sum(0).cpu().numpy(), cfg.optim.class_balance).to(
             self.device
         )
+        self.logit_offset = cfg.optim.logit_adjust_tau * prior.log()
+        self.use_bf16 = bf16_supported(self.device) if cfg.optim.bf16 == "auto" else bool(cfg.optim.bf16)
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
         self.best_metric = -1.0
         self.epochs_since_best = 0
         self.history: list[dict[str, Any]] = []
+        self.stop_requested = threading.Event()
 
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
         if self.cfg.optim.train_only == "emotion_head":
@@ -261,7 +326,9 @@ class Trainer:
     @property
     def eval_model(self) -> EmotionalDAN:
         """The weights that are validated and exported (the average when enabled)."""
-        return self.ema.model if self.ema is not None else self.model  # type: ignore[return-value]
+        model = self.ema.model if self.ema is not None else self.model
+        assert isinstance(model, EmotionalDAN)
+        return model
 
     def state(self) -> dict[str, Any]:
         """Everything needed to resume exactly."""
@@ -278,17 +345,20 @@ class Trainer:
             "best_metric": self.best_metric,
             "epochs_since_best": self.epochs_since_best,
             "history": self.history,
+            "class_prior": self.train_targets.mean(0).cpu().tolist(),
             "torch_rng": torch.get_rng_state(),
         }
 
     def resume(self, path: Path) -> None:
         """Load a ``last.pt`` written by this trainer."""
         state = torch.load(path, map_location=self.device, weights_only=False)
-        if _resume_key(state["config"]) != _resume_key(self.cfg.model_dump(mode="json")):
+        # Re-validating the stored configuration fills in settings added since it was written.
+        stored = TrainConfig.model_validate(state["config"]).model_dump(mode="json")
+        if _resume_key(stored) != _resume_key(self.cfg.model_dump(mode="json")):
             raise ValueError(f"{path} was written with a different configuration; use a new --out folder")
-        self.model.load_state_dict(state["model"])
+        self.model.load_weights(state["model"])
         if self.ema is not None and state["ema"] is not None:
-            self.ema.model.load_state_dict(state["ema"])
+            self.eval_model.load_weights(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
@@ -300,43 +370,108 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
 
     def _loss(self, batch_e: np.ndarray, step: int) -> tuple[Tensor, dict[str, float]]:
+        images, pts_aug, target_e = self.batch(batch_e, step)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            out = self.model.forward_all(images)
+        return self._loss_of(out, target_e, pts_aug)
+
+    def batch(self, batch_e: np.ndarray, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The augmented input of one step: emotion faces first, then landmark faces."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        img_e = torch.from_numpy(self.data.train.images[batch_e]).float().unsqueeze(1)
-        lab_e = torch.from_numpy(self.data.train.labels[batch_e])
-        lm = self.data.landmarks_train
-        n_lm = cfg.optim.batch_landmarks if lm is not None and len(lm.landmarks) else 0
+        index_e = torch.from_numpy(batch_e).to(self.device)
+        images = self.train_images[index_e]
+        pts_all = torch.zeros(len(batch_e), 68, 2, device=self.device)
+        n_lm = cfg.optim.batch_landmarks if self.landmark_images is not None and len(self.landmark_images) else 0
         if n_lm:
-            assert lm is not None
-            pick = _landmark_draws(len(lm.landmarks), n_lm, cfg.seed, step)
-            img_l = torch.from_numpy(lm.images[pick]).float().unsqueeze(1)
-            pts_l = torch.from_numpy(lm.landmarks[pick])
-            images = torch.cat([img_e, img_l])
-            pts_all = torch.cat([torch.zeros(len(batch_e), 68, 2), pts_l])
-        else:
-            images, pts_all = img_e, torch.zeros(len(batch_e), 68, 2)
-        images, pts_aug = augment_batch(images, pts_all, cfg.augment, gen)
+            assert self.landmark_images is not None and self.landmark_points is not None
+            pick = torch.from_numpy(_landmark_draws(len(self.landmark_images), n_lm, cfg.seed, step)).to(self.device)
+            images = torch.cat([images, self.landmark_images[pick]])
+            pts_all = torch.cat([pts_all, self.landmark_points[pick]])
+        images, pts_aug = augment_batch(images.float().unsqueeze(1), pts_all, cfg.augment, gen)
         assert pts_aug is not None
-        images = images.to(self.device)
         if cfg.optim.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.optim.bf16):
-            out = self.model.forward_all(images)
-        n_e = len(batch_e)
+        return images, pts_aug, self.train_targets[index_e]
+
+    def _loss_of(self, out: dict[str, Tensor], target_e: Tensor, pts_aug: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Masked joint loss: soft cross-entropy on emotion faces, inter-ocular NME of both stages on landmark faces."""
+        cfg = self.cfg
+        n_e = len(target_e)
         logits = out["logits"][:n_e].float()
         ce = F.cross_entropy(
-            logits, lab_e.to(self.device), weight=self.ce_weights, label_smoothing=cfg.optim.label_smoothing
+            logits + self.logit_offset,
+            target_e,
+            weight=self.ce_weights,
+            label_smoothing=cfg.optim.label_smoothing,
         )
         loss = ce
-        stats = {"ce": float(ce.detach()), "acc": float((logits.argmax(1).cpu() == lab_e).float().mean())}
+        hits = (logits.argmax(1) == target_e.argmax(1)).float().mean()
+        stats = {"ce": float(ce.detach()), "acc": float(hits)}
+        n_lm = len(pts_aug) - n_e
         if n_lm:
-            target = pts_aug[n_e:].to(self.device)
+            target = pts_aug[n_e:]
             e1 = nme(out["shape1"][n_e:].float(), target).mean()
             e2 = nme(out["shape2"][n_e:].float(), target).mean()
             loss = loss + cfg.optim.landmark_weight * (e1 + e2)
             stats["nme"] = float(e2.detach())
         stats["loss"] = float(loss.detach())
         return loss, stats
+
+    def _step(self, loss: Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        self.opt.step()
+
+    def benchmark(self, steps: int, warmup_steps: int = 2) -> dict[str, Any]:
+        """Time ``steps`` training steps (after a warm-up) on copies of the weights; returns faces/s and phase shares.
+
+        The phases are the batch (indexing and augmentation), the forward pass
+        with the loss, and the backward pass with the optimiser step. Nothing
+        is written and the trainer's own weights are left as they were.
+        """
+        saved = copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict())
+        batches = _batches(len(self.data.train.labels), self.cfg.optim.batch_emotion, self.cfg.seed, 0)
+        self.model.train()
+        totals = {"data": 0.0, "forward": 0.0, "backward": 0.0}
+        faces = 0
+
+        def now() -> float:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+
+        for i in range(warmup_steps + steps):
+            t0 = now()
+            images, pts_aug, target_e = self.batch(batches[i % len(batches)], i)
+            t1 = now()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                out = self.model.forward_all(images)
+            loss, _ = self._loss_of(out, target_e, pts_aug)
+            t2 = now()
+            self._step(loss)
+            t3 = now()
+            if i >= warmup_steps:
+                totals["data"] += t1 - t0
+                totals["forward"] += t2 - t1
+                totals["backward"] += t3 - t2
+                faces += len(images)
+        self.model.load_state_dict(saved[0])
+        self.opt.load_state_dict(saved[1])
+        seconds = sum(totals.values())
+        return {
+            "steps": steps,
+            "faces": faces,
+            "faces_per_s": round(faces / seconds, 1),
+            "share": {k: round(v / seconds, 3) for k, v in totals.items()},
+            "input_size_px": self.spec.input_size,
+            "width": self.spec.width,
+            "bf16": self.use_bf16,
+            "channels_last": self.cfg.optim.channels_last,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+        }
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
         """Train until the epochs, ``max_steps`` or early stopping end the run; returns the best metrics."""
@@ -353,10 +488,7 @@ class Trainer:
             bar.start(self.epoch, len(batches), self.step_in_epoch)
             for i in range(self.step_in_epoch, len(batches)):
                 loss, stats = self._loss(batches[i], self.global_step)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-                self.opt.step()
+                self._step(loss)
                 self.sched.step()
                 if self.ema is not None:
                     self.ema.update(self.model, self.global_step)
@@ -365,6 +497,10 @@ class Trainer:
                 for k, v in stats.items():
                     running[k] = 0.9 * running.get(k, v) + 0.1 * v
                 bar.update(running, float(self.sched.get_last_lr()[0]))
+                if self.stop_requested.is_set():
+                    bar.close()
+                    _save_atomic(self.state(), self.run_dir / CHECKPOINT_LAST)
+                    raise TrainingInterrupted(self.run_dir / CHECKPOINT_LAST, self.global_step)
                 if self.global_step % cfg.optim.checkpoint_every_steps == 0:
                     _save_atomic(self.state(), self.run_dir / CHECKPOINT_LAST)
                 if cfg.optim.max_steps and self.global_step >= cfg.optim.max_steps:
@@ -384,8 +520,8 @@ class Trainer:
             print(json.dumps(record), file=sys.stderr, flush=True)
             with (self.run_dir / "history.jsonl").open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            if metrics["val_accuracy"] > self.best_metric:
-                self.best_metric = metrics["val_accuracy"]
+            if metrics["selection_metric"] > self.best_metric:
+                self.best_metric = metrics["selection_metric"]
                 self.epochs_since_best = 0
                 best = self.state()
                 best["metrics"] = metrics
@@ -461,4 +597,32 @@ def train(
             file=sys.stderr,
         )
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    return trainer.fit(progress)
+    with _stop_on_signals(trainer.stop_requested):
+        return trainer.fit(progress)
+
+
+def benchmark(cfg: TrainConfig, data_dir: Path, device: str, steps: int) -> dict[str, Any]:
+    """Faces per second of ``steps`` training steps of ``cfg`` (nothing is written)."""
+    import tempfile
+
+    data = load_datasets(cfg, data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        return Trainer(cfg, data, Path(tmp), device).benchmark(steps)
+
+
+class _stop_on_signals:  # noqa: N801 - used as a context manager, like contextlib's lower-case helpers
+    """SIGINT/SIGTERM set ``event`` (the loop checkpoints and stops) instead of killing the process mid-step."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, lambda _s, _f: self.event.set())
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
