@@ -2,7 +2,9 @@
 
 Emotion data: accuracy, class-balanced accuracy, per-class recall and the
 confusion matrix (printed and drawn to a PNG), optionally beside a peer model
-on the same images. Landmark data: inter-ocular NME (outer eye corners).
+on the same images; where the file carries FER+ crowd votes, the same figures
+against the crowd's majority label too. Landmark data: inter-ocular NME
+(outer eye corners).
 """
 
 from __future__ import annotations
@@ -151,21 +153,36 @@ def evaluate_emotion(model: EmotionModel, data: Path, peer: Path | None, limit: 
     class_map = json.loads(model.info.metadata.get("class_map", "{}"))
     dataset = load_emotion_npz(data, model.input_size, class_map, model.class_names)
     images, labels = dataset.images, dataset.labels
+    crowd = dataset.crowd_labels()
     if limit:
         images, labels = images[:limit], labels[:limit]
+        crowd = crowd[:limit] if crowd is not None else None
     probs, _ = model.infer(images)
     report: dict[str, Any] = {
         "data": str(data),
         "images": len(labels),
-        "model": {"path": str(model.info.path), **score(labels, probs.argmax(1), model.class_names).to_dict()},
+        "model": {"path": str(model.info.path), **_scores(labels, crowd, probs.argmax(1), model.class_names)},
     }
+    if crowd is not None:
+        report["crowd_images"] = int((crowd >= 0).sum())
     if peer is not None:
         session = ort.InferenceSession(str(peer), providers=["CPUExecutionProvider"])
         # The peer sees the original 48 px crops, as it was trained on them.
         raw = _raw_images(data, len(labels), class_map, model.class_names)
         peer_probs = peer_probabilities(session, raw, model.class_names, class_map)
-        report["peer"] = {"path": str(peer), **score(labels, peer_probs.argmax(1), model.class_names).to_dict()}
+        report["peer"] = {"path": str(peer), **_scores(labels, crowd, peer_probs.argmax(1), model.class_names)}
     return report
+
+
+def _scores(
+    labels: np.ndarray, crowd: np.ndarray | None, predictions: np.ndarray, class_names: tuple[str, ...]
+) -> dict[str, Any]:
+    """Scores against the file's labels, plus ``crowd`` scores against the FER+ majority where it exists."""
+    out = score(labels, predictions, class_names).to_dict()
+    if crowd is not None:
+        known = crowd >= 0
+        out["crowd"] = score(crowd[known], predictions[known], class_names).to_dict()
+    return out
 
 
 def _raw_images(data: Path, n: int, class_map: dict[str, str], class_names: tuple[str, ...]) -> np.ndarray:
@@ -223,6 +240,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
             r = report[who]
             scores = EmotionScores(r["accuracy"], r["balanced_accuracy"], r["per_class_recall"], r["confusion"])
             print(f"{who}: {r['path']}\n  accuracy {r['accuracy']:.4f}  balanced accuracy {r['balanced_accuracy']:.4f}")
+            if "crowd" in r:
+                c = r["crowd"]
+                print(
+                    f"  FER+ majority labels ({report['crowd_images']} faces): accuracy {c['accuracy']:.4f}  "
+                    f"balanced accuracy {c['balanced_accuracy']:.4f}"
+                )
             print("  recall " + "  ".join(f"{k} {v:.2f}" for k, v in r["per_class_recall"].items()))
             print(format_confusion(scores, model.class_names))
             if out is not None:

@@ -245,6 +245,12 @@ def test_evaluate_command_reports_accuracy_peer_and_nme(tmp_path: Path) -> None:
     assert 0 <= report["model"]["accuracy"] <= 1 and 0 <= report["peer"]["accuracy"] <= 1
     assert np.array(report["model"]["confusion"]).sum() == 84
     assert (out / "confusion_model.png").is_file() and (out / "confusion_peer.png").is_file()
+    with np.load(DATA / "fer2013_val.npz") as npz:
+        votes = npz["ferplus_votes"]
+    assert 0 < report["crowd_images"] < 84 == len(votes)
+    for who in ("model", "peer"):
+        assert np.array(report[who]["crowd"]["confusion"]).sum() == report["crowd_images"]
+    assert "FER+ majority labels" in proc.stdout
     proc = cli(
         "evaluate",
         "--model",

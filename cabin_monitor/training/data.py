@@ -91,12 +91,13 @@ def load_emotion_npz(
     size: int,
     class_map: dict[str, str],
     class_names: tuple[str, ...],
-    max_unknown_votes: int = 10,
+    max_unknown_votes: int | None = None,
 ) -> EmotionSet:
     """Load an emotion ``.npz`` and map its classes onto ``class_names`` through ``class_map``.
 
-    Where the file has ``ferplus_votes``, they are mapped the same way, and faces
-    with at least ``max_unknown_votes`` 'unknown' or 'not a face' votes are dropped.
+    Where the file has ``ferplus_votes``, they are mapped the same way, and (when
+    ``max_unknown_votes`` is given) faces with at least that many 'unknown' or
+    'not a face' votes are dropped.
     """
     with np.load(path, allow_pickle=False) as npz:
         for key in ("jpeg", "offsets", "labels", "classes"):
@@ -113,7 +114,8 @@ def load_emotion_npz(
     votes = None
     if raw_votes is not None:
         votes, unknown = _map_votes(raw_votes, vote_classes, class_map, class_names, str(path))
-        keep &= unknown < max_unknown_votes
+        if max_unknown_votes is not None:
+            keep &= unknown < max_unknown_votes
         votes = votes[keep]
     stack = np.stack([_resize_square(img, size) for img, k in zip(images, keep, strict=True) if k])
     return EmotionSet(stack, labels[keep], class_names, votes)
@@ -159,7 +161,11 @@ def load_emotion_folder(root: Path, size: int, class_map: dict[str, str], class_
 
 
 def load_emotion(
-    path: Path, size: int, class_map: dict[str, str], class_names: tuple[str, ...], max_unknown_votes: int = 10
+    path: Path,
+    size: int,
+    class_map: dict[str, str],
+    class_names: tuple[str, ...],
+    max_unknown_votes: int | None = None,
 ) -> EmotionSet:
     """Load emotion data from an ``.npz`` file or a class-folder tree."""
     if path.is_dir():

@@ -67,7 +67,7 @@ def load_datasets(cfg: TrainConfig, data_dir: Path) -> Datasets:
     cmap = cfg.model.class_map
     train = load_emotion(data_dir / cfg.data.emotion_train, size, cmap, names, cfg.data.max_unknown_votes)
     # Validation keeps every face: accuracy is reported on the whole split, against both label sets.
-    val = load_emotion(data_dir / cfg.data.emotion_val, size, cmap, names, max_unknown_votes=11)
+    val = load_emotion(data_dir / cfg.data.emotion_val, size, cmap, names)
     if cfg.optim.targets == "ferplus" and train.votes is None:
         raise ValueError(f"optim.targets is ferplus, but {cfg.data.emotion_train} has no ferplus_votes")
     if cfg.data.limit_train:
