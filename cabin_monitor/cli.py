@@ -495,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="folder for the confusion-matrix PNG and a JSON report")
     ev.add_argument("--limit", type=int, default=None, help="use only the first N images")
     ev.add_argument(
+        "--detail-px",
+        type=int,
+        default=None,
+        help="landmark data: read the faces again at this detail level and report how far the answers move",
+    )
+    ev.add_argument(
         "--holdout-only",
         action="store_true",
         help="landmark data: score only the 15%% held out from training (by photo)",

@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from cabin_monitor.config import EmotionConfig
 from cabin_monitor.emotion import EmotionModel
+from cabin_monitor.framing import limit_detail
 from cabin_monitor.training.data import (
     load_emotion_npz,
     load_landmarks_npz,
@@ -190,8 +191,15 @@ def _raw_images(data: Path, n: int, class_map: dict[str, str], class_names: tupl
     return dataset.images[:n]
 
 
-def evaluate_landmarks(model: EmotionModel, data: Path, holdout_only: bool, limit: int | None) -> dict[str, Any]:
-    """Inter-ocular NME of the model's landmarks on a 68-point ``.npz``."""
+def evaluate_landmarks(
+    model: EmotionModel, data: Path, holdout_only: bool, limit: int | None, detail_px: int | None = None
+) -> dict[str, Any]:
+    """Inter-ocular NME of the model's landmarks on a 68-point ``.npz``.
+
+    With ``detail_px`` the same faces are read a second time brought to that
+    detail level (``framing.limit_detail``), and the report says how far
+    landmarks and emotions move: the model's sensitivity to sharpness.
+    """
     dataset = load_landmarks_npz(data, model.input_size)
     if holdout_only:
         meta = json.loads(model.info.metadata.get("training_data", "{}"))
@@ -202,10 +210,10 @@ def evaluate_landmarks(model: EmotionModel, data: Path, holdout_only: bool, limi
     images, truth = dataset.images, dataset.landmarks * model.input_size
     if limit:
         images, truth = images[:limit], truth[:limit]
-    _, points = model.infer(images)
+    probs, points = model.infer(images)
     iod = np.linalg.norm(truth[:, 36] - truth[:, 45], axis=-1)
     per_face = np.linalg.norm(points - truth, axis=-1).mean(-1) / np.maximum(iod, 1e-6)
-    return {
+    report = {
         "data": str(data),
         "images": len(per_face),
         "holdout_only": holdout_only,
@@ -216,6 +224,23 @@ def evaluate_landmarks(model: EmotionModel, data: Path, holdout_only: bool, limi
             "failure_rate_at_0.08": round(float((per_face > 0.08).mean()), 4),
         },
     }
+    if detail_px:
+        probs_d, points_d = model.infer(limit_detail(images, detail_px))
+        per_face_d = np.linalg.norm(points_d - truth, axis=-1).mean(-1) / np.maximum(iod, 1e-6)
+        report["detail"] = {
+            "detail_px": detail_px,
+            "nme_inter_ocular": round(float(per_face_d.mean()), 5),
+            "top_emotion_agreement": round(float((probs.argmax(1) == probs_d.argmax(1)).mean()), 4),
+            "mean_abs_probability_change": round(float(np.abs(probs - probs_d).sum(1).mean() / 2), 4),
+            "top_emotion_share_sharp": _shares(probs.argmax(1), model.class_names),
+            "top_emotion_share_detail": _shares(probs_d.argmax(1), model.class_names),
+        }
+    return report
+
+
+def _shares(top: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float]:
+    counts = np.bincount(top, minlength=len(class_names)) / max(1, len(top))
+    return {n: round(float(c), 3) for n, c in zip(class_names, counts, strict=True)}
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -226,12 +251,18 @@ def evaluate_command(args: argparse.Namespace) -> int:
         is_landmarks = "landmarks" in npz.files
     out = Path(args.out) if args.out else None
     if is_landmarks:
-        report = evaluate_landmarks(model, data, args.holdout_only, args.limit)
+        report = evaluate_landmarks(model, data, args.holdout_only, args.limit, args.detail_px)
         m = report["model"]
         print(
             f"{data}: {report['images']} faces, inter-ocular NME {m['nme_inter_ocular']:.4f} "
             f"(median {m['nme_median']:.4f}, >8%: {m['failure_rate_at_0.08']:.1%})"
         )
+        if "detail" in report:
+            d = report["detail"]
+            print(
+                f"  at {d['detail_px']} px of detail: NME {d['nme_inter_ocular']:.4f}, same top emotion on "
+                f"{d['top_emotion_agreement']:.1%} of faces, probabilities moved {d['mean_abs_probability_change']:.3f}"
+            )
     else:
         report = evaluate_emotion(model, data, Path(args.peer) if args.peer else None, args.limit)
         for who in ("model", "peer"):

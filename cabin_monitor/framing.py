@@ -9,6 +9,7 @@ aligned from detector keypoints shows the face at the same scale and place.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -103,3 +104,20 @@ def apply_affine(matrix: FloatArray, points: FloatArray) -> FloatArray:
     pts = np.asarray(points, dtype=np.float32)
     m = np.asarray(matrix, dtype=np.float32)
     return (pts @ m[:, :2].T + m[:, 2]).astype(np.float32)
+
+
+def limit_detail(crops: npt.NDArray[np.uint8], detail_px: int) -> npt.NDArray[np.uint8]:
+    """Grey crops [N,S,S] brought to the detail of a ``detail_px`` face: area-averaged down, linearly back up.
+
+    This is the path a 48 px FER2013 face takes into the model during training,
+    so a sharp camera crop passed through it looks like the faces the emotion
+    head learnt from. Crops already at or below ``detail_px`` are returned as they are.
+    """
+    size = crops.shape[-1]
+    if detail_px <= 0 or detail_px >= size:
+        return crops
+    out = np.empty_like(crops)
+    for i, crop in enumerate(crops):
+        small = cv2.resize(crop, (detail_px, detail_px), interpolation=cv2.INTER_AREA)
+        out[i] = cv2.resize(small, (size, size), interpolation=cv2.INTER_LINEAR)
+    return out

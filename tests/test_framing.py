@@ -12,6 +12,7 @@ from cabin_monitor.framing import (
     five_points_from_68,
     inter_ocular,
     invert_affine,
+    limit_detail,
     similarity_transform,
 )
 
@@ -63,3 +64,20 @@ def test_cv2_matrix_shifts_by_half_a_pixel() -> None:
     """Identity stays identity; a 2x zoom gains the half-pixel correction."""
     assert np.allclose(cv2_matrix(np.array([[1, 0, 0], [0, 1, 0]], np.float32)), [[1, 0, 0], [0, 1, 0]])
     assert np.allclose(cv2_matrix(np.array([[2, 0, 0], [0, 2, 0]], np.float32))[:, 2], [0.5, 0.5])
+
+
+def test_limit_detail_keeps_coarse_content_and_removes_fine_detail() -> None:
+    """A crop brought to 48 px of detail keeps its size and flat areas, loses a one-pixel checkerboard."""
+    crops = np.zeros((2, 64, 64), np.uint8)
+    crops[0] = 120
+    crops[1] = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)
+    out = limit_detail(crops, 48)
+    assert out.shape == crops.shape and out.dtype == np.uint8
+    assert (out[0] == 120).all()
+    assert out[1].std() < 0.5 * crops[1].std()
+
+
+def test_limit_detail_leaves_crops_at_or_below_the_level_alone() -> None:
+    """Asking for as much detail as the crop has, or more, returns the crop unchanged."""
+    crops = np.random.default_rng(0).integers(0, 256, (1, 48, 48), dtype=np.uint8)
+    assert limit_detail(crops, 48) is crops and limit_detail(crops, 64) is crops

@@ -257,10 +257,12 @@ def test_evaluate_command_reports_accuracy_peer_and_nme(tmp_path: Path) -> None:
         str(REPO / "models" / "emotionaldan-7.onnx"),
         "--data",
         str(DATA / "landmarks68_train.npz"),
+        "--detail-px",
+        "48",
         timeout_s=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "inter-ocular NME" in proc.stdout
+    assert "inter-ocular NME" in proc.stdout and "at 48 px of detail" in proc.stdout
 
 
 def test_train_command_and_three_class_re_heading(tmp_path: Path) -> None:
