@@ -13,6 +13,7 @@ best-so-far and the global random state.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -21,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -610,19 +612,15 @@ def benchmark(cfg: TrainConfig, data_dir: Path, device: str, steps: int) -> dict
         return Trainer(cfg, data, Path(tmp), device).benchmark(steps)
 
 
-class _stop_on_signals:  # noqa: N801 - used as a context manager, like contextlib's lower-case helpers
+@contextlib.contextmanager
+def _stop_on_signals(event: threading.Event) -> Iterator[None]:
     """SIGINT/SIGTERM set ``event`` (the loop checkpoints and stops) instead of killing the process mid-step."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, lambda _s, _f: self.event.set())
-
-    def __exit__(self, *_exc: object) -> None:
-        for sig, handler in self.previous.items():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda _s, _f: event.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
