@@ -41,6 +41,12 @@ class DataSection(_Strict):
     split_seed: int = Field(0, description="Seed of the landmark hold-out split (fixed across runs).")
     limit_train: int | None = Field(None, ge=1, description="Use only the first N emotion training faces.")
     limit_val: int | None = Field(None, ge=1, description="Use only the first N validation faces.")
+    emotion_detail_px: int | None = Field(
+        48,
+        ge=8,
+        description="Detail level of the emotion training faces (FER2013: 48 px), written into the export so the"
+        " daemon brings sharp camera crops to it; null for training faces as sharp as the camera's.",
+    )
     max_unknown_votes: int = Field(
         5,
         ge=1,

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from cabin_monitor.framing import TEMPLATE_5
+from cabin_monitor.training.config import TrainConfig
 from cabin_monitor.training.model import EmotionalDAN, MirrorAveraged, ModelSpec
 
 OPSET = 17
@@ -44,7 +45,8 @@ def set_prior_weight(model: EmotionalDAN, class_prior: list[float], weight: floa
 
 
 def _metadata(model: EmotionalDAN, state: dict[str, Any], version: str, mirror: bool) -> dict[str, str]:
-    cfg = state["config"]
+    # Validated again, so settings added since the run was configured carry their defaults.
+    cfg = TrainConfig.model_validate(state["config"]).model_dump(mode="json")
     metrics = {k: v for k, v in state.get("metrics", {}).items() if k != "val_confusion"}
     return {
         "format": "cabin-monitor/emotionaldan/1",
@@ -52,6 +54,7 @@ def _metadata(model: EmotionalDAN, state: dict[str, Any], version: str, mirror: 
         "class_names": json.dumps(list(model.spec.class_names)),
         "class_map": json.dumps(cfg["model"].get("class_map", {})),
         "input_size": str(model.spec.input_size),
+        "detail_px": str(cfg["data"].get("emotion_detail_px") or 0),
         "width": str(model.spec.width),
         "spec": json.dumps(model.spec.to_dict()),
         "input": "image: float32 [N,1,S,S], grey levels 0..255, face in the canonical framing",
