@@ -22,7 +22,7 @@ from cabin_monitor.capture import (
 )
 from cabin_monitor.config import CameraConfig
 from cabin_monitor.messages import Frame
-from cabin_monitor.testing import ScriptedCamera
+from tests.support.camera import ScriptedCamera
 
 VIDEO = sample_path("single_face.mp4")
 

@@ -18,7 +18,9 @@ import pytest
 import yaml
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.testing import DaemonProcess, MosquittoBroker, MqttRecorder, RecordedMessage, wait_until
+from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage
+from tests.support.daemon import DaemonProcess
+from tests.support.helpers import wait_until
 
 VEHICLE = "test-car"
 PREFIX = f"cabin/{VEHICLE}"

@@ -20,7 +20,7 @@ from cabin_monitor.payloads import (
     json_schemas,
     utc_iso,
 )
-from cabin_monitor.testing import make_health
+from tests.support.helpers import make_health
 
 EMOTIONS = {"neutral": 0.1, "anger": 0.6, "fear": 0.3}
 

@@ -16,7 +16,9 @@ from cabin_monitor.pipeline import EXIT_OK, EXIT_STAGE_FAILED, Pipeline
 from cabin_monitor.processor import FrameProcessor
 from cabin_monitor.publish import EventSink, MqttSink, StdoutSink
 from cabin_monitor.remote import RulesControl
-from cabin_monitor.testing import MosquittoBroker, MqttRecorder, ScriptedCamera, wait_until
+from tests.support.broker import MosquittoBroker, MqttRecorder
+from tests.support.camera import ScriptedCamera
+from tests.support.helpers import wait_until
 
 VIDEO = sample_path("single_face.mp4")
 

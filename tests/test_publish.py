@@ -28,18 +28,11 @@ from cabin_monitor.payloads import (
     utc_iso,
 )
 from cabin_monitor.publish import MqttSink, StdoutSink, TlsSetupError
-from cabin_monitor.testing import (
-    MosquittoBroker,
-    MqttRecorder,
-    RecordedMessage,
-    capturing_logger,
-    free_port,
-    make_event,
-    make_health,
-    make_test_pki,
-    wait_until,
-)
+from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage, free_port
+from tests.support.helpers import capturing_logger, make_event, make_health, wait_until
+from tests.support.pki import make_test_pki
 
+REPO = Path(__file__).resolve().parents[1]  # the child imports tests.support from here
 BASE = "cabin/car-1"
 FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5, "keepalive_s": 5, "max_inflight": 5}
 
@@ -51,7 +44,7 @@ structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 from cabin_monitor.config import MqttConfig
 from cabin_monitor.outbox import Outbox
 from cabin_monitor.publish import MqttSink
-from cabin_monitor.testing import make_event
+from tests.support.helpers import make_event
 url, outbox_path, *event_ids = sys.argv[1:]
 sink = MqttSink(MqttConfig(url=url, reconnect_min_s=0.05, reconnect_max_s=0.5), "car-1", Outbox(outbox_path))
 for event_id in event_ids:
@@ -126,7 +119,7 @@ def test_status_online_then_offline_on_stop(mqtt_broker: MosquittoBroker, outbox
 def test_last_will_when_killed(mqtt_broker: MosquittoBroker, tmp_path: Path) -> None:
     """A SIGKILLed daemon's broker publishes the retained 'offline' last will."""
     with MqttRecorder(mqtt_broker.url, [f"{BASE}/status"], clean_session=True) as recorder:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, mqtt_broker.url, str(tmp_path / "o.sqlite")])
+        child = subprocess.Popen([sys.executable, "-c", CHILD, mqtt_broker.url, str(tmp_path / "o.sqlite")], cwd=REPO)
         try:
             recorder.wait_for(lambda ms: [m.payload for m in ms] == [b"online"], timeout_s=30)
         finally:
@@ -143,7 +136,7 @@ def test_new_sink_sends_what_a_killed_one_left(mqtt_broker: MosquittoBroker, tmp
     ids = [make_event().event_id for _ in range(5)]
     unreachable = f"mqtt://127.0.0.1:{free_port()}"
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, unreachable, str(path), *ids], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHILD, unreachable, str(path), *ids], stdout=subprocess.PIPE, text=True, cwd=REPO
     )
     try:
         assert child.stdout is not None and child.stdout.readline() == "ready\n"

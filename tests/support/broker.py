@@ -1,7 +1,7 @@
-"""Test helpers shipped with the package: a real Mosquitto broker, a recording subscriber, a throwaway PKI.
+"""A real Mosquitto broker on a free port and a recording subscriber, for tests that talk MQTT.
 
 Tests talk to a real broker rather than patching paho. ``MosquittoBroker`` needs the ``mosquitto``
-binary (``apt-get install -y mosquitto``); ``make_test_pki`` needs the ``openssl`` command.
+binary (``apt-get install -y mosquitto``).
 """
 
 from __future__ import annotations
@@ -9,42 +9,25 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
 import os
 import pwd
-import shlex
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import paho.mqtt.client as mqtt
-import structlog
 from paho.mqtt.enums import CallbackAPIVersion
-from structlog.testing import LogCapture
-from structlog.typing import FilteringBoundLogger
 
 from cabin_monitor.config import parse_mqtt_url
-from cabin_monitor.messages import Event, Phase
-from cabin_monitor.payloads import (
-    CameraHealth,
-    HealthPayload,
-    ModelHealth,
-    MqttHealth,
-    OutboxHealth,
-    PipelineHealth,
-    utc_iso,
-)
+from tests.support.pki import TestPki
 
 MOSQUITTO_FALLBACK = "/usr/sbin/mosquitto"
 
@@ -66,56 +49,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
-
-
-@dataclass(frozen=True, slots=True)
-class TestPki:
-    """Files of a throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
-
-    __test__ = False  # not a pytest test class
-
-    ca_file: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def make_test_pki(directory: Path, common_name: str = "cabin-monitor test CA") -> TestPki:
-    """Create a CA, a server and a client certificate (EC P-256, valid two days) with the ``openssl`` command."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise FileNotFoundError("the openssl command is needed to make test certificates: apt-get install -y openssl")
-    directory.mkdir(parents=True, exist_ok=True)
-    new_key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
-
-    def run(command: str) -> None:
-        subprocess.run([openssl, *shlex.split(command)], cwd=directory, check=True, capture_output=True, timeout=30)
-
-    run(
-        f"req -x509 {new_key} -keyout ca.key -out ca.crt -days 2 -subj '/CN={common_name}' "
-        "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"
-    )
-    for name, usage, san in (
-        ("server", "serverAuth", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"),
-        ("client", "clientAuth", ""),
-    ):
-        (directory / f"{name}.ext").write_text(
-            f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n"
-            f"subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n{san}"
-        )
-        run(f"req {new_key} -keyout {name}.key -out {name}.csr -subj /CN=cabin-monitor-test-{name}")
-        run(
-            f"x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 "
-            f"-out {name}.crt -extfile {name}.ext"
-        )
-    return TestPki(
-        ca_file=directory / "ca.crt",
-        server_cert=directory / "server.crt",
-        server_key=directory / "server.key",
-        client_cert=directory / "client.crt",
-        client_key=directory / "client.key",
-    )
 
 
 def password_file_line(username: str, password: str) -> str:
@@ -368,165 +301,3 @@ class MqttRecorder:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def capturing_logger() -> tuple[FilteringBoundLogger, LogCapture]:
-    """A structlog logger whose entries (dicts with ``event`` and ``log_level``) land in ``capture.entries``."""
-    capture = LogCapture()
-    logger: FilteringBoundLogger = structlog.wrap_logger(
-        None, processors=[capture], wrapper_class=structlog.make_filtering_bound_logger(0)
-    )
-    return logger, capture
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Poll ``condition`` every 20 ms; ``TimeoutError`` naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout_s} s")
-        time.sleep(0.02)
-
-
-def make_event(phase: Phase = Phase.START, **changes: Any) -> Event:
-    """A plausible stress ``Event`` with a fresh UUID and the current wall time; ``changes`` override fields."""
-    now = time.time()
-    fields: dict[str, Any] = {
-        "event_id": str(uuid.uuid4()),
-        "type": "stress",
-        "phase": phase,
-        "rule": "stress",
-        "occupant_id": "occupant-1",
-        "seat": "driver",
-        "capture_s": time.monotonic(),
-        "wall_time_s": now,
-        "score": 0.8,
-        "emotions": {"neutral": 0.2, "anger": 0.5, "fear": 0.3},
-        "severity": "warning",
-        "frame_id": 1,
-    }
-    if phase is Phase.END:
-        fields |= {"started_wall_time_s": now - 5.0, "start_event_id": str(uuid.uuid4())}
-    return Event(**(fields | changes))
-
-
-def make_health(vehicle_id: str = "car-1") -> HealthPayload:
-    """A plausible healthy ``HealthPayload``; use ``model_copy(update=...)`` for variants."""
-    return HealthPayload(
-        vehicle_id=vehicle_id,
-        ts=utc_iso(time.time()),
-        status="ok",
-        camera=CameraHealth(
-            state="streaming", source="sample", fps=30.0, frames=900, corrupt_frames=0, reopen_count=0, last_error=None
-        ),
-        pipeline=PipelineHealth(fps=29.5, frames_processed=880, dropped_frames=20, stale_frames=0),
-        model=ModelHealth(path="emotionaldan-7.onnx", providers_requested=["cuda", "cpu"], provider_in_use="cpu"),
-        outbox=OutboxHealth(depth=0, dropped_total=0, dropped_by_reason={"full": 0, "expired": 0}),
-        mqtt=MqttHealth(connected=True, reconnects=0),
-    )
-
-
-class DaemonProcess:
-    """A ``python -m cabin_monitor run ARGS`` child process; stdout (events) and stderr (JSON logs) go to files."""
-
-    def __init__(
-        self,
-        directory: Path,
-        args: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        command_prefix: Sequence[str] = (),
-    ) -> None:
-        stamp = time.monotonic_ns()
-        self.out_path = directory / f"stdout-{stamp}.log"
-        self.err_path = directory / f"stderr-{stamp}.log"
-        environment = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
-        command = [*command_prefix, sys.executable, "-m", "cabin_monitor", "run", *args]
-        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=environment)
-
-    def wait(self, timeout_s: float = 60.0) -> int:
-        """The exit code, waiting at most ``timeout_s`` (then the process is killed and AssertionError raised)."""
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"daemon did not exit within {timeout_s} s; stderr:\n{self.logs()[-3000:]}") from None
-
-    def logs(self) -> str:
-        """What the daemon logged so far."""
-        return self.err_path.read_text(errors="replace")
-
-    def log_records(self) -> list[dict[str, Any]]:
-        """The JSON log lines so far."""
-        records = []
-        for line in self.logs().splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    records.append(json.loads(line))
-        return records
-
-    def logged(self, event: str) -> list[dict[str, Any]]:
-        """Log records whose ``event`` is exactly this message."""
-        return [r for r in self.log_records() if r.get("event") == event]
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up at all."""
-        self.proc.kill()
-        self.proc.wait(10)
-
-
-class ScriptedCamera:
-    """A real OpenCV capture of a video file that plays the part of a camera and fails on cue.
-
-    It never ends (it rewinds), can stop delivering after ``fail_after`` reads, can hand out a
-    corrupt frame every ``corrupt_every`` reads, and with ``frame_period_s`` it delivers at a
-    camera's pace. Pass ``lambda spec, cfg: ScriptedCamera(...)`` as a ``FrameSource`` opener.
-    """
-
-    def __init__(
-        self,
-        video: Path,
-        fail_after: int | None = None,
-        corrupt_every: int | None = None,
-        frame_period_s: float = 0.0,
-    ) -> None:
-        import cv2
-
-        self._cv2 = cv2
-        self.cap = cv2.VideoCapture(str(video))
-        self.reads = 0
-        self.fail_after = fail_after
-        self.corrupt_every = corrupt_every
-        self.frame_period_s = frame_period_s
-
-    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
-        """Whether the file opened."""
-        return bool(self.cap.isOpened())
-
-    def read(self) -> tuple[bool, Any]:
-        """The next frame, a failure, or a corrupt frame, as scripted."""
-        self.reads += 1
-        if self.fail_after is not None and self.reads > self.fail_after:
-            return False, None
-        ok, image = self.cap.read()
-        if not ok:
-            self.cap.set(self._cv2.CAP_PROP_POS_FRAMES, 0)
-            ok, image = self.cap.read()
-        if self.frame_period_s:
-            time.sleep(self.frame_period_s)
-        if self.corrupt_every and self.reads % self.corrupt_every == 0:
-            return True, b"not an image"
-        return ok, image
-
-    def get(self, prop: int) -> float:
-        """A capture property (the file's)."""
-        return float(self.cap.get(prop))
-
-    def set(self, prop: int, value: float) -> bool:
-        """Cameras accept settings; the file ignores them."""
-        return True
-
-    def release(self) -> None:
-        """Close the file."""
-        self.cap.release()
