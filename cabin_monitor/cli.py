@@ -62,12 +62,12 @@ def _build_pipeline(cfg: Any, on_result: Any = None, events_stream: Any = None) 
 
     import structlog
 
-    from cabin_monitor.capture import FrameSource
-    from cabin_monitor.outbox import open_outbox
-    from cabin_monitor.pipeline import Pipeline
-    from cabin_monitor.processor import FrameProcessor
-    from cabin_monitor.publish import EventSink, MqttSink, StdoutSink
-    from cabin_monitor.remote import RulesControl
+    from cabin_monitor.bus.mqtt import EventSink, MqttSink, StdoutSink
+    from cabin_monitor.bus.outbox import open_outbox
+    from cabin_monitor.bus.remote import RulesControl
+    from cabin_monitor.runtime.pipeline import Pipeline
+    from cabin_monitor.runtime.processor import FrameProcessor
+    from cabin_monitor.vision.capture import FrameSource
 
     processor = FrameProcessor(cfg)
     state_dir = cfg.resolved_state_dir()
@@ -138,11 +138,11 @@ def _install_signals(pipeline: Any, config_path: Path | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cabin_monitor.capture import SourceError
+    from cabin_monitor.bus.outbox import OutboxError
     from cabin_monitor.config import ConfigError
-    from cabin_monitor.emotion import ModelError
     from cabin_monitor.logs import configure_logging
-    from cabin_monitor.outbox import OutboxError
+    from cabin_monitor.vision.capture import SourceError
+    from cabin_monitor.vision.emotion import ModelError
 
     try:
         cfg = _load(args)
@@ -162,9 +162,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cabin_monitor.annotate import AnnotatedVideoWriter
     from cabin_monitor.config import ConfigError
     from cabin_monitor.logs import configure_logging
+    from cabin_monitor.tools.annotate import AnnotatedVideoWriter
 
     args.fast = True
     try:
@@ -189,11 +189,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from cabin_monitor.analyze import analyze_image
     from cabin_monitor.config import DetectorConfig, EmotionConfig
-    from cabin_monitor.detect import create_detector
-    from cabin_monitor.emotion import EmotionModel, ModelError
     from cabin_monitor.logs import configure_logging
+    from cabin_monitor.tools.analyze import analyze_image
+    from cabin_monitor.vision.detect import create_detector
+    from cabin_monitor.vision.emotion import EmotionModel, ModelError
 
     configure_logging("warning", "auto")
     try:
@@ -246,7 +246,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from cabin_monitor.payloads import json_schemas
+    from cabin_monitor.bus.payloads import json_schemas
 
     schemas = json_schemas()
     if args.out:
@@ -264,9 +264,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cabin_monitor.bench import run_bench
     from cabin_monitor.config import ConfigError
     from cabin_monitor.logs import configure_logging
+    from cabin_monitor.tools.bench import run_bench
 
     try:
         cfg = _load(args)
@@ -274,7 +274,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _die(str(exc))
     configure_logging("warning", "auto")
     if args.model_only:
-        from cabin_monitor.bench import run_model_bench
+        from cabin_monitor.tools.bench import run_model_bench
 
         model_report = run_model_bench(cfg, runs=args.runs)
         if args.json:
@@ -360,7 +360,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cabin_monitor.evaluate import evaluate_command
+    from cabin_monitor.tools.evaluate import evaluate_command
 
     return evaluate_command(args)
 

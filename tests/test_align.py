@@ -5,12 +5,19 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from cabin_monitor.align import KEYPOINT_TEMPLATE, FaceAligner, grey, keypoints_to_crop, landmarks_to_frame, warp_crop
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import DetectorConfig
-from cabin_monitor.detect import create_detector
-from cabin_monitor.framing import apply_affine
 from cabin_monitor.messages import Face, Frame, TrackedFace
+from cabin_monitor.vision.align import (
+    KEYPOINT_TEMPLATE,
+    FaceAligner,
+    grey,
+    keypoints_to_crop,
+    landmarks_to_frame,
+    warp_crop,
+)
+from cabin_monitor.vision.detect import create_detector
+from cabin_monitor.vision.framing import apply_affine
 
 
 def detected_face(image: np.ndarray) -> Face:

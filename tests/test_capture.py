@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.capture import (
+from cabin_monitor.config import CameraConfig
+from cabin_monitor.messages import Frame
+from cabin_monitor.vision.capture import (
     CameraState,
     FrameSource,
     SourceEnded,
@@ -20,8 +22,6 @@ from cabin_monitor.capture import (
     parse_source,
     validate_image,
 )
-from cabin_monitor.config import CameraConfig
-from cabin_monitor.messages import Frame
 from tests.support.camera import ScriptedCamera
 
 VIDEO = sample_path("single_face.mp4")

@@ -11,12 +11,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cabin_monitor.align import keypoints_to_crop
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import DetectorConfig
-from cabin_monitor.detect import create_detector
-from cabin_monitor.framing import invert_affine
 from cabin_monitor.messages import Frame
+from cabin_monitor.vision.align import keypoints_to_crop
+from cabin_monitor.vision.detect import create_detector
+from cabin_monitor.vision.framing import invert_affine
 
 
 def cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:

@@ -10,8 +10,8 @@ import pytest
 
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import DetectorConfig
-from cabin_monitor.detect import FaceDetector, create_detector
 from cabin_monitor.messages import Frame
+from cabin_monitor.vision.detect import FaceDetector, create_detector
 
 
 def frame_of(name: str) -> Frame:

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from cabin_monitor.messages import Event, Phase
-from cabin_monitor.payloads import (
+from cabin_monitor.bus.payloads import (
     PAYLOADS,
     ConfigResultPayload,
     ConfigSetPayload,
@@ -20,6 +19,7 @@ from cabin_monitor.payloads import (
     json_schemas,
     utc_iso,
 )
+from cabin_monitor.messages import Event, Phase
 from tests.support.helpers import make_health
 
 EMOTIONS = {"neutral": 0.1, "anger": 0.6, "fear": 0.3}

@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.capture import FrameSource, SourceSpec
+from cabin_monitor.bus.mqtt import EventSink, MqttSink, StdoutSink
+from cabin_monitor.bus.outbox import Outbox
+from cabin_monitor.bus.remote import RulesControl
 from cabin_monitor.config import CameraConfig, Config, MqttConfig, TrackerConfig
 from cabin_monitor.messages import Face, Frame, FrameResult
-from cabin_monitor.outbox import Outbox
-from cabin_monitor.pipeline import EXIT_OK, EXIT_STAGE_FAILED, Pipeline
-from cabin_monitor.processor import FrameProcessor
-from cabin_monitor.publish import EventSink, MqttSink, StdoutSink
-from cabin_monitor.remote import RulesControl
+from cabin_monitor.runtime.pipeline import EXIT_OK, EXIT_STAGE_FAILED, Pipeline
+from cabin_monitor.runtime.processor import FrameProcessor
+from cabin_monitor.vision.capture import FrameSource, SourceSpec
 from tests.support.broker import MosquittoBroker, MqttRecorder
 from tests.support.camera import ScriptedCamera
 from tests.support.helpers import wait_until

@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cabin_monitor.bus.remote import RulesControl
 from cabin_monitor.config import EMOTIONS_7, RulesConfig
-from cabin_monitor.remote import RulesControl
 
 NOW = 1_700_000_000.0
 

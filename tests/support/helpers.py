@@ -11,8 +11,7 @@ import structlog
 from structlog.testing import LogCapture
 from structlog.typing import FilteringBoundLogger
 
-from cabin_monitor.messages import Event, Phase
-from cabin_monitor.payloads import (
+from cabin_monitor.bus.payloads import (
     CameraHealth,
     HealthPayload,
     ModelHealth,
@@ -21,6 +20,7 @@ from cabin_monitor.payloads import (
     PipelineHealth,
     utc_iso,
 )
+from cabin_monitor.messages import Event, Phase
 
 
 def capturing_logger() -> tuple[FilteringBoundLogger, LogCapture]:

@@ -30,12 +30,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from structlog.typing import FilteringBoundLogger
 
+from cabin_monitor.bus.outbox import DroppedEvent, Outbox, OutboxItem
+from cabin_monitor.bus.payloads import ConfigResultPayload, EventPayload, HealthPayload, OccupantStatePayload
 from cabin_monitor.config import MqttConfig, TlsConfig, parse_mqtt_url
 from cabin_monitor.messages import Event
-from cabin_monitor.outbox import DroppedEvent, Outbox, OutboxItem
-from cabin_monitor.payloads import ConfigResultPayload, EventPayload, HealthPayload, OccupantStatePayload
 
-log = structlog.get_logger("cabin_monitor.publish")
+log = structlog.get_logger("cabin_monitor.bus.mqtt")
 
 CONNECT_TIMEOUT_S = 5.0  # TCP connect, TLS handshake, and again for the CONNACK
 OFFLINE_TIMEOUT_S = 2.0  # wait for the PUBACK of the 'offline' status on stop

@@ -26,7 +26,7 @@ from cabin_monitor.assets import SAMPLE_VIDEO
 from cabin_monitor.config import CameraConfig
 from cabin_monitor.messages import Frame, ImageArray
 
-log = structlog.get_logger("cabin_monitor.capture")
+log = structlog.get_logger("cabin_monitor.vision.capture")
 SourceKind = Literal["camera", "file", "stream", "gstreamer"]
 
 

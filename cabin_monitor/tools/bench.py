@@ -16,13 +16,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cabin_monitor.capture import FrameSource, SourceEnded
+from cabin_monitor.bus.mqtt import StdoutSink
+from cabin_monitor.bus.remote import RulesControl
 from cabin_monitor.config import CameraConfig, Config
 from cabin_monitor.messages import Frame, FrameResult
-from cabin_monitor.pipeline import Pipeline
-from cabin_monitor.processor import STAGES, FrameProcessor
-from cabin_monitor.publish import StdoutSink
-from cabin_monitor.remote import RulesControl
+from cabin_monitor.runtime.pipeline import Pipeline
+from cabin_monitor.runtime.processor import STAGES, FrameProcessor
+from cabin_monitor.vision.capture import FrameSource, SourceEnded
 
 
 class _LimitedSource(FrameSource):
@@ -93,11 +93,11 @@ def run_model_bench(cfg: Config, batches: tuple[int, ...] = (1, 2, 4), runs: int
     """The emotion model alone: latency per call and per face at several batch sizes, on real crops."""
     import cv2
 
-    from cabin_monitor.align import FaceAligner, grey
     from cabin_monitor.assets import sample_path
-    from cabin_monitor.detect import create_detector
-    from cabin_monitor.emotion import EmotionModel
     from cabin_monitor.messages import TrackedFace
+    from cabin_monitor.vision.align import FaceAligner, grey
+    from cabin_monitor.vision.detect import create_detector
+    from cabin_monitor.vision.emotion import EmotionModel
 
     model = EmotionModel(cfg.emotion)
     image = cv2.imread(str(sample_path("multi_face.jpg")))

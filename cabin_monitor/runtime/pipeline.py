@@ -17,11 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from cabin_monitor.capture import CameraState, FrameSource, SourceEnded
-from cabin_monitor.config import Config
-from cabin_monitor.mailbox import LatestMailbox
-from cabin_monitor.messages import Frame, FrameResult
-from cabin_monitor.payloads import (
+from cabin_monitor.bus.mqtt import EventSink
+from cabin_monitor.bus.payloads import (
     CameraHealth,
     HealthPayload,
     ModelHealth,
@@ -31,12 +28,15 @@ from cabin_monitor.payloads import (
     PipelineHealth,
     utc_iso,
 )
-from cabin_monitor.processor import STAGES, FrameProcessor
-from cabin_monitor.publish import EventSink
-from cabin_monitor.remote import RulesControl
-from cabin_monitor.sdnotify import SystemdNotifier
+from cabin_monitor.bus.remote import RulesControl
+from cabin_monitor.config import Config
+from cabin_monitor.messages import Frame, FrameResult
+from cabin_monitor.runtime.mailbox import LatestMailbox
+from cabin_monitor.runtime.processor import STAGES, FrameProcessor
+from cabin_monitor.runtime.sdnotify import SystemdNotifier
+from cabin_monitor.vision.capture import CameraState, FrameSource, SourceEnded
 
-log = structlog.get_logger("cabin_monitor.pipeline")
+log = structlog.get_logger("cabin_monitor.runtime.pipeline")
 JOIN_TIMEOUT_S = 5.0
 EXIT_OK = 0
 EXIT_STAGE_FAILED = 1

@@ -20,11 +20,11 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from cabin_monitor.bus.payloads import ConfigProblem, ConfigResultPayload, ConfigSetPayload, utc_iso
 from cabin_monitor.config import RulesConfig, deep_merge, describe_errors, merge_rules
-from cabin_monitor.payloads import ConfigProblem, ConfigResultPayload, ConfigSetPayload, utc_iso
 from cabin_monitor.rules import check_classes
 
-log = structlog.get_logger("cabin_monitor.remote")
+log = structlog.get_logger("cabin_monitor.bus.remote")
 
 
 class RulesControl:

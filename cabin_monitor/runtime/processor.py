@@ -12,13 +12,13 @@ from collections.abc import Callable
 
 import cv2
 
-from cabin_monitor.align import FaceAligner, grey
 from cabin_monitor.config import Config, RulesConfig
-from cabin_monitor.detect import FaceDetector, create_detector
-from cabin_monitor.emotion import EmotionModel
 from cabin_monitor.messages import Frame, FrameResult
 from cabin_monitor.rules import RulesEngine
-from cabin_monitor.track import OccupantTracker
+from cabin_monitor.vision.align import FaceAligner, grey
+from cabin_monitor.vision.detect import FaceDetector, create_detector
+from cabin_monitor.vision.emotion import EmotionModel
+from cabin_monitor.vision.track import OccupantTracker
 
 STAGES = ("detect", "track", "align", "emotion", "rules")
 

@@ -8,10 +8,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cabin_monitor.align import FaceAligner, grey, landmarks_to_frame, warp_crop
-from cabin_monitor.detect import FaceDetector
-from cabin_monitor.emotion import EmotionModel
 from cabin_monitor.messages import Frame, TrackedFace
+from cabin_monitor.vision.align import FaceAligner, grey, landmarks_to_frame, warp_crop
+from cabin_monitor.vision.detect import FaceDetector
+from cabin_monitor.vision.emotion import EmotionModel
 
 
 def analyze_image(

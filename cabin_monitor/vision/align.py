@@ -5,8 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from cabin_monitor.framing import TEMPLATE_5, apply_affine, cv2_matrix, invert_affine, similarity_transform
 from cabin_monitor.messages import AlignedFace, FloatArray, ImageArray, TrackedFace
+from cabin_monitor.vision.framing import TEMPLATE_5, apply_affine, cv2_matrix, invert_affine, similarity_transform
 
 # Template positions of the detector keypoints (right eye, left eye, nose tip,
 # mouth centre). The mouth counts twice, as its two corners do in the

@@ -12,10 +12,10 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from cabin_monitor.align import landmarks_to_frame
 from cabin_monitor.assets import DEFAULT_EMOTION_MODEL, find_model
 from cabin_monitor.config import EmotionConfig
 from cabin_monitor.messages import AlignedFace, EmotionReading, FloatArray, Frame
+from cabin_monitor.vision.align import landmarks_to_frame
 
 INPUT_NAME = "image"
 OUTPUT_PROBS = "emotion_probs"
@@ -25,7 +25,7 @@ PROVIDER_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
-log = structlog.get_logger("cabin_monitor.emotion")
+log = structlog.get_logger("cabin_monitor.vision.emotion")
 
 
 class ModelError(Exception):

@@ -17,17 +17,17 @@ import pytest
 from paho.mqtt import publish as mqtt_publish
 from pydantic import SecretStr
 
-from cabin_monitor.config import MqttConfig, TlsConfig
-from cabin_monitor.messages import Event
-from cabin_monitor.outbox import Outbox
-from cabin_monitor.payloads import (
+from cabin_monitor.bus.mqtt import MqttSink, StdoutSink, TlsSetupError
+from cabin_monitor.bus.outbox import Outbox
+from cabin_monitor.bus.payloads import (
     ConfigResultPayload,
     ConfigSetPayload,
     EventPayload,
     OccupantStatePayload,
     utc_iso,
 )
-from cabin_monitor.publish import MqttSink, StdoutSink, TlsSetupError
+from cabin_monitor.config import MqttConfig, TlsConfig
+from cabin_monitor.messages import Event
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage, free_port
 from tests.support.helpers import capturing_logger, make_event, make_health, wait_until
 from tests.support.pki import make_test_pki
@@ -42,8 +42,8 @@ import sys, time
 import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 from cabin_monitor.config import MqttConfig
-from cabin_monitor.outbox import Outbox
-from cabin_monitor.publish import MqttSink
+from cabin_monitor.bus.outbox import Outbox
+from cabin_monitor.bus.mqtt import MqttSink
 from tests.support.helpers import make_event
 url, outbox_path, *event_ids = sys.argv[1:]
 sink = MqttSink(MqttConfig(url=url, reconnect_min_s=0.05, reconnect_max_s=0.5), "car-1", Outbox(outbox_path))

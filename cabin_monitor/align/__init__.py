@@ -1,0 +1,9 @@
+"""Old import path of ``cabin_monitor.vision.align``, kept until ``training/`` imports the new one.
+
+A package rather than ``align.py``: with a file at the old path git would no longer see the move to
+``vision/align.py``, and edits made to ``align.py`` on other branches would not follow it there.
+"""
+
+from cabin_monitor.vision.align import FaceAligner, grey, warp_crop
+
+__all__ = ["FaceAligner", "grey", "warp_crop"]
