@@ -140,9 +140,9 @@ def _install_signals(pipeline: Any, config_path: Path | None) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from cabin_monitor.bus.outbox import OutboxError
     from cabin_monitor.config import ConfigError
+    from cabin_monitor.errors import ModelError
     from cabin_monitor.logs import configure_logging
     from cabin_monitor.vision.capture import SourceError
-    from cabin_monitor.vision.emotion import ModelError
 
     try:
         cfg = _load(args)
@@ -190,10 +190,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from cabin_monitor.config import DetectorConfig, EmotionConfig
+    from cabin_monitor.errors import ModelError
     from cabin_monitor.logs import configure_logging
     from cabin_monitor.tools.analyze import analyze_image
     from cabin_monitor.vision.detect import create_detector
-    from cabin_monitor.vision.emotion import EmotionModel, ModelError
+    from cabin_monitor.vision.emotion import EmotionModel
 
     configure_logging("warning", "auto")
     try:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
 ImageArray = npt.NDArray[np.uint8]
+Severity = Literal["info", "warning", "critical"]  # lowest first: a full outbox drops the lowest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +105,7 @@ class Event:
     emotions: dict[str, float]
     started_wall_time_s: float | None = None  # on ``end``: when the event started
     start_event_id: str | None = None  # on ``end``: the ``event_id`` of its start
-    severity: str = "warning"  # info | warning | critical
+    severity: Severity = "warning"
     frame_id: int = -1
 
 

@@ -33,6 +33,7 @@ from structlog.typing import FilteringBoundLogger
 from cabin_monitor.bus.outbox import DroppedEvent, Outbox, OutboxItem
 from cabin_monitor.bus.payloads import ConfigResultPayload, EventPayload, HealthPayload, OccupantStatePayload
 from cabin_monitor.config import MqttConfig, TlsConfig, parse_mqtt_url
+from cabin_monitor.errors import RuntimeFault
 from cabin_monitor.messages import Event
 
 log = structlog.get_logger("cabin_monitor.bus.mqtt")
@@ -115,7 +116,7 @@ class StdoutSink:
         return SinkStats(False, 0, 0, 0, {}, published)
 
 
-class TlsSetupError(ValueError):
+class TlsSetupError(RuntimeFault):
     """A TLS file named in the MQTT configuration is missing, unreadable or not usable."""
 
 

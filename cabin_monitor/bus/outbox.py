@@ -16,9 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, get_args
 
-SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+from cabin_monitor.errors import RuntimeFault
+from cabin_monitor.messages import Severity
+
+SEVERITY_RANK = {name: rank for rank, name in enumerate(get_args(Severity))}
 SEVERITY_NAME = {rank: name for name, rank in SEVERITY_RANK.items()}
 DropReason = Literal["full", "expired"]
 SCHEMA_VERSION = 1
@@ -39,7 +42,7 @@ CREATE INDEX IF NOT EXISTS outbox_age ON outbox (created_wall_s);
 """
 
 
-class OutboxError(Exception):
+class OutboxError(RuntimeFault):
     """The outbox file cannot be opened or used."""
 
     def __init__(self, path: Path, reason: str) -> None:

@@ -20,11 +20,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from cabin_monitor.messages import Event
+from cabin_monitor.messages import Event, Severity
 
 SCHEMA_VERSION: Literal[1] = 1
-
-Severity = Literal["info", "warning", "critical"]
 
 
 def utc_iso(wall_time_s: float) -> str:

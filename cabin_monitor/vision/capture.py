@@ -24,6 +24,7 @@ import structlog
 
 from cabin_monitor.assets import SAMPLE_VIDEO
 from cabin_monitor.config import CameraConfig
+from cabin_monitor.errors import RuntimeFault
 from cabin_monitor.messages import Frame, ImageArray
 
 log = structlog.get_logger("cabin_monitor.vision.capture")
@@ -34,7 +35,7 @@ class SourceEnded(Exception):
     """The source has no more frames (end of file, or the daemon is stopping)."""
 
 
-class SourceError(Exception):
+class SourceError(RuntimeFault):
     """The source cannot be used at all (e.g. a video file that does not exist)."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from cabin_monitor.assets import DETECTOR_FILES, find_model
 from cabin_monitor.config import DetectorConfig
+from cabin_monitor.errors import ModelNotFoundError
 from cabin_monitor.messages import Face, Frame, ImageArray
 
 # OpenCV logs a harmless notice per YuNet model load; keep stderr for our own logs.
@@ -157,7 +158,7 @@ def _bgr(image: ImageArray) -> ImageArray:
 
 def _require_file(path: Path) -> None:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"face detector model not found: {path}")
+        raise ModelNotFoundError(f"face detector model not found: {path}")
 
 
 def create_detector(cfg: DetectorConfig) -> FaceDetector:

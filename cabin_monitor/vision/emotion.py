@@ -14,6 +14,7 @@ import structlog
 
 from cabin_monitor.assets import DEFAULT_EMOTION_MODEL, find_model
 from cabin_monitor.config import EmotionConfig
+from cabin_monitor.errors import ModelError, ModelNotFoundError
 from cabin_monitor.messages import AlignedFace, EmotionReading, FloatArray, Frame
 from cabin_monitor.vision.align import landmarks_to_frame
 
@@ -26,10 +27,6 @@ PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
 }
 log = structlog.get_logger("cabin_monitor.vision.emotion")
-
-
-class ModelError(Exception):
-    """The emotion model cannot be loaded or does not fit what the daemon needs."""
 
 
 class ProviderError(ModelError):
@@ -90,7 +87,7 @@ class EmotionModel:
         self.cfg = cfg
         path = Path(cfg.model_path) if cfg.model_path else find_model(DEFAULT_EMOTION_MODEL)
         if not path.is_file():
-            raise ModelError(f"emotion model not found: {path}")
+            raise ModelNotFoundError(f"emotion model not found: {path}")
         available = set(ort.get_available_providers())
         requested = _provider_list(cfg)
         usable = [p for p in requested if (p[0] if isinstance(p, tuple) else p) in available]
