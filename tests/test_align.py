@@ -53,6 +53,17 @@ def test_real_face_crop_puts_the_eyes_on_the_template() -> None:
     assert np.abs(eyes_in_crop - KEYPOINT_TEMPLATE[:2] * 112).max() < 6.0
 
 
+def test_a_face_is_cropped_without_tracking() -> None:
+    """crop takes a detected face as it is: the same crop and transform as align gives its tracked face."""
+    image = cv2.imread(str(sample_path("single_face.jpg")))
+    face = detected_face(image)
+    aligner = FaceAligner(112)
+    crop, matrix = aligner.crop(grey(image), face)
+    aligned = aligner.align(grey(image), TrackedFace(face, "occupant-1", "driver"))
+    assert np.array_equal(crop, aligned.crop) and np.array_equal(matrix, aligned.frame_to_crop)
+    assert aligned.tracked.occupant_id == "occupant-1"
+
+
 def test_big_faces_are_shrunk_without_aliasing() -> None:
     """A face four times larger gives nearly the same crop as the original (area-averaged shrink)."""
     image = cv2.imread(str(sample_path("single_face.jpg")))

@@ -11,9 +11,8 @@ import pytest
 
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import CameraConfig
-from cabin_monitor.messages import Frame
+from cabin_monitor.messages import CameraState, Frame
 from cabin_monitor.vision.capture import (
-    CameraState,
     FrameSource,
     SourceEnded,
     SourceError,

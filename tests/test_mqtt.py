@@ -1,8 +1,7 @@
-"""The event sinks against a real Mosquitto: delivery, availability, outages, remote config, TLS."""
+"""The MQTT sink against a real Mosquitto: delivery, availability, outages, remote config, TLS."""
 
 from __future__ import annotations
 
-import io
 import json
 import signal
 import subprocess
@@ -10,24 +9,29 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, MutableMapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from paho.mqtt import publish as mqtt_publish
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
-from cabin_monitor.bus.mqtt import MqttSink, StdoutSink, TlsSetupError
+from cabin_monitor.bus.mqtt import MqttSink, TlsSetupError
 from cabin_monitor.bus.outbox import Outbox
 from cabin_monitor.bus.payloads import (
     ConfigResultPayload,
     ConfigSetPayload,
-    EventPayload,
-    OccupantStatePayload,
+    event_payload,
+    health_payload,
+    state_payloads,
     utc_iso,
 )
+from cabin_monitor.bus.remote import answer_config_set
 from cabin_monitor.config import MqttConfig, TlsConfig
-from cabin_monitor.messages import Event
+from cabin_monitor.messages import CameraState, Event
+from cabin_monitor.rules import OccupantState
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage, free_port
 from tests.support.helpers import capturing_logger, make_event, make_health, wait_until
 from tests.support.pki import make_test_pki
@@ -71,7 +75,7 @@ def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 def make_sink(url: str, outbox: Outbox, **options: Any) -> MqttSink:
     """A started sink with fast reconnects."""
-    sink_options = {k: options.pop(k) for k in ("on_config_set", "logger", "max_payload_bytes") if k in options}
+    sink_options = {k: options.pop(k) for k in ("on_config_set", "logger") if k in options}
     sink = MqttSink(MqttConfig(url=url, **(FAST | options)), "car-1", outbox, **sink_options)
     sink.start()
     return sink
@@ -86,7 +90,7 @@ def event_ids(messages: list[RecordedMessage]) -> list[str]:
 
 
 def expected_bytes(event: Event) -> bytes:
-    return EventPayload.from_event(event, "car-1").model_dump_json().encode()
+    return event_payload(event, "car-1").model_dump_json().encode()
 
 
 def test_events_arrive_once_in_order(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
@@ -203,44 +207,43 @@ def test_events_kept_while_broker_down(persistent_broker: MosquittoBroker, outbo
 def test_health_retained_latest_wins_and_state(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
     """Health given while offline is published retained on connect (latest only); states go out at QoS 0."""
     first = make_health()
-    latest = first.model_copy(update={"status": "degraded", "last_error": "camera stalled"})
+    latest = replace(first, camera=replace(first.camera, state=CameraState.STALLED, last_error="camera stalled"))
     sink = MqttSink(MqttConfig(url=mqtt_broker.url, **FAST), "car-1", outbox)
     sink.publish_health(first)
     sink.publish_health(latest)
     sink.start()
-    state = OccupantStatePayload(
-        vehicle_id="car-1",
-        occupant_id="occupant-1",
-        seat="driver",
-        ts=utc_iso(1_700_000_000),
-        emotions={"neutral": 0.9, "anger": 0.1},
-        top_emotion="neutral",
-        active_events=[],
-    )
+    occupant = OccupantState("occupant-1", "driver", 10.0, {"neutral": 0.9, "anger": 0.1}, ())
     with MqttRecorder(mqtt_broker.url, [f"{BASE}/#"], clean_session=True) as recorder:
         recorder.wait_for(lambda ms: any(m.topic == f"{BASE}/health" for m in ms))
-        sink.publish_state([state])
+        sink.publish_state([occupant], 1_700_000_000)
         recorder.wait_for(lambda ms: any(m.topic == f"{BASE}/occupants/occupant-1/state" for m in ms))
     sink.stop(flush_timeout_s=1.0)
     health = [m for m in recorder.messages if m.topic == f"{BASE}/health"]
-    assert [m.payload for m in health] == [latest.model_dump_json().encode()]
+    assert [m.payload for m in health] == [health_payload(latest, "car-1").model_dump_json().encode()]
+    assert json.loads(health[0].payload)["status"] == "degraded"
     states = [m for m in recorder.messages if m.topic.endswith("/state")]
-    assert OccupantStatePayload.model_validate_json(states[0].payload) == state
+    assert [m.payload for m in states] == [
+        s.model_dump_json().encode() for s in state_payloads([occupant], "car-1", 1_700_000_000)
+    ]
 
 
 def test_config_set(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
-    """Valid requests reach the callback; oversized, non-JSON and failing ones get error results; the sink goes on."""
-    received: list[bytes] = []
+    """Valid requests are applied; oversized, non-JSON and failing ones get error results; the sink goes on."""
+    applied: list[ConfigSetPayload] = []
 
-    def on_config_set(payload: bytes) -> ConfigResultPayload:
-        received.append(payload)
-        request = ConfigSetPayload.model_validate_json(payload)
+    def apply(request: ConfigSetPayload, now: float) -> ConfigResultPayload:
+        applied.append(request)
         if request.rules.get("boom"):
             raise RuntimeError("disk full")
-        return ConfigResultPayload(ts=utc_iso(0), request_id=request.request_id, ok=True, rules=request.rules)
+        return ConfigResultPayload(ts=utc_iso(now), request_id=request.request_id, ok=True, rules=request.rules)
+
+    def on_config_set(payload: bytes) -> ConfigResultPayload:
+        if payload == b"crash":
+            raise RuntimeError("a handler that raises")  # the sink must outlive it
+        return answer_config_set(payload, 200, apply, time.time())
 
     logger, logs = capturing_logger()
-    sink = make_sink(mqtt_broker.url, outbox, on_config_set=on_config_set, logger=logger, max_payload_bytes=200)
+    sink = make_sink(mqtt_broker.url, outbox, on_config_set=on_config_set, logger=logger)
     wait_until(lambda: sink.stats().connected, what="connected")
     requests = [
         ConfigSetPayload(request_id="ok-1", rules={"smoothing_s": 1.0}).model_dump_json().encode(),
@@ -250,25 +253,28 @@ def test_config_set(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
         b"[1, 2]",
         json.dumps({"request_id": "boom-1", "rules": {"boom": True}}).encode(),
     ]
-    with MqttRecorder(mqtt_broker.url, [f"{BASE}/config/result", f"{BASE}/events"], clean_session=True) as recorder:
-        for payload in requests:
+    topics = [f"{BASE}/config/result", f"{BASE}/events"]
+    with capture_logs() as remote_logs, MqttRecorder(mqtt_broker.url, topics, clean_session=True) as recorder:
+        for payload in [*requests, b"crash"]:
             mqtt_publish.single(f"{BASE}/config/set", payload, qos=1, hostname="127.0.0.1", port=mqtt_broker.port)
         recorder.wait_for(lambda ms: len(ms) >= len(requests))
+        wait_until(lambda: any(e["event"] == "config/set could not be answered" for e in logs.entries), what="crash")
         event = make_event()
         sink.submit_event(event)
         recorder.wait_for(lambda ms: any(m.topic == f"{BASE}/events" for m in ms))
     sink.stop(flush_timeout_s=1.0)
     results = [ConfigResultPayload.model_validate_json(m.payload) for m in recorder.messages[: len(requests)]]
     assert all(not m.retain for m in recorder.messages)
-    assert received == [requests[0], requests[5]]
+    assert [r.request_id for r in applied] == ["ok-1", "boom-1"]
     assert results[0].ok and results[0].request_id == "ok-1" and results[0].rules == {"smoothing_s": 1.0}
     assert [r.ok for r in results[1:]] == [False] * 5
     assert "at most 200" in results[1].errors[0].message
     assert "not JSON" in results[2].errors[0].message and "not JSON" in results[3].errors[0].message
     assert "JSON object" in results[4].errors[0].message
     assert results[5].request_id == "boom-1" and "disk full" in results[5].errors[0].message
+    assert len(recorder.messages) == len(requests) + 1  # nothing published for the crash
     assert recorder.messages[-1].payload == expected_bytes(event)
-    assert any(e["event"] == "config/set handler failed" and e["log_level"] == "error" for e in logs.entries)
+    assert any(e["event"] == "config/set handler failed" and e["log_level"] == "error" for e in remote_logs)
 
 
 def test_tls_mutual_authentication(tmp_path: Path, outbox: Outbox) -> None:
@@ -324,20 +330,3 @@ def test_username_password(tmp_path: Path, outbox: Outbox) -> None:
         wait_until(lambda: any(e["event"] == "mqtt broker refused the connection" for e in logs.entries))
         bad.stop(flush_timeout_s=0.1)
         assert not bad.stats().connected
-
-
-def test_stdout_sink_prints_json_lines() -> None:
-    """Each event is one EventPayload JSON line."""
-    stream = io.StringIO()
-    sink = StdoutSink("car-1", stream)
-    events = [make_event(), make_event(severity="info")]
-    sink.start()
-    for event in events:
-        sink.submit_event(event)
-    sink.publish_health(make_health())
-    sink.stop(flush_timeout_s=0.1)
-    lines = stream.getvalue().splitlines()
-    assert [EventPayload.model_validate_json(line) for line in lines] == [
-        EventPayload.from_event(e, "car-1") for e in events
-    ]
-    assert sink.stats().published_total == 2

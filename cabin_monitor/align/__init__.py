@@ -4,6 +4,6 @@ A package rather than ``align.py``: with a file at the old path git would no lon
 ``vision/align.py``, and edits made to ``align.py`` on other branches would not follow it there.
 """
 
-from cabin_monitor.vision.align import FaceAligner, grey, warp_crop
+from cabin_monitor.vision.align import FaceAligner, grey
 
-__all__ = ["FaceAligner", "grey", "warp_crop"]
+__all__ = ["FaceAligner", "grey"]

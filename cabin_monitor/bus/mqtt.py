@@ -1,4 +1,7 @@
-"""Event sinks: MQTT with a durable outbox, or JSON lines on stdout.
+"""The broker connection: events through a durable outbox, occupant states, health, and ``config/set``.
+
+It only transports: payloads come from ``bus.payloads``, and ``config/set`` requests go, as bytes,
+to the handler that answers them (``bus.remote``).
 
 ``MqttSink`` writes every event to the ``Outbox`` before ``submit_event`` returns and removes it
 only on the broker's PUBACK, so delivery is at-least-once across lost connections, broker restarts
@@ -13,15 +16,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import random
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, TextIO
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -31,10 +30,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 from structlog.typing import FilteringBoundLogger
 
 from cabin_monitor.bus.outbox import DroppedEvent, Outbox, OutboxItem
-from cabin_monitor.bus.payloads import ConfigResultPayload, EventPayload, HealthPayload, OccupantStatePayload
+from cabin_monitor.bus.payloads import ConfigResultPayload, event_payload, health_payload, state_payloads
 from cabin_monitor.config import MqttConfig, TlsConfig, parse_mqtt_url
 from cabin_monitor.errors import RuntimeFault
-from cabin_monitor.messages import Event
+from cabin_monitor.messages import Event, HealthSnapshot, SinkStats
+from cabin_monitor.rules import OccupantState
 
 log = structlog.get_logger("cabin_monitor.bus.mqtt")
 
@@ -42,78 +42,6 @@ CONNECT_TIMEOUT_S = 5.0  # TCP connect, TLS handshake, and again for the CONNACK
 OFFLINE_TIMEOUT_S = 2.0  # wait for the PUBACK of the 'offline' status on stop
 WAKE_S = 0.5  # the sender looks at the stop flag at least this often
 EXPIRE_EVERY_S = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class SinkStats:
-    """What a sink reports for the health payload."""
-
-    connected: bool
-    reconnects: int  # connections re-established after the first one
-    outbox_depth: int
-    dropped_total: int
-    dropped_by_reason: dict[str, int]
-    published_total: int  # events delivered (acknowledged by the broker, or printed)
-
-
-class EventSink(Protocol):
-    """Where events, occupant states and health go."""
-
-    def start(self) -> None:
-        """Begin delivering (connect in the background)."""
-
-    def submit_event(self, event: Event) -> None:
-        """Queue an event for delivery; durable once this returns (for sinks with an outbox)."""
-
-    def publish_state(self, states: Sequence[OccupantStatePayload]) -> None:
-        """Best effort, QoS 0: dropped while offline."""
-
-    def publish_health(self, health: HealthPayload) -> None:
-        """Retained, QoS 1; only the latest is kept while offline."""
-
-    def stop(self, flush_timeout_s: float) -> None:
-        """Deliver pending events for up to ``flush_timeout_s``, then shut down cleanly."""
-
-    def stats(self) -> SinkStats:
-        """Counters for the health payload."""
-
-
-class StdoutSink:
-    """Prints each event as one JSON line (an ``EventPayload``); states and health are not printed."""
-
-    def __init__(self, vehicle_id: str, stream: TextIO | None = None) -> None:
-        self._vehicle_id = vehicle_id
-        self._stream = stream if stream is not None else sys.stdout
-        self._lock = threading.Lock()
-        self._published_total = 0
-
-    def start(self) -> None:
-        """Nothing to connect."""
-
-    def submit_event(self, event: Event) -> None:
-        """Print the event's JSON line and flush, so a pipe reader sees it at once."""
-        line = EventPayload.from_event(event, self._vehicle_id).model_dump_json()
-        with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
-            self._published_total += 1
-
-    def publish_state(self, states: Sequence[OccupantStatePayload]) -> None:
-        """Ignored: stdout carries events only, one kind of line for consumers to parse."""
-
-    def publish_health(self, health: HealthPayload) -> None:
-        """Ignored (health is in the logs)."""
-
-    def stop(self, flush_timeout_s: float) -> None:
-        """Flush the stream."""
-        with self._lock:
-            self._stream.flush()
-
-    def stats(self) -> SinkStats:
-        """No broker, no outbox: only the count of events printed."""
-        with self._lock:
-            published = self._published_total
-        return SinkStats(False, 0, 0, 0, {}, published)
 
 
 class TlsSetupError(RuntimeFault):
@@ -152,8 +80,8 @@ class MqttSink:
     Topics are ``<topic_prefix>/<vehicle_id>/...``: ``status`` (retained ``online``/``offline``, also
     the last will), ``events``, ``occupants/<occupant_id>/state``, ``health``, and, when
     ``on_config_set`` is given, ``config/set`` in and ``config/result`` out. ``on_config_set`` runs
-    on the MQTT network thread; payloads over ``max_payload_bytes``, non-JSON payloads and exceptions
-    are answered with an error result instead of reaching it (or escaping it).
+    on the MQTT network thread and gets each request's bytes as they came; what it returns is
+    published as the result.
     """
 
     def __init__(
@@ -164,7 +92,6 @@ class MqttSink:
         on_config_set: Callable[[bytes], ConfigResultPayload] | None = None,
         logger: FilteringBoundLogger | None = None,
         *,
-        max_payload_bytes: int = 16384,
         rng: random.Random | None = None,
     ) -> None:
         if config.url is None:
@@ -177,7 +104,6 @@ class MqttSink:
         self._client_id = config.client_id or f"cabin-monitor-{vehicle_id}"
         self._outbox = outbox
         self._on_config_set = on_config_set
-        self._max_payload_bytes = max_payload_bytes
         self._rng = rng or random.Random()
         # Not bound here: binding the module's lazy logger would freeze the logging set-up of this moment.
         self._log: FilteringBoundLogger = logger or log
@@ -221,23 +147,24 @@ class MqttSink:
 
     def submit_event(self, event: Event) -> None:
         """Write the event to the outbox (durable on return) and wake the sender."""
-        payload = EventPayload.from_event(event, self._vehicle_id).model_dump_json().encode()
+        payload = event_payload(event, self._vehicle_id).model_dump_json().encode()
         dropped = self._outbox.put(event.event_id, self.events_topic, payload, event.severity, event.wall_time_s)
         self._log_dropped(dropped)
         self._wake.set()
 
-    def publish_state(self, states: Sequence[OccupantStatePayload]) -> None:
-        """Publish at QoS 0 if connected; dropped otherwise (a newer state follows soon)."""
+    def publish_state(self, occupants: Sequence[OccupantState], wall_time_s: float) -> None:
+        """Publish each occupant's state at QoS 0 if connected; dropped otherwise (a newer state follows soon)."""
         client = self._client
         if not self._connected or client is None:
             return
-        for state in states:
+        for state in state_payloads(occupants, self._vehicle_id, wall_time_s):
             client.publish(self.state_topic(state.occupant_id), state.model_dump_json().encode(), qos=0)
 
-    def publish_health(self, health: HealthPayload) -> None:
+    def publish_health(self, health: HealthSnapshot) -> None:
         """Hand the latest health to the sender; published retained at QoS 1 now or after reconnecting."""
+        payload = health_payload(health, self._vehicle_id).model_dump_json().encode()
         with self._health_lock:
-            self._health = health.model_dump_json().encode()
+            self._health = payload
             self._health_dirty = True
         self._wake.set()
 
@@ -488,37 +415,8 @@ class MqttSink:
         if message.topic != self.config_set_topic or self._on_config_set is None:
             return
         try:
-            result = self._answer_config_set(self._on_config_set, bytes(message.payload))
+            result = self._on_config_set(bytes(message.payload))
             client.publish(self.config_result_topic, result.model_dump_json().encode(), qos=1)
         except Exception:
             # An exception here would end paho's network thread.
             self._log.exception("config/set could not be answered")
-
-    def _answer_config_set(
-        self, handler: Callable[[bytes], ConfigResultPayload], payload: bytes
-    ) -> ConfigResultPayload:
-        now = time.time()
-        if len(payload) > self._max_payload_bytes:
-            self._log.warning(
-                "config/set refused: payload too large", size_bytes=len(payload), limit_bytes=self._max_payload_bytes
-            )
-            return ConfigResultPayload.failure(
-                f"payload is {len(payload)} bytes; at most {self._max_payload_bytes} are accepted", wall_time_s=now
-            )
-        try:
-            document = json.loads(payload)
-        except (ValueError, RecursionError) as exc:
-            self._log.warning("config/set refused: not JSON", error=str(exc))
-            return ConfigResultPayload.failure(f"payload is not JSON: {exc}", wall_time_s=now)
-        if not isinstance(document, dict):
-            self._log.warning("config/set refused: not a JSON object")
-            return ConfigResultPayload.failure("payload must be a JSON object", wall_time_s=now)
-        request_id = document.get("request_id")
-        request_id = request_id if isinstance(request_id, str) else None
-        try:
-            return handler(payload)
-        except Exception as exc:
-            self._log.exception("config/set handler failed", request_id=request_id)
-            return ConfigResultPayload.failure(
-                f"the change could not be applied: {type(exc).__name__}: {exc}", wall_time_s=now, request_id=request_id
-            )

@@ -1,4 +1,8 @@
-"""The JSON payloads the daemon publishes on MQTT, as strict pydantic models.
+"""The JSON payloads the daemon publishes on MQTT, as strict pydantic models, and their assembly.
+
+The pipeline hands the bus plain messages (``Event``, the rules engine's ``OccupantState``, a
+``HealthSnapshot``); ``event_payload``, ``state_payloads`` and ``health_payload`` are the one place
+that turns them into payloads, which the sinks serialise and send.
 
 Topics are ``<topic_prefix>/<vehicle_id>/<name>``:
 
@@ -15,12 +19,14 @@ Every payload carries ``schema_version`` so consumers can tell formats apart.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from cabin_monitor.messages import Event, Severity
+from cabin_monitor.messages import Event, HealthSnapshot, HealthStatus, Severity
+from cabin_monitor.rules import OccupantState
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -94,26 +100,6 @@ class EventPayload(_Payload):
             raise ValueError("a 'start' event has no started_ts or start_event_id")
         return self
 
-    @classmethod
-    def from_event(cls, event: Event, vehicle_id: str) -> EventPayload:
-        """The payload of a rules-engine event."""
-        return cls(
-            event_id=event.event_id,
-            vehicle_id=vehicle_id,
-            type=event.type,
-            phase=event.phase.value,
-            occupant_id=event.occupant_id,
-            seat=event.seat,
-            ts=utc_iso(event.wall_time_s),
-            started_ts=None if event.started_wall_time_s is None else utc_iso(event.started_wall_time_s),
-            start_event_id=event.start_event_id,
-            score=event.score,
-            emotions=dict(event.emotions),
-            rule=event.rule,
-            severity=event.severity,
-            frame_id=event.frame_id,
-        )
-
 
 class OccupantStatePayload(_Payload):
     """The latest smoothed reading of one occupant; topic ``occupants/<occupant_id>/state``, QoS 0."""
@@ -178,7 +164,7 @@ class HealthPayload(_Payload):
     schema_version: Literal[1] = SCHEMA_VERSION
     vehicle_id: str
     ts: UtcTimestamp
-    status: Literal["ok", "degraded", "error"]
+    status: HealthStatus
     camera: CameraHealth
     pipeline: PipelineHealth
     model: ModelHealth
@@ -226,6 +212,82 @@ class ConfigResultPayload(_Payload):
         return cls(
             ts=utc_iso(wall_time_s), request_id=request_id, ok=False, errors=[ConfigProblem(path=path, message=message)]
         )
+
+
+def event_payload(event: Event, vehicle_id: str) -> EventPayload:
+    """The payload of a rules-engine event."""
+    return EventPayload(
+        event_id=event.event_id,
+        vehicle_id=vehicle_id,
+        type=event.type,
+        phase=event.phase.value,
+        occupant_id=event.occupant_id,
+        seat=event.seat,
+        ts=utc_iso(event.wall_time_s),
+        started_ts=None if event.started_wall_time_s is None else utc_iso(event.started_wall_time_s),
+        start_event_id=event.start_event_id,
+        score=event.score,
+        emotions=dict(event.emotions),
+        rule=event.rule,
+        severity=event.severity,
+        frame_id=event.frame_id,
+    )
+
+
+def state_payloads(
+    occupants: Sequence[OccupantState], vehicle_id: str, wall_time_s: float
+) -> list[OccupantStatePayload]:
+    """The state payload of every occupant the model has read so far."""
+    return [
+        OccupantStatePayload(
+            vehicle_id=vehicle_id,
+            occupant_id=occ.occupant_id,
+            seat=occ.seat,
+            ts=utc_iso(wall_time_s),
+            emotions={k: round(v, 4) for k, v in occ.emotions.items()},
+            top_emotion=max(occ.emotions, key=lambda k: occ.emotions[k]),
+            active_events=list(occ.active_events),
+        )
+        for occ in occupants
+        if occ.emotions
+    ]
+
+
+def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
+    """The health payload of a snapshot."""
+    cam, sink = health.camera, health.sink
+    return HealthPayload(
+        vehicle_id=vehicle_id,
+        ts=utc_iso(health.wall_time_s),
+        status=health.status,
+        camera=CameraHealth(
+            state=cam.state.value,  # type: ignore[arg-type]
+            source=cam.source,
+            fps=health.camera_fps,
+            frames=cam.frames,
+            corrupt_frames=cam.corrupt_frames,
+            reopen_count=cam.reopen_count,
+            last_error=cam.last_error,
+        ),
+        pipeline=PipelineHealth(
+            fps=health.processed_fps,
+            frames_processed=health.frames_processed,
+            dropped_frames=health.dropped_frames,
+            stale_frames=health.stale_frames,
+        ),
+        model=ModelHealth(
+            path=health.model_path,
+            providers_requested=list(health.providers_requested),
+            provider_in_use=health.provider_in_use,
+        ),
+        outbox=OutboxHealth(
+            depth=sink.outbox_depth,
+            dropped_total=sink.dropped_total,
+            dropped_by_reason=dict(sink.dropped_by_reason),
+        ),
+        mqtt=MqttHealth(connected=sink.connected, reconnects=sink.reconnects),
+        last_error=health.last_error,
+    )
 
 
 PAYLOADS: dict[str, type[BaseModel]] = {

@@ -2,9 +2,9 @@
 
 The effective rules are the configuration file's ``rules`` section with the
 accumulated override patch merged on top. A change is validated completely
-(JSON, payload shape, every rule field, class names against the model), then
-written to the override file, then swapped in; any failure leaves everything
-as it was and is answered with the exact problems.
+(size, JSON, payload shape, every rule field, class names against the model),
+then written to the override file, then swapped in; any failure leaves
+everything as it was and is answered with the exact problems.
 """
 
 from __future__ import annotations
@@ -91,42 +91,30 @@ class RulesControl:
 
     def handle_set(self, payload: bytes) -> ConfigResultPayload:
         """Validate, persist and apply one ``config/set`` message; the answer for ``config/result``."""
-        now = self._wall()
-        if len(payload) > self._max_bytes:
-            return ConfigResultPayload.failure(
-                f"payload is {len(payload)} bytes; the limit is {self._max_bytes}", wall_time_s=now
-            )
-        try:
-            raw = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return ConfigResultPayload.failure(f"payload is not UTF-8 JSON: {exc}", wall_time_s=now)
-        request_id = raw.get("request_id") if isinstance(raw, dict) else None
-        request_id = request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
-        try:
-            request = ConfigSetPayload.model_validate(raw)
-        except ValidationError as exc:
-            return self._refuse(describe_errors(exc), now, request_id)
+        return answer_config_set(payload, self._max_bytes, self._apply, self._wall())
+
+    def _apply(self, request: ConfigSetPayload, now: float) -> ConfigResultPayload:
         with self._lock:
             patch = deep_merge(self._patch, request.rules)
             try:
                 effective = merge_rules(self._base, patch)
             except ValidationError as exc:
-                return self._refuse(describe_errors(exc), now, request_id, prefix="rules.")
+                return refusal(describe_errors(exc), now, request.request_id, prefix="rules.")
             try:
                 check_classes(effective, self._class_names)
             except ValueError as exc:
-                return self._refuse([f"rules: {exc}"], now, request_id)
+                return refusal([f"rules: {exc}"], now, request.request_id)
             try:
                 self._persist(patch)
             except OSError as exc:
                 log.error("cannot persist rules override", path=str(self._path), error=str(exc))
-                return self._refuse([f"(state): cannot save the override file: {exc}"], now, request_id)
+                return refusal([f"(state): cannot save the override file: {exc}"], now, request.request_id)
             self._patch = patch
             self._effective = effective
             self._pending = effective
-        log.info("rules changed over MQTT", request_id=request_id, change=request.rules)
+        log.info("rules changed over MQTT", request_id=request.request_id, change=request.rules)
         return ConfigResultPayload(
-            ts=utc_iso(now), request_id=request_id, ok=True, rules=effective.model_dump(mode="json")
+            ts=utc_iso(now), request_id=request.request_id, ok=True, rules=effective.model_dump(mode="json")
         )
 
     def _persist(self, patch: dict[str, Any]) -> None:
@@ -140,10 +128,53 @@ class RulesControl:
             os.fsync(f.fileno())
         os.replace(tmp, self._path)
 
-    def _refuse(self, problems: list[str], now: float, request_id: str | None, prefix: str = "") -> ConfigResultPayload:
-        errors = []
-        for line in problems:
-            path, _, message = line.partition(": ")
-            errors.append(ConfigProblem(path=prefix + path.split(" (line")[0], message=message or line))
-        log.warning("config/set refused", request_id=request_id, errors=[e.model_dump() for e in errors])
-        return ConfigResultPayload(ts=utc_iso(now), request_id=request_id, ok=False, errors=errors)
+
+def answer_config_set(
+    payload: bytes,
+    max_payload_bytes: int,
+    apply: Callable[[ConfigSetPayload, float], ConfigResultPayload],
+    wall_time_s: float,
+) -> ConfigResultPayload:
+    """The answer to one ``config/set`` payload, the only place a request is checked.
+
+    Too large, not JSON, not an object, or not a ``ConfigSetPayload``: refused with the problem.
+    Otherwise ``apply`` answers; if it raises, the answer says so, since the operator waits for one.
+    """
+    if len(payload) > max_payload_bytes:
+        log.warning("config/set refused: payload too large", size_bytes=len(payload), limit_bytes=max_payload_bytes)
+        return ConfigResultPayload.failure(
+            f"payload is {len(payload)} bytes; at most {max_payload_bytes} are accepted", wall_time_s=wall_time_s
+        )
+    try:
+        document = json.loads(payload.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError too
+        log.warning("config/set refused: not JSON", error=str(exc))
+        return ConfigResultPayload.failure(f"payload is not JSON: {exc}", wall_time_s=wall_time_s)
+    if not isinstance(document, dict):
+        log.warning("config/set refused: not a JSON object")
+        return ConfigResultPayload.failure("payload must be a JSON object", wall_time_s=wall_time_s)
+    request_id = document.get("request_id")
+    request_id = request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+    try:
+        request = ConfigSetPayload.model_validate(document)
+    except ValidationError as exc:
+        return refusal(describe_errors(exc), wall_time_s, request_id)
+    try:
+        return apply(request, wall_time_s)
+    except Exception as exc:
+        log.exception("config/set handler failed", request_id=request_id)
+        return ConfigResultPayload.failure(
+            f"the change could not be applied: {type(exc).__name__}: {exc}",
+            wall_time_s=wall_time_s,
+            request_id=request_id,
+        )
+
+
+def refusal(problems: list[str], wall_time_s: float, request_id: str | None, prefix: str = "") -> ConfigResultPayload:
+    """A refused request's answer, one error per ``path: message`` line (``describe_errors`` style)."""
+    errors = []
+    for line in problems:
+        path, _, message = line.partition(": ")
+        errors.append(ConfigProblem(path=prefix + path.split(" (line")[0], message=message or line))
+    log.warning("config/set refused", request_id=request_id, errors=[e.model_dump() for e in errors])
+    return ConfigResultPayload(ts=utc_iso(wall_time_s), request_id=request_id, ok=False, errors=errors)

@@ -10,57 +10,25 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import structlog
 
-from cabin_monitor.bus.mqtt import EventSink
-from cabin_monitor.bus.payloads import (
-    CameraHealth,
-    HealthPayload,
-    ModelHealth,
-    MqttHealth,
-    OccupantStatePayload,
-    OutboxHealth,
-    PipelineHealth,
-    utc_iso,
-)
 from cabin_monitor.bus.remote import RulesControl
+from cabin_monitor.bus.sinks import EventSink
 from cabin_monitor.config import Config
-from cabin_monitor.messages import Frame, FrameResult
+from cabin_monitor.messages import CameraState, Frame, FrameResult, HealthSnapshot
+from cabin_monitor.metrics import LatencyWindow, RateWindow
 from cabin_monitor.runtime.mailbox import LatestMailbox
 from cabin_monitor.runtime.processor import STAGES, FrameProcessor
 from cabin_monitor.runtime.sdnotify import SystemdNotifier
-from cabin_monitor.vision.capture import CameraState, FrameSource, SourceEnded
+from cabin_monitor.vision.capture import FrameSource, SourceEnded
 
 log = structlog.get_logger("cabin_monitor.runtime.pipeline")
 JOIN_TIMEOUT_S = 5.0
 EXIT_OK = 0
 EXIT_STAGE_FAILED = 1
-
-
-class LatencyWindow:
-    """The last N samples of a latency, for percentiles."""
-
-    def __init__(self, size: int = 600) -> None:
-        self._values: deque[float] = deque(maxlen=size)
-        self._lock = threading.Lock()
-
-    def add(self, value_ms: float) -> None:
-        """Record one sample."""
-        with self._lock:
-            self._values.append(value_ms)
-
-    def percentiles(self) -> dict[str, float]:
-        """p50 and p95 of the window (0 when empty)."""
-        with self._lock:
-            values = np.array(self._values, dtype=np.float64)
-        if values.size == 0:
-            return {"p50": 0.0, "p95": 0.0}
-        return {"p50": round(float(np.percentile(values, 50)), 2), "p95": round(float(np.percentile(values, 95)), 2)}
 
 
 @dataclass
@@ -104,7 +72,7 @@ class Pipeline:
         self._failure: str | None = None
         self._threads: list[threading.Thread] = []
         self._inference_done = threading.Event()
-        self._fps_window: deque[float] = deque(maxlen=120)
+        self._fps = RateWindow()
         self._stop_reason: str | None = None
         self._reload_requested = threading.Event()
         self.on_reload: Callable[[], None] | None = None
@@ -199,7 +167,7 @@ class Pipeline:
             self._counters.frames_processed += 1
             self._counters.events += len(result.events)
             self._counters.last_processed_s = frame.capture_s if not self.source.paced_realtime else now
-            self._fps_window.append(now)
+            self._fps.add(now)
         self._maybe_publish_state(now, frame.wall_time_s)
         if self.on_result is not None:
             self.on_result(result)
@@ -211,80 +179,33 @@ class Pipeline:
         if interval <= 0 or now - self._last_state_s < interval:
             return
         self._last_state_s = now
-        states = []
-        for occ in self.processor.rules.occupants():
-            if not occ.emotions:
-                continue
-            states.append(
-                OccupantStatePayload(
-                    vehicle_id=self.cfg.vehicle_id,
-                    occupant_id=occ.occupant_id,
-                    seat=occ.seat,
-                    ts=utc_iso(wall),
-                    emotions={k: round(v, 4) for k, v in occ.emotions.items()},
-                    top_emotion=max(occ.emotions, key=lambda k: occ.emotions[k]),
-                    active_events=list(occ.active_events),
-                )
-            )
-        if states:
-            self.sink.publish_state(states)
+        self.sink.publish_state(self.processor.rules.occupants(), wall)
 
     # -- supervision ---------------------------------------------------------------
 
     def processed_fps(self) -> float:
         """Frames processed per second over the recent window."""
-        with self._counter_lock:
-            times = list(self._fps_window)
-        if len(times) < 2 or times[-1] - times[0] <= 0:
-            return 0.0
-        return round((len(times) - 1) / (times[-1] - times[0]), 2)
+        return self._fps.per_s()
 
-    def health(self) -> HealthPayload:
-        """The current health snapshot."""
-        cam = self.source.stats()
-        sink = self.sink.stats()
+    def health(self) -> HealthSnapshot:
+        """The current health snapshot (the sink makes the health payload of it)."""
         with self._counter_lock:
             counters = _Counters(**vars(self._counters))
         model = self.processor.model
-        last_error = self._failure or cam.last_error
-        status = "ok"
-        if self._failure or cam.state == CameraState.FAILED:
-            status = "error"
-        elif cam.state in (CameraState.STALLED, CameraState.REOPENING) or (
-            self.cfg.mqtt.url is not None and not sink.connected
-        ):
-            status = "degraded"
-        return HealthPayload(
-            vehicle_id=self.cfg.vehicle_id,
-            ts=utc_iso(self._wall()),
-            status=status,  # type: ignore[arg-type]
-            camera=CameraHealth(
-                state=cam.state.value,  # type: ignore[arg-type]
-                source=cam.source,
-                fps=self.source.delivered_fps(),
-                frames=cam.frames,
-                corrupt_frames=cam.corrupt_frames,
-                reopen_count=cam.reopen_count,
-                last_error=cam.last_error,
-            ),
-            pipeline=PipelineHealth(
-                fps=self.processed_fps(),
-                frames_processed=counters.frames_processed,
-                dropped_frames=self.mailbox.dropped,
-                stale_frames=counters.stale_frames,
-            ),
-            model=ModelHealth(
-                path=str(model.info.path),
-                providers_requested=model.providers_requested,
-                provider_in_use=model.provider_in_use,
-            ),
-            outbox=OutboxHealth(
-                depth=sink.outbox_depth,
-                dropped_total=sink.dropped_total,
-                dropped_by_reason=dict(sink.dropped_by_reason),
-            ),
-            mqtt=MqttHealth(connected=sink.connected, reconnects=sink.reconnects),
-            last_error=last_error,
+        return HealthSnapshot(
+            wall_time_s=self._wall(),
+            camera=self.source.stats(),
+            camera_fps=self.source.delivered_fps(),
+            processed_fps=self.processed_fps(),
+            frames_processed=counters.frames_processed,
+            dropped_frames=self.mailbox.dropped,
+            stale_frames=counters.stale_frames,
+            model_path=str(model.info.path),
+            providers_requested=tuple(model.providers_requested),
+            provider_in_use=model.provider_in_use,
+            sink=self.sink.stats(),
+            broker_required=self.cfg.mqtt.url is not None,
+            failure=self._failure,
         )
 
     def _frames_flowing(self, now: float) -> bool:
@@ -365,7 +286,7 @@ class Pipeline:
                 self._log_stats()
                 last_stats = now
             health = self.health()
-            key = (health.status, health.camera.state, health.mqtt.connected, health.last_error)
+            key = (health.status, health.camera.state, health.sink.connected, health.last_error)
             if key != last_health_key or now - last_health >= self.cfg.mqtt.health_interval_s:
                 self.sink.publish_health(health)
                 last_health, last_health_key = now, key

@@ -1,8 +1,8 @@
 """One frame through every stage: detect, track, align, read emotions, apply the rules.
 
 ``FrameProcessor`` holds the stages and runs them in order on the calling
-thread; ``pipeline.py`` gives it frames from the capture thread, ``bench``
-and ``demo`` call it directly.
+thread (``runtime.pipeline``'s inference thread); the aligned faces are read
+through ``vision.reader``, as still images are.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from collections.abc import Callable
 import cv2
 
 from cabin_monitor.config import Config, RulesConfig
-from cabin_monitor.messages import Frame, FrameResult
+from cabin_monitor.messages import EmotionReading, Frame, FrameResult
 from cabin_monitor.rules import RulesEngine
-from cabin_monitor.vision.align import FaceAligner, grey
+from cabin_monitor.vision.align import grey
 from cabin_monitor.vision.detect import FaceDetector, create_detector
 from cabin_monitor.vision.emotion import EmotionModel
+from cabin_monitor.vision.reader import FaceReader
 from cabin_monitor.vision.track import OccupantTracker
 
 STAGES = ("detect", "track", "align", "emotion", "rules")
@@ -36,7 +37,7 @@ class FrameProcessor:
         self.model = model or EmotionModel(cfg.emotion)
         self.detector = detector or create_detector(cfg.detector)
         self.tracker = OccupantTracker(cfg.tracker)
-        self.aligner = FaceAligner(self.model.input_size)
+        self.reader = FaceReader(self.model)
         self.rules = RulesEngine(cfg.rules, self.model.class_names)
         self._clock = clock
         # Pixels stay in memory unless the operator explicitly asks for crops on disk.
@@ -65,12 +66,25 @@ class FrameProcessor:
         tracked = self.tracker.update(faces, frame.capture_s, w, h)
         lap("track")
         gray = grey(frame.image)
-        aligned = [self.aligner.align(gray, tf) for tf in tracked]
+        aligned = [self.reader.aligner.align(gray, tf) for tf in tracked]
         if self._crops_dir is not None:
             for face in aligned:
                 cv2.imwrite(str(self._crops_dir / f"{frame.frame_id:08d}_{face.tracked.occupant_id}.png"), face.crop)
         lap("align")
-        readings = self.model.read(frame, aligned)
+        readings = [
+            EmotionReading(
+                frame_id=frame.frame_id,
+                capture_s=frame.capture_s,
+                wall_time_s=frame.wall_time_s,
+                occupant_id=face.tracked.occupant_id,
+                seat=face.tracked.seat,
+                box=face.tracked.face.box,
+                face_score=face.tracked.face.score,
+                emotions=reading.emotions,
+                landmarks=reading.landmarks,
+            )
+            for face, reading in zip(aligned, self.reader.read(aligned), strict=True)
+        ]
         lap("emotion")
         events = self.rules.update(readings, frame.capture_s, frame.wall_time_s)
         lap("rules")

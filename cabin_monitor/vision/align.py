@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from cabin_monitor.messages import AlignedFace, FloatArray, ImageArray, TrackedFace
+from cabin_monitor.messages import AlignedFace, Face, FloatArray, ImageArray, TrackedFace
 from cabin_monitor.vision.framing import TEMPLATE_5, apply_affine, cv2_matrix, invert_affine, similarity_transform
 
 # Template positions of the detector keypoints (right eye, left eye, nose tip,
@@ -70,10 +70,15 @@ class FaceAligner:
     def __init__(self, crop_px: int) -> None:
         self.crop_px = crop_px
 
+    def crop(self, gray_frame: ImageArray, face: Face) -> tuple[ImageArray, FloatArray]:
+        """The canonical crop of one face, and its frame-to-crop transform."""
+        matrix = keypoints_to_crop(face.keypoints, self.crop_px)
+        return warp_crop(gray_frame, matrix, self.crop_px), matrix
+
     def align(self, gray_frame: ImageArray, tracked: TrackedFace) -> AlignedFace:
         """The canonical crop of one tracked face."""
-        matrix = keypoints_to_crop(tracked.face.keypoints, self.crop_px)
-        return AlignedFace(tracked=tracked, crop=warp_crop(gray_frame, matrix, self.crop_px), frame_to_crop=matrix)
+        crop, matrix = self.crop(gray_frame, tracked.face)
+        return AlignedFace(tracked=tracked, crop=crop, frame_to_crop=matrix)
 
     def box_matrix(self, box: tuple[float, float, float, float]) -> FloatArray:
         """The crop transform for a face known only by its box (the whole box is the crop)."""

@@ -11,10 +11,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from enum import Enum
 from pathlib import Path
 from typing import Literal, Protocol, cast
 
@@ -25,7 +23,8 @@ import structlog
 from cabin_monitor.assets import SAMPLE_VIDEO
 from cabin_monitor.config import CameraConfig
 from cabin_monitor.errors import RuntimeFault
-from cabin_monitor.messages import Frame, ImageArray
+from cabin_monitor.messages import CameraState, CaptureStats, Frame, ImageArray
+from cabin_monitor.metrics import RateWindow
 
 log = structlog.get_logger("cabin_monitor.vision.capture")
 SourceKind = Literal["camera", "file", "stream", "gstreamer"]
@@ -39,36 +38,12 @@ class SourceError(RuntimeFault):
     """The source cannot be used at all (e.g. a video file that does not exist)."""
 
 
-class CameraState(str, Enum):
-    """What the capture side is doing, as reported in health."""
-
-    STARTING = "starting"
-    STREAMING = "streaming"
-    STALLED = "stalled"
-    REOPENING = "reopening"
-    ENDED = "ended"
-    FAILED = "failed"
-
-
 @dataclass(frozen=True)
 class SourceSpec:
     """A parsed ``camera.source`` value."""
 
     kind: SourceKind
     target: str | int
-
-
-@dataclass(frozen=True)
-class CaptureStats:
-    """Counters of one source."""
-
-    state: CameraState = CameraState.STARTING
-    frames: int = 0
-    corrupt_frames: int = 0
-    read_failures: int = 0
-    reopen_count: int = 0
-    last_error: str | None = None
-    source: str = ""
 
 
 class Capture(Protocol):
@@ -167,7 +142,7 @@ class FrameSource:
         self._file_offset_s = 0.0
         self._last_media_s = 0.0
         self._next_due: float | None = None
-        self._delivered_at: deque[float] = deque(maxlen=120)
+        self._delivered = RateWindow()
 
     @property
     def is_file(self) -> bool:
@@ -186,11 +161,7 @@ class FrameSource:
 
     def delivered_fps(self) -> float:
         """Frames delivered per second over the last few seconds (wall pace, not the file's clock)."""
-        with self._lock:
-            times = list(self._delivered_at)
-        if len(times) < 2 or times[-1] <= times[0]:
-            return 0.0
-        return round((len(times) - 1) / (times[-1] - times[0]), 2)
+        return self._delivered.per_s()
 
     def _update(self, **changes: object) -> None:
         with self._lock:
@@ -225,8 +196,7 @@ class FrameSource:
             if self.is_file:
                 self._update(state=CameraState.FAILED, last_error=error)
                 raise SourceError(f"{self.spec.target}: {error}")
-            wait = self._backoff_s * (0.5 + random.random() / 2)
-            self._backoff_s = min(self.cfg.reopen_max_s, self._backoff_s * 2)
+            wait = self._next_wait_s()
             self._update(state=CameraState.REOPENING, last_error=error)
             log.warning("source unavailable, retrying", source=self.cfg.source, error=error, retry_in_s=round(wait, 2))
             self._stop.wait(wait)
@@ -239,9 +209,14 @@ class FrameSource:
             self._stats = replace(
                 self._stats, state=CameraState.REOPENING, reopen_count=self._stats.reopen_count + 1, last_error=reason
             )
-        self._stop.wait(self._backoff_s * (0.5 + random.random() / 2))
-        self._backoff_s = min(self.cfg.reopen_max_s, self._backoff_s * 2)
+        self._stop.wait(self._next_wait_s())
         self._open()
+
+    def _next_wait_s(self) -> float:
+        """A wait between half the backoff and all of it (jitter), then the backoff doubles up to the maximum."""
+        wait = self._backoff_s * (0.5 + random.random() / 2)
+        self._backoff_s = min(self.cfg.reopen_max_s, self._backoff_s * 2)
+        return wait
 
     def read(self) -> Frame:
         """The next valid frame; raises ``SourceEnded`` at end of file or on stop."""
@@ -315,7 +290,7 @@ class FrameSource:
         self._next_id += 1
         with self._lock:
             self._stats = replace(self._stats, state=CameraState.STREAMING, frames=self._stats.frames + 1)
-            self._delivered_at.append(self._clock())
+        self._delivered.add(self._clock())
         return frame
 
     def release(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,7 @@ import structlog
 from cabin_monitor.assets import DEFAULT_EMOTION_MODEL, find_model
 from cabin_monitor.config import EmotionConfig
 from cabin_monitor.errors import ModelError, ModelNotFoundError
-from cabin_monitor.messages import AlignedFace, EmotionReading, FloatArray, Frame
-from cabin_monitor.vision.align import landmarks_to_frame
+from cabin_monitor.messages import FloatArray
 
 INPUT_NAME = "image"
 OUTPUT_PROBS = "emotion_probs"
@@ -155,26 +153,3 @@ class EmotionModel:
     def warm_up(self) -> None:
         """One inference so the first real frame pays no set-up cost."""
         self.infer(np.full((1, self.input_size, self.input_size), 128, np.uint8))
-
-    def read(self, frame: Frame, faces: Sequence[AlignedFace]) -> list[EmotionReading]:
-        """Readings for every aligned face of a frame, in one batched call."""
-        if not faces:
-            return []
-        probs, points = self.infer(np.stack([f.crop for f in faces]))
-        readings = []
-        for face, p, lm in zip(faces, probs, points, strict=True):
-            tracked = face.tracked
-            readings.append(
-                EmotionReading(
-                    frame_id=frame.frame_id,
-                    capture_s=frame.capture_s,
-                    wall_time_s=frame.wall_time_s,
-                    occupant_id=tracked.occupant_id,
-                    seat=tracked.seat,
-                    box=tracked.face.box,
-                    face_score=tracked.face.score,
-                    emotions={name: float(v) for name, v in zip(self.class_names, p, strict=True)},
-                    landmarks=landmarks_to_frame(lm, face.frame_to_crop),
-                )
-            )
-        return readings

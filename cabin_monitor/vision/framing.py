@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.float32]
+from cabin_monitor.messages import FloatArray
 
 # Reference points in image order: right eye (image left), left eye (image
 # right), nose tip, right mouth corner, left mouth corner; x, y in [0, 1].

@@ -11,16 +11,7 @@ import structlog
 from structlog.testing import LogCapture
 from structlog.typing import FilteringBoundLogger
 
-from cabin_monitor.bus.payloads import (
-    CameraHealth,
-    HealthPayload,
-    ModelHealth,
-    MqttHealth,
-    OutboxHealth,
-    PipelineHealth,
-    utc_iso,
-)
-from cabin_monitor.messages import Event, Phase
+from cabin_monitor.messages import CameraState, CaptureStats, Event, HealthSnapshot, Phase, SinkStats
 
 
 def capturing_logger() -> tuple[FilteringBoundLogger, LogCapture]:
@@ -63,17 +54,29 @@ def make_event(phase: Phase = Phase.START, **changes: Any) -> Event:
     return Event(**(fields | changes))
 
 
-def make_health(vehicle_id: str = "car-1") -> HealthPayload:
-    """A plausible healthy ``HealthPayload``; use ``model_copy(update=...)`` for variants."""
-    return HealthPayload(
-        vehicle_id=vehicle_id,
-        ts=utc_iso(time.time()),
-        status="ok",
-        camera=CameraHealth(
-            state="streaming", source="sample", fps=30.0, frames=900, corrupt_frames=0, reopen_count=0, last_error=None
+def make_health(**changes: Any) -> HealthSnapshot:
+    """A plausible healthy ``HealthSnapshot`` taken now; ``changes`` override fields."""
+    fields: dict[str, Any] = {
+        "wall_time_s": time.time(),
+        "camera": CaptureStats(
+            state=CameraState.STREAMING, frames=900, corrupt_frames=0, reopen_count=0, last_error=None, source="sample"
         ),
-        pipeline=PipelineHealth(fps=29.5, frames_processed=880, dropped_frames=20, stale_frames=0),
-        model=ModelHealth(path="emotionaldan-7.onnx", providers_requested=["cuda", "cpu"], provider_in_use="cpu"),
-        outbox=OutboxHealth(depth=0, dropped_total=0, dropped_by_reason={"full": 0, "expired": 0}),
-        mqtt=MqttHealth(connected=True, reconnects=0),
-    )
+        "camera_fps": 30.0,
+        "processed_fps": 29.5,
+        "frames_processed": 880,
+        "dropped_frames": 20,
+        "stale_frames": 0,
+        "model_path": "emotionaldan-7.onnx",
+        "providers_requested": ("cuda", "cpu"),
+        "provider_in_use": "cpu",
+        "sink": SinkStats(
+            connected=True,
+            reconnects=0,
+            outbox_depth=0,
+            dropped_total=0,
+            dropped_by_reason={"full": 0, "expired": 0},
+            published_total=0,
+        ),
+        "broker_required": True,
+    }
+    return HealthSnapshot(**(fields | changes))
