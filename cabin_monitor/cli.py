@@ -7,6 +7,7 @@ The work is elsewhere: ``daemon`` (run, demo), ``tools`` (analyze, bench, evalua
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -145,9 +146,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _need_torch() -> int | None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    # Looked up rather than imported: no module outside training/ loads torch.
+    if importlib.util.find_spec("torch") is None:
         return _die("this command needs the training extra: pip install 'cabin-monitor[train]'", EXIT_RUNTIME)
     return None
 
