@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from cabin_monitor.errors import ModelNotFoundError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLES_DIR = PACKAGE_DIR / "samples"
 DEFAULT_EMOTION_MODEL = "emotionaldan-7.onnx"
@@ -30,13 +32,13 @@ def model_dirs() -> list[Path]:
 
 
 def find_model(relative: str) -> Path:
-    """Locate a bundled model file, or raise FileNotFoundError listing where it was looked for."""
+    """Locate a bundled model file, or raise ``ModelNotFoundError`` listing where it was looked for."""
     for d in model_dirs():
         candidate = d / relative
         if candidate.is_file():
             return candidate
     tried = ", ".join(str(d / relative) for d in model_dirs())
-    raise FileNotFoundError(f"bundled model {relative!r} not found (looked in: {tried})")
+    raise ModelNotFoundError(f"bundled model {relative!r} not found (looked in: {tried})")
 
 
 def sample_path(name: str) -> Path:

@@ -1,19 +1,28 @@
-"""The ``cabin-monitor`` command line."""
+"""The ``cabin-monitor`` command line: the parser, one small function per sub-command, and exit codes.
+
+The work is elsewhere: ``daemon`` (run, demo), ``tools`` (analyze, bench, evaluate), ``training``
+(train, export, explain). Any ``CabinMonitorError`` becomes one line on stderr and its exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
-EXIT_CONFIG = 2
-EXIT_RUNTIME = 1
+from cabin_monitor.errors import CabinMonitorError, ConfigurationError, RuntimeFault
+
+if TYPE_CHECKING:
+    from cabin_monitor.daemon import Overrides
+
+
+EXIT_CONFIG = ConfigurationError.exit_code
+EXIT_RUNTIME = RuntimeFault.exit_code
 
 
 def _die(message: str, code: int = EXIT_CONFIG) -> int:
@@ -21,211 +30,83 @@ def _die(message: str, code: int = EXIT_CONFIG) -> int:
     return code
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    return Path(args.config) if getattr(args, "config", None) else None
+
+
+def _overrides(args: argparse.Namespace, *, fast: bool = False) -> Overrides:
+    """The run-time settings a sub-command's flags override (each sub-command has some of them)."""
+    from cabin_monitor.daemon import Overrides
+
+    model = getattr(args, "model", None)
+    return Overrides(
+        source=getattr(args, "source", None),
+        loop=getattr(args, "loop", False),
+        fast=fast or getattr(args, "fast", False),
+        mqtt_url=getattr(args, "mqtt_url", None),
+        vehicle_id=getattr(args, "vehicle_id", None),
+        model_path=Path(model) if model else None,
+        providers=tuple(getattr(args, "provider", None) or ()),
+    )
+
+
 # -- run / demo ----------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> Any:
-    from cabin_monitor.config import load_config
-
-    cfg = load_config(Path(args.config) if getattr(args, "config", None) else None)
-    camera: dict[str, Any] = {}
-    if getattr(args, "source", None):
-        camera["source"] = args.source
-    if getattr(args, "loop", False):
-        camera["loop"] = True
-    if getattr(args, "fast", False):
-        camera["file_pacing"] = "fast"
-    update: dict[str, Any] = {}
-    if camera:
-        update["camera"] = cfg.camera.model_copy(update=camera)
-    if getattr(args, "mqtt_url", None):
-        from cabin_monitor.config import parse_mqtt_url
-
-        parse_mqtt_url(args.mqtt_url)
-        update["mqtt"] = cfg.mqtt.model_copy(update={"url": args.mqtt_url})
-    if getattr(args, "vehicle_id", None):
-        update["vehicle_id"] = args.vehicle_id
-    emotion: dict[str, Any] = {}
-    if getattr(args, "model", None):
-        emotion["model_path"] = Path(args.model)
-    if getattr(args, "provider", None):
-        emotion["providers"] = tuple(args.provider)
-    if emotion:
-        update["emotion"] = cfg.emotion.model_copy(update=emotion)
-    cfg = cfg.model_copy(update=update)
-    # Re-validate so overrides from the command line obey the same rules as the file.
-    return type(cfg).model_validate(cfg.model_dump())
-
-
-def _build_pipeline(cfg: Any, on_result: Any = None, events_stream: Any = None) -> Any:
-    import threading
-
-    import structlog
-
-    from cabin_monitor.capture import FrameSource
-    from cabin_monitor.outbox import open_outbox
-    from cabin_monitor.pipeline import Pipeline
-    from cabin_monitor.processor import FrameProcessor
-    from cabin_monitor.publish import EventSink, MqttSink, StdoutSink
-    from cabin_monitor.remote import RulesControl
-
-    processor = FrameProcessor(cfg)
-    state_dir = cfg.resolved_state_dir()
-    sink: EventSink
-    control = RulesControl(
-        cfg.rules,
-        processor.model.class_names,
-        (cfg.remote_config.override_path or state_dir / "rules_override.json") if cfg.mqtt.url else None,
-        cfg.remote_config.max_payload_bytes,
-    )
-    if control.effective != cfg.rules:
-        processor.reconfigure_rules(control.effective)
-    if cfg.mqtt.url:
-        outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
-        outbox, moved = open_outbox(outbox_path, cfg.outbox.max_events, cfg.outbox.max_age_s)
-        if moved is not None:
-            structlog.get_logger("cabin_monitor.cli").error(
-                "outbox file unusable; moved aside, starting with an empty outbox",
-                path=str(outbox_path),
-                moved_to=str(moved),
-            )
-        sink = MqttSink(
-            cfg.mqtt,
-            cfg.vehicle_id,
-            outbox,
-            on_config_set=control.handle_set if cfg.remote_config.enabled else None,
-            max_payload_bytes=cfg.remote_config.max_payload_bytes,
-        )
-    else:
-        sink = StdoutSink(cfg.vehicle_id, events_stream or sys.stdout)
-    stop = threading.Event()
-    source = FrameSource(cfg.camera, stop)
-    return Pipeline(cfg, processor, source, sink, control, on_result=on_result, stop_event=stop)
-
-
-def _reload_rules(pipeline: Any, config_path: Path | None) -> None:
-    """SIGHUP's work, run by the supervising loop (never inside the signal handler)."""
-    import structlog
-
-    from cabin_monitor.config import ConfigError, load_config
-
-    log = structlog.get_logger("cabin_monitor.cli")
-    if config_path is None:
-        log.warning("SIGHUP ignored: no configuration file to reload")
-        return
-    try:
-        rules = load_config(config_path).rules
-        pipeline.rules_control.reload_base(rules)
-    except (ConfigError, ValueError) as exc:
-        log.error("SIGHUP reload refused; rules unchanged", error=str(exc))
-        return
-    log.info("rules reloaded from the configuration file", path=str(config_path))
-
-
-def _install_signals(pipeline: Any, config_path: Path | None) -> None:
-    # Handlers only set flags: they run on the main thread between any two bytecodes,
-    # possibly while it holds a logging or rules lock.
-    def on_stop(signum: int, _frame: FrameType | None) -> None:
-        pipeline.request_stop(signal.Signals(signum).name)
-
-    def on_reload(_signum: int, _frame: FrameType | None) -> None:
-        pipeline.request_reload()
-
-    pipeline.on_reload = lambda: _reload_rules(pipeline, config_path)
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_reload)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from cabin_monitor.capture import SourceError
-    from cabin_monitor.config import ConfigError
-    from cabin_monitor.emotion import ModelError
+    from cabin_monitor import daemon
     from cabin_monitor.logs import configure_logging
-    from cabin_monitor.outbox import OutboxError
 
-    try:
-        cfg = _load(args)
-    except ConfigError as exc:
-        return _die(str(exc))
-    except ValueError as exc:
-        return _die(str(exc))
+    config_path = _config_path(args)
+    cfg = daemon.load(config_path, _overrides(args))
     configure_logging(cfg.logging.level, cfg.logging.format)
-    # A reload request during start-up (model load, TensorRT build) must not kill the process.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        pipeline = _build_pipeline(cfg)
-    except (ModelError, SourceError, OutboxError, FileNotFoundError, ValueError) as exc:
-        return _die(str(exc), EXIT_RUNTIME)
-    _install_signals(pipeline, Path(args.config) if args.config else None)
-    return int(pipeline.run())
+    return daemon.run(cfg, config_path)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cabin_monitor.annotate import AnnotatedVideoWriter
-    from cabin_monitor.config import ConfigError
+    from cabin_monitor import daemon
     from cabin_monitor.logs import configure_logging
+    from cabin_monitor.tools.annotate import AnnotatedVideoWriter
 
-    args.fast = True
-    try:
-        cfg = _load(args)
-    except (ConfigError, ValueError) as exc:
-        return _die(str(exc))
-    cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"url": None})})
+    cfg = daemon.load(_config_path(args), _overrides(args, fast=True))
     configure_logging(cfg.logging.level, cfg.logging.format)
     out = Path(args.out)
     writer = AnnotatedVideoWriter(out, fps=args.video_fps)
-    pipeline = _build_pipeline(cfg, on_result=writer)
-    _install_signals(pipeline, None)
     try:
-        code = int(pipeline.run())
+        code = daemon.run_demo(cfg, on_result=writer)
     finally:
         writer.close()
     print(f"annotated video: {out} ({writer.frames} frames)", file=sys.stderr)
     return code
 
 
-# -- analyze ----------------------------------------------------------------------------
+# -- analyze / bench ---------------------------------------------------------------------
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from cabin_monitor.analyze import analyze_image
-    from cabin_monitor.config import DetectorConfig, EmotionConfig
-    from cabin_monitor.detect import create_detector
-    from cabin_monitor.emotion import EmotionModel, ModelError
+    from cabin_monitor.config import DetectorConfig
     from cabin_monitor.logs import configure_logging
+    from cabin_monitor.tools.analyze import analyze_command
 
     configure_logging("warning", "auto")
-    try:
-        model = EmotionModel(EmotionConfig(model_path=Path(args.model) if args.model else None))
-    except ModelError as exc:
-        return _die(str(exc), EXIT_RUNTIME)
     detector = (
         None
         if args.assume_face
-        else create_detector(
-            DetectorConfig(type=args.detector, range=args.range, min_score=args.min_score, min_face_px=16, max_faces=32)
+        else DetectorConfig(
+            type=args.detector, range=args.range, min_score=args.min_score, min_face_px=16, max_faces=32
         )
     )
-    status = 0
-    try:
-        for path in args.images:
-            result = analyze_image(Path(path), model, detector, args.assume_face)
-            if "error" in result:
-                status = EXIT_RUNTIME
-            if args.json:
-                print(json.dumps(result), flush=True)
-            else:
-                print(
-                    f"{path}: {len(result['faces'])} face(s)" + (f" ({result['error']})" if "error" in result else "")
-                )
-                for face in result["faces"]:
-                    top = max(face["emotions"], key=face["emotions"].get)
-                    print(f"  box {face['box']} score {face['score']:.2f}: {top} {face['emotions'][top]:.2f}")
-    finally:
-        if detector is not None:
-            detector.close()
-    return status
+    return analyze_command(args.images, Path(args.model) if args.model else None, detector, args.json)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cabin_monitor import daemon
+    from cabin_monitor.logs import configure_logging
+    from cabin_monitor.tools.bench import bench_command
+
+    cfg = daemon.load(_config_path(args), _overrides(args))
+    configure_logging("warning", "auto")
+    return bench_command(cfg, model_only=args.model_only, runs=args.runs, max_frames=args.frames, as_json=args.json)
 
 
 # -- check-config / schema ----------------------------------------------------------
@@ -237,6 +118,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(Path(args.file))
     except ConfigError as exc:
+        # The command's answer rather than a failure to run: every problem, and exit code 1.
         print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
@@ -246,7 +128,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from cabin_monitor.payloads import json_schemas
+    from cabin_monitor.bus.payloads import json_schemas
 
     schemas = json_schemas()
     if args.out:
@@ -260,56 +142,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- bench ----------------------------------------------------------------------------------
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from cabin_monitor.bench import run_bench
-    from cabin_monitor.config import ConfigError
-    from cabin_monitor.logs import configure_logging
-
-    try:
-        cfg = _load(args)
-    except (ConfigError, ValueError) as exc:
-        return _die(str(exc))
-    configure_logging("warning", "auto")
-    if args.model_only:
-        from cabin_monitor.bench import run_model_bench
-
-        model_report = run_model_bench(cfg, runs=args.runs)
-        if args.json:
-            print(json.dumps(model_report))
-        else:
-            print(f"{model_report['model']} on {model_report['provider']}")
-            for batch, r in model_report["batches"].items():
-                print(
-                    f"  batch {batch}: {r['call_ms']['p50']:.2f} ms per call (p95 {r['call_ms']['p95']:.2f}), "
-                    f"{r['per_face_ms']['p50']:.2f} ms per face"
-                )
-        return 0
-    report = run_bench(cfg, max_frames=args.frames)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        cam = report["camera_pace"]
-        print(f"{report['model']} on {report['provider']}, detector {report['detector']}")
-        print(f"throughput: {report['frames']} frames at {report['fps']:.1f} fps")
-        print(
-            f"camera pace: {cam['frames']}/{cam['frames_read']} frames processed, frame-to-reading "
-            f"p50 {report['e2e_ms']['p50']:.1f} ms, p95 {report['e2e_ms']['p95']:.1f} ms"
-        )
-        for name, p in report["stages"].items():
-            print(f"  {name:8s} p50 {p['p50']:6.2f} ms  p95 {p['p95']:6.2f} ms")
-    return 0
-
-
 # -- training side (needs the train extra) ----------------------------------------------
 
 
 def _need_torch() -> int | None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    # Looked up rather than imported: no module outside training/ loads torch.
+    if importlib.util.find_spec("torch") is None:
         return _die("this command needs the training extra: pip install 'cabin-monitor[train]'", EXIT_RUNTIME)
     return None
 
@@ -376,7 +214,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cabin_monitor.evaluate import evaluate_command
+    from cabin_monitor.tools.evaluate import evaluate_command
 
     return evaluate_command(args)
 
@@ -394,7 +232,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    p = argparse.ArgumentParser(prog="cabin-monitor", description=__doc__)
+    p = argparse.ArgumentParser(prog="cabin-monitor", description="The ``cabin-monitor`` command line.")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the monitoring daemon")
@@ -529,7 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cabin-monitor`` command."""
     os.environ.setdefault("GLOG_minloglevel", "2")  # quiet MediaPipe's C++ start-up lines
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CabinMonitorError as exc:
+        return _die(str(exc), exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,22 @@
-"""Typed, immutable messages passed between pipeline stages.
+"""Typed, immutable messages passed between the daemon's parts, and the types they share.
 
-Every message carries the ``frame_id`` of the frame it came from and that
-frame's monotonic capture time ``capture_s``, so any stage can tell how old
-its input is.
+Every message derived from a frame carries the ``frame_id`` of the frame it came from and that
+frame's monotonic capture time ``capture_s``, so any stage can tell how old its input is. The
+snapshots at the end are what the runtime tells the bus about itself (the health topic).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
 ImageArray = npt.NDArray[np.uint8]
+Severity = Literal["info", "warning", "critical"]  # lowest first: a full outbox drops the lowest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +105,7 @@ class Event:
     emotions: dict[str, float]
     started_wall_time_s: float | None = None  # on ``end``: when the event started
     start_event_id: str | None = None  # on ``end``: the ``event_id`` of its start
-    severity: str = "warning"  # info | warning | critical
+    severity: Severity = "warning"
     frame_id: int = -1
 
 
@@ -115,3 +117,77 @@ class FrameResult:
     readings: tuple[EmotionReading, ...]
     events: tuple[Event, ...]
     stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+class CameraState(str, Enum):
+    """What the capture side is doing, as reported in health."""
+
+    STARTING = "starting"
+    STREAMING = "streaming"
+    STALLED = "stalled"
+    REOPENING = "reopening"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureStats:
+    """Counters of one source."""
+
+    state: CameraState = CameraState.STARTING
+    frames: int = 0
+    corrupt_frames: int = 0
+    read_failures: int = 0
+    reopen_count: int = 0
+    last_error: str | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    """What a sink reports for the health payload."""
+
+    connected: bool
+    reconnects: int  # connections re-established after the first one
+    outbox_depth: int
+    dropped_total: int
+    dropped_by_reason: dict[str, int]
+    published_total: int  # events delivered (acknowledged by the broker, or printed)
+
+
+HealthStatus = Literal["ok", "degraded", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSnapshot:
+    """The daemon's view of itself at one moment: camera, frames, model, sink and the failure, if any."""
+
+    wall_time_s: float  # UTC epoch seconds
+    camera: CaptureStats
+    camera_fps: float  # frames delivered by the source per second
+    processed_fps: float  # frames through the stages per second
+    frames_processed: int
+    dropped_frames: int  # replaced in the mailbox before inference took them
+    stale_frames: int  # skipped as older than max_frame_age_ms
+    model_path: str
+    providers_requested: tuple[str, ...]
+    provider_in_use: str
+    sink: SinkStats
+    broker_required: bool  # a broker is configured, so losing it degrades the daemon
+    failure: str | None = None  # why a stage thread died
+
+    @property
+    def status(self) -> HealthStatus:
+        """``error`` after a stage failure or with a failed camera; ``degraded`` while the camera or broker is away."""
+        if self.failure or self.camera.state == CameraState.FAILED:
+            return "error"
+        if self.camera.state in (CameraState.STALLED, CameraState.REOPENING) or (
+            self.broker_required and not self.sink.connected
+        ):
+            return "degraded"
+        return "ok"
+
+    @property
+    def last_error(self) -> str | None:
+        """The stage failure, or else the camera's last error."""
+        return self.failure or self.camera.last_error

@@ -46,6 +46,7 @@ from cabin_monitor.config import (
     StressRuleConfig,
     UnexpectedExpressionRuleConfig,
 )
+from cabin_monitor.errors import RuntimeFault
 from cabin_monitor.messages import EmotionReading, Event, Phase
 
 STRESS = "stress"
@@ -358,8 +359,12 @@ class RulesEngine:
         )
 
 
+class ClassMismatchError(RuntimeFault, ValueError):
+    """An enabled rule names an emotion class that the model does not have."""
+
+
 def check_classes(config: RulesConfig, class_names: Sequence[str]) -> None:
-    """Raise ``ValueError`` if an enabled rule names a class that is not in ``class_names``."""
+    """Raise ``ClassMismatchError`` if an enabled rule names a class that is not in ``class_names``."""
     rules: Mapping[str, StressRuleConfig | UnexpectedExpressionRuleConfig] = {
         STRESS: config.stress,
         ONSET: config.unexpected_expression,
@@ -370,7 +375,7 @@ def check_classes(config: RulesConfig, class_names: Sequence[str]) -> None:
         if rule.enabled and (missing := [c for c in rule.classes if c not in class_names])
     ]
     if problems:
-        raise ValueError(f"the emotion model's classes are {list(class_names)}, but " + "; ".join(problems))
+        raise ClassMismatchError(f"the emotion model's classes are {list(class_names)}, but " + "; ".join(problems))
 
 
 def _alpha(dt_s: float, tau_s: float) -> float:

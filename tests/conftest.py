@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cabin_monitor.testing import MosquittoBroker
+from tests.support.broker import MosquittoBroker
 
 
 @pytest.fixture

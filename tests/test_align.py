@@ -5,12 +5,19 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from cabin_monitor.align import KEYPOINT_TEMPLATE, FaceAligner, grey, keypoints_to_crop, landmarks_to_frame, warp_crop
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import DetectorConfig
-from cabin_monitor.detect import create_detector
-from cabin_monitor.framing import apply_affine
 from cabin_monitor.messages import Face, Frame, TrackedFace
+from cabin_monitor.vision.align import (
+    KEYPOINT_TEMPLATE,
+    FaceAligner,
+    grey,
+    keypoints_to_crop,
+    landmarks_to_frame,
+    warp_crop,
+)
+from cabin_monitor.vision.detect import create_detector
+from cabin_monitor.vision.framing import apply_affine
 
 
 def detected_face(image: np.ndarray) -> Face:
@@ -44,6 +51,17 @@ def test_real_face_crop_puts_the_eyes_on_the_template() -> None:
     assert aligned.crop.shape == (112, 112) and aligned.crop.dtype == np.uint8
     eyes_in_crop = apply_affine(aligned.frame_to_crop, face.keypoints[:2])
     assert np.abs(eyes_in_crop - KEYPOINT_TEMPLATE[:2] * 112).max() < 6.0
+
+
+def test_a_face_is_cropped_without_tracking() -> None:
+    """crop takes a detected face as it is: the same crop and transform as align gives its tracked face."""
+    image = cv2.imread(str(sample_path("single_face.jpg")))
+    face = detected_face(image)
+    aligner = FaceAligner(112)
+    crop, matrix = aligner.crop(grey(image), face)
+    aligned = aligner.align(grey(image), TrackedFace(face, "occupant-1", "driver"))
+    assert np.array_equal(crop, aligned.crop) and np.array_equal(matrix, aligned.frame_to_crop)
+    assert aligned.tracked.occupant_id == "occupant-1"
 
 
 def test_big_faces_are_shrunk_without_aliasing() -> None:

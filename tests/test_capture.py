@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.capture import (
-    CameraState,
+from cabin_monitor.config import CameraConfig
+from cabin_monitor.messages import CameraState, Frame
+from cabin_monitor.vision.capture import (
     FrameSource,
     SourceEnded,
     SourceError,
@@ -20,9 +21,7 @@ from cabin_monitor.capture import (
     parse_source,
     validate_image,
 )
-from cabin_monitor.config import CameraConfig
-from cabin_monitor.messages import Frame
-from cabin_monitor.testing import ScriptedCamera
+from tests.support.camera import ScriptedCamera
 
 VIDEO = sample_path("single_face.mp4")
 

@@ -11,12 +11,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cabin_monitor.align import keypoints_to_crop
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import DetectorConfig
-from cabin_monitor.detect import create_detector
-from cabin_monitor.framing import invert_affine
 from cabin_monitor.messages import Frame
+from cabin_monitor.vision.align import keypoints_to_crop
+from cabin_monitor.vision.detect import create_detector
+from cabin_monitor.vision.framing import invert_affine
 
 
 def cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -122,3 +122,17 @@ def test_bench_model_only_times_the_model_per_batch() -> None:
     report = json.loads(proc.stdout)
     assert set(report["batches"]) == {"1", "2", "4"}
     assert report["batches"]["4"]["per_face_ms"]["p50"] > 0
+
+
+def test_errors_are_one_line_with_their_exit_code(tmp_path: Path) -> None:
+    """A missing model (exit 1) and an invalid override (exit 2) end with one message line, no traceback."""
+    missing = tmp_path / "none.onnx"
+    proc = cli("demo", "--model", str(missing), "--out", str(tmp_path / "demo.mp4"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"cabin-monitor: emotion model not found: {missing}"
+    proc = cli("run", "--mqtt-url", "http://bus")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr
+        == "cabin-monitor: MQTT URL must look like mqtt://host:port or mqtts://host:port, got 'http://bus'\n"
+    )

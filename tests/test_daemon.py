@@ -1,4 +1,5 @@
-"""End-to-end tests: the real daemon process on real video, talking to a real Mosquitto."""
+"""The daemon: its composition root in-process, and end to end the real process on real video, talking to a real
+Mosquitto."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,13 @@ import pytest
 import yaml
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.testing import DaemonProcess, MosquittoBroker, MqttRecorder, RecordedMessage, wait_until
+from cabin_monitor.bus.mqtt import MqttSink
+from cabin_monitor.bus.sinks import StdoutSink
+from cabin_monitor.daemon import Overrides, build_pipeline, load
+from cabin_monitor.errors import ConfigurationError
+from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage
+from tests.support.daemon import DaemonProcess
+from tests.support.helpers import wait_until
 
 VEHICLE = "test-car"
 PREFIX = f"cabin/{VEHICLE}"
@@ -137,6 +145,47 @@ def retained(url: str, topic: str, timeout_s: float = 10.0) -> bytes:
     with MqttRecorder(url, [topic], client_id=f"probe-{time.monotonic_ns()}", clean_session=True) as probe:
         msgs = probe.wait_for(lambda ms: any(m.retain for m in ms), timeout_s)
     return next(m.payload for m in msgs if m.retain)
+
+
+def test_command_line_overrides_win_over_the_file_and_are_validated_like_it(tmp_path: Path) -> None:
+    """Each override replaces the file's value; an invalid one is a configuration error (exit code 2)."""
+    config = write_config(tmp_path)
+    model = tmp_path / "other.onnx"
+    overrides = Overrides(
+        source="0",
+        loop=True,
+        fast=True,
+        mqtt_url="mqtt://bus:1884",
+        vehicle_id="car-9",
+        model_path=model,
+        providers=("cuda", "cpu"),
+    )
+    cfg = load(config, overrides)
+    assert (cfg.camera.source, cfg.camera.loop, cfg.camera.file_pacing) == ("0", True, "fast")
+    assert (cfg.mqtt.url, cfg.vehicle_id) == ("mqtt://bus:1884", "car-9")
+    assert (cfg.emotion.model_path, cfg.emotion.providers) == (model, ("cuda", "cpu"))
+    assert cfg.rules.stress.sustain_s == 0.5 and cfg.mqtt.state_interval_s == 0.5  # from the file
+    for bad in (Overrides(mqtt_url="http://bus"), Overrides(vehicle_id="car 9"), Overrides(providers=("npu",))):
+        with pytest.raises(ConfigurationError) as err:
+            load(config, bad)
+        assert err.value.exit_code == 2
+
+
+def test_the_broker_sink_and_remote_rules_exist_only_with_a_broker(tmp_path: Path) -> None:
+    """With mqtt.url: an MQTT sink, its outbox and the persisted rule overrides; without: stdout, file rules."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "rules_override.json").write_text(json.dumps({"stress": {"sustain_s": 7}}))
+    video = Overrides(source=str(sample_path("single_face.mp4")))
+    with_broker = build_pipeline(load(write_config(tmp_path), replace(video, mqtt_url="mqtt://127.0.0.1:1")))
+    with_broker.processor.close()
+    assert isinstance(with_broker.sink, MqttSink)
+    assert (state / "outbox.sqlite").is_file()
+    assert with_broker.processor.rules.config.stress.sustain_s == 7
+    without = build_pipeline(load(write_config(tmp_path), video))
+    without.processor.close()
+    assert isinstance(without.sink, StdoutSink)
+    assert without.processor.rules.config.stress.sustain_s == 0.5
 
 
 def test_daemon_publishes_events_status_health_and_state(

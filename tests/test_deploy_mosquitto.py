@@ -26,7 +26,9 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.testing import DaemonProcess, MosquittoBroker, TestPki, make_test_pki
+from tests.support.broker import MosquittoBroker
+from tests.support.daemon import DaemonProcess
+from tests.support.pki import TestPki, make_test_pki
 
 DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
 OPERATOR = "fleet-operator"

@@ -10,8 +10,9 @@ import pytest
 
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import DetectorConfig
-from cabin_monitor.detect import FaceDetector, create_detector
+from cabin_monitor.errors import ModelError
 from cabin_monitor.messages import Frame
+from cabin_monitor.vision.detect import FaceDetector, create_detector
 
 
 def frame_of(name: str) -> Frame:
@@ -86,6 +87,6 @@ def test_grey_frames_are_accepted(detector: FaceDetector) -> None:
 
 
 def test_missing_detector_model_is_a_clear_error(tmp_path: object) -> None:
-    """A model path that does not exist raises FileNotFoundError naming it."""
-    with pytest.raises(FileNotFoundError, match="face detector model not found"):
+    """A model path that does not exist raises ModelError (as a missing emotion model does) naming it."""
+    with pytest.raises(ModelError, match="face detector model not found"):
         create_detector(DetectorConfig(type="yunet", model_path="/nope/yunet.onnx"))  # type: ignore[arg-type]

@@ -10,12 +10,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from cabin_monitor.align import FaceAligner, grey
 from cabin_monitor.assets import DEFAULT_EMOTION_MODEL, find_model, sample_path
 from cabin_monitor.config import DetectorConfig, EmotionConfig
-from cabin_monitor.detect import create_detector
-from cabin_monitor.emotion import EmotionModel, ModelError, ProviderError
+from cabin_monitor.errors import ModelError
 from cabin_monitor.messages import Frame, TrackedFace
+from cabin_monitor.vision.align import FaceAligner, grey
+from cabin_monitor.vision.detect import create_detector
+from cabin_monitor.vision.emotion import EmotionModel, ProviderError
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 HAS_TRT = "TensorrtExecutionProvider" in ort.get_available_providers()

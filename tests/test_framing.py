@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cabin_monitor.framing import (
+from cabin_monitor.vision.framing import (
     FLIP_68,
     TEMPLATE_5,
     apply_affine,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from cabin_monitor.mailbox import LatestMailbox
+from cabin_monitor.runtime.mailbox import LatestMailbox
 
 
 def test_put_replaces_the_unread_item_and_counts_the_drop() -> None:

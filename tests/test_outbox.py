@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cabin_monitor.outbox import SEVERITY_RANK, Outbox, OutboxContentError, OutboxError, open_outbox
+from cabin_monitor.bus.outbox import SEVERITY_RANK, Outbox, OutboxContentError, OutboxError, open_outbox
 
 NOW = time.time()
 

@@ -3,52 +3,52 @@
 from __future__ import annotations
 
 import json
-import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from cabin_monitor.messages import Event, Phase
-from cabin_monitor.payloads import (
+from cabin_monitor.bus.payloads import (
     PAYLOADS,
     ConfigResultPayload,
     ConfigSetPayload,
     EventPayload,
     HealthPayload,
     OccupantStatePayload,
+    event_payload,
+    health_payload,
     json_schemas,
+    state_payloads,
     utc_iso,
 )
-from cabin_monitor.testing import make_health
+from cabin_monitor.messages import CameraState, Event, Phase
+from cabin_monitor.rules import OccupantState
+from tests.support import helpers
+from tests.support.helpers import make_health
 
 EMOTIONS = {"neutral": 0.1, "anger": 0.6, "fear": 0.3}
 
 
 def make_event(phase: Phase = Phase.START, **changes: Any) -> Event:
-    fields: dict[str, Any] = {
-        "event_id": str(uuid.uuid4()),
-        "type": "stress",
-        "phase": phase,
-        "rule": "stress",
+    """An event at fixed times and values, so that its payload can be compared to the letter."""
+    fixed: dict[str, Any] = {
         "occupant_id": "occ-1",
-        "seat": "driver",
         "capture_s": 123.0,
         "wall_time_s": 1_700_000_000.25,
         "score": 0.9,
         "emotions": EMOTIONS,
-        "severity": "warning",
         "frame_id": 42,
     }
     if phase is Phase.END:
-        fields |= {"started_wall_time_s": 1_699_999_990.5, "start_event_id": str(uuid.uuid4())}
-    return Event(**(fields | changes))
+        fixed["started_wall_time_s"] = 1_699_999_990.5
+    return helpers.make_event(phase, **(fixed | changes))
 
 
 def samples() -> list[BaseModel]:
     return [
-        EventPayload.from_event(make_event(), "car-1"),
-        EventPayload.from_event(make_event(Phase.END), "car-1"),
+        event_payload(make_event(), "car-1"),
+        event_payload(make_event(Phase.END), "car-1"),
         OccupantStatePayload(
             vehicle_id="car-1",
             occupant_id="occ-1",
@@ -58,7 +58,7 @@ def samples() -> list[BaseModel]:
             top_emotion="anger",
             active_events=["stress"],
         ),
-        make_health().model_copy(update={"ts": utc_iso(1_700_000_000), "last_error": "x"}),
+        health_payload(make_health(), "car-1").model_copy(update={"ts": utc_iso(1_700_000_000), "last_error": "x"}),
         ConfigSetPayload(request_id="r1", rules={"stress": {"enter_score": 0.7}}),
         ConfigResultPayload(ts=utc_iso(1_700_000_000), request_id="r1", ok=True, rules={"smoothing_s": 0.7}),
         ConfigResultPayload.failure("bad", wall_time_s=1_700_000_000, request_id="r2", path="stress.enter_score"),
@@ -71,10 +71,10 @@ def test_round_trip(payload: BaseModel) -> None:
     assert type(payload).model_validate_json(payload.model_dump_json()) == payload
 
 
-def test_from_event_start() -> None:
+def test_event_payload_start() -> None:
     """A start event maps field by field, with a UTC 'Z' timestamp and no start reference."""
     event = make_event()
-    payload = EventPayload.from_event(event, "car-1")
+    payload = event_payload(event, "car-1")
     doc = json.loads(payload.model_dump_json())
     assert doc == {
         "schema_version": 1,
@@ -95,10 +95,10 @@ def test_from_event_start() -> None:
     }
 
 
-def test_from_event_end() -> None:
+def test_event_payload_end() -> None:
     """An end event carries when its start happened and the start's event_id."""
     event = make_event(Phase.END, severity="critical", seat=None)
-    payload = EventPayload.from_event(event, "car-1")
+    payload = event_payload(event, "car-1")
     assert payload.phase == "end"
     assert payload.started_ts == "2023-11-14T22:13:10.500Z"
     assert payload.start_event_id == event.start_event_id
@@ -106,36 +106,107 @@ def test_from_event_end() -> None:
     assert payload.seat is None
 
 
+def test_state_payloads_carry_the_smoothed_reading_of_each_read_occupant() -> None:
+    """Each occupant the model has read gives one state (rounded, with its top emotion); unread ones none."""
+    occupants = [
+        OccupantState("occ-1", "driver", 10.0, {"neutral": 0.123456, "anger": 0.876544}, ("stress",)),
+        OccupantState("occ-2", None, 10.0, {}, ()),
+    ]
+    (state,) = state_payloads(occupants, "car-1", 1_700_000_000.25)
+    assert json.loads(state.model_dump_json()) == {
+        "schema_version": 1,
+        "vehicle_id": "car-1",
+        "occupant_id": "occ-1",
+        "seat": "driver",
+        "ts": "2023-11-14T22:13:20.250Z",
+        "emotions": {"neutral": 0.1235, "anger": 0.8765},
+        "top_emotion": "anger",
+        "active_events": ["stress"],
+    }
+
+
+def test_health_payload_maps_a_snapshot_field_by_field() -> None:
+    """A healthy snapshot gives status ok and every counter in its section."""
+    doc = json.loads(health_payload(make_health(wall_time_s=1_700_000_000.25), "car-1").model_dump_json())
+    assert doc == {
+        "schema_version": 1,
+        "vehicle_id": "car-1",
+        "ts": "2023-11-14T22:13:20.250Z",
+        "status": "ok",
+        "camera": {
+            "state": "streaming",
+            "source": "sample",
+            "fps": 30.0,
+            "frames": 900,
+            "corrupt_frames": 0,
+            "reopen_count": 0,
+            "last_error": None,
+        },
+        "pipeline": {"fps": 29.5, "frames_processed": 880, "dropped_frames": 20, "stale_frames": 0},
+        "model": {"path": "emotionaldan-7.onnx", "providers_requested": ["cuda", "cpu"], "provider_in_use": "cpu"},
+        "outbox": {"depth": 0, "dropped_total": 0, "dropped_by_reason": {"full": 0, "expired": 0}},
+        "mqtt": {"connected": True, "reconnects": 0},
+        "last_error": None,
+    }
+
+
+def test_health_status_follows_stage_failures_the_camera_and_the_broker() -> None:
+    """error on a stage failure or a failed camera; degraded while the camera or a configured broker is away."""
+    healthy = make_health()
+    cam = healthy.camera
+    offline = replace(healthy.sink, connected=False)
+    cases = [
+        (replace(healthy, failure="inference: RuntimeError()"), "error", "inference: RuntimeError()"),
+        (replace(healthy, camera=replace(cam, state=CameraState.FAILED, last_error="gone")), "error", "gone"),
+        (
+            replace(healthy, camera=replace(cam, state=CameraState.STALLED, last_error="no frame")),
+            "degraded",
+            "no frame",
+        ),
+        (replace(healthy, camera=replace(cam, state=CameraState.REOPENING)), "degraded", None),
+        (replace(healthy, sink=offline), "degraded", None),
+        (replace(healthy, sink=offline, broker_required=False), "ok", None),
+        (
+            replace(healthy, failure="capture: x", camera=replace(cam, last_error="corrupt frame")),
+            "error",
+            "capture: x",
+        ),
+    ]
+    for snapshot, status, last_error in cases:
+        payload = health_payload(snapshot, "car-1")
+        assert (payload.status, payload.last_error) == (status, last_error), snapshot
+
+
 def test_end_without_start_reference_is_rejected() -> None:
     """An end event that does not say which start it closes is invalid."""
     with pytest.raises(ValidationError, match="started_ts and start_event_id"):
-        EventPayload.from_event(make_event(Phase.END, start_event_id=None), "car-1")
+        event_payload(make_event(Phase.END, start_event_id=None), "car-1")
 
 
 def test_unknown_severity_is_rejected() -> None:
     """Severity is one of info, warning, critical."""
     with pytest.raises(ValidationError, match="severity"):
-        EventPayload.from_event(make_event(severity="panic"), "car-1")
+        event_payload(make_event(severity="panic"), "car-1")
 
 
 @pytest.mark.parametrize("ts", ["2024-01-01T00:00:00Z", "2024-01-01T00:00:00.123+00:00"])
 def test_utc_timestamps_accepted(ts: str) -> None:
     """'Z' and +00:00 are both UTC."""
-    doc = json.loads(EventPayload.from_event(make_event(), "car-1").model_dump_json()) | {"ts": ts}
+    doc = json.loads(event_payload(make_event(), "car-1").model_dump_json()) | {"ts": ts}
     assert EventPayload.model_validate(doc).ts == ts
 
 
 @pytest.mark.parametrize("ts", ["2024-01-01T00:00:00", "2024-01-01T01:00:00+01:00", "yesterday"])
 def test_non_utc_timestamps_rejected(ts: str) -> None:
     """Naive, non-UTC and non-ISO timestamps are errors."""
-    doc = json.loads(EventPayload.from_event(make_event(), "car-1").model_dump_json()) | {"ts": ts}
+    doc = json.loads(event_payload(make_event(), "car-1").model_dump_json()) | {"ts": ts}
     with pytest.raises(ValidationError, match="ts"):
         EventPayload.model_validate(doc)
 
 
 def test_unknown_keys_rejected() -> None:
     """extra='forbid': a misspelt key is an error, also in nested models."""
-    doc = json.loads(make_health().model_dump_json())
+    doc = json.loads(health_payload(make_health(), "car-1").model_dump_json())
     doc["camera"]["fsp"] = 30
     with pytest.raises(ValidationError, match="fsp"):
         HealthPayload.model_validate(doc)
@@ -144,7 +215,7 @@ def test_unknown_keys_rejected() -> None:
 def test_bad_event_id_rejected() -> None:
     """event_id must be a UUID."""
     with pytest.raises(ValidationError, match="UUID"):
-        EventPayload.from_event(make_event(event_id="not-a-uuid"), "car-1")
+        event_payload(make_event(event_id="not-a-uuid"), "car-1")
 
 
 def test_config_result_ok_matches_errors() -> None:

@@ -8,15 +8,18 @@ import time
 from pathlib import Path
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.capture import FrameSource, SourceSpec
+from cabin_monitor.bus.mqtt import MqttSink
+from cabin_monitor.bus.outbox import Outbox
+from cabin_monitor.bus.remote import RulesControl
+from cabin_monitor.bus.sinks import EventSink, StdoutSink
 from cabin_monitor.config import CameraConfig, Config, MqttConfig, TrackerConfig
 from cabin_monitor.messages import Face, Frame, FrameResult
-from cabin_monitor.outbox import Outbox
-from cabin_monitor.pipeline import EXIT_OK, EXIT_STAGE_FAILED, Pipeline
-from cabin_monitor.processor import FrameProcessor
-from cabin_monitor.publish import EventSink, MqttSink, StdoutSink
-from cabin_monitor.remote import RulesControl
-from cabin_monitor.testing import MosquittoBroker, MqttRecorder, ScriptedCamera, wait_until
+from cabin_monitor.runtime.pipeline import EXIT_OK, EXIT_STAGE_FAILED, Pipeline
+from cabin_monitor.runtime.processor import FrameProcessor
+from cabin_monitor.vision.capture import FrameSource, SourceSpec
+from tests.support.broker import MosquittoBroker, MqttRecorder
+from tests.support.camera import ScriptedCamera
+from tests.support.helpers import wait_until
 
 VIDEO = sample_path("single_face.mp4")
 
@@ -49,7 +52,7 @@ def test_camera_failure_is_recovered_and_reported_in_health(mqtt_broker: Mosquit
     runner = threading.Thread(target=pipeline.run)
     with MqttRecorder(mqtt_broker.url, ["cabin/car-9/health"]) as recorder:
         runner.start()
-        wait_until(lambda: len(opened) == 2 and pipeline.health().pipeline.frames_processed > 40, 30, "recovery")
+        wait_until(lambda: len(opened) == 2 and pipeline.health().frames_processed > 40, 30, "recovery")
         healths = [
             json.loads(m.payload)
             for m in recorder.wait_for(
@@ -117,4 +120,4 @@ def test_a_slow_consumer_gets_the_newest_frames_and_drops_are_counted(tmp_path: 
         assert pipeline.run() == EXIT_OK
     assert pipeline.mailbox.dropped > 0
     assert seen == sorted(seen)
-    assert len(seen) + pipeline.mailbox.dropped + pipeline.health().pipeline.stale_frames >= 70
+    assert len(seen) + pipeline.mailbox.dropped + pipeline.health().stale_frames >= 70

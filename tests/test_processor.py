@@ -9,7 +9,7 @@ import cv2
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import Config, PrivacyConfig
 from cabin_monitor.messages import Frame
-from cabin_monitor.processor import STAGES, FrameProcessor
+from cabin_monitor.runtime.processor import STAGES, FrameProcessor
 
 
 def frames(n: int) -> list[Frame]:

@@ -8,9 +8,11 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
+from cabin_monitor.bus.payloads import ConfigResultPayload, ConfigSetPayload, utc_iso
+from cabin_monitor.bus.remote import RulesControl, answer_config_set
 from cabin_monitor.config import EMOTIONS_7, RulesConfig
-from cabin_monitor.remote import RulesControl
 
 NOW = 1_700_000_000.0
 
@@ -70,7 +72,7 @@ def test_non_json_oversized_and_non_object_payloads_are_refused(tmp_path: Path) 
     ctl = control(tmp_path)
     assert not ctl.handle_set(b"\xff\xfe").ok
     assert not ctl.handle_set(b"{" * 5000).ok
-    assert "limit" in ctl.handle_set(b" " * 5000).errors[0].message
+    assert "at most 4096" in ctl.handle_set(b" " * 5000).errors[0].message
     assert not ctl.handle_set(b"[1, 2]").ok
     assert ctl.effective == RulesConfig()
 
@@ -137,3 +139,39 @@ def test_arbitrary_bytes_never_raise(data: bytes) -> None:
     ctl = RulesControl(RulesConfig(), EMOTIONS_7, None)
     result = ctl.handle_set(data)
     assert result.ok in (True, False)
+
+
+def test_a_change_that_fails_to_apply_is_answered_with_the_error() -> None:
+    """An exception while applying becomes an error answer naming it, with the request_id, and is logged."""
+
+    def apply(request: ConfigSetPayload, now: float) -> ConfigResultPayload:
+        raise RuntimeError("disk full")
+
+    body = json.dumps({"request_id": "r-9", "rules": {"smoothing_s": 1.0}}).encode()
+    with capture_logs() as logs:
+        result = answer_config_set(body, 4096, apply, NOW)
+    assert not result.ok and result.request_id == "r-9"
+    assert result.errors[0].message == "the change could not be applied: RuntimeError: disk full"
+    assert any(e["event"] == "config/set handler failed" and e["log_level"] == "error" for e in logs)
+
+
+def test_requests_are_checked_before_anything_is_applied() -> None:
+    """Size, JSON, shape and request_id are checked first: a refused request never reaches apply."""
+    applied: list[ConfigSetPayload] = []
+
+    def apply(request: ConfigSetPayload, now: float) -> ConfigResultPayload:
+        applied.append(request)
+        return ConfigResultPayload(ts=utc_iso(now), request_id=request.request_id, ok=True, rules=request.rules)
+
+    long_id = "x" * 129
+    refused = [
+        json.dumps({"rules": {"x": "y" * 300}}).encode(),
+        b"{not json",
+        b"[1, 2]",
+        json.dumps({"request_id": long_id, "rules": {}}).encode(),
+    ]
+    answers = [answer_config_set(body, 200, apply, NOW) for body in refused]
+    assert [a.ok for a in answers] == [False] * 4 and applied == []
+    assert answers[3].request_id is None and answers[3].errors[0].path == "request_id"
+    assert answer_config_set(b'{"request_id": "ok", "rules": {}}', 200, apply, NOW).ok
+    assert [r.request_id for r in applied] == ["ok"]

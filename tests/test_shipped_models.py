@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cabin_monitor.config import EmotionConfig
-from cabin_monitor.emotion import EmotionModel
-from cabin_monitor.evaluate import evaluate_emotion, evaluate_landmarks
+from cabin_monitor.tools.evaluate import evaluate_emotion, evaluate_landmarks
+from cabin_monitor.vision.emotion import EmotionModel
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"

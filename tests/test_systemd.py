@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.testing import DaemonProcess, wait_until
+from tests.support.daemon import DaemonProcess
+from tests.support.helpers import wait_until
 
 UNIT_FILE = Path(__file__).resolve().parent.parent / "systemd" / "cabin-monitor.service"
 # What the daemon inherits from systemd; cleared so a test run under systemd is not confused by its own.

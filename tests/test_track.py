@@ -6,7 +6,7 @@ import numpy as np
 
 from cabin_monitor.config import SeatZone, TrackerConfig
 from cabin_monitor.messages import Face
-from cabin_monitor.track import OccupantTracker, iou
+from cabin_monitor.vision.track import OccupantTracker, iou
 
 SEATS = (
     SeatZone(name="driver", zone=(0.0, 0.0, 0.5, 1.0)),

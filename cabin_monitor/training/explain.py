@@ -17,13 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cabin_monitor.align import FaceAligner, grey
 from cabin_monitor.config import DetectorConfig
 from cabin_monitor.detect import create_detector
-from cabin_monitor.messages import Frame, TrackedFace
 from cabin_monitor.training.data import load_emotion_npz
 from cabin_monitor.training.export import load_onnx_as_torch
 from cabin_monitor.training.model import EmotionalDAN, apply_similarity
+from cabin_monitor.vision.reader import crop_image
 
 
 def grad_cam(
@@ -73,19 +72,12 @@ def _crops_for(path: Path, size: int, assume_face: bool) -> list[np.ndarray]:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"{path}: not a readable image")
-    gray = grey(image)
-    aligner = FaceAligner(size)
-    if assume_face:
-        h, w = gray.shape
-        from cabin_monitor.align import warp_crop
-
-        return [warp_crop(gray, aligner.box_matrix((0, 0, w, h)), size)]
-    detector = create_detector(DetectorConfig(type="yunet", min_face_px=16))
+    detector = None if assume_face else create_detector(DetectorConfig(type="yunet", min_face_px=16))
     try:
-        faces = detector.detect(Frame(0, 0.0, 0.0, image))
+        return [c.crop for c in crop_image(image, size, detector)]
     finally:
-        detector.close()
-    return [aligner.align(gray, TrackedFace(f, "", None)).crop for f in faces]
+        if detector is not None:
+            detector.close()
 
 
 def mean_by_class(

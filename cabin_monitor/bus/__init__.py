@@ -1,0 +1,4 @@
+"""The vehicle bus: ``payloads`` (the MQTT JSON formats and their assembly), ``sinks`` (where the pipeline's
+output goes; stdout), ``outbox`` (the durable event queue), ``mqtt`` (the broker connection) and ``remote``
+(operators' ``config/set`` requests).
+"""

@@ -1,0 +1,422 @@
+"""The broker connection: events through a durable outbox, occupant states, health, and ``config/set``.
+
+It only transports: payloads come from ``bus.payloads``, and ``config/set`` requests go, as bytes,
+to the handler that answers them (``bus.remote``).
+
+``MqttSink`` writes every event to the ``Outbox`` before ``submit_event`` returns and removes it
+only on the broker's PUBACK, so delivery is at-least-once across lost connections, broker restarts
+and daemon crashes; subscribers de-duplicate on ``event_id``. One sender thread owns the connection:
+it connects (reconnecting with jittered exponential backoff), sends outbox rows in order with at
+most ``max_inflight`` unacknowledged, and re-sends unacknowledged rows after a reconnect. Each
+connection is a fresh paho client, so paho never re-sends anything on its own and the outbox is
+the single source of what goes out.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from structlog.typing import FilteringBoundLogger
+
+from cabin_monitor.bus.outbox import DroppedEvent, Outbox, OutboxItem
+from cabin_monitor.bus.payloads import ConfigResultPayload, event_payload, health_payload, state_payloads
+from cabin_monitor.config import MqttConfig, TlsConfig, parse_mqtt_url
+from cabin_monitor.errors import RuntimeFault
+from cabin_monitor.messages import Event, HealthSnapshot, SinkStats
+from cabin_monitor.rules import OccupantState
+
+log = structlog.get_logger("cabin_monitor.bus.mqtt")
+
+CONNECT_TIMEOUT_S = 5.0  # TCP connect, TLS handshake, and again for the CONNACK
+OFFLINE_TIMEOUT_S = 2.0  # wait for the PUBACK of the 'offline' status on stop
+WAKE_S = 0.5  # the sender looks at the stop flag at least this often
+EXPIRE_EVERY_S = 60.0
+
+
+class TlsSetupError(RuntimeFault):
+    """A TLS file named in the MQTT configuration is missing, unreadable or not usable."""
+
+
+def build_ssl_context(tls: TlsConfig | None) -> ssl.SSLContext:
+    """A client context from the config; raises ``TlsSetupError`` naming the file that cannot be used."""
+    tls = tls or TlsConfig()
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, name)
+        if path is not None:
+            try:
+                path.open("rb").close()
+            except OSError as exc:
+                raise TlsSetupError(f"mqtt.tls.{name}: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        context = ssl.create_default_context(cafile=None if tls.ca_file is None else str(tls.ca_file))
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsSetupError(f"mqtt.tls.ca_file: {tls.ca_file} is not a PEM CA bundle: {exc}") from None
+    if tls.cert_file is not None and tls.key_file is not None:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsSetupError(
+                f"mqtt.tls.cert_file/key_file: {tls.cert_file} and {tls.key_file} are not a matching PEM "
+                f"certificate and key: {exc}"
+            ) from None
+    context.check_hostname = not tls.insecure_skip_verify
+    return context
+
+
+class MqttSink:
+    """Publishes events (QoS 1, through the outbox), occupant states (QoS 0) and health (retained).
+
+    Topics are ``<topic_prefix>/<vehicle_id>/...``: ``status`` (retained ``online``/``offline``, also
+    the last will), ``events``, ``occupants/<occupant_id>/state``, ``health``, and, when
+    ``on_config_set`` is given, ``config/set`` in and ``config/result`` out. ``on_config_set`` runs
+    on the MQTT network thread and gets each request's bytes as they came; what it returns is
+    published as the result.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        vehicle_id: str,
+        outbox: Outbox,
+        on_config_set: Callable[[bytes], ConfigResultPayload] | None = None,
+        logger: FilteringBoundLogger | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        if config.url is None:
+            raise ValueError("mqtt.url is not set; use StdoutSink to print events instead")
+        self._config = config
+        self._host, self._port, url_tls = parse_mqtt_url(config.url)
+        # Built now so that a missing or bad certificate stops start-up instead of failing every reconnect.
+        self._ssl_context = build_ssl_context(config.tls) if url_tls or config.tls is not None else None
+        self._vehicle_id = vehicle_id
+        self._client_id = config.client_id or f"cabin-monitor-{vehicle_id}"
+        self._outbox = outbox
+        self._on_config_set = on_config_set
+        self._rng = rng or random.Random()
+        # Not bound here: binding the module's lazy logger would freeze the logging set-up of this moment.
+        self._log: FilteringBoundLogger = logger or log
+        self._broker = f"{self._host}:{self._port}"
+        base = f"{config.topic_prefix}/{vehicle_id}"
+        self.status_topic = f"{base}/status"
+        self.events_topic = f"{base}/events"
+        self.health_topic = f"{base}/health"
+        self.config_set_topic = f"{base}/config/set"
+        self.config_result_topic = f"{base}/config/result"
+        self._state_topic_prefix = f"{base}/occupants"
+
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # something to do for the sender
+        self._connack = threading.Event()  # the CONNACK came (or the wait is pointless)
+        self._link_lost = threading.Event()
+        self._connected = False
+        self._client: mqtt.Client | None = None
+        self._acked_mids: collections.deque[int] = collections.deque()  # from the network thread
+        self._inflight: dict[int, OutboxItem] = {}  # mid -> row; sender thread only
+        self._health_lock = threading.Lock()
+        self._health: bytes | None = None
+        self._health_dirty = False
+        self._connects = 0
+        self._published_total = 0
+        self._next_expiry_s = 0.0
+
+    def state_topic(self, occupant_id: str) -> str:
+        """Topic of one occupant's state."""
+        return f"{self._state_topic_prefix}/{occupant_id}/state"
+
+    # ----- the pipeline's side -----
+
+    def start(self) -> None:
+        """Start the sender thread; it connects in the background."""
+        if self._thread is not None:
+            raise RuntimeError("MqttSink already started")
+        self._thread = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
+        self._thread.start()
+
+    def submit_event(self, event: Event) -> None:
+        """Write the event to the outbox (durable on return) and wake the sender."""
+        payload = event_payload(event, self._vehicle_id).model_dump_json().encode()
+        dropped = self._outbox.put(event.event_id, self.events_topic, payload, event.severity, event.wall_time_s)
+        self._log_dropped(dropped)
+        self._wake.set()
+
+    def publish_state(self, occupants: Sequence[OccupantState], wall_time_s: float) -> None:
+        """Publish each occupant's state at QoS 0 if connected; dropped otherwise (a newer state follows soon)."""
+        client = self._client
+        if not self._connected or client is None:
+            return
+        for state in state_payloads(occupants, self._vehicle_id, wall_time_s):
+            client.publish(self.state_topic(state.occupant_id), state.model_dump_json().encode(), qos=0)
+
+    def publish_health(self, health: HealthSnapshot) -> None:
+        """Hand the latest health to the sender; published retained at QoS 1 now or after reconnecting."""
+        payload = health_payload(health, self._vehicle_id).model_dump_json().encode()
+        with self._health_lock:
+            self._health = payload
+            self._health_dirty = True
+        self._wake.set()
+
+    def stop(self, flush_timeout_s: float) -> None:
+        """Wait up to ``flush_timeout_s`` for the outbox to drain, publish ``offline``, disconnect."""
+        thread = self._thread
+        if thread is None:
+            return
+        deadline = time.monotonic() + flush_timeout_s
+        while thread.is_alive() and self._outbox.depth() > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pending = self._outbox.depth()
+        if pending:
+            self._log.warning("mqtt stopping with events pending; they stay in the outbox", pending=pending)
+        self._stop.set()
+        self._connack.set()
+        self._wake.set()
+        thread.join(CONNECT_TIMEOUT_S + OFFLINE_TIMEOUT_S + 2 * WAKE_S)
+        if thread.is_alive():
+            self._log.warning("mqtt sender did not stop in time")
+
+    def stats(self) -> SinkStats:
+        """Connection and outbox counters."""
+        return SinkStats(
+            connected=self._connected,
+            reconnects=max(0, self._connects - 1),
+            outbox_depth=self._outbox.depth(),
+            dropped_total=self._outbox.dropped_total,
+            dropped_by_reason=self._outbox.dropped_by_reason,
+            published_total=self._published_total,
+        )
+
+    # ----- the sender thread -----
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            client: mqtt.Client | None = None
+            try:
+                client = self._connect(failures + 1)
+                if client is not None:
+                    up_since = time.monotonic()
+                    self._serve(client)
+                    # Only a connection that held for a while resets the backoff, so a broker that
+                    # accepts and then drops us is not hammered.
+                    if time.monotonic() - up_since >= self._config.reconnect_max_s:
+                        failures = 0
+            except Exception:
+                self._log.exception("mqtt sender error; reconnecting")
+            finally:
+                if client is not None:
+                    self._close(client)
+            if self._stop.is_set():
+                break
+            failures += 1
+            delay_s = self._backoff_s(failures)
+            self._log.debug("mqtt reconnect scheduled", retry_in_s=round(delay_s, 3), failures=failures)
+            self._stop.wait(delay_s)
+
+    def _backoff_s(self, failures: int) -> float:
+        """Exponential backoff with full jitter: uniform between min and a cap that doubles per failure."""
+        low, high = self._config.reconnect_min_s, self._config.reconnect_max_s
+        return self._rng.uniform(low, min(high, low * 2.0 ** min(failures, 32)))
+
+    def _new_client(self) -> mqtt.Client:
+        # reconnect_on_failure=False: this class reconnects (with jitter) using a fresh client each time.
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        client.connect_timeout = CONNECT_TIMEOUT_S
+        if self._config.username is not None:
+            password = self._config.password.get_secret_value() if self._config.password is not None else None
+            client.username_pw_set(self._config.username, password)
+        if self._ssl_context is not None:
+            client.tls_set_context(self._ssl_context)
+            client.tls_insecure_set(self._config.tls is not None and self._config.tls.insecure_skip_verify)
+        client.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        client.max_inflight_messages_set(0)  # no paho limit: the sender bounds the events in flight
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    def _connect(self, attempt: int) -> mqtt.Client | None:
+        """A connected client whose CONNACK was accepted, or None (logged)."""
+        self._connack.clear()
+        self._link_lost.clear()
+        client = self._new_client()
+        self._log.info("mqtt connecting", broker=self._broker, attempt=attempt, tls=self._ssl_context is not None)
+        try:
+            client.connect(self._host, self._port, keepalive=self._config.keepalive_s)
+        except ssl.SSLError as exc:
+            self._log.error(f"TLS handshake with {self._broker} failed: {exc}", attempt=attempt)
+            return None
+        except OSError as exc:
+            self._log.warning(f"mqtt connect to {self._broker} failed: {exc}", attempt=attempt)
+            return None
+        client.loop_start()
+        self._client = client
+        if not self._connack.wait(CONNECT_TIMEOUT_S) and not self._stop.is_set():
+            self._log.warning("mqtt broker sent no CONNACK in time", broker=self._broker, timeout_s=CONNECT_TIMEOUT_S)
+            self._connack.set()  # the disconnect below needs no second log line
+        if not self._connected:
+            self._close(client)
+            return None
+        self._connects += 1
+        self._log.info(
+            "mqtt connected", broker=self._broker, reconnects=max(0, self._connects - 1), pending=self._outbox.depth()
+        )
+        return client
+
+    def _serve(self, client: mqtt.Client) -> None:
+        """Send health and outbox rows until the link drops or stop is asked."""
+        with self._health_lock:
+            self._health_dirty = self._health is not None  # the broker may hold an old one
+        cursor = 0  # re-send from the oldest unacknowledged row: at-least-once, in order
+        while True:
+            self._wake.clear()
+            self._drain_acks()
+            self._expire_if_due()
+            self._send_health(client)
+            cursor = self._send_events(client, cursor)
+            if self._stop.is_set() or self._link_lost.is_set():
+                return
+            self._wake.wait(WAKE_S)
+
+    def _send_events(self, client: mqtt.Client, cursor: int) -> int:
+        free = self._config.max_inflight - len(self._inflight)
+        if free <= 0:
+            return cursor
+        for item in self._outbox.pending(free, after_row_id=cursor):
+            info = client.publish(item.topic, item.payload, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break  # the link is going down; the row is sent again after reconnecting
+            self._inflight[info.mid] = item
+            cursor = item.row_id
+        return cursor
+
+    def _send_health(self, client: mqtt.Client) -> None:
+        with self._health_lock:
+            payload, self._health_dirty = (self._health if self._health_dirty else None), False
+        if payload is not None:
+            client.publish(self.health_topic, payload, qos=1, retain=True)
+
+    def _drain_acks(self) -> None:
+        while self._acked_mids:
+            item = self._inflight.pop(self._acked_mids.popleft(), None)
+            if item is not None:  # else: birth, health or a config result
+                self._outbox.ack(item.row_id)
+                self._published_total += 1
+
+    def _expire_if_due(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_expiry_s:
+            self._next_expiry_s = now + EXPIRE_EVERY_S
+            self._log_dropped(self._outbox.expire())
+
+    def _close(self, client: mqtt.Client) -> None:
+        """End a connection: on stop publish ``offline`` and disconnect cleanly; forget what was in flight."""
+        if self._stop.is_set() and self._connected:
+            info = client.publish(self.status_topic, b"offline", qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(OFFLINE_TIMEOUT_S)
+        was_connected = self._connected
+        self._connected = False
+        client.disconnect()
+        client.loop_stop()
+        self._drain_acks()
+        self._inflight.clear()
+        if self._stop.is_set() and was_connected:
+            self._log.info("mqtt disconnected", broker=self._broker, pending=self._outbox.depth())
+
+    def _log_dropped(self, dropped: list[DroppedEvent]) -> None:
+        for d in dropped:
+            self._log.warning(
+                "outbox dropped an event",
+                reason=d.reason,
+                event_id=d.event_id,
+                severity=d.severity,
+                age_s=round(time.time() - d.created_wall_s, 1),
+                max_events=self._outbox.max_events,
+            )
+
+    # ----- paho callbacks, on the network thread -----
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._log.error("mqtt broker refused the connection", broker=self._broker, reason=str(reason_code))
+        else:
+            # Birth first, so subscribers see 'online' before anything else from this connection.
+            client.publish(self.status_topic, b"online", qos=1, retain=True)
+            if self._on_config_set is not None:
+                client.subscribe(self.config_set_topic, qos=1)
+            self._connected = True
+        self._connack.set()
+        self._wake.set()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self._stop.is_set():
+            pass
+        elif self._connected:
+            self._log.warning(
+                "mqtt connection lost", broker=self._broker, reason=str(reason_code), pending=self._outbox.depth()
+            )
+        elif not self._connack.is_set():
+            # E.g. a TLS broker that wants a client certificate closes the link right after the handshake.
+            self._log.warning(
+                "mqtt connection closed before the broker accepted it", broker=self._broker, reason=str(reason_code)
+            )
+        self._connected = False
+        self._link_lost.set()
+        self._connack.set()
+        self._wake.set()
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        # Only note it: the sender thread owns the mid -> row map (and taking a lock here, inside
+        # paho's own lock, could deadlock with a publish() on the sender thread).
+        self._acked_mids.append(mid)
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        if message.topic != self.config_set_topic or self._on_config_set is None:
+            return
+        try:
+            result = self._on_config_set(bytes(message.payload))
+            client.publish(self.config_result_topic, result.model_dump_json().encode(), qos=1)
+        except Exception:
+            # An exception here would end paho's network thread.
+            self._log.exception("config/set could not be answered")

@@ -1,0 +1,311 @@
+"""The JSON payloads the daemon publishes on MQTT, as strict pydantic models, and their assembly.
+
+The pipeline hands the bus plain messages (``Event``, the rules engine's ``OccupantState``, a
+``HealthSnapshot``); ``event_payload``, ``state_payloads`` and ``health_payload`` are the one place
+that turns them into payloads, which the sinks serialise and send.
+
+Topics are ``<topic_prefix>/<vehicle_id>/<name>``:
+
+- ``events`` (QoS 1): ``EventPayload``
+- ``occupants/<occupant_id>/state`` (QoS 0): ``OccupantStatePayload``
+- ``health`` (retained, QoS 1): ``HealthPayload``
+- ``config/set`` (subscribed, QoS 1): ``ConfigSetPayload``
+- ``config/result`` (QoS 1): ``ConfigResultPayload``
+- ``status`` (retained, QoS 1): the plain text ``online`` / ``offline``, not JSON.
+
+Every payload carries ``schema_version`` so consumers can tell formats apart.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from cabin_monitor.messages import Event, HealthSnapshot, HealthStatus, Severity
+from cabin_monitor.rules import OccupantState
+
+SCHEMA_VERSION: Literal[1] = 1
+
+
+def utc_iso(wall_time_s: float) -> str:
+    """UTC epoch seconds as ISO-8601 with millisecond precision and a ``Z``: ``2024-05-01T12:00:00.250Z``."""
+    when = datetime.fromtimestamp(wall_time_s, tz=timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _check_utc(text: str) -> str:
+    # fromisoformat accepts "Z" only from Python 3.11; the daemon supports 3.10.
+    try:
+        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        raise ValueError(f"not an ISO-8601 timestamp: {text!r}") from None
+    if parsed.utcoffset() != timedelta(0):
+        raise ValueError(f"timestamp must be UTC ('Z' or +00:00): {text!r}")
+    return text
+
+
+def _check_uuid(text: str) -> str:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        raise ValueError(f"not a UUID: {text!r}") from None
+    return text
+
+
+UtcTimestamp = Annotated[
+    str,
+    AfterValidator(_check_utc),
+    Field(description="UTC time, ISO-8601 with 'Z' or +00:00.", json_schema_extra={"format": "date-time"}),
+]
+UuidText = Annotated[str, AfterValidator(_check_uuid), Field(json_schema_extra={"format": "uuid"})]
+
+
+class _Payload(BaseModel):
+    """Base of every payload: unknown keys are errors, instances are immutable."""
+
+    # Every field is always serialised, so the exported schema lists them all as required.
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_serialization_defaults_required=True)
+
+
+class EventPayload(_Payload):
+    """One rule firing (``start``) or closing (``end``) for one occupant; topic ``events``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: UuidText = Field(description="Unique per message; subscribers de-duplicate on it.")
+    vehicle_id: str
+    type: str = Field(description="stress | unexpected_expression | occupant_lost")
+    phase: Literal["start", "end"]
+    occupant_id: str
+    seat: str | None
+    ts: UtcTimestamp
+    started_ts: UtcTimestamp | None = Field(None, description="On 'end': when the event started.")
+    start_event_id: UuidText | None = Field(None, description="On 'end': the event_id of its 'start'.")
+    score: float
+    emotions: dict[str, float] = Field(description="Emotion class -> probability.")
+    rule: str = Field(description="The configured rule name.")
+    severity: Severity
+    frame_id: int
+
+    @model_validator(mode="after")
+    def _end_refers_to_start(self) -> EventPayload:
+        # Consumers pair start and end on start_event_id, so the pairing fields belong to 'end' only.
+        has_start = (self.started_ts is not None, self.start_event_id is not None)
+        if self.phase == "end" and has_start != (True, True):
+            raise ValueError("an 'end' event needs started_ts and start_event_id")
+        if self.phase == "start" and has_start != (False, False):
+            raise ValueError("a 'start' event has no started_ts or start_event_id")
+        return self
+
+
+class OccupantStatePayload(_Payload):
+    """The latest smoothed reading of one occupant; topic ``occupants/<occupant_id>/state``, QoS 0."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    vehicle_id: str
+    occupant_id: str
+    seat: str | None
+    ts: UtcTimestamp
+    emotions: dict[str, float] = Field(description="Smoothed emotion class -> probability.")
+    top_emotion: str
+    active_events: list[str] = Field(description="Types of this occupant's open events.")
+
+
+class CameraHealth(_Payload):
+    """The frame source."""
+
+    state: Literal["starting", "streaming", "stalled", "reopening", "ended", "failed"]
+    source: str
+    fps: float
+    frames: int
+    corrupt_frames: int
+    reopen_count: int
+    last_error: str | None = None
+
+
+class PipelineHealth(_Payload):
+    """Frames through detection, alignment and the emotion model."""
+
+    fps: float
+    frames_processed: int
+    dropped_frames: int = Field(description="Frames the camera mailbox replaced before inference took them.")
+    stale_frames: int = Field(description="Frames skipped as older than max_frame_age_ms.")
+
+
+class ModelHealth(_Payload):
+    """The emotion model and the onnxruntime providers it runs on."""
+
+    path: str
+    providers_requested: list[str]
+    provider_in_use: str
+
+
+class OutboxHealth(_Payload):
+    """The durable event queue."""
+
+    depth: int
+    dropped_total: int
+    dropped_by_reason: dict[str, int] = Field(description="'full' and 'expired' -> events dropped.")
+
+
+class MqttHealth(_Payload):
+    """The broker connection."""
+
+    connected: bool
+    reconnects: int
+
+
+class HealthPayload(_Payload):
+    """The daemon's health; topic ``health``, retained, QoS 1."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    vehicle_id: str
+    ts: UtcTimestamp
+    status: HealthStatus
+    camera: CameraHealth
+    pipeline: PipelineHealth
+    model: ModelHealth
+    outbox: OutboxHealth
+    mqtt: MqttHealth
+    last_error: str | None = None
+
+
+class ConfigSetPayload(_Payload):
+    """An operator's rules change; topic ``config/set``. ``rules`` is a partial ``RulesConfig`` mapping."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str | None = Field(None, max_length=128, description="Echoed in the result.")
+    rules: dict[str, Any]
+
+
+class ConfigProblem(_Payload):
+    """One problem with a config/set request."""
+
+    path: str = Field(description="Dotted path of the offending key, or '(payload)'.")
+    message: str
+
+
+class ConfigResultPayload(_Payload):
+    """The answer to a config/set request; topic ``config/result``, QoS 1, not retained."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    ts: UtcTimestamp
+    request_id: str | None = None
+    ok: bool
+    errors: list[ConfigProblem] = Field(default_factory=list)
+    rules: dict[str, Any] | None = Field(None, description="The effective rules after the change (on success).")
+
+    @model_validator(mode="after")
+    def _ok_means_no_errors(self) -> ConfigResultPayload:
+        if self.ok == bool(self.errors):
+            raise ValueError("ok must be true exactly when errors is empty")
+        return self
+
+    @classmethod
+    def failure(
+        cls, message: str, *, wall_time_s: float, request_id: str | None = None, path: str = "(payload)"
+    ) -> ConfigResultPayload:
+        """A refusal with a single error."""
+        return cls(
+            ts=utc_iso(wall_time_s), request_id=request_id, ok=False, errors=[ConfigProblem(path=path, message=message)]
+        )
+
+
+def event_payload(event: Event, vehicle_id: str) -> EventPayload:
+    """The payload of a rules-engine event."""
+    return EventPayload(
+        event_id=event.event_id,
+        vehicle_id=vehicle_id,
+        type=event.type,
+        phase=event.phase.value,
+        occupant_id=event.occupant_id,
+        seat=event.seat,
+        ts=utc_iso(event.wall_time_s),
+        started_ts=None if event.started_wall_time_s is None else utc_iso(event.started_wall_time_s),
+        start_event_id=event.start_event_id,
+        score=event.score,
+        emotions=dict(event.emotions),
+        rule=event.rule,
+        severity=event.severity,
+        frame_id=event.frame_id,
+    )
+
+
+def state_payloads(
+    occupants: Sequence[OccupantState], vehicle_id: str, wall_time_s: float
+) -> list[OccupantStatePayload]:
+    """The state payload of every occupant the model has read so far."""
+    return [
+        OccupantStatePayload(
+            vehicle_id=vehicle_id,
+            occupant_id=occ.occupant_id,
+            seat=occ.seat,
+            ts=utc_iso(wall_time_s),
+            emotions={k: round(v, 4) for k, v in occ.emotions.items()},
+            top_emotion=max(occ.emotions, key=lambda k: occ.emotions[k]),
+            active_events=list(occ.active_events),
+        )
+        for occ in occupants
+        if occ.emotions
+    ]
+
+
+def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
+    """The health payload of a snapshot."""
+    cam, sink = health.camera, health.sink
+    return HealthPayload(
+        vehicle_id=vehicle_id,
+        ts=utc_iso(health.wall_time_s),
+        status=health.status,
+        camera=CameraHealth(
+            state=cam.state.value,  # type: ignore[arg-type]
+            source=cam.source,
+            fps=health.camera_fps,
+            frames=cam.frames,
+            corrupt_frames=cam.corrupt_frames,
+            reopen_count=cam.reopen_count,
+            last_error=cam.last_error,
+        ),
+        pipeline=PipelineHealth(
+            fps=health.processed_fps,
+            frames_processed=health.frames_processed,
+            dropped_frames=health.dropped_frames,
+            stale_frames=health.stale_frames,
+        ),
+        model=ModelHealth(
+            path=health.model_path,
+            providers_requested=list(health.providers_requested),
+            provider_in_use=health.provider_in_use,
+        ),
+        outbox=OutboxHealth(
+            depth=sink.outbox_depth,
+            dropped_total=sink.dropped_total,
+            dropped_by_reason=dict(sink.dropped_by_reason),
+        ),
+        mqtt=MqttHealth(connected=sink.connected, reconnects=sink.reconnects),
+        last_error=health.last_error,
+    )
+
+
+PAYLOADS: dict[str, type[BaseModel]] = {
+    "event": EventPayload,
+    "occupant_state": OccupantStatePayload,
+    "health": HealthPayload,
+    "config_set": ConfigSetPayload,
+    "config_result": ConfigResultPayload,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """Name -> JSON schema (draft 2020-12) of every MQTT JSON payload.
+
+    Published payloads always carry every field, so their schemas require them all; the schema of
+    ``config_set``, which operators write, requires only what they must send.
+    """
+    return {
+        name: model.model_json_schema(mode="validation" if name == "config_set" else "serialization")
+        for name, model in PAYLOADS.items()
+    }

@@ -1,0 +1,77 @@
+"""Where the pipeline's output goes: the ``EventSink`` interface, and ``StdoutSink`` for runs without a broker.
+
+The pipeline hands a sink plain messages (events, the rules engine's occupant states, health
+snapshots); the sink turns them into payloads with ``bus.payloads`` and delivers them.
+``bus.mqtt.MqttSink`` is the broker's sink.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Protocol, TextIO
+
+from cabin_monitor.bus.payloads import event_payload
+from cabin_monitor.messages import Event, HealthSnapshot, SinkStats
+from cabin_monitor.rules import OccupantState
+
+
+class EventSink(Protocol):
+    """Where events, occupant states and health go."""
+
+    def start(self) -> None:
+        """Begin delivering (connect in the background)."""
+
+    def submit_event(self, event: Event) -> None:
+        """Queue an event for delivery; durable once this returns (for sinks with an outbox)."""
+
+    def publish_state(self, occupants: Sequence[OccupantState], wall_time_s: float) -> None:
+        """Best effort, QoS 0: dropped while offline."""
+
+    def publish_health(self, health: HealthSnapshot) -> None:
+        """Retained, QoS 1; only the latest is kept while offline."""
+
+    def stop(self, flush_timeout_s: float) -> None:
+        """Deliver pending events for up to ``flush_timeout_s``, then shut down cleanly."""
+
+    def stats(self) -> SinkStats:
+        """Counters for the health payload."""
+
+
+class StdoutSink:
+    """Prints each event as one JSON line (an ``EventPayload``); states and health are not printed."""
+
+    def __init__(self, vehicle_id: str, stream: TextIO | None = None) -> None:
+        self._vehicle_id = vehicle_id
+        self._stream = stream if stream is not None else sys.stdout
+        self._lock = threading.Lock()
+        self._published_total = 0
+
+    def start(self) -> None:
+        """Nothing to connect."""
+
+    def submit_event(self, event: Event) -> None:
+        """Print the event's JSON line and flush, so a pipe reader sees it at once."""
+        line = event_payload(event, self._vehicle_id).model_dump_json()
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+            self._published_total += 1
+
+    def publish_state(self, occupants: Sequence[OccupantState], wall_time_s: float) -> None:
+        """Ignored: stdout carries events only, one kind of line for consumers to parse."""
+
+    def publish_health(self, health: HealthSnapshot) -> None:
+        """Ignored (health is in the logs)."""
+
+    def stop(self, flush_timeout_s: float) -> None:
+        """Flush the stream."""
+        with self._lock:
+            self._stream.flush()
+
+    def stats(self) -> SinkStats:
+        """No broker, no outbox: only the count of events printed."""
+        with self._lock:
+            published = self._published_total
+        return SinkStats(False, 0, 0, 0, {}, published)

@@ -1,0 +1,26 @@
+"""The ``emotion`` section: the EmotionalDAN ONNX model and its execution providers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from cabin_monitor.config.base import Strict
+
+
+class EmotionConfig(Strict):
+    """The EmotionalDAN ONNX model and how onnxruntime runs it."""
+
+    model_path: Path | None = Field(None, description="ONNX file; default: the bundled emotionaldan-7.onnx.")
+    providers: tuple[Literal["tensorrt", "cuda", "cpu"], ...] = Field(
+        ("cpu",), min_length=1, description="onnxruntime execution providers in order of preference."
+    )
+    strict_providers: bool = Field(
+        False, description="Fail start-up unless the first provider asked for is the one in use."
+    )
+    intra_op_threads: int = Field(0, ge=0, le=64, description="CPU threads per inference; 0 lets onnxruntime pick.")
+    max_batch: int = Field(8, ge=1, le=64, description="Most faces sent in one inference call.")
+    trt_cache_dir: Path | None = Field(None, description="TensorRT engine cache folder (speeds up later starts).")
+    trt_fp16: bool = Field(True, description="Let TensorRT build FP16 engines.")

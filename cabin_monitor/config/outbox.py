@@ -1,0 +1,17 @@
+"""The ``outbox`` section: the durable event queue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from cabin_monitor.config.base import Strict
+
+
+class OutboxConfig(Strict):
+    """Durable event queue between the rules engine and the broker."""
+
+    path: Path | None = Field(None, description="SQLite file; default: <state_dir>/outbox.sqlite.")
+    max_events: int = Field(10000, ge=10, description="Most events held; beyond it the oldest low-severity go.")
+    max_age_s: float = Field(7 * 86400, gt=0, description="Events older than this are dropped (and counted).")

@@ -1,0 +1,84 @@
+"""The ``rules`` section: the anomaly rules, which operators also change over MQTT."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from cabin_monitor.config.base import Strict
+from cabin_monitor.messages import Severity
+
+EMOTIONS_7 = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger")
+NEGATIVE_7 = ("sadness", "anger", "fear", "disgust")
+
+
+class StressRuleConfig(Strict):
+    """Sustained negative emotion."""
+
+    enabled: bool = True
+    classes: tuple[str, ...] = Field(NEGATIVE_7, min_length=1, description="Classes whose probabilities are summed.")
+    enter_score: float = Field(0.6, gt=0, le=1, description="Smoothed group score that opens the event...")
+    sustain_s: float = Field(3.0, ge=0, le=600, description="...when held at or above it for this long.")
+    exit_score: float = Field(0.4, ge=0, lt=1, description="Score below which the event may close...")
+    release_s: float = Field(1.5, ge=0, le=600, description="...once it has stayed below for this long.")
+    cooldown_s: float = Field(30.0, ge=0, le=86400, description="No new stress event this soon after one ended.")
+    severity: Severity = "warning"
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> StressRuleConfig:
+        if self.exit_score >= self.enter_score:
+            raise ValueError(f"exit_score ({self.exit_score}) must be below enter_score ({self.enter_score})")
+        return self
+
+
+class UnexpectedExpressionRuleConfig(Strict):
+    """A sudden, strong expression onset against the occupant's own recent baseline."""
+
+    enabled: bool = True
+    classes: tuple[str, ...] = Field(
+        ("fear", "surprise", "anger", "disgust"), min_length=1, description="Classes whose probabilities are summed."
+    )
+    onset_window_s: float = Field(0.5, gt=0, le=10, description="Time constant of the fast average.")
+    baseline_window_s: float = Field(20.0, gt=0, le=3600, description="Time constant of the slow baseline.")
+    min_history_s: float = Field(3.0, ge=0, le=3600, description="Baseline needs this much history first.")
+    min_score: float = Field(0.5, gt=0, le=1, description="Fast average must reach this...")
+    min_rise: float = Field(0.3, gt=0, le=1, description="...and exceed the baseline by this much.")
+    exit_score: float = Field(0.3, ge=0, lt=1, description="Event closes when the fast average falls below this.")
+    max_duration_s: float = Field(10.0, gt=0, le=3600, description="An onset event closes after this long at most.")
+    cooldown_s: float = Field(10.0, ge=0, le=86400, description="No new onset event this soon after one ended.")
+    severity: Severity = "warning"
+
+    @model_validator(mode="after")
+    def _window_order(self) -> UnexpectedExpressionRuleConfig:
+        if self.baseline_window_s <= self.onset_window_s:
+            raise ValueError("baseline_window_s must be longer than onset_window_s")
+        if self.exit_score >= self.min_score:
+            raise ValueError(f"exit_score ({self.exit_score}) must be below min_score ({self.min_score})")
+        return self
+
+
+class OccupantLostRuleConfig(Strict):
+    """A tracked face that has gone."""
+
+    enabled: bool = True
+    lost_after_s: float = Field(3.0, gt=0, le=3600, description="Unseen this long opens the event.")
+    severity: Severity = "info"
+
+
+class RulesConfig(Strict):
+    """The anomaly rules; fleet operators tune these (also over MQTT config/set)."""
+
+    smoothing_s: float = Field(
+        0.7, ge=0, le=60, description="Time constant of the per-occupant probability smoothing; 0 = none."
+    )
+    stress: StressRuleConfig = StressRuleConfig()
+    unexpected_expression: UnexpectedExpressionRuleConfig = UnexpectedExpressionRuleConfig()
+    occupant_lost: OccupantLostRuleConfig = OccupantLostRuleConfig()
+
+    def class_names_used(self) -> set[str]:
+        """Every emotion class name a rule refers to."""
+        used: set[str] = set()
+        if self.stress.enabled:
+            used |= set(self.stress.classes)
+        if self.unexpected_expression.enabled:
+            used |= set(self.unexpected_expression.classes)
+        return used

@@ -1,0 +1,178 @@
+"""The composition root: configuration plus command-line overrides, the parts wired into a pipeline,
+and the signals that steer it. ``run``, ``demo`` and ``bench`` all build their pipeline here.
+
+Where things go once it runs:
+
+- a frame: ``vision.capture`` -> ``runtime.pipeline`` (latest-frame mailbox) -> ``runtime.processor``
+  (detect, track, align, emotion, rules);
+- an event: the rules engine -> the sink (``bus.mqtt`` through the durable ``bus.outbox``, or
+  ``bus.sinks.StdoutSink``), turned into its JSON by ``bus.payloads``;
+- a remote request: ``config/set`` -> ``bus.mqtt`` -> ``bus.remote`` (validated, persisted) -> the
+  inference thread, between two frames.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import structlog
+
+from cabin_monitor.bus.mqtt import MqttSink
+from cabin_monitor.bus.outbox import open_outbox
+from cabin_monitor.bus.remote import RulesControl
+from cabin_monitor.bus.sinks import EventSink, StdoutSink
+from cabin_monitor.config import CameraConfig, Config, ConfigError, load_config, parse_mqtt_url
+from cabin_monitor.errors import ConfigurationError
+from cabin_monitor.messages import FrameResult
+from cabin_monitor.runtime.pipeline import Pipeline
+from cabin_monitor.runtime.processor import FrameProcessor
+from cabin_monitor.vision.capture import FrameSource
+
+log = structlog.get_logger("cabin_monitor.daemon")
+
+SourceFactory = Callable[[CameraConfig, threading.Event], FrameSource]
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Settings given on the command line, applied over the configuration file."""
+
+    source: str | None = None
+    loop: bool = False
+    fast: bool = False  # process every frame of a video file, timed by the file's clock
+    mqtt_url: str | None = None
+    vehicle_id: str | None = None
+    model_path: Path | None = None
+    providers: tuple[str, ...] = ()
+
+
+def load(config_path: Path | None, overrides: Overrides = Overrides()) -> Config:
+    """The configuration file (or the defaults) with ``overrides`` applied; ``ConfigurationError`` if unusable."""
+    cfg = load_config(config_path)
+    camera: dict[str, Any] = {}
+    if overrides.source:
+        camera["source"] = overrides.source
+    if overrides.loop:
+        camera["loop"] = True
+    if overrides.fast:
+        camera["file_pacing"] = "fast"
+    emotion: dict[str, Any] = {}
+    if overrides.model_path:
+        emotion["model_path"] = overrides.model_path
+    if overrides.providers:
+        emotion["providers"] = overrides.providers
+    update: dict[str, Any] = {}
+    if camera:
+        update["camera"] = cfg.camera.model_copy(update=camera)
+    if emotion:
+        update["emotion"] = cfg.emotion.model_copy(update=emotion)
+    if overrides.vehicle_id:
+        update["vehicle_id"] = overrides.vehicle_id
+    try:
+        if overrides.mqtt_url:
+            parse_mqtt_url(overrides.mqtt_url)
+            update["mqtt"] = cfg.mqtt.model_copy(update={"url": overrides.mqtt_url})
+        # Re-validate so overrides from the command line obey the same rules as the file.
+        return Config.model_validate(cfg.model_copy(update=update).model_dump())
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def build_pipeline(
+    cfg: Config,
+    *,
+    on_result: Callable[[FrameResult], None] | None = None,
+    events_stream: TextIO | None = None,
+    source_factory: SourceFactory = FrameSource,
+) -> Pipeline:
+    """Every part of the daemon, wired: the stages, the rules control, the sink and the frame source.
+
+    With ``mqtt.url`` set, events go to the broker through the outbox and operators may change the
+    rules over ``config/set``; without it they are printed to ``events_stream`` (stdout).
+    """
+    processor = FrameProcessor(cfg)
+    state_dir = cfg.resolved_state_dir()
+    control = RulesControl(
+        cfg.rules,
+        processor.model.class_names,
+        (cfg.remote_config.override_path or state_dir / "rules_override.json") if cfg.mqtt.url else None,
+        cfg.remote_config.max_payload_bytes,
+    )
+    if control.effective != cfg.rules:
+        processor.reconfigure_rules(control.effective)
+    sink: EventSink
+    if cfg.mqtt.url:
+        outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
+        outbox, moved = open_outbox(outbox_path, cfg.outbox.max_events, cfg.outbox.max_age_s)
+        if moved is not None:
+            log.error(
+                "outbox file unusable; moved aside, starting with an empty outbox",
+                path=str(outbox_path),
+                moved_to=str(moved),
+            )
+        sink = MqttSink(
+            cfg.mqtt,
+            cfg.vehicle_id,
+            outbox,
+            on_config_set=control.handle_set if cfg.remote_config.enabled else None,
+        )
+    else:
+        sink = StdoutSink(cfg.vehicle_id, events_stream or sys.stdout)
+    stop = threading.Event()
+    source = source_factory(cfg.camera, stop)
+    return Pipeline(cfg, processor, source, sink, control, on_result=on_result, stop_event=stop)
+
+
+def reload_rules(pipeline: Pipeline, config_path: Path | None) -> None:
+    """SIGHUP's work, run by the supervising loop (never inside the signal handler)."""
+    if config_path is None:
+        log.warning("SIGHUP ignored: no configuration file to reload")
+        return
+    try:
+        rules = load_config(config_path).rules
+        pipeline.rules_control.reload_base(rules)
+    except (ConfigError, ValueError) as exc:
+        log.error("SIGHUP reload refused; rules unchanged", error=str(exc))
+        return
+    log.info("rules reloaded from the configuration file", path=str(config_path))
+
+
+def install_signals(pipeline: Pipeline, config_path: Path | None) -> None:
+    """SIGTERM and SIGINT stop the pipeline; SIGHUP reloads the rules from ``config_path``."""
+
+    # Handlers only set flags: they run on the main thread between any two bytecodes,
+    # possibly while it holds a logging or rules lock.
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        pipeline.request_stop(signal.Signals(signum).name)
+
+    def on_reload(_signum: int, _frame: FrameType | None) -> None:
+        pipeline.request_reload()
+
+    pipeline.on_reload = lambda: reload_rules(pipeline, config_path)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+
+
+def run(cfg: Config, config_path: Path | None) -> int:
+    """The daemon: build it, steer it by signals, run it until it ends; returns the exit code."""
+    # A reload request during start-up (model load, TensorRT build) must not kill the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    pipeline = build_pipeline(cfg)
+    install_signals(pipeline, config_path)
+    return pipeline.run()
+
+
+def run_demo(cfg: Config, on_result: Callable[[FrameResult], None]) -> int:
+    """The daemon without a broker (events on stdout), each processed frame also given to ``on_result``."""
+    cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"url": None})})
+    pipeline = build_pipeline(cfg, on_result=on_result)
+    install_signals(pipeline, None)
+    return pipeline.run()

@@ -1,0 +1,312 @@
+"""Threads, hand-over and shutdown: capture thread -> latest-frame mailbox -> inference thread -> sink.
+
+The main thread supervises: it feeds the systemd watchdog only while frames
+flow, logs throughput and latency, publishes health, and stops everything on
+a signal, at end of file, or when a stage thread dies (exit code 1, so
+systemd restarts the service).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from cabin_monitor.bus.remote import RulesControl
+from cabin_monitor.bus.sinks import EventSink
+from cabin_monitor.config import Config
+from cabin_monitor.messages import CameraState, Frame, FrameResult, HealthSnapshot
+from cabin_monitor.metrics import LatencyWindow, RateWindow
+from cabin_monitor.runtime.mailbox import LatestMailbox
+from cabin_monitor.runtime.processor import STAGES, FrameProcessor
+from cabin_monitor.runtime.sdnotify import SystemdNotifier
+from cabin_monitor.vision.capture import FrameSource, SourceEnded
+
+log = structlog.get_logger("cabin_monitor.runtime.pipeline")
+JOIN_TIMEOUT_S = 5.0
+EXIT_OK = 0
+EXIT_STAGE_FAILED = 1
+
+
+@dataclass
+class _Counters:
+    frames_processed: int = 0
+    stale_frames: int = 0
+    events: int = 0
+    last_processed_s: float = 0.0
+
+
+class Pipeline:
+    """Runs the daemon until the source ends, a stop is requested, or a stage fails."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        processor: FrameProcessor,
+        source: FrameSource,
+        sink: EventSink,
+        rules_control: RulesControl,
+        notifier: SystemdNotifier | None = None,
+        on_result: Callable[[FrameResult], None] | None = None,
+        stop_event: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.processor = processor
+        self.source = source
+        self.sink = sink
+        self.rules_control = rules_control
+        self.notifier = notifier or SystemdNotifier()
+        self.on_result = on_result
+        self._clock = clock
+        self._wall = wall_clock
+        self.stop_event = stop_event or threading.Event()
+        self.mailbox: LatestMailbox[Frame] = LatestMailbox()
+        self.stage_ms = {name: LatencyWindow() for name in (*STAGES, "e2e")}
+        self._counters = _Counters()
+        self._counter_lock = threading.Lock()
+        self._failure: str | None = None
+        self._threads: list[threading.Thread] = []
+        self._inference_done = threading.Event()
+        self._fps = RateWindow()
+        self._stop_reason: str | None = None
+        self._reload_requested = threading.Event()
+        self.on_reload: Callable[[], None] | None = None
+
+    # -- control -----------------------------------------------------------------
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask every loop to finish. Only sets flags, so it is safe in a signal handler."""
+        self._stop_reason = self._stop_reason or reason
+        self.stop_event.set()
+
+    def request_reload(self) -> None:
+        """Ask the supervising loop to call ``on_reload`` (safe in a signal handler)."""
+        self._reload_requested.set()
+
+    @property
+    def failure(self) -> str | None:
+        """Why a stage thread died, if one did."""
+        return self._failure
+
+    # -- threads -----------------------------------------------------------------
+
+    def _guard(self, name: str, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except Exception as exc:
+                log.exception("stage thread failed", thread=name, error=repr(exc))
+                self._failure = f"{name}: {exc!r}"
+                self.stop_event.set()
+
+        return run
+
+    def _capture_loop(self) -> None:
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    frame = self.source.read()
+                except SourceEnded as end:
+                    log.info("source ended", reason=str(end))
+                    return
+                if self.source.paced_realtime:
+                    self.mailbox.put(frame)
+                elif not self.mailbox.put_wait(frame, self.stop_event):
+                    return
+        finally:
+            self.mailbox.close()
+            self.source.release()
+
+    def _inference_loop(self) -> None:
+        try:
+            while True:
+                pending = self.rules_control.take_pending()
+                if pending is not None:
+                    self.processor.reconfigure_rules(pending)
+                    log.info("rules reconfigured")
+                if self.stop_event.is_set():
+                    break
+                frame = self.mailbox.get(timeout_s=0.5)
+                if frame is None:
+                    if self.mailbox.closed and self.mailbox.empty():
+                        break
+                    continue
+                if self.source.paced_realtime:
+                    age_ms = (self._clock() - frame.capture_s) * 1000.0
+                    if age_ms > self.cfg.pipeline.max_frame_age_ms:
+                        with self._counter_lock:
+                            self._counters.stale_frames += 1
+                        continue
+                self._handle(self.processor.process(frame))
+            closing = self.processor.rules.close_all(self._last_capture_s(), self._wall())
+            for event in closing:
+                self.sink.submit_event(event)
+            with self._counter_lock:
+                self._counters.events += len(closing)
+        finally:
+            self._inference_done.set()
+
+    def _last_capture_s(self) -> float:
+        return self._clock() if self.source.paced_realtime else self._counters.last_processed_s
+
+    def _handle(self, result: FrameResult) -> None:
+        frame = result.frame
+        for name, ms in result.stage_ms.items():
+            self.stage_ms[name].add(ms)
+        if self.source.paced_realtime:
+            self.stage_ms["e2e"].add((self._clock() - frame.capture_s) * 1000.0)
+        for event in result.events:
+            self.sink.submit_event(event)
+        now = self._clock()
+        with self._counter_lock:
+            self._counters.frames_processed += 1
+            self._counters.events += len(result.events)
+            self._counters.last_processed_s = frame.capture_s if not self.source.paced_realtime else now
+            self._fps.add(now)
+        self._maybe_publish_state(now, frame.wall_time_s)
+        if self.on_result is not None:
+            self.on_result(result)
+
+    _last_state_s = -1e18
+
+    def _maybe_publish_state(self, now: float, wall: float) -> None:
+        interval = self.cfg.mqtt.state_interval_s
+        if interval <= 0 or now - self._last_state_s < interval:
+            return
+        self._last_state_s = now
+        self.sink.publish_state(self.processor.rules.occupants(), wall)
+
+    # -- supervision ---------------------------------------------------------------
+
+    def processed_fps(self) -> float:
+        """Frames processed per second over the recent window."""
+        return self._fps.per_s()
+
+    def health(self) -> HealthSnapshot:
+        """The current health snapshot (the sink makes the health payload of it)."""
+        with self._counter_lock:
+            counters = _Counters(**vars(self._counters))
+        model = self.processor.model
+        return HealthSnapshot(
+            wall_time_s=self._wall(),
+            camera=self.source.stats(),
+            camera_fps=self.source.delivered_fps(),
+            processed_fps=self.processed_fps(),
+            frames_processed=counters.frames_processed,
+            dropped_frames=self.mailbox.dropped,
+            stale_frames=counters.stale_frames,
+            model_path=str(model.info.path),
+            providers_requested=tuple(model.providers_requested),
+            provider_in_use=model.provider_in_use,
+            sink=self.sink.stats(),
+            broker_required=self.cfg.mqtt.url is not None,
+            failure=self._failure,
+        )
+
+    def _frames_flowing(self, now: float) -> bool:
+        with self._counter_lock:
+            last = self._counters.last_processed_s
+        if not self.source.paced_realtime:
+            return self._counters.frames_processed > 0 and not self._inference_done.is_set()
+        return last > 0 and now - last < self.cfg.pipeline.watchdog_stall_s
+
+    def _log_stats(self) -> None:
+        with self._counter_lock:
+            counters = _Counters(**vars(self._counters))
+        cam = self.source.stats()
+        sink = self.sink.stats()
+        log.info(
+            "stats",
+            fps=self.processed_fps(),
+            frames=counters.frames_processed,
+            dropped_frames=self.mailbox.dropped,
+            stale_frames=counters.stale_frames,
+            corrupt_frames=cam.corrupt_frames,
+            camera=cam.state.value,
+            events=counters.events,
+            outbox_depth=sink.outbox_depth,
+            mqtt_connected=sink.connected,
+            latency_ms={name: w.percentiles() for name, w in self.stage_ms.items()},
+        )
+
+    def run(self) -> int:
+        """Start the threads, supervise until done, shut down; returns the process exit code."""
+        self.sink.start()
+        self.processor.model.warm_up()
+        capture = threading.Thread(target=self._guard("capture", self._capture_loop), name="capture", daemon=True)
+        inference = threading.Thread(
+            target=self._guard("inference", self._inference_loop), name="inference", daemon=True
+        )
+        self._threads = [capture, inference]
+        for t in self._threads:
+            t.start()
+        self.notifier.ready(f"watching {self.cfg.camera.source}")
+        log.info(
+            "ready",
+            vehicle_id=self.cfg.vehicle_id,
+            source=self.cfg.camera.source,
+            model=str(self.processor.model.info.path),
+            provider=self.processor.model.provider_in_use,
+        )
+
+        watchdog_s = self.notifier.watchdog_interval_s()
+        last_watchdog = last_stats = last_health = -1e18
+        last_health_key: tuple[object, ...] | None = None
+        stop_logged = False
+        while not self._inference_done.is_set():
+            if self.stop_event.is_set():
+                if not stop_logged:
+                    log.info("stopping", reason=self._stop_reason or self._failure or "stop requested")
+                    stop_logged = True
+                self._inference_done.wait(0.25)
+            else:
+                self.stop_event.wait(0.25)
+            now = self._clock()
+            if self.stop_event.is_set() and not inference.is_alive():
+                break
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                if self.on_reload is not None:
+                    self.on_reload()
+            if self._frames_flowing(now):
+                if watchdog_s is not None and now - last_watchdog >= watchdog_s:
+                    self.notifier.watchdog()
+                    last_watchdog = now
+            elif self.source.paced_realtime and self.source.stats().state == CameraState.STREAMING:
+                with self._counter_lock:
+                    last = self._counters.last_processed_s
+                if last > 0 and now - last > self.cfg.camera.read_timeout_s:
+                    self.source.mark_stalled(f"no frame for {now - last:.1f} s")
+            if now - last_stats >= self.cfg.logging.stats_interval_s:
+                self._log_stats()
+                last_stats = now
+            health = self.health()
+            key = (health.status, health.camera.state, health.sink.connected, health.last_error)
+            if key != last_health_key or now - last_health >= self.cfg.mqtt.health_interval_s:
+                self.sink.publish_health(health)
+                last_health, last_health_key = now, key
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        self.notifier.stopping()
+        self.stop_event.set()
+        for t in reversed(self._threads):
+            t.join(JOIN_TIMEOUT_S)
+            if t.is_alive():
+                log.error("thread did not stop in time", thread=t.name, timeout_s=JOIN_TIMEOUT_S)
+        self._log_stats()
+        try:
+            self.sink.publish_health(self.health())
+        finally:
+            self.sink.stop(flush_timeout_s=10.0)
+            self.processor.close()
+        if self._failure:
+            log.error("stopped after a stage failure", failure=self._failure)
+            return EXIT_STAGE_FAILED
+        log.info("stopped", frames=self._counters.frames_processed, events=self._counters.events)
+        return EXIT_OK

@@ -1,0 +1,95 @@
+"""One frame through every stage: detect, track, align, read emotions, apply the rules.
+
+``FrameProcessor`` holds the stages and runs them in order on the calling
+thread (``runtime.pipeline``'s inference thread); the aligned faces are read
+through ``vision.reader``, as still images are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import cv2
+
+from cabin_monitor.config import Config, RulesConfig
+from cabin_monitor.messages import EmotionReading, Frame, FrameResult
+from cabin_monitor.rules import RulesEngine
+from cabin_monitor.vision.align import grey
+from cabin_monitor.vision.detect import FaceDetector, create_detector
+from cabin_monitor.vision.emotion import EmotionModel
+from cabin_monitor.vision.reader import FaceReader
+from cabin_monitor.vision.track import OccupantTracker
+
+STAGES = ("detect", "track", "align", "emotion", "rules")
+
+
+class FrameProcessor:
+    """The per-frame stages of the daemon, wired in order."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: EmotionModel | None = None,
+        detector: FaceDetector | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.model = model or EmotionModel(cfg.emotion)
+        self.detector = detector or create_detector(cfg.detector)
+        self.tracker = OccupantTracker(cfg.tracker)
+        self.reader = FaceReader(self.model)
+        self.rules = RulesEngine(cfg.rules, self.model.class_names)
+        self._clock = clock
+        # Pixels stay in memory unless the operator explicitly asks for crops on disk.
+        self._crops_dir = cfg.privacy.crops_dir if cfg.privacy.save_crops else None
+        if self._crops_dir is not None:
+            self._crops_dir.mkdir(parents=True, exist_ok=True)
+
+    def reconfigure_rules(self, rules: RulesConfig) -> None:
+        """Swap rule thresholds between frames (raises ValueError if they do not fit the model)."""
+        self.rules.reconfigure(rules)
+
+    def process(self, frame: Frame) -> FrameResult:
+        """Run every stage on one frame and time each."""
+        t = self._clock()
+        stage_ms: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            nonlocal t
+            now = self._clock()
+            stage_ms[name] = (now - t) * 1000.0
+            t = now
+
+        faces = self.detector.detect(frame)
+        lap("detect")
+        h, w = frame.image.shape[:2]
+        tracked = self.tracker.update(faces, frame.capture_s, w, h)
+        lap("track")
+        gray = grey(frame.image)
+        aligned = [self.reader.aligner.align(gray, tf) for tf in tracked]
+        if self._crops_dir is not None:
+            for face in aligned:
+                cv2.imwrite(str(self._crops_dir / f"{frame.frame_id:08d}_{face.tracked.occupant_id}.png"), face.crop)
+        lap("align")
+        readings = [
+            EmotionReading(
+                frame_id=frame.frame_id,
+                capture_s=frame.capture_s,
+                wall_time_s=frame.wall_time_s,
+                occupant_id=face.tracked.occupant_id,
+                seat=face.tracked.seat,
+                box=face.tracked.face.box,
+                face_score=face.tracked.face.score,
+                emotions=reading.emotions,
+                landmarks=reading.landmarks,
+            )
+            for face, reading in zip(aligned, self.reader.read(aligned), strict=True)
+        ]
+        lap("emotion")
+        events = self.rules.update(readings, frame.capture_s, frame.wall_time_s)
+        lap("rules")
+        return FrameResult(frame=frame, readings=tuple(readings), events=tuple(events), stage_ms=stage_ms)
+
+    def close(self) -> None:
+        """Release the detector."""
+        self.detector.close()

@@ -1,0 +1,1 @@
+"""Commands beside the daemon: ``bench``, ``analyze``, ``evaluate``, and ``annotate`` (the demo video)."""

@@ -1,0 +1,168 @@
+"""The ``bench`` command: the real threaded pipeline on a video file, measured two ways.
+
+* Throughput: every frame, as fast as the pipeline takes them (``fps``, per-stage latency).
+* Camera pace: the file played at its own frame rate like a live camera, with the
+  latest-frame mailbox dropping what inference cannot take; ``e2e_ms`` is
+  frame-to-reading latency, from the moment a frame is captured to the moment
+  its emotion readings and events exist.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+
+from cabin_monitor.assets import sample_path
+from cabin_monitor.config import CameraConfig, Config
+from cabin_monitor.daemon import build_pipeline
+from cabin_monitor.messages import Frame, FrameResult
+from cabin_monitor.metrics import percentiles
+from cabin_monitor.runtime.pipeline import Pipeline
+from cabin_monitor.runtime.processor import STAGES
+from cabin_monitor.vision.capture import FrameSource, SourceEnded
+from cabin_monitor.vision.detect import create_detector
+from cabin_monitor.vision.emotion import EmotionModel
+from cabin_monitor.vision.reader import crop_image
+
+
+class _LimitedSource(FrameSource):
+    """A file source that ends after ``max_frames`` frames."""
+
+    def __init__(self, cfg: CameraConfig, stop: threading.Event, max_frames: int | None) -> None:
+        super().__init__(cfg, stop)
+        self._max = max_frames
+        self.read_count = 0
+
+    def read(self) -> Frame:
+        if self._max is not None and self.read_count >= self._max:
+            raise SourceEnded("frame limit reached")
+        frame = super().read()
+        self.read_count += 1
+        return frame
+
+
+def _run_pass(
+    cfg: Config, pacing: Literal["fast", "realtime"], max_frames: int | None
+) -> tuple[dict[str, Any], Pipeline]:
+    camera = cfg.camera.model_copy(update={"file_pacing": pacing, "loop": False})
+    cfg = cfg.model_copy(update={"camera": camera})
+    sources: list[_LimitedSource] = []
+
+    def limited_source(camera: CameraConfig, stop: threading.Event) -> FrameSource:
+        sources.append(_LimitedSource(camera, stop, max_frames))
+        return sources[-1]
+
+    stages: dict[str, list[float]] = {name: [] for name in STAGES}
+    e2e: list[float] = []
+    done_at: list[float] = []
+    faces: list[int] = []
+
+    def record(result: FrameResult) -> None:
+        now = time.monotonic()
+        done_at.append(now)
+        faces.append(len(result.readings))
+        for name, ms in result.stage_ms.items():
+            stages[name].append(ms)
+        if pacing == "realtime":
+            e2e.append((now - result.frame.capture_s) * 1000.0)
+
+    pipeline = build_pipeline(cfg, on_result=record, events_stream=io.StringIO(), source_factory=limited_source)
+    started = time.monotonic()
+    pipeline.run()
+    frames = len(done_at)
+    # Warm-up (inside run) is excluded: the clock starts with the first frame done.
+    elapsed = done_at[-1] - done_at[0] if frames > 1 else time.monotonic() - started
+    report = {
+        "frames": frames,
+        "frames_read": sources[0].read_count,
+        "fps": round((frames - 1) / elapsed, 2) if frames > 1 and elapsed > 0 else 0.0,
+        "dropped_frames": pipeline.mailbox.dropped,
+        "stale_frames": pipeline.health().stale_frames,
+        "faces_per_frame": round(float(np.mean(faces)), 2) if faces else 0.0,
+        "e2e_ms": percentiles(e2e),
+        "stages": {name: percentiles(v) for name, v in stages.items()},
+    }
+    return report, pipeline
+
+
+def run_model_bench(cfg: Config, batches: tuple[int, ...] = (1, 2, 4), runs: int = 200) -> dict[str, Any]:
+    """The emotion model alone: latency per call and per face at several batch sizes, on real crops."""
+    model = EmotionModel(cfg.emotion)
+    image = cv2.imread(str(sample_path("multi_face.jpg")))
+    detector = create_detector(cfg.detector.model_copy(update={"type": "yunet", "min_face_px": 16}))
+    try:
+        crops = np.stack([c.crop for c in crop_image(image, model.input_size, detector)])
+    finally:
+        detector.close()
+    report: dict[str, Any] = {"model": str(model.info.path), "provider": model.provider_in_use, "batches": {}}
+    for batch in batches:
+        x = np.resize(crops, (batch, *crops.shape[1:]))
+        for _ in range(10):
+            model.infer(x)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            model.infer(x)
+            times.append((time.perf_counter() - t) * 1000.0)
+        per_call = percentiles(times)
+        report["batches"][str(batch)] = {
+            "call_ms": per_call,
+            "per_face_ms": {k: round(v / batch, 2) for k, v in per_call.items()},
+        }
+    return report
+
+
+def run_bench(cfg: Config, max_frames: int | None = None) -> dict[str, Any]:
+    """Both passes on ``cfg.camera.source``; the top-level keys summarise them."""
+    cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"url": None})})
+    throughput, pipeline = _run_pass(cfg, "fast", max_frames)
+    camera, _ = _run_pass(cfg, "realtime", max_frames)
+    model = pipeline.processor.model
+    return {
+        "frames": throughput["frames"],
+        "fps": throughput["fps"],
+        "e2e_ms": camera["e2e_ms"],
+        "stages": throughput["stages"],
+        "provider": model.provider_in_use,
+        "model": str(model.info.path),
+        "detector": f"{cfg.detector.type}-{cfg.detector.range}" if cfg.detector.type == "blazeface" else "yunet",
+        "faces_per_frame": throughput["faces_per_frame"],
+        "throughput": throughput,
+        "camera_pace": camera,
+    }
+
+
+def bench_command(cfg: Config, *, model_only: bool, runs: int, max_frames: int | None, as_json: bool) -> int:
+    """The ``bench`` command: one JSON object, or a few lines of text."""
+    if model_only:
+        model_report = run_model_bench(cfg, runs=runs)
+        if as_json:
+            print(json.dumps(model_report))
+        else:
+            print(f"{model_report['model']} on {model_report['provider']}")
+            for batch, r in model_report["batches"].items():
+                print(
+                    f"  batch {batch}: {r['call_ms']['p50']:.2f} ms per call (p95 {r['call_ms']['p95']:.2f}), "
+                    f"{r['per_face_ms']['p50']:.2f} ms per face"
+                )
+        return 0
+    report = run_bench(cfg, max_frames=max_frames)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        cam = report["camera_pace"]
+        print(f"{report['model']} on {report['provider']}, detector {report['detector']}")
+        print(f"throughput: {report['frames']} frames at {report['fps']:.1f} fps")
+        print(
+            f"camera pace: {cam['frames']}/{cam['frames_read']} frames processed, frame-to-reading "
+            f"p50 {report['e2e_ms']['p50']:.1f} ms, p95 {report['e2e_ms']['p95']:.1f} ms"
+        )
+        for name, p in report["stages"].items():
+            print(f"  {name:8s} p50 {p['p50']:6.2f} ms  p95 {p['p95']:6.2f} ms")
+    return 0

@@ -1,0 +1,302 @@
+"""Frame capture from a camera, a video file or a network stream, through OpenCV.
+
+``FrameSource.read`` returns the next valid frame. It skips and counts
+corrupt frames, reopens a failed or vanished camera with exponential backoff,
+paces video files at their own frame rate (``realtime``) or times them by the
+file's clock (``fast``), and raises ``SourceEnded`` when a file is done.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, Protocol, cast
+
+import cv2
+import numpy as np
+import structlog
+
+from cabin_monitor.assets import SAMPLE_VIDEO
+from cabin_monitor.config import CameraConfig
+from cabin_monitor.errors import RuntimeFault
+from cabin_monitor.messages import CameraState, CaptureStats, Frame, ImageArray
+from cabin_monitor.metrics import RateWindow
+
+log = structlog.get_logger("cabin_monitor.vision.capture")
+SourceKind = Literal["camera", "file", "stream", "gstreamer"]
+
+
+class SourceEnded(Exception):
+    """The source has no more frames (end of file, or the daemon is stopping)."""
+
+
+class SourceError(RuntimeFault):
+    """The source cannot be used at all (e.g. a video file that does not exist)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed ``camera.source`` value."""
+
+    kind: SourceKind
+    target: str | int
+
+
+class Capture(Protocol):
+    """The part of ``cv2.VideoCapture`` the source uses."""
+
+    def isOpened(self) -> bool: ...  # noqa: N802 - OpenCV's name
+    def read(self) -> tuple[bool, np.ndarray | None]: ...
+    def get(self, prop: int) -> float: ...
+    def set(self, prop: int, value: float) -> bool: ...
+    def release(self) -> None: ...
+
+
+def parse_source(text: str) -> SourceSpec:
+    """Classify a source string: camera index or device, URL, GStreamer pipeline, or file."""
+    value = text.strip()
+    if not value:
+        raise SourceError("camera.source is empty")
+    if value == "sample":
+        return SourceSpec("file", str(SAMPLE_VIDEO))
+    if value.isdigit():
+        return SourceSpec("camera", int(value))
+    if value.startswith("/dev/"):
+        return SourceSpec("camera", value)
+    if value.startswith("gst:"):
+        return SourceSpec("gstreamer", value[4:].strip())
+    if "://" in value:
+        return SourceSpec("stream", value)
+    return SourceSpec("file", value)
+
+
+def open_capture(spec: SourceSpec, cfg: CameraConfig) -> Capture:
+    """Open ``spec`` with the OpenCV backend that suits it."""
+    if spec.kind == "camera":
+        cap = (
+            cv2.VideoCapture(spec.target, cv2.CAP_V4L2)
+            if isinstance(spec.target, str)
+            else cv2.VideoCapture(spec.target)
+        )
+        if cfg.width_px:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, cfg.width_px)
+        if cfg.height_px:
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, cfg.height_px)
+        if cfg.fps:
+            cap.set(cv2.CAP_PROP_FPS, cfg.fps)
+        # Keep the driver's queue short: we want the newest frame, not a backlog.
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        return cast(Capture, cap)
+    if spec.kind == "gstreamer":
+        return cast(Capture, cv2.VideoCapture(str(spec.target), cv2.CAP_GSTREAMER))
+    timeout_ms = int(cfg.read_timeout_s * 1000)
+    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+    return cast(Capture, cv2.VideoCapture(str(spec.target), cv2.CAP_FFMPEG, params))
+
+
+def validate_image(image: object) -> ImageArray | None:
+    """The frame as HxWx3 uint8 BGR, or None when it is not a usable image."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.size == 0:
+        return None
+    arr: ImageArray = np.asarray(image, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2BGR)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2BGR)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 16 or arr.shape[1] < 16:
+        return None
+    return np.ascontiguousarray(arr)
+
+
+class FrameSource:
+    """Reads frames from one configured source and survives its faults."""
+
+    def __init__(
+        self,
+        cfg: CameraConfig,
+        stop: threading.Event,
+        opener: Callable[[SourceSpec, CameraConfig], Capture] = open_capture,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.spec = parse_source(cfg.source)
+        if self.spec.kind == "file" and not Path(str(self.spec.target)).is_file():
+            raise SourceError(f"video file not found: {self.spec.target}")
+        self._stop = stop
+        self._opener = opener
+        self._clock = clock
+        self._wall = wall_clock
+        self._cap: Capture | None = None
+        self._next_id = 0
+        self._stats = CaptureStats(source=str(cfg.source))
+        self._backoff_s = cfg.reopen_initial_s
+        self._lock = threading.Lock()
+        # File timing: media time is mapped onto the monotonic clock from the first frame.
+        self._file_fps = 0.0
+        self._file_t0: float | None = None
+        self._file_offset_s = 0.0
+        self._last_media_s = 0.0
+        self._next_due: float | None = None
+        self._delivered = RateWindow()
+
+    @property
+    def is_file(self) -> bool:
+        """Whether the source is a video file."""
+        return self.spec.kind == "file"
+
+    @property
+    def paced_realtime(self) -> bool:
+        """True for live sources and for files played at their own rate (frames may be dropped)."""
+        return not self.is_file or self.cfg.file_pacing == "realtime"
+
+    def stats(self) -> CaptureStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return self._stats
+
+    def delivered_fps(self) -> float:
+        """Frames delivered per second over the last few seconds (wall pace, not the file's clock)."""
+        return self._delivered.per_s()
+
+    def _update(self, **changes: object) -> None:
+        with self._lock:
+            self._stats = replace(self._stats, **changes)  # type: ignore[arg-type]
+
+    def mark_stalled(self, reason: str) -> None:
+        """Called by the pipeline when no frame has come for ``read_timeout_s``."""
+        self._update(state=CameraState.STALLED, last_error=reason)
+
+    def _open(self) -> None:
+        """Open (or reopen) the source, waiting with backoff until it works or the daemon stops."""
+        attempt = 0
+        while not self._stop.is_set():
+            attempt += 1
+            try:
+                cap = self._opener(self.spec, self.cfg)
+                opened = cap.isOpened()
+            except Exception as exc:  # OpenCV backends raise cv2.error and others
+                cap, opened = None, False
+                error = f"open failed: {exc}"
+            else:
+                error = "open failed: the backend could not open the source"
+            if opened and cap is not None:
+                self._cap = cap
+                self._backoff_s = self.cfg.reopen_initial_s
+                fps = cap.get(cv2.CAP_PROP_FPS)
+                self._file_fps = fps if self.is_file and 1.0 <= fps <= 240.0 else (30.0 if self.is_file else 0.0)
+                log.info("source opened", source=self.cfg.source, kind=self.spec.kind, attempt=attempt)
+                return
+            if cap is not None:
+                cap.release()
+            if self.is_file:
+                self._update(state=CameraState.FAILED, last_error=error)
+                raise SourceError(f"{self.spec.target}: {error}")
+            wait = self._next_wait_s()
+            self._update(state=CameraState.REOPENING, last_error=error)
+            log.warning("source unavailable, retrying", source=self.cfg.source, error=error, retry_in_s=round(wait, 2))
+            self._stop.wait(wait)
+        raise SourceEnded("stopping")
+
+    def _reopen(self, reason: str) -> None:
+        log.warning("reopening source", source=self.cfg.source, reason=reason)
+        self.release()
+        with self._lock:
+            self._stats = replace(
+                self._stats, state=CameraState.REOPENING, reopen_count=self._stats.reopen_count + 1, last_error=reason
+            )
+        self._stop.wait(self._next_wait_s())
+        self._open()
+
+    def _next_wait_s(self) -> float:
+        """A wait between half the backoff and all of it (jitter), then the backoff doubles up to the maximum."""
+        wait = self._backoff_s * (0.5 + random.random() / 2)
+        self._backoff_s = min(self.cfg.reopen_max_s, self._backoff_s * 2)
+        return wait
+
+    def read(self) -> Frame:
+        """The next valid frame; raises ``SourceEnded`` at end of file or on stop."""
+        if self._cap is None:
+            self._open()
+        corrupt_run = 0
+        while not self._stop.is_set():
+            assert self._cap is not None
+            try:
+                ok, image = self._cap.read()
+            except Exception as exc:  # a backend error is a failed read, not a crash
+                ok, image = False, None
+                log.warning("read raised", source=self.cfg.source, error=str(exc))
+            if not ok:
+                if self.is_file:
+                    if self.cfg.loop:
+                        self._rewind()
+                        continue
+                    self._update(state=CameraState.ENDED)
+                    raise SourceEnded("end of file")
+                with self._lock:
+                    self._stats = replace(self._stats, read_failures=self._stats.read_failures + 1)
+                self._reopen("read failed (camera gone or stream interrupted)")
+                continue
+            frame_image = validate_image(image)
+            if frame_image is None:
+                corrupt_run += 1
+                with self._lock:
+                    self._stats = replace(
+                        self._stats, corrupt_frames=self._stats.corrupt_frames + 1, last_error="corrupt frame"
+                    )
+                if corrupt_run >= self.cfg.max_corrupt_frames:
+                    if self.is_file:
+                        self._update(state=CameraState.FAILED)
+                        raise SourceEnded(f"{corrupt_run} corrupt frames in a row")
+                    self._reopen(f"{corrupt_run} corrupt frames in a row")
+                    corrupt_run = 0
+                continue
+            return self._make_frame(frame_image)
+        raise SourceEnded("stopping")
+
+    def _rewind(self) -> None:
+        assert self._cap is not None
+        self._file_offset_s = self._last_media_s + 1.0 / max(1.0, self._file_fps)
+        if not self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+            self.release()
+            self._open()
+        log.info("looping video file", source=self.cfg.source)
+
+    def _make_frame(self, image: ImageArray) -> Frame:
+        now = self._clock()
+        if self.is_file:
+            assert self._cap is not None
+            media_s = self._file_offset_s + max(0.0, self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0)
+            if media_s <= self._last_media_s and self._next_id > 0:
+                media_s = self._last_media_s + 1.0 / max(1.0, self._file_fps)
+            self._last_media_s = media_s
+            if self._file_t0 is None:
+                self._file_t0 = now - media_s
+            if self.cfg.file_pacing == "realtime":
+                due = self._file_t0 + media_s
+                if due > now:
+                    self._stop.wait(due - now)
+                capture_s = self._clock()
+            else:
+                capture_s = self._file_t0 + media_s
+        else:
+            capture_s = now
+        wall = self._wall() - (self._clock() - capture_s) if not self.is_file else self._wall()
+        frame = Frame(frame_id=self._next_id, capture_s=capture_s, wall_time_s=wall, image=image)
+        self._next_id += 1
+        with self._lock:
+            self._stats = replace(self._stats, state=CameraState.STREAMING, frames=self._stats.frames + 1)
+        self._delivered.add(self._clock())
+        return frame
+
+    def release(self) -> None:
+        """Close the device or file."""
+        if self._cap is not None:
+            try:
+                self._cap.release()
+            finally:
+                self._cap = None

@@ -1,0 +1,168 @@
+"""Face detection: MediaPipe BlazeFace (Tasks API) or YuNet (OpenCV), behind one interface."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from cabin_monitor.assets import DETECTOR_FILES, find_model
+from cabin_monitor.config import DetectorConfig
+from cabin_monitor.errors import ModelNotFoundError
+from cabin_monitor.messages import Face, Frame, ImageArray
+
+# OpenCV logs a harmless notice per YuNet model load; keep stderr for our own logs.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+class FaceDetector(Protocol):
+    """Turns a frame into the faces in it, best first."""
+
+    def detect(self, frame: Frame) -> list[Face]:
+        """Faces in ``frame``, highest score first."""
+        ...
+
+    def close(self) -> None:
+        """Release the backend."""
+        ...
+
+
+def _keep(faces: list[Face], cfg: DetectorConfig) -> list[Face]:
+    wide_enough = [f for f in faces if f.box[2] >= cfg.min_face_px]
+    wide_enough.sort(key=lambda f: f.score, reverse=True)
+    return wide_enough[: cfg.max_faces]
+
+
+class BlazeFaceDetector:
+    """MediaPipe BlazeFace short- or full-range model, run through ``mediapipe.tasks``."""
+
+    def __init__(self, cfg: DetectorConfig) -> None:
+        # Imported here: mediapipe takes a second to import and YuNet users never need it.
+        from mediapipe.tasks.python import BaseOptions, vision
+
+        self.cfg = cfg
+        path = cfg.model_path or find_model(DETECTOR_FILES[("blazeface", cfg.range)])
+        _require_file(path)
+        options = vision.FaceDetectorOptions(
+            base_options=BaseOptions(model_asset_path=str(path)),
+            running_mode=vision.RunningMode.IMAGE,
+            min_detection_confidence=cfg.min_score,
+        )
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        with _native_stderr_silenced():
+            self._detector = vision.FaceDetector.create_from_options(options)
+            # The first call reallocates its input buffer and says so; get that over with here.
+            self.detect(Frame(-1, 0.0, 0.0, np.zeros((128, 128, 3), np.uint8)))
+        self.model_path = Path(path)
+
+    def detect(self, frame: Frame) -> list[Face]:
+        """Faces in ``frame``, highest score first."""
+        import mediapipe as mp
+
+        h, w = frame.image.shape[:2]
+        rgb = cv2.cvtColor(_bgr(frame.image), cv2.COLOR_BGR2RGB)
+        result = self._detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb))
+        faces = []
+        for det in result.detections:
+            box = det.bounding_box
+            # Keypoints: right eye, left eye, nose tip, mouth centre, right ear, left ear (normalised).
+            kp = np.array([[k.x * w, k.y * h] for k in det.keypoints[:4]], dtype=np.float32)
+            if kp.shape != (4, 2):
+                continue
+            score = float(det.categories[0].score) if det.categories else 0.0
+            faces.append(
+                Face(
+                    frame_id=frame.frame_id,
+                    capture_s=frame.capture_s,
+                    box=(float(box.origin_x), float(box.origin_y), float(box.width), float(box.height)),
+                    score=score,
+                    keypoints=kp,
+                )
+            )
+        return _keep(faces, self.cfg)
+
+    def close(self) -> None:
+        """Release the MediaPipe graph."""
+        with _native_stderr_silenced():
+            self._detector.close()
+
+
+class YuNetDetector:
+    """OpenCV's YuNet detector (box + 5 keypoints), any input size."""
+
+    def __init__(self, cfg: DetectorConfig) -> None:
+        self.cfg = cfg
+        path = cfg.model_path or find_model(DETECTOR_FILES[("yunet", cfg.range)])
+        _require_file(path)
+        self._detector = cv2.FaceDetectorYN.create(str(path), "", (320, 320), cfg.min_score, 0.3, 5000)
+        self._size: tuple[int, int] = (320, 320)
+        self.model_path = Path(path)
+
+    def detect(self, frame: Frame) -> list[Face]:
+        """Faces in ``frame``, highest score first."""
+        h, w = frame.image.shape[:2]
+        if (w, h) != self._size:
+            self._detector.setInputSize((w, h))
+            self._size = (w, h)
+        _, rows = self._detector.detect(_bgr(frame.image))
+        faces = []
+        for row in [] if rows is None else rows:
+            pts = row[4:14].reshape(5, 2)
+            # Right eye, left eye, nose tip, mouth centre (mean of the two corners).
+            kp = np.array([pts[0], pts[1], pts[2], (pts[3] + pts[4]) / 2], dtype=np.float32)
+            faces.append(
+                Face(
+                    frame_id=frame.frame_id,
+                    capture_s=frame.capture_s,
+                    box=(float(row[0]), float(row[1]), float(row[2]), float(row[3])),
+                    score=float(row[14]),
+                    keypoints=kp,
+                )
+            )
+        return _keep(faces, self.cfg)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Mute file descriptor 2 while MediaPipe's C++ runtime prints its start-up and shutdown notes.
+
+    They are plain-text INFO lines that no setting turns off and that would break the daemon's
+    JSON log stream. Used only around set-up and tear-down, where no other thread logs.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _bgr(image: ImageArray) -> ImageArray:
+    if image.ndim == 2:
+        return np.asarray(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR), dtype=np.uint8)
+    return image
+
+
+def _require_file(path: Path) -> None:
+    if not Path(path).is_file():
+        raise ModelNotFoundError(f"face detector model not found: {path}")
+
+
+def create_detector(cfg: DetectorConfig) -> FaceDetector:
+    """The detector backend named by ``cfg.type``."""
+    if cfg.type == "blazeface":
+        return BlazeFaceDetector(cfg)
+    return YuNetDetector(cfg)

@@ -1,0 +1,155 @@
+"""EmotionalDAN inference on onnxruntime: canonical crops -> emotion probabilities and 68 landmarks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+
+from cabin_monitor.assets import DEFAULT_EMOTION_MODEL, find_model
+from cabin_monitor.config import EmotionConfig
+from cabin_monitor.errors import ModelError, ModelNotFoundError
+from cabin_monitor.messages import FloatArray
+
+INPUT_NAME = "image"
+OUTPUT_PROBS = "emotion_probs"
+OUTPUT_LANDMARKS = "landmarks"
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+log = structlog.get_logger("cabin_monitor.vision.emotion")
+
+
+class ProviderError(ModelError):
+    """The execution providers asked for (with strict_providers) are not the ones in use."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the ONNX file says about itself."""
+
+    path: Path
+    class_names: tuple[str, ...]
+    input_size: int
+    version: str
+    metadata: dict[str, str] = field(repr=False)
+
+
+def read_model_info(path: Path, session: ort.InferenceSession) -> ModelInfo:
+    """Read and check the metadata written by ``cabin-monitor export``."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    try:
+        class_names = tuple(str(c) for c in json.loads(meta["class_names"]))
+        input_size = int(meta["input_size"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelError(f"{path}: not an EmotionalDAN export (metadata 'class_names'/'input_size' missing)") from exc
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    if INPUT_NAME not in inputs or not {OUTPUT_PROBS, OUTPUT_LANDMARKS} <= outputs:
+        raise ModelError(
+            f"{path}: expected input '{INPUT_NAME}' and outputs '{OUTPUT_PROBS}', '{OUTPUT_LANDMARKS}'; "
+            f"found inputs {sorted(inputs)} and outputs {sorted(outputs)}"
+        )
+    shape = inputs[INPUT_NAME].shape
+    if len(shape) != 4 or shape[1] != 1 or shape[2] != input_size or shape[3] != input_size:
+        raise ModelError(f"{path}: input shape {shape} does not match input_size {input_size}")
+    return ModelInfo(path, class_names, input_size, meta.get("model_version", "unknown"), meta)
+
+
+def _provider_list(cfg: EmotionConfig) -> list[str | tuple[str, dict[str, Any]]]:
+    out: list[str | tuple[str, dict[str, Any]]] = []
+    for name in cfg.providers:
+        full = PROVIDER_NAMES[name]
+        if name == "tensorrt":
+            opts: dict[str, Any] = {"trt_fp16_enable": cfg.trt_fp16}
+            if cfg.trt_cache_dir is not None:
+                cfg.trt_cache_dir.mkdir(parents=True, exist_ok=True)
+                opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cfg.trt_cache_dir)}
+            out.append((full, opts))
+        else:
+            out.append(full)
+    return out
+
+
+class EmotionModel:
+    """One onnxruntime session of an exported EmotionalDAN; all faces of a frame go in one call."""
+
+    def __init__(self, cfg: EmotionConfig) -> None:
+        self.cfg = cfg
+        path = Path(cfg.model_path) if cfg.model_path else find_model(DEFAULT_EMOTION_MODEL)
+        if not path.is_file():
+            raise ModelNotFoundError(f"emotion model not found: {path}")
+        available = set(ort.get_available_providers())
+        requested = _provider_list(cfg)
+        usable = [p for p in requested if (p[0] if isinstance(p, tuple) else p) in available]
+        missing = [n for n in cfg.providers if PROVIDER_NAMES[n] not in available]
+        if missing and cfg.strict_providers:
+            raise ProviderError(
+                f"providers {missing} are not available in this onnxruntime build (available: {sorted(available)})"
+            )
+        if not usable:
+            usable = ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        if cfg.intra_op_threads:
+            options.intra_op_num_threads = cfg.intra_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=usable)
+        except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+            raise ModelError(f"{path}: cannot load the ONNX model: {exc}") from exc
+        self.info = read_model_info(path, self.session)
+        self.providers_requested = list(cfg.providers)
+        self.providers_in_use = list(self.session.get_providers())
+        self.provider_in_use = self.providers_in_use[0]
+        log.info(
+            "emotion model loaded",
+            path=str(path),
+            version=self.info.version,
+            classes=list(self.info.class_names),
+            providers_requested=self.providers_requested,
+            providers_in_use=self.providers_in_use,
+        )
+        if cfg.strict_providers and self.provider_in_use != PROVIDER_NAMES[cfg.providers[0]]:
+            raise ProviderError(f"asked for {cfg.providers[0]} first but onnxruntime runs on {self.provider_in_use}")
+        if self.provider_in_use != PROVIDER_NAMES[cfg.providers[0]]:
+            log.warning(
+                "emotion model not on the preferred provider", preferred=cfg.providers[0], in_use=self.provider_in_use
+            )
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names in output order, from the model's metadata."""
+        return self.info.class_names
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square grey crop the model takes."""
+        return self.info.input_size
+
+    def infer(self, crops: np.ndarray) -> tuple[FloatArray, FloatArray]:
+        """Probabilities [N,K] and crop-pixel landmarks [N,68,2] for grey crops [N,S,S] (uint8)."""
+        n = len(crops)
+        k = len(self.class_names)
+        if n == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, 68, 2), np.float32)
+        s = self.input_size
+        if crops.shape[1:] != (s, s):
+            raise ValueError(f"crops must be [N,{s},{s}], got {crops.shape}")
+        probs, points = [], []
+        for i in range(0, n, self.cfg.max_batch):
+            batch = crops[i : i + self.cfg.max_batch].astype(np.float32)[:, None]
+            p, lm = self.session.run([OUTPUT_PROBS, OUTPUT_LANDMARKS], {INPUT_NAME: batch})
+            probs.append(p)
+            points.append(lm)
+        return np.concatenate(probs).astype(np.float32), np.concatenate(points).astype(np.float32)
+
+    def warm_up(self) -> None:
+        """One inference so the first real frame pays no set-up cost."""
+        self.infer(np.full((1, self.input_size, self.input_size), 128, np.uint8))
