@@ -134,3 +134,10 @@ def test_tensorrt_provider_matches_cpu(model: EmotionModel, tmp_path: Path) -> N
 def test_default_model_is_the_bundled_one() -> None:
     """With no path configured, the bundled emotionaldan-7.onnx is loaded."""
     assert find_model(DEFAULT_EMOTION_MODEL).name == "emotionaldan-7.onnx"
+
+
+def test_detail_level_comes_from_the_model_unless_configured(model: EmotionModel) -> None:
+    """The crop detail level is the model's detail_px metadata by default; the config overrides it."""
+    assert model.detail_px == int(model.info.metadata.get("detail_px", "0"))
+    forced = EmotionModel(model.cfg.model_copy(update={"detail_px": 40}))
+    assert forced.detail_px == 40

@@ -15,12 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from cabin_monitor.align import FaceAligner, grey
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import DetectorConfig, EmotionConfig
-from cabin_monitor.detect import create_detector
-from cabin_monitor.emotion import EmotionModel
-from cabin_monitor.framing import FLIP_68
 from cabin_monitor.messages import Frame, TrackedFace
 from cabin_monitor.training.augment import augment_batch
 from cabin_monitor.training.config import EMOTIONS_7, AugmentSection, TrainConfig, load_train_config
@@ -29,6 +25,10 @@ from cabin_monitor.training.explain import grad_cam
 from cabin_monitor.training.export import check_parity, export_run, load_checkpoint_model, load_onnx_as_torch
 from cabin_monitor.training.model import EmotionalDAN, ModelSpec, apply_similarity, fit_similarity, invert_similarity
 from cabin_monitor.training.train import Trainer, default_mean_shape, load_datasets, train, training_targets
+from cabin_monitor.vision.align import FaceAligner, grey
+from cabin_monitor.vision.detect import create_detector
+from cabin_monitor.vision.emotion import EmotionModel
+from cabin_monitor.vision.framing import FLIP_68
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parent.parent

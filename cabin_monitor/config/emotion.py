@@ -22,5 +22,13 @@ class EmotionConfig(Strict):
     )
     intra_op_threads: int = Field(0, ge=0, le=64, description="CPU threads per inference; 0 lets onnxruntime pick.")
     max_batch: int = Field(8, ge=1, le=64, description="Most faces sent in one inference call.")
+    detail_px: int | None = Field(
+        None,
+        ge=0,
+        le=512,
+        description="Detail level of the crop the model reads: the face is cut at this many pixels and scaled up"
+        " to the model's input, as its training faces were. Default: the model's own (detail_px metadata; 48 for"
+        " the bundled models, trained on 48 px FER2013 faces); 0 reads the sharp crop.",
+    )
     trt_cache_dir: Path | None = Field(None, description="TensorRT engine cache folder (speeds up later starts).")
     trt_fp16: bool = Field(True, description="Let TensorRT build FP16 engines.")

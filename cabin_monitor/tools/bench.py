@@ -97,7 +97,7 @@ def run_model_bench(cfg: Config, batches: tuple[int, ...] = (1, 2, 4), runs: int
     image = cv2.imread(str(sample_path("multi_face.jpg")))
     detector = create_detector(cfg.detector.model_copy(update={"type": "yunet", "min_face_px": 16}))
     try:
-        crops = np.stack([c.crop for c in crop_image(image, model.input_size, detector)])
+        crops = np.stack([c.crop for c in crop_image(image, model.input_size, detector, model.detail_px)])
     finally:
         detector.close()
     report: dict[str, Any] = {"model": str(model.info.path), "provider": model.provider_in_use, "batches": {}}

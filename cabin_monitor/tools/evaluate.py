@@ -21,14 +21,14 @@ import numpy as np
 import onnxruntime as ort
 
 from cabin_monitor.config import EmotionConfig
-from cabin_monitor.emotion import EmotionModel
-from cabin_monitor.framing import limit_detail
 from cabin_monitor.training.data import (
     load_emotion_npz,
     load_landmarks_npz,
     split_by_image,
     subset_landmarks,
 )
+from cabin_monitor.vision.emotion import EmotionModel
+from cabin_monitor.vision.framing import limit_detail
 
 # The peer (the `fer` package's mini-Xception) outputs its classes in this order.
 PEER_CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral")

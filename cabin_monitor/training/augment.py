@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cabin_monitor.framing import FLIP_68
 from cabin_monitor.training.config import AugmentSection
+from cabin_monitor.vision.framing import FLIP_68
 
 _FLIP = torch.as_tensor(FLIP_68)
 

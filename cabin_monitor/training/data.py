@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from cabin_monitor.framing import TEMPLATE_5, apply_affine, cv2_matrix, five_points_from_68, similarity_transform
+from cabin_monitor.vision.framing import TEMPLATE_5, apply_affine, cv2_matrix, five_points_from_68, similarity_transform
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 U8 = npt.NDArray[np.uint8]

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from cabin_monitor.config import DetectorConfig
-from cabin_monitor.detect import create_detector
 from cabin_monitor.training.data import load_emotion_npz
-from cabin_monitor.training.export import load_onnx_as_torch
+from cabin_monitor.training.export import load_onnx_as_torch, onnx_metadata
 from cabin_monitor.training.model import EmotionalDAN, apply_similarity
+from cabin_monitor.vision.detect import create_detector
 from cabin_monitor.vision.reader import crop_image
 
 
@@ -68,13 +68,13 @@ def overlay(crop: np.ndarray, cam: np.ndarray, label: str) -> np.ndarray:
     return np.asarray(panel, dtype=np.uint8)
 
 
-def _crops_for(path: Path, size: int, assume_face: bool) -> list[np.ndarray]:
+def _crops_for(path: Path, size: int, assume_face: bool, detail_px: int) -> list[np.ndarray]:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"{path}: not a readable image")
     detector = None if assume_face else create_detector(DetectorConfig(type="yunet", min_face_px=16))
     try:
-        return [c.crop for c in crop_image(image, size, detector)]
+        return [c.crop for c in crop_image(image, size, detector, detail_px)]
     finally:
         if detector is not None:
             detector.close()
@@ -108,6 +108,8 @@ def explain_command(args: argparse.Namespace) -> int:
 
     model_path = Path(args.model) if args.model else find_model(DEFAULT_EMOTION_MODEL)
     model = load_onnx_as_torch(model_path)
+    # The crops are cut as the daemon cuts them, at the model's detail level.
+    detail_px = int(onnx_metadata(model_path).get("detail_px", "0"))
     names = model.spec.class_names
     unknown = [c for c in args.classes if c not in names]
     if unknown:
@@ -116,7 +118,7 @@ def explain_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for image_path in map(Path, args.images):
-        crops = _crops_for(image_path, model.spec.input_size, args.assume_face)
+        crops = _crops_for(image_path, model.spec.input_size, args.assume_face, detail_px)
         if not crops:
             print(f"{image_path}: no face found", file=sys.stderr)
             continue

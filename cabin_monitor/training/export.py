@@ -14,9 +14,9 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from cabin_monitor.framing import TEMPLATE_5
 from cabin_monitor.training.config import TrainConfig
 from cabin_monitor.training.model import EmotionalDAN, MirrorAveraged, ModelSpec
+from cabin_monitor.vision.framing import TEMPLATE_5
 
 OPSET = 17
 PARITY_ATOL = 1e-3
@@ -62,7 +62,7 @@ def _metadata(model: EmotionalDAN, state: dict[str, Any], version: str, mirror: 
         "outputs": "emotion_probs: float32 [N,K] softmax; landmarks: float32 [N,68,2] crop pixels (iBUG 68)",
         "test_time": "mirror-averaged: each face and its mirror image, answers averaged" if mirror else "single pass",
         "framing_template": json.dumps(TEMPLATE_5.tolist()),
-        "framing": "eye centres, nose tip, mouth corners at framing_template x S (cabin_monitor/framing.py)",
+        "framing": "eye centres, nose tip, mouth corners at framing_template x S (cabin_monitor/vision/framing.py)",
         "mean_shape": json.dumps(np.round(model.mean_shape.numpy(), 5).tolist()),
         "training_data": json.dumps(cfg["data"]),
         "training_config": json.dumps(cfg),
@@ -197,6 +197,11 @@ def reexport_onnx(
 def load_onnx_as_torch(path: Path) -> EmotionalDAN:
     """The PyTorch network holding the weights of an exported EmotionalDAN ONNX file."""
     return _network_from_proto(_read_onnx(path), path)
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The metadata an exported model carries (classes, detail level, training configuration, ...)."""
+    return {p.key: p.value for p in _read_onnx(path).metadata_props}
 
 
 def _read_onnx(path: Path) -> onnx.ModelProto:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cabin_monitor.framing import FLIP_68
+from cabin_monitor.vision.framing import FLIP_68
 
 NUM_LANDMARKS = 68
 FC_UNITS = 256

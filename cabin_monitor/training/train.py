@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cabin_monitor.framing import OUTER_EYE_CORNERS
 from cabin_monitor.training.augment import augment_batch
 from cabin_monitor.training.config import TrainConfig
 from cabin_monitor.training.data import (
@@ -46,6 +45,7 @@ from cabin_monitor.training.data import (
 )
 from cabin_monitor.training.export import load_onnx_as_torch
 from cabin_monitor.training.model import EmotionalDAN, ModelSpec
+from cabin_monitor.vision.framing import OUTER_EYE_CORNERS
 
 MEAN_SHAPE_FILE = Path(__file__).with_name("mean_shape_68.json")
 CHECKPOINT_LAST = "last.pt"

@@ -133,6 +133,16 @@ class EmotionModel:
         """Side of the square grey crop the model takes."""
         return self.info.input_size
 
+    @property
+    def detail_px(self) -> int:
+        """Detail level crops are brought to before the model reads them (0: as sharp as they come)."""
+        if self.cfg.detail_px is not None:
+            return self.cfg.detail_px
+        try:
+            return max(0, int(self.info.metadata.get("detail_px", "0")))
+        except ValueError:
+            return 0
+
     def infer(self, crops: np.ndarray) -> tuple[FloatArray, FloatArray]:
         """Probabilities [N,K] and crop-pixel landmarks [N,68,2] for grey crops [N,S,S] (uint8)."""
         n = len(crops)

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from cabin_monitor.messages import Face, FloatArray, Frame, ImageArray
-from cabin_monitor.vision.align import FaceAligner, grey, landmarks_to_frame, warp_crop
+from cabin_monitor.vision.align import FaceAligner, grey, landmarks_to_frame
 from cabin_monitor.vision.detect import FaceDetector
 from cabin_monitor.vision.emotion import EmotionModel
 
@@ -57,18 +57,18 @@ def crop_faces(aligner: FaceAligner, gray: ImageArray, faces: Sequence[Face]) ->
     return [FaceCrop(face.box, face.score, *aligner.crop(gray, face)) for face in faces]
 
 
-def crop_image(image: ImageArray, crop_px: int, detector: FaceDetector | None) -> list[FaceCrop]:
-    """Crops of the faces ``detector`` finds in a still image, best first.
+def crop_image(image: ImageArray, crop_px: int, detector: FaceDetector | None, detail_px: int = 0) -> list[FaceCrop]:
+    """Crops of the faces ``detector`` finds in a still image, best first, at ``detail_px`` of detail.
 
     With no detector the whole image is one face, taken as already in the canonical framing.
     """
     gray = grey(image)
-    aligner = FaceAligner(crop_px)
+    aligner = FaceAligner(crop_px, detail_px)
     if detector is None:
         h, w = gray.shape[:2]
         box = (0.0, 0.0, float(w), float(h))
         matrix = aligner.box_matrix(box)
-        return [FaceCrop(box, 1.0, warp_crop(gray, matrix, crop_px), matrix)]
+        return [FaceCrop(box, 1.0, aligner.warp(gray, matrix), matrix)]
     return crop_faces(aligner, gray, detector.detect(Frame(frame_id=0, capture_s=0.0, wall_time_s=0.0, image=image)))
 
 
@@ -77,7 +77,7 @@ class FaceReader:
 
     def __init__(self, model: EmotionModel) -> None:
         self.model = model
-        self.aligner = FaceAligner(model.input_size)
+        self.aligner = FaceAligner(model.input_size, model.detail_px)
 
     def read(self, crops: Sequence[Crop]) -> list[FaceReading]:
         """The reading of each crop, in order."""

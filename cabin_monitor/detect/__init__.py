@@ -1,8 +1,0 @@
-"""Old import path of ``cabin_monitor.vision.detect``, kept until ``training/`` imports the new one.
-
-A package rather than ``detect.py``: with a file at the old path git would no longer see the move to
-``vision/detect.py``, and edits made to ``detect.py`` on other branches would not follow it there. Every
-public name is re-exported, so that names added to the module there are found here too.
-"""
-
-from cabin_monitor.vision.detect import *  # noqa: F403

@@ -1,8 +1,0 @@
-"""Old import path of ``cabin_monitor.vision.framing``, kept until ``training/`` imports the new one.
-
-A package rather than ``framing.py``: with a file at the old path git would no longer see the move to
-``vision/framing.py``, and edits made to ``framing.py`` on other branches would not follow it there. Every
-public name is re-exported, so that names added to the module there are found here too.
-"""
-
-from cabin_monitor.vision.framing import *  # noqa: F403
