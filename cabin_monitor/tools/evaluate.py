@@ -94,7 +94,8 @@ def peer_probabilities(
 def confusion_png(path: Path, scores: EmotionScores, class_names: tuple[str, ...], title: str) -> None:
     """Draw a row-normalised confusion matrix with counts."""
     k = len(class_names)
-    cell, left, top = 64, 110, 70
+    # Wide enough for the longest class name ("happiness") on both axes.
+    cell, left, top = 80, 120, 70
     img = np.full((top + k * cell + 90, left + k * cell + 20, 3), 255, np.uint8)
     conf = np.array(scores.confusion, dtype=np.float64)
     norm = conf / np.maximum(1, conf.sum(1, keepdims=True))
@@ -112,12 +113,12 @@ def confusion_png(path: Path, scores: EmotionScores, class_names: tuple[str, ...
                 img, str(int(conf[r, c])), (x0 + 8, y0 + 50), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA
             )
         cv2.putText(
-            img, class_names[r][:10], (6, top + r * cell + 36), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA
+            img, class_names[r], (6, top + r * cell + 44), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA
         )
     for c in range(k):
         cv2.putText(
             img,
-            class_names[c][:7],
+            class_names[c],
             (left + c * cell + 4, top - 10),
             cv2.FONT_HERSHEY_SIMPLEX,
             0.42,
