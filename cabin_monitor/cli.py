@@ -233,6 +233,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     p = argparse.ArgumentParser(prog="cabin-monitor", description="The ``cabin-monitor`` command line.")
+    p.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version, the bundled model's version, onnxruntime's version and providers, and exit",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the monitoring daemon")
@@ -363,10 +368,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def version_text() -> str:
+    """What ``--version`` prints: this package, the bundled emotion model, onnxruntime and its providers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        lines = [f"cabin-monitor {version('cabin-monitor')}"]
+    except PackageNotFoundError:
+        lines = ["cabin-monitor (not installed)"]
+    if not _have_onnxruntime():
+        return "\n".join([*lines, f"onnxruntime: not installed ({_ONNXRUNTIME_HINT})"])
+    import onnxruntime as ort
+
+    from cabin_monitor.assets import DEFAULT_EMOTION_MODEL, find_model
+
+    try:
+        path = find_model(DEFAULT_EMOTION_MODEL)
+        meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+        lines.append(f"model {path.name} {meta.custom_metadata_map.get('model_version', 'unknown')} ({path})")
+    except CabinMonitorError as exc:
+        lines.append(f"model: {exc}")
+    lines.append(f"onnxruntime {ort.__version__}, providers: {', '.join(ort.get_available_providers())}")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> None:
+        print(version_text())
+        parser.exit()
+
+
+# Sub-commands that run the ONNX models, so need one of the two onnxruntime builds.
+_NEEDS_ONNXRUNTIME = frozenset({"run", "demo", "analyze", "bench", "evaluate", "export", "explain"})
+_ONNXRUNTIME_HINT = "install 'cabin-monitor[cpu]', or 'cabin-monitor[gpu]' on an NVIDIA machine"
+
+
+def _have_onnxruntime() -> bool:
+    # Looked up, not imported: a check, not a load.
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cabin-monitor`` command."""
     os.environ.setdefault("GLOG_minloglevel", "2")  # quiet MediaPipe's C++ start-up lines
     args = build_parser().parse_args(argv)
+    if args.command in _NEEDS_ONNXRUNTIME and not _have_onnxruntime():
+        return _die(f"'{args.command}' needs onnxruntime: {_ONNXRUNTIME_HINT}", EXIT_RUNTIME)
     try:
         return int(args.func(args))
     except CabinMonitorError as exc:

@@ -10,8 +10,10 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pytest
 
 from cabin_monitor.assets import sample_path
+from cabin_monitor.cli import main
 from cabin_monitor.config import DetectorConfig
 from cabin_monitor.messages import Frame
 from cabin_monitor.vision.align import keypoints_to_crop
@@ -136,3 +138,24 @@ def test_errors_are_one_line_with_their_exit_code(tmp_path: Path) -> None:
         proc.stderr
         == "cabin-monitor: MQTT URL must look like mqtt://host:port or mqtts://host:port, got 'http://bus'\n"
     )
+
+
+def test_version_names_the_package_model_and_onnxruntime() -> None:
+    """`--version` prints the package version, the bundled model's version and onnxruntime's providers."""
+    import onnxruntime as ort
+
+    proc = cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("cabin-monitor ")
+    assert "model emotionaldan-7.onnx" in proc.stdout
+    assert f"onnxruntime {ort.__version__}" in proc.stdout and "CPUExecutionProvider" in proc.stdout
+
+
+def test_a_missing_onnxruntime_is_one_line_naming_the_extras(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without onnxruntime, commands that run a model say which extra to install, in one line, exit 1."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cabin-monitor[cpu]" in err and "cabin-monitor[gpu]" in err
