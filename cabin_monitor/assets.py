@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import site
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def model_dirs() -> list[Path]:
     if env:
         dirs.append(Path(env))
     dirs.append(PACKAGE_DIR.parent / "models")  # source checkout / editable install
-    dirs.append(Path(sys.prefix) / "share" / "cabin-monitor" / "models")  # wheel install
+    dirs.append(Path(sys.prefix) / "share" / "cabin-monitor" / "models")  # wheel install (venv, system)
+    dirs.append(Path(site.getuserbase()) / "share" / "cabin-monitor" / "models")  # pip install --user
     return dirs
 
 

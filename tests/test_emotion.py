@@ -141,3 +141,12 @@ def test_detail_level_comes_from_the_model_unless_configured(model: EmotionModel
     assert model.detail_px == int(model.info.metadata.get("detail_px", "0"))
     forced = EmotionModel(model.cfg.model_copy(update={"detail_px": 40}))
     assert forced.detail_px == 40
+
+
+def test_a_bare_model_name_means_a_bundled_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`model_path: emotionaldan-3.onnx` loads the bundled 3-class model wherever the daemon runs from."""
+    monkeypatch.chdir(tmp_path)
+    model = EmotionModel(EmotionConfig(model_path=Path("emotionaldan-3.onnx")))
+    assert model.class_names == ("neutral", "positive", "negative")
+    with pytest.raises(ModelError, match="not found"):
+        EmotionModel(EmotionConfig(model_path=Path("no-such-model.onnx")))

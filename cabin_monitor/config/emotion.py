@@ -13,7 +13,11 @@ from cabin_monitor.config.base import Strict
 class EmotionConfig(Strict):
     """The EmotionalDAN ONNX model and how onnxruntime runs it."""
 
-    model_path: Path | None = Field(None, description="ONNX file; default: the bundled emotionaldan-7.onnx.")
+    model_path: Path | None = Field(
+        None,
+        description="ONNX file; a bare name that is no file here names a bundled model (emotionaldan-3.onnx);"
+        " default: the bundled emotionaldan-7.onnx.",
+    )
     providers: tuple[Literal["tensorrt", "cuda", "cpu"], ...] = Field(
         ("cpu",), min_length=1, description="onnxruntime execution providers in order of preference."
     )

@@ -78,12 +78,21 @@ def _provider_list(cfg: EmotionConfig) -> list[str | tuple[str, dict[str, Any]]]
     return out
 
 
+def _model_file(configured: Path | None) -> Path:
+    """The configured model file; no setting, or a bare name that is no file here, means a bundled model."""
+    if configured is None:
+        return find_model(DEFAULT_EMOTION_MODEL)
+    if len(configured.parts) == 1 and not configured.is_file():
+        return find_model(configured.name)
+    return configured
+
+
 class EmotionModel:
     """One onnxruntime session of an exported EmotionalDAN; all faces of a frame go in one call."""
 
     def __init__(self, cfg: EmotionConfig) -> None:
         self.cfg = cfg
-        path = Path(cfg.model_path) if cfg.model_path else find_model(DEFAULT_EMOTION_MODEL)
+        path = _model_file(cfg.model_path)
         if not path.is_file():
             raise ModelNotFoundError(f"emotion model not found: {path}")
         available = set(ort.get_available_providers())
