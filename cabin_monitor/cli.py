@@ -133,9 +133,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
     schemas = json_schemas()
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, schema in schemas.items():
-            (out / f"{name}.schema.json").write_text(json.dumps(schema, indent=2) + "\n")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, schema in schemas.items():
+                (out / f"{name}.schema.json").write_text(json.dumps(schema, indent=2) + "\n")
+        except OSError as exc:
+            return _die(f"schema: cannot write to {out}: {exc.strerror or exc}")
         print(f"wrote {len(schemas)} schemas to {out}", file=sys.stderr)
     else:
         print(json.dumps(schemas, indent=2))

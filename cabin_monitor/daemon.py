@@ -98,36 +98,42 @@ def build_pipeline(
     rules over ``config/set``; without it they are printed to ``events_stream`` (stdout).
     """
     processor = FrameProcessor(cfg)
-    state_dir = cfg.resolved_state_dir()
-    control = RulesControl(
-        cfg.rules,
-        processor.model.class_names,
-        (cfg.remote_config.override_path or state_dir / "rules_override.json") if cfg.mqtt.url else None,
-        cfg.remote_config.max_payload_bytes,
-    )
-    if control.effective != cfg.rules:
-        processor.reconfigure_rules(control.effective)
-    sink: EventSink
-    if cfg.mqtt.url:
-        outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
-        outbox, moved = open_outbox(outbox_path, cfg.outbox.max_events, cfg.outbox.max_age_s)
-        if moved is not None:
-            log.error(
-                "outbox file unusable; moved aside, starting with an empty outbox",
-                path=str(outbox_path),
-                moved_to=str(moved),
-            )
-        sink = MqttSink(
-            cfg.mqtt,
-            cfg.vehicle_id,
-            outbox,
-            on_config_set=control.handle_set if cfg.remote_config.enabled else None,
+    try:
+        state_dir = cfg.resolved_state_dir()
+        control = RulesControl(
+            cfg.rules,
+            processor.model.class_names,
+            (cfg.remote_config.override_path or state_dir / "rules_override.json") if cfg.mqtt.url else None,
+            cfg.remote_config.max_payload_bytes,
         )
-    else:
-        sink = StdoutSink(cfg.vehicle_id, events_stream or sys.stdout)
-    stop = threading.Event()
-    source = source_factory(cfg.camera, stop)
-    return Pipeline(cfg, processor, source, sink, control, on_result=on_result, stop_event=stop)
+        if control.effective != cfg.rules:
+            processor.reconfigure_rules(control.effective)
+        sink: EventSink
+        if cfg.mqtt.url:
+            outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
+            outbox, moved = open_outbox(outbox_path, cfg.outbox.max_events, cfg.outbox.max_age_s)
+            if moved is not None:
+                log.error(
+                    "outbox file unusable; moved aside, starting with an empty outbox",
+                    path=str(outbox_path),
+                    moved_to=str(moved),
+                )
+            sink = MqttSink(
+                cfg.mqtt,
+                cfg.vehicle_id,
+                outbox,
+                on_config_set=control.handle_set if cfg.remote_config.enabled else None,
+            )
+        else:
+            sink = StdoutSink(cfg.vehicle_id, events_stream or sys.stdout)
+        stop = threading.Event()
+        source = source_factory(cfg.camera, stop)
+        return Pipeline(cfg, processor, source, sink, control, on_result=on_result, stop_event=stop)
+    except BaseException:
+        # Release the detector now: left to the garbage collector at exit, MediaPipe's
+        # finaliser prints a traceback after the one-line error.
+        processor.close()
+        raise
 
 
 def reload_rules(pipeline: Pipeline, config_path: Path | None) -> None:

@@ -159,3 +159,16 @@ def test_a_missing_onnxruntime_is_one_line_naming_the_extras(
     assert main(["demo"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cabin-monitor[cpu]" in err and "cabin-monitor[gpu]" in err
+
+
+def test_start_up_errors_are_one_line_without_tracebacks(tmp_path: Path) -> None:
+    """A missing video for demo or bench, or an unwritable schema folder, is one line, no traceback."""
+    for args, code in (
+        (("demo", "--source", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "d.mp4")), 1),
+        (("bench", "--source", str(tmp_path / "nope.mp4")), 1),
+        (("schema", "--out", "/proc/nope"), 2),
+    ):
+        proc = cli(*args)
+        assert proc.returncode == code, (args, proc.stderr[-1500:])
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("cabin-monitor:")]
+        assert len(lines) == 1 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, args
