@@ -44,6 +44,10 @@ class LatencyWindow(_Window):
         """p50 and p95 of the window (0 when empty)."""
         return percentiles(self._snapshot())
 
+    def empty(self) -> bool:
+        """Whether no sample has been added yet."""
+        return not self._snapshot()
+
 
 class RateWindow(_Window):
     """How often something happens (frames, say): add the monotonic time of each occurrence."""
