@@ -58,10 +58,34 @@ def test_every_problem_is_listed() -> None:
 
 
 def test_broken_yaml_names_the_line() -> None:
-    """A YAML syntax error is reported with its position, not a traceback."""
+    """A YAML syntax error names the line where the broken construct starts, not only where it was noticed."""
     with pytest.raises(ConfigError) as err:
-        parse_config_text("camera:\n  source: [unclosed\n", environ={})
-    assert "not valid YAML (line" in err.value.problems[0]
+        parse_config_text("vehicle_id: car-1\ncamera:\n  source: [unclosed\nmqtt:\n  url: null\n", environ={})
+    problem = err.value.problems[0]
+    assert problem.startswith("not valid YAML: while parsing a flow sequence at line 3")
+
+
+def test_duplicate_keys_are_errors() -> None:
+    """A key given twice in one mapping is refused with both lines, instead of the last one silently winning."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(
+            "rules:\n  stress: {sustain_s: 3}\nvehicle_id: a\nrules:\n  stress: {sustain_s: 9}\n", environ={}
+        )
+    assert "line 4, column 1: duplicate key 'rules' (first at line 1)" in err.value.problems[0]
+
+
+def test_an_alias_bomb_is_refused_at_once() -> None:
+    """A kilobyte of nested YAML aliases (gigabytes once expanded) is refused without being expanded."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    with pytest.raises(ConfigError, match="more than 64 aliases"):
+        parse_config_text("\n".join(lines) + "\n", environ={})
+
+
+def test_an_oversized_file_is_refused() -> None:
+    """A configuration over a mebibyte is refused before it is parsed."""
+    with pytest.raises(ConfigError, match="larger than"):
+        parse_config_text("# " + "x" * (1 << 20) + "\n", environ={})
 
 
 def test_top_level_must_be_a_mapping() -> None:

@@ -20,6 +20,63 @@ from cabin_monitor.config.rules import RulesConfig
 from cabin_monitor.errors import ConfigurationError
 
 ENV_PREFIX = "CABIN_MONITOR__"
+# A configuration is a few kilobytes: these bounds refuse hostile documents (an alias bomb of a
+# kilobyte expands to gigabytes) long before they cost time or memory.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIASES = 64
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and documents with more than ``MAX_ALIASES`` aliases."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"more than {MAX_ALIASES} aliases (*name): refused",
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                )
+        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise yaml.YAMLError(f"larger than {MAX_CONFIG_BYTES} bytes: refused")
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()  # type: ignore[no-untyped-call]
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's message with the line where the broken construct starts, then where it was noticed."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc)
+    parts = []
+    if exc.context_mark is not None and exc.context:
+        parts.append(f"{exc.context} at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1}")
+    if exc.problem_mark is not None:
+        parts.append(f"line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}: {exc.problem}")
+    return "; ".join(parts) or str(exc)
 
 
 class ConfigError(ConfigurationError):
@@ -47,7 +104,13 @@ def _yaml_lines(text: str) -> dict[tuple[str | int, ...], int]:
                 walk(item, (*path, i))
 
     try:
-        root = yaml.compose(text)
+        if len(text) > MAX_CONFIG_BYTES:
+            return lines
+        loader = _BoundedLoader(text)
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()  # type: ignore[no-untyped-call]
     except yaml.YAMLError:
         return lines
     if root is not None:
@@ -102,12 +165,9 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
 def parse_config_text(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
     """Parse and validate YAML text; raises ``ConfigError`` listing every problem."""
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [f"not valid YAML{where}: {problem}"]) from None
+        raise ConfigError(source, [f"not valid YAML: {_yaml_problem(exc)}"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
