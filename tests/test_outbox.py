@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -202,3 +204,25 @@ def test_eviction_matches_reference(
                 kept.append((f"e{i}", severity))
         assert ids(outbox) == [e for e, _ in kept]
         assert outbox.dropped_total == dropped
+
+
+def test_outbox_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    """The database and its WAL and shared-memory files are mode 0600 even under umask 000."""
+    old = os.umask(0)
+    try:
+        with Outbox(tmp_path / "outbox.sqlite") as outbox:
+            put(outbox, "e1")
+            files = sorted(tmp_path.glob("outbox.sqlite*"))
+            assert {f.name for f in files} >= {"outbox.sqlite", "outbox.sqlite-wal", "outbox.sqlite-shm"}
+            assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o600}
+    finally:
+        os.umask(old)
+
+
+def test_an_existing_outbox_is_made_owner_only(tmp_path: Path) -> None:
+    """An outbox file left world-readable by an older install is narrowed to 0600 when opened."""
+    path = tmp_path / "outbox.sqlite"
+    Outbox(path).close()
+    path.chmod(0o644)
+    Outbox(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +177,13 @@ def test_requests_are_checked_before_anything_is_applied() -> None:
     assert answers[3].request_id is None and answers[3].errors[0].path == "request_id"
     assert answer_config_set(b'{"request_id": "ok", "rules": {}}', 200, apply, NOW).ok
     assert [r.request_id for r in applied] == ["ok"]
+
+
+def test_the_override_file_is_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    """Persisted overrides are written mode 0600 even under umask 000."""
+    old = os.umask(0)
+    try:
+        send(control(tmp_path), {"rules": {"stress": {"sustain_s": 7}}})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "override.json").stat().st_mode) == 0o600

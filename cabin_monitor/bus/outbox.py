@@ -10,6 +10,7 @@ counters feed the health payload.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -96,6 +97,9 @@ class Outbox:
     def _open(self) -> sqlite3.Connection:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only whatever the umask: SQLite gives the -wal and -shm files the database's mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self.path, 0o600)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(self.path, f"cannot open: {exc}") from exc

@@ -122,7 +122,9 @@ class RulesControl:
             return
         self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_name(self._path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # owner-only whatever the umask
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(patch, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
