@@ -96,13 +96,17 @@ def expected_bytes(event: Event) -> bytes:
 def test_events_arrive_once_in_order(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
     """Events are published at QoS 1 as EventPayload JSON, once each, in order, and leave the outbox."""
     events = [make_event(frame_id=i) for i in range(30)]
-    with MqttRecorder(mqtt_broker.url, [f"{BASE}/events"]) as recorder:
+    with capture_logs() as logs, MqttRecorder(mqtt_broker.url, [f"{BASE}/events"]) as recorder:
         sink = make_sink(mqtt_broker.url, outbox)
         for event in events:
             sink.submit_event(event)
         recorder.wait_for(lambda ms: len(ms) >= len(events))
         wait_until(lambda: sink.stats().outbox_depth == 0, what="empty outbox")
         sink.stop(flush_timeout_s=2.0)
+        for what in ("event accepted", "event delivered"):
+            lines = [e for e in logs if e["event"] == what]
+            assert [e["event_id"] for e in lines] == [e.event_id for e in events], what
+            assert all(e["type"] == events[0].type and e["phase"] == events[0].phase for e in lines), what
         assert [m.payload for m in recorder.messages] == [expected_bytes(e) for e in events]
         stats = sink.stats()
         assert stats.published_total == 30 and stats.dropped_total == 0 and not stats.connected

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import random
 import ssl
 import threading
@@ -72,6 +73,15 @@ def build_ssl_context(tls: TlsConfig | None) -> ssl.SSLContext:
             ) from None
     context.check_hostname = not tls.insecure_skip_verify
     return context
+
+
+def _type_and_phase(payload: bytes) -> dict[str, str]:
+    """The ``type`` and ``phase`` of an event payload, for the delivery log line."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return {}
+    return {k: str(body[k]) for k in ("type", "phase") if isinstance(body, dict) and k in body}
 
 
 class MqttSink:
@@ -149,6 +159,8 @@ class MqttSink:
         """Write the event to the outbox (durable on return) and wake the sender."""
         payload = event_payload(event, self._vehicle_id).model_dump_json().encode()
         dropped = self._outbox.put(event.event_id, self.events_topic, payload, event.severity, event.wall_time_s)
+        # One line per accepted and per delivered event: losses can be checked from the log alone.
+        self._log.info("event accepted", event_id=event.event_id, type=event.type, phase=event.phase)
         self._log_dropped(dropped)
         self._wake.set()
 
@@ -320,6 +332,7 @@ class MqttSink:
             if item is not None:  # else: birth, health or a config result
                 self._outbox.ack(item.row_id)
                 self._published_total += 1
+                self._log.info("event delivered", event_id=item.event_id, **_type_and_phase(item.payload))
 
     def _expire_if_due(self) -> None:
         now = time.monotonic()
