@@ -201,15 +201,14 @@ def test_explain_rebuilds_the_network_from_onnx_and_maps_the_crop(tiny_run: Path
 
 
 def test_explain_command_on_the_bundled_model(tmp_path: Path) -> None:
-    """explain writes a heat-map PNG and map per face and class, and a mean-by-class panel."""
+    """explain writes a heat-map PNG and a non-empty map per face and class, and a mean-by-class panel."""
     out = tmp_path / "cam"
     proc = cli(
         "explain",
         str(sample_path("single_face.jpg")),
         "--out",
         str(out),
-        "--class",
-        "anger",
+        *[arg for name in EMOTIONS_7 for arg in ("--class", name)],
         "--mean-by-class",
         str(DATA / "fer2013_val.npz"),
         "--limit",
@@ -218,7 +217,9 @@ def test_explain_command_on_the_bundled_model(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     maps = sorted(out.glob("single_face_face0_*.npy"))
-    assert any(p.name.endswith("_anger.npy") for p in maps)
+    assert {p.stem.rsplit("_", 1)[1] for p in maps} == set(EMOTIONS_7)
+    # Every class shows where it looked; an empty map would come with a warning instead.
+    assert all(np.load(p).max() > 0 for p in maps) and "warning" not in proc.stderr
     size = EmotionModel(EmotionConfig()).input_size
     assert np.load(maps[0]).shape == (size, size)
     assert (out / "mean_by_class.png").is_file()

@@ -1,4 +1,6 @@
-"""Grad-CAM for EmotionalDAN: which parts of the face drive an emotion decision.
+"""Class activation maps for EmotionalDAN: which parts of the face drive an emotion decision.
+
+The maps are HiResCAM, the element-wise form of Grad-CAM (gradient times activation at each position).
 
 The network is rebuilt in PyTorch from the ONNX file itself (the export keeps
 every parameter under its PyTorch name). The map is taken at stage 2's last
@@ -37,14 +39,17 @@ def grad_cam(
     out = model.forward_all(x)
     fmap = out["fmap2"]
     fmap.retain_grad()
-    probs = torch.softmax(out["logits"], 1)
+    # The answer the daemon gives: the inference graph adds the exported class-prior bias.
+    probs = torch.softmax(out["logits"] + model.logit_bias, 1)
     target = probs.argmax(1) if class_index is None else torch.tensor(class_index)
     picked = out["logits"].gather(1, target[:, None]).sum()
     model.zero_grad()
     picked.backward()  # type: ignore[no-untyped-call]
     assert fmap.grad is not None
-    weights = fmap.grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * fmap).sum(1, keepdim=True)).detach()
+    # Element-wise gradient x activation (HiResCAM), not Grad-CAM's channel-mean weights: stage 2
+    # flattens its map into a fully connected layer, so each position has its own weights, and
+    # channel means can cancel to an empty map for a class the face clearly shows.
+    cam = F.relu((fmap.grad * fmap).sum(1, keepdim=True)).detach()
     cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
     # The map lives in the stage-2 (mean-shape) frame: sample it at T(p) for each crop pixel p.
     rot, shift = out["rot"].detach(), out["shift"].detach()
@@ -132,6 +137,13 @@ def explain_command(args: argparse.Namespace) -> int:
                 cv2.imwrite(str(out / f"{stem}.png"), overlay(crop, cam[0], f"{names[k]} p={probs[0][k]:.2f}"))
                 np.save(out / f"{stem}.npy", cam[0].astype(np.float32))
                 print(out / f"{stem}.png")
+                if not cam[0].any():
+                    # Grad-CAM keeps only regions that raise the class score; none did.
+                    print(
+                        f"warning: {stem}: the map is empty: no region of this face raises the {names[k]} score"
+                        f" (p={probs[0][k]:.2f})",
+                        file=sys.stderr,
+                    )
     if args.mean_by_class:
         maps, counts = mean_by_class(model, Path(args.mean_by_class), args.limit)
         panels = []
