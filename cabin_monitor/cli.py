@@ -66,17 +66,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cabin_monitor import daemon
     from cabin_monitor.logs import configure_logging
-    from cabin_monitor.tools.annotate import AnnotatedVideoWriter
+    from cabin_monitor.tools.annotate import DEFAULT_VIDEO_FPS, AnnotatedVideoWriter, video_fps
+    from cabin_monitor.vision.capture import parse_source
 
     cfg = daemon.load(_config_path(args), _overrides(args, fast=True))
     configure_logging(cfg.logging.level, cfg.logging.format)
     out = Path(args.out)
-    writer = AnnotatedVideoWriter(out, fps=args.video_fps)
+    spec = parse_source(cfg.camera.source)
+    fps = args.video_fps or (video_fps(str(spec.target)) if spec.kind == "file" else DEFAULT_VIDEO_FPS)
+    writer = AnnotatedVideoWriter(out, fps=fps)
     try:
         code = daemon.run_demo(cfg, on_result=writer)
     finally:
         writer.close()
-    print(f"annotated video: {out} ({writer.frames} frames)", file=sys.stderr)
+    note = "" if writer.codec in ("H.264", "") else " (no H.264 encoder in this OpenCV build)"
+    print(
+        f"annotated video: {out} ({writer.frames} frames, {writer.codec}{note}, {writer.fps:.3f} fps)", file=sys.stderr
+    )
     return code
 
 
@@ -257,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--source", help="video file instead of the bundled sample")
     demo.add_argument("--model", help="emotion ONNX model instead of the bundled one")
     demo.add_argument("--out", default="cabin-monitor-demo.mp4", help="annotated video to write")
-    demo.add_argument("--video-fps", type=float, default=25.0, help="frame rate of the written video")
+    demo.add_argument(
+        "--video-fps", type=float, default=None, help="frame rate of the written video (default: the source's)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     an = sub.add_parser("analyze", help="read faces and emotions in still images")

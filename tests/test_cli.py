@@ -102,10 +102,15 @@ def test_demo_prints_events_and_writes_an_annotated_video(tmp_path: Path) -> Non
     assert stats and all("e2e" not in s["latency_ms"] and "emotion" in s["latency_ms"] for s in stats)
     cap = cv2.VideoCapture(str(out))
     frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    fps = cap.get(cv2.CAP_PROP_FPS)
     ok, image = cap.read()
     cap.release()
     assert ok and image.shape == (360, 640, 3)
     assert frames >= 70
+    source = cv2.VideoCapture(str(sample_path("single_face.mp4")))
+    assert abs(fps - source.get(cv2.CAP_PROP_FPS)) < 0.01  # the source's frame rate, not a fixed one
+    source.release()
+    assert "H.264" in proc.stderr or "MPEG-4 Part 2 (no H.264 encoder" in proc.stderr
 
 
 def test_bench_reports_fps_and_stage_latencies() -> None:

@@ -46,12 +46,45 @@ def annotate(result: FrameResult, active: set[tuple[str, str]]) -> ImageArray:
     return image
 
 
+# H.264 plays everywhere; OpenCV's pip builds carry no H.264 encoder, so MPEG-4 Part 2 is the fallback.
+CODECS = (("avc1", "H.264"), ("mp4v", "MPEG-4 Part 2"))
+DEFAULT_VIDEO_FPS = 25.0
+
+
+def video_fps(source: str) -> float:
+    """The frame rate a video file declares, or ``DEFAULT_VIDEO_FPS`` when it declares none (or is no file)."""
+    if not Path(source).is_file():
+        return DEFAULT_VIDEO_FPS
+    cap = cv2.VideoCapture(source)
+    try:
+        fps = float(cap.get(cv2.CAP_PROP_FPS))
+    finally:
+        cap.release()
+    return fps if 1.0 <= fps <= 240.0 else DEFAULT_VIDEO_FPS
+
+
+def _open_writer(path: Path, fps: float, size: tuple[int, int]) -> tuple[cv2.VideoWriter, str]:
+    level = cv2.utils.logging.getLogLevel()
+    # A missing encoder is expected (see CODECS): keep OpenCV from printing an error for it.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        for fourcc, name in CODECS:
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
+            if writer.isOpened():
+                return writer, name
+            writer.release()
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+    raise OSError(f"cannot write video {path}: no H.264 or MPEG-4 encoder in this OpenCV build")
+
+
 class AnnotatedVideoWriter:
-    """Writes annotated frames to an MP4 file, tracking which events are open."""
+    """Writes annotated frames to an MP4 file (H.264 where OpenCV can), tracking which events are open."""
 
     def __init__(self, path: Path, fps: float) -> None:
         self.path = path
         self.fps = fps
+        self.codec = ""
         self._writer: cv2.VideoWriter | None = None
         self._active: set[tuple[str, str]] = set()
         self.frames = 0
@@ -68,9 +101,7 @@ class AnnotatedVideoWriter:
         if self._writer is None:
             h, w = image.shape[:2]
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
-            if not self._writer.isOpened():
-                raise OSError(f"cannot write video {self.path}")
+            self._writer, self.codec = _open_writer(self.path, self.fps, (w, h))
         self._writer.write(np.ascontiguousarray(image))
         self.frames += 1
 
