@@ -116,6 +116,15 @@ def test_environment_override_is_validated() -> None:
         parse_config_text("", environ={"CABIN_MONITOR__MQTT__KEEPALIVE_S": "soon"})
 
 
+def test_a_bad_environment_value_names_the_variable_not_the_file_line() -> None:
+    """A value the environment overrode is blamed on the variable, even where the file sets the key too."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text("mqtt:\n  url: mqtt://bus:1883\n", environ={"CABIN_MONITOR__MQTT__URL": "garbage"})
+    (problem,) = err.value.problems
+    assert problem.startswith("mqtt.url (from the environment variable CABIN_MONITOR__MQTT__URL):")
+    assert "line" not in problem
+
+
 def test_env_override_does_not_touch_the_input() -> None:
     """Applying overrides returns a copy."""
     raw = {"mqtt": {"keepalive_s": 30}}

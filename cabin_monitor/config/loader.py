@@ -118,14 +118,24 @@ def _yaml_lines(text: str) -> dict[tuple[str | int, ...], int]:
     return lines
 
 
-def describe_errors(exc: ValidationError, lines: Mapping[tuple[str | int, ...], int] | None = None) -> list[str]:
-    """One readable line per validation error: ``path.to.field (line N): message``."""
+def describe_errors(
+    exc: ValidationError,
+    lines: Mapping[tuple[str | int, ...], int] | None = None,
+    env_names: Mapping[tuple[str, ...], str] | None = None,
+) -> list[str]:
+    """One readable line per validation error: ``path.to.field (line N): message``.
+
+    A value set by an environment variable is blamed on that variable (``env_names``), not on the file.
+    """
     out = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
         path = ".".join(str(p) for p in loc) or "(top level)"
         where = ""
-        if lines:
+        env = next((name for key, name in (env_names or {}).items() if loc[: len(key)] == key), None)
+        if env is not None:
+            where = f" (from the environment variable {env})"
+        elif lines:
             for n in range(len(loc), -1, -1):
                 if loc[:n] in lines:
                     where = f" (line {lines[loc[:n]]})"
@@ -135,6 +145,17 @@ def describe_errors(exc: ValidationError, lines: Mapping[tuple[str | int, ...], 
             msg = "unknown key (not a setting here; check the spelling)"
         out.append(f"{path}{where}: {msg}")
     return out
+
+
+def env_override_names(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """The configuration path each ``CABIN_MONITOR__A__B`` variable sets, e.g. ``("a", "b")``."""
+    names = {}
+    for name in environ:
+        if name.startswith(ENV_PREFIX):
+            path = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p)
+            if path:
+                names[path] = name
+    return names
 
 
 def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -172,11 +193,12 @@ def parse_config_text(text: str, source: str = "<config>", environ: Mapping[str,
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of sections, got {type(raw).__name__}"])
-    raw = apply_env_overrides(raw, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    raw = apply_env_overrides(raw, environ)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, describe_errors(exc, _yaml_lines(text))) from None
+        raise ConfigError(source, describe_errors(exc, _yaml_lines(text), env_override_names(environ))) from None
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
