@@ -119,14 +119,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from cabin_monitor import daemon
     from cabin_monitor.config import ConfigError, load_config
+    from cabin_monitor.logs import configure_logging
 
     try:
         cfg = load_config(Path(args.file))
+        configure_logging("warning", "auto")
+        problems = daemon.check(cfg)
     except ConfigError as exc:
+        problems = exc.problems
+    if problems:
         # The command's answer rather than a failure to run: every problem, and exit code 1.
-        print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
-        for problem in exc.problems:
+        print(f"{args.file}: {len(problems)} problem(s)", file=sys.stderr)
+        for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
     print(f"{args.file}: OK (vehicle {cfg.vehicle_id}, source {cfg.camera.source}, detector {cfg.detector.type})")

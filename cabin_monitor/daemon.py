@@ -24,12 +24,12 @@ from typing import Any, TextIO
 
 import structlog
 
-from cabin_monitor.bus.mqtt import MqttSink
+from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
 from cabin_monitor.bus.outbox import open_outbox
 from cabin_monitor.bus.remote import RulesControl
 from cabin_monitor.bus.sinks import EventSink, StdoutSink
 from cabin_monitor.config import CameraConfig, Config, ConfigError, load_config, parse_mqtt_url
-from cabin_monitor.errors import ConfigurationError
+from cabin_monitor.errors import CabinMonitorError, ConfigurationError
 from cabin_monitor.messages import FrameResult
 from cabin_monitor.runtime.pipeline import Pipeline
 from cabin_monitor.runtime.processor import FrameProcessor
@@ -134,6 +134,24 @@ def build_pipeline(
         # finaliser prints a traceback after the one-line error.
         processor.close()
         raise
+
+
+def check(cfg: Config) -> list[str]:
+    """What ``run`` would refuse before opening the camera: the models load, the rules fit the model's
+    classes, the TLS files are usable. One line per problem; empty when ``run`` would start."""
+    problems: list[str] = []
+    try:
+        FrameProcessor(cfg).close()
+    except CabinMonitorError as exc:
+        problems.append(str(exc))
+    if cfg.mqtt.url:
+        _, _, url_tls = parse_mqtt_url(cfg.mqtt.url)
+        if url_tls or cfg.mqtt.tls is not None:
+            try:
+                build_ssl_context(cfg.mqtt.tls)
+            except CabinMonitorError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 def reload_rules(pipeline: Pipeline, config_path: Path | None) -> None:

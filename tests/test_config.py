@@ -214,3 +214,20 @@ def test_arbitrary_bytes_never_crash_the_loader(tmp_path_factory: pytest.TempPat
         load_config(path, environ={})
     except ConfigError as exc:
         assert exc.problems
+
+
+def test_check_config_runs_the_checks_run_runs(tmp_path: Path) -> None:
+    """check-config refuses a missing model, rules naming classes the model lacks, and an unreadable TLS file."""
+    cases = {
+        "emotion:\n  model_path: /nonexistent/model.onnx\n": "emotion model not found: /nonexistent/model.onnx",
+        "rules:\n  stress:\n    classes: [sadnes]\n": "rules.stress.classes has ['sadnes']",
+        "mqtt:\n  url: mqtts://bus:8883\n  tls:\n    ca_file: /nonexistent/ca.crt\n": "cannot read /nonexistent/ca.crt",
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "cabin-monitor.yaml"
+        path.write_text("vehicle_id: car-1\n" + text)
+        proc = subprocess.run(
+            [sys.executable, "-m", "cabin_monitor", "check-config", str(path)], capture_output=True, text=True
+        )
+        assert proc.returncode == 1 and expected in proc.stderr, (text, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr

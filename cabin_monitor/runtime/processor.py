@@ -35,10 +35,11 @@ class FrameProcessor:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.model = model or EmotionModel(cfg.emotion)
+        # Before the detector: rules that do not fit the model fail here, with nothing to release.
+        self.rules = RulesEngine(cfg.rules, self.model.class_names)
         self.detector = detector or create_detector(cfg.detector)
         self.tracker = OccupantTracker(cfg.tracker)
         self.reader = FaceReader(self.model)
-        self.rules = RulesEngine(cfg.rules, self.model.class_names)
         self._clock = clock
         # Pixels stay in memory unless the operator explicitly asks for crops on disk.
         self._crops_dir = cfg.privacy.crops_dir if cfg.privacy.save_crops else None
