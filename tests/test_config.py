@@ -231,3 +231,24 @@ def test_check_config_runs_the_checks_run_runs(tmp_path: Path) -> None:
         )
         assert proc.returncode == 1 and expected in proc.stderr, (text, proc.stderr[-1500:])
         assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+def test_relative_paths_in_a_file_mean_beside_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ca_file: ca.crt` is the file beside the configuration wherever the daemon runs from; a bare model
+    name that is no file there still names a bundled model; a path from the environment is left as given."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "ca.crt").write_text("x")
+    path = folder / "cabin-monitor.yaml"
+    path.write_text(
+        "mqtt:\n  url: mqtts://bus:8883\n  tls:\n    ca_file: ca.crt\n"
+        "emotion:\n  model_path: emotionaldan-3.onnx\n  trt_cache_dir: cache/trt\n"
+        "outbox:\n  path: state/outbox.sqlite\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path, environ={"CABIN_MONITOR__STATE_DIR": "var/state"})
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.ca_file == folder / "ca.crt"
+    assert cfg.emotion.model_path == Path("emotionaldan-3.onnx")
+    assert cfg.emotion.trt_cache_dir == folder / "cache" / "trt"
+    assert cfg.outbox.path == folder / "state" / "outbox.sqlite"
+    assert cfg.state_dir == Path("var/state")

@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from cabin_monitor.config.root import Config
 from cabin_monitor.config.rules import RulesConfig
 from cabin_monitor.errors import ConfigurationError
 
 ENV_PREFIX = "CABIN_MONITOR__"
+M = TypeVar("M", bound=BaseModel)
 # A configuration is a few kilobytes: these bounds refuse hostile documents (an alias bomb of a
 # kilobyte expands to gigabytes) long before they cost time or memory.
 MAX_CONFIG_BYTES = 1 << 20
@@ -211,7 +212,34 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         raise ConfigError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), ["the file is not UTF-8 text"]) from None
-    return parse_config_text(text, str(path), environ)
+    environ = os.environ if environ is None else environ
+    cfg = parse_config_text(text, str(path), environ)
+    from_env = {".".join(key) for key in env_override_names(environ)}
+    return _paths_relative_to(cfg, path.resolve().parent, from_env)
+
+
+# A bare file name here that is no file beside the configuration names a bundled model.
+_BUNDLED_NAMES = frozenset({"emotion.model_path"})
+
+
+def _paths_relative_to(model: M, folder: Path, skip: set[str], prefix: str = "") -> M:
+    """``model`` with every relative path read as relative to ``folder`` (the configuration file's), as
+    ``ca_file: ca.crt`` means the file beside the configuration whatever the daemon's working folder.
+    Paths set from the environment (``skip``) keep meaning what they say."""
+    update: dict[str, Any] = {}
+    for name, value in model:
+        key = f"{prefix}{name}"
+        if key in skip:
+            continue
+        if isinstance(value, BaseModel):
+            nested = _paths_relative_to(value, folder, skip, key + ".")
+            if nested is not value:
+                update[name] = nested
+        elif isinstance(value, Path) and not value.is_absolute():
+            bare = len(value.parts) == 1 and not (folder / value).exists()
+            if not (key in _BUNDLED_NAMES and bare):
+                update[name] = folder / value
+    return model.model_copy(update=update) if update else model
 
 
 def merge_rules(base: RulesConfig, patch: Mapping[str, Any]) -> RulesConfig:
