@@ -185,8 +185,25 @@ def install_signals(pipeline: Pipeline, config_path: Path | None) -> None:
     signal.signal(signal.SIGHUP, on_reload)
 
 
+def require_vehicle_settings(cfg: Config) -> None:
+    """With a broker, ``run`` needs a real camera source and vehicle id: the bundled sample and the
+    default id are for ``demo``, and would publish look-alike events onto a vehicle bus."""
+    if not cfg.mqtt.url:
+        return
+    missing = []
+    if cfg.camera.source.strip() == "sample":
+        missing.append("camera.source (--source)")
+    if cfg.vehicle_id == Config.model_fields["vehicle_id"].default:
+        missing.append("vehicle_id (--vehicle-id)")
+    if missing:
+        raise ConfigurationError(
+            f"run with a broker needs {' and '.join(missing)} set; `cabin-monitor demo` plays the bundled sample"
+        )
+
+
 def run(cfg: Config, config_path: Path | None) -> int:
     """The daemon: build it, steer it by signals, run it until it ends; returns the exit code."""
+    require_vehicle_settings(cfg)
     # A reload request during start-up (model load, TensorRT build) must not kill the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pipeline = build_pipeline(cfg)

@@ -392,3 +392,15 @@ def test_a_damaged_outbox_is_moved_aside_not_a_crash_loop(
         recorder.wait_for(lambda ms: len(events(ms)) >= len(ONE_PASS), 10)
     assert daemon.logged("outbox file unusable; moved aside, starting with an empty outbox")
     assert list(state.glob("outbox.sqlite.unusable-*"))
+
+
+def test_run_with_a_broker_needs_a_source_and_a_vehicle_id(tmp_path: Path) -> None:
+    """`run --mqtt-url` on the bundled sample with the demo vehicle id is refused (exit 2); demo is for that."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "run", "--mqtt-url", "mqtt://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "camera.source (--source) and vehicle_id (--vehicle-id)" in proc.stderr and "demo" in proc.stderr
