@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
@@ -30,10 +30,13 @@ from cabin_monitor.bus.remote import RulesControl
 from cabin_monitor.bus.sinks import EventSink, StdoutSink
 from cabin_monitor.config import CameraConfig, Config, ConfigError, load_config, parse_mqtt_url
 from cabin_monitor.errors import CabinMonitorError, ConfigurationError
-from cabin_monitor.messages import FrameResult
+from cabin_monitor.messages import FrameResult, HealthSnapshot
 from cabin_monitor.runtime.pipeline import Pipeline
 from cabin_monitor.runtime.processor import FrameProcessor
 from cabin_monitor.vision.capture import FrameSource
+
+if TYPE_CHECKING:
+    from cabin_monitor.runtime.prometheus import PrometheusExporter
 
 log = structlog.get_logger("cabin_monitor.daemon")
 
@@ -89,6 +92,7 @@ def build_pipeline(
     cfg: Config,
     *,
     on_result: Callable[[FrameResult], None] | None = None,
+    on_health: Callable[[HealthSnapshot, dict[str, dict[str, float]]], None] | None = None,
     events_stream: TextIO | None = None,
     source_factory: SourceFactory = FrameSource,
 ) -> Pipeline:
@@ -128,7 +132,9 @@ def build_pipeline(
             sink = StdoutSink(cfg.vehicle_id, events_stream or sys.stdout)
         stop = threading.Event()
         source = source_factory(cfg.camera, stop)
-        return Pipeline(cfg, processor, source, sink, control, on_result=on_result, stop_event=stop)
+        return Pipeline(
+            cfg, processor, source, sink, control, on_result=on_result, on_health=on_health, stop_event=stop
+        )
     except BaseException:
         # Release the detector now: left to the garbage collector at exit, MediaPipe's
         # finaliser prints a traceback after the one-line error.
@@ -206,9 +212,30 @@ def run(cfg: Config, config_path: Path | None) -> int:
     require_vehicle_settings(cfg)
     # A reload request during start-up (model load, TensorRT build) must not kill the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    pipeline = build_pipeline(cfg)
-    install_signals(pipeline, config_path)
-    return pipeline.run()
+    exporter = start_metrics(cfg)
+    try:
+        pipeline = build_pipeline(cfg, on_health=exporter.update if exporter is not None else None)
+        install_signals(pipeline, config_path)
+        return pipeline.run()
+    finally:
+        if exporter is not None:
+            exporter.stop()
+
+
+def start_metrics(cfg: Config) -> PrometheusExporter | None:
+    """The Prometheus endpoint, listening, when ``metrics.enabled``; None otherwise."""
+    if not cfg.metrics.enabled:
+        return None
+    try:
+        from cabin_monitor.runtime.prometheus import PrometheusExporter
+    except ImportError:
+        raise ConfigurationError(
+            "metrics.enabled needs prometheus-client: pip install 'cabin-monitor[metrics]'"
+        ) from None
+    exporter = PrometheusExporter()
+    exporter.start(cfg.metrics.host, cfg.metrics.port)
+    log.info("metrics endpoint listening", url=f"http://{cfg.metrics.host}:{cfg.metrics.port}/metrics")
+    return exporter
 
 
 def run_demo(cfg: Config, on_result: Callable[[FrameResult], None]) -> int:

@@ -3,7 +3,7 @@
 Every field has a default and a description, names carry their units, and an unknown key is an
 error. One module per section of the file (``camera``, ``detector``, ``tracker``, ``emotion``,
 ``rules``, ``mqtt``, ``outbox``, ``remote`` for ``remote_config``, ``privacy``, ``logs`` for
-``logging``, ``pipeline``), ``root`` for the file itself, and ``loader`` for reading it.
+``logging``, ``pipeline``, ``metrics``), ``root`` for the file itself, and ``loader`` for reading it.
 """
 
 from cabin_monitor.config.base import Strict
@@ -21,6 +21,7 @@ from cabin_monitor.config.loader import (
     parse_config_text,
 )
 from cabin_monitor.config.logs import LoggingConfig
+from cabin_monitor.config.metrics import MetricsConfig
 from cabin_monitor.config.mqtt import MqttConfig, TlsConfig, parse_mqtt_url
 from cabin_monitor.config.outbox import OutboxConfig
 from cabin_monitor.config.pipeline import PipelineConfig
@@ -47,6 +48,7 @@ __all__ = [
     "DetectorConfig",
     "EmotionConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "MqttConfig",
     "OccupantLostRuleConfig",
     "OutboxConfig",

@@ -12,6 +12,7 @@ from cabin_monitor.config.camera import CameraConfig
 from cabin_monitor.config.detector import DetectorConfig
 from cabin_monitor.config.emotion import EmotionConfig
 from cabin_monitor.config.logs import LoggingConfig
+from cabin_monitor.config.metrics import MetricsConfig
 from cabin_monitor.config.mqtt import MqttConfig
 from cabin_monitor.config.outbox import OutboxConfig
 from cabin_monitor.config.pipeline import PipelineConfig
@@ -41,6 +42,7 @@ class Config(Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     logging: LoggingConfig = LoggingConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def resolved_state_dir(self) -> Path:
         """Where the outbox and overrides live."""

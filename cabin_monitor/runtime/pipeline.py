@@ -51,6 +51,7 @@ class Pipeline:
         rules_control: RulesControl,
         notifier: SystemdNotifier | None = None,
         on_result: Callable[[FrameResult], None] | None = None,
+        on_health: Callable[[HealthSnapshot, dict[str, dict[str, float]]], None] | None = None,
         stop_event: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -62,6 +63,7 @@ class Pipeline:
         self.rules_control = rules_control
         self.notifier = notifier or SystemdNotifier()
         self.on_result = on_result
+        self.on_health = on_health
         self._clock = clock
         self._wall = wall_clock
         self.stop_event = stop_event or threading.Event()
@@ -231,9 +233,15 @@ class Pipeline:
             events=counters.events,
             outbox_depth=sink.outbox_depth,
             mqtt_connected=sink.connected,
-            # A latency with no sample (e2e when a file is read as fast as it goes) is left out, not shown as 0.
-            latency_ms={name: w.percentiles() for name, w in self.stage_ms.items() if not w.empty()},
+            latency_ms=self.latency_ms(),
         )
+
+    def latency_ms(self) -> dict[str, dict[str, float]]:
+        """p50/p95 of each stage's recent latency (and e2e at camera pace).
+
+        A latency with no sample (e2e when a file is read as fast as it goes) is left out, not shown as 0.
+        """
+        return {name: w.percentiles() for name, w in self.stage_ms.items() if not w.empty()}
 
     def run(self) -> int:
         """Start the threads, supervise until done, shut down; returns the process exit code."""
@@ -287,6 +295,8 @@ class Pipeline:
                 self._log_stats()
                 last_stats = now
             health = self.health()
+            if self.on_health is not None:
+                self.on_health(health, self.latency_ms())
             key = (health.status, health.camera.state, health.sink.connected, health.last_error)
             if key != last_health_key or now - last_health >= self.cfg.mqtt.health_interval_s:
                 self.sink.publish_health(health)
