@@ -25,7 +25,8 @@ from cabin_monitor.messages import Frame, FrameResult
 from cabin_monitor.metrics import percentiles
 from cabin_monitor.runtime.pipeline import Pipeline
 from cabin_monitor.runtime.processor import STAGES
-from cabin_monitor.vision.capture import FrameSource, SourceEnded
+from cabin_monitor.tools.progress import Progress
+from cabin_monitor.vision.capture import FrameSource, SourceEnded, parse_source
 from cabin_monitor.vision.detect import create_detector
 from cabin_monitor.vision.emotion import EmotionModel
 from cabin_monitor.vision.reader import crop_image
@@ -47,6 +48,21 @@ class _LimitedSource(FrameSource):
         return frame
 
 
+def _frame_count(source: str, max_frames: int | None) -> int | None:
+    """Frames the pass will read, for the progress bar: the file's count, or the limit if smaller."""
+    spec = parse_source(source)
+    if spec.kind != "file":
+        return max_frames
+    cap = cv2.VideoCapture(str(spec.target))
+    try:
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    finally:
+        cap.release()
+    if count <= 0:
+        return max_frames
+    return min(count, max_frames) if max_frames else count
+
+
 def _run_pass(
     cfg: Config, pacing: Literal["fast", "realtime"], max_frames: int | None
 ) -> tuple[dict[str, Any], Pipeline]:
@@ -63,7 +79,10 @@ def _run_pass(
     done_at: list[float] = []
     faces: list[int] = []
 
+    bar = Progress(f"bench {pacing}", _frame_count(cfg.camera.source, max_frames))
+
     def record(result: FrameResult) -> None:
+        bar.advance()
         now = time.monotonic()
         done_at.append(now)
         faces.append(len(result.readings))
@@ -74,7 +93,8 @@ def _run_pass(
 
     pipeline = build_pipeline(cfg, on_result=record, events_stream=io.StringIO(), source_factory=limited_source)
     started = time.monotonic()
-    pipeline.run()
+    with bar:
+        pipeline.run()
     frames = len(done_at)
     # Warm-up (inside run) is excluded: the clock starts with the first frame done.
     elapsed = done_at[-1] - done_at[0] if frames > 1 else time.monotonic() - started

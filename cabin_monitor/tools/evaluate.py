@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from cabin_monitor.config import EmotionConfig
+from cabin_monitor.tools.progress import Progress
 from cabin_monitor.training.data import (
     load_emotion_npz,
     load_landmarks_npz,
@@ -159,7 +160,7 @@ def evaluate_emotion(model: EmotionModel, data: Path, peer: Path | None, limit: 
     if limit:
         images, labels = images[:limit], labels[:limit]
         crowd = crowd[:limit] if crowd is not None else None
-    probs, _ = model.infer(images)
+    probs = _infer_with_progress(model, images, f"evaluate {Path(data).name}")
     report: dict[str, Any] = {
         "data": str(data),
         "images": len(labels),
@@ -174,6 +175,16 @@ def evaluate_emotion(model: EmotionModel, data: Path, peer: Path | None, limit: 
         peer_probs = peer_probabilities(session, raw, model.class_names, class_map)
         report["peer"] = {"path": str(peer), **_scores(labels, crowd, peer_probs.argmax(1), model.class_names)}
     return report
+
+
+def _infer_with_progress(model: EmotionModel, images: np.ndarray, label: str, chunk: int = 256) -> np.ndarray:
+    """The model's probabilities for ``images``, with a progress bar on a terminal."""
+    out = []
+    with Progress(label, len(images)) as bar:
+        for i in range(0, len(images), chunk):
+            out.append(model.infer(images[i : i + chunk])[0])
+            bar.advance(len(out[-1]))
+    return np.concatenate(out) if out else np.zeros((0, len(model.class_names)), np.float32)
 
 
 def _scores(
