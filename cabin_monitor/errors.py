@@ -32,4 +32,9 @@ class ModelError(RuntimeFault):
 
 
 class ModelNotFoundError(ModelError, FileNotFoundError):
-    """A model file is not where it was looked for (still a ``FileNotFoundError`` for code that catches those)."""
+    """A model file is not where it was looked for (still a ``FileNotFoundError`` for code that catches those).
+
+    A setup error: restarting cannot bring the file, so it exits like a configuration error.
+    """
+
+    exit_code = ConfigurationError.exit_code

@@ -136,10 +136,10 @@ def test_bench_model_only_times_the_model_per_batch() -> None:
 
 
 def test_errors_are_one_line_with_their_exit_code(tmp_path: Path) -> None:
-    """A missing model (exit 1) and an invalid override (exit 2) end with one message line, no traceback."""
+    """A missing model and an invalid override (both exit 2) end with one message line, no traceback."""
     missing = tmp_path / "none.onnx"
     proc = cli("demo", "--model", str(missing), "--out", str(tmp_path / "demo.mp4"))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1] == f"cabin-monitor: emotion model not found: {missing}"
     proc = cli("run", "--mqtt-url", "http://bus")
     assert proc.returncode == 2
@@ -173,8 +173,8 @@ def test_a_missing_onnxruntime_is_one_line_naming_the_extras(
 def test_start_up_errors_are_one_line_without_tracebacks(tmp_path: Path) -> None:
     """A missing video for demo or bench, or an unwritable schema folder, is one line, no traceback."""
     for args, code in (
-        (("demo", "--source", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "d.mp4")), 1),
-        (("bench", "--source", str(tmp_path / "nope.mp4")), 1),
+        (("demo", "--source", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "d.mp4")), 2),
+        (("bench", "--source", str(tmp_path / "nope.mp4")), 2),
         (("schema", "--out", "/proc/nope"), 2),
     ):
         proc = cli(*args)

@@ -352,29 +352,33 @@ def test_bad_config_exits_with_a_clear_message(tmp_path: Path) -> None:
 
 
 def test_unreachable_model_or_source_exit_with_a_clear_message(tmp_path: Path) -> None:
-    """A missing video file or model file is named in the error and the exit code is 1."""
+    """A missing video file or model file is named in the error; exit code 2, which systemd does not restart."""
     proc = subprocess.run(
         [sys.executable, "-m", "cabin_monitor", "run", "--source", str(tmp_path / "none.mp4")],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 1 and "video file not found" in proc.stderr
+    assert proc.returncode == 2 and "video file not found" in proc.stderr
     cfg = write_config(tmp_path, emotion={"model_path": str(tmp_path / "none.onnx")})
     proc = subprocess.run(
         [sys.executable, "-m", "cabin_monitor", "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60
     )
-    assert proc.returncode == 1 and "emotion model not found" in proc.stderr
+    assert proc.returncode == 2 and "emotion model not found" in proc.stderr
 
 
 def test_missing_tls_certificate_refuses_to_start(tmp_path: Path) -> None:
-    """A configured CA file that does not exist stops start-up with the file named and exit code 1."""
+    """A configured CA file that does not exist stops start-up with the file named and exit code 2."""
     missing = tmp_path / "certs" / "ca.crt"
     cfg = write_config(tmp_path, mqtt={"url": "mqtts://127.0.0.1:8883", "tls": {"ca_file": str(missing)}})
+    clip = str(sample_path("single_face.mp4"))
     proc = subprocess.run(
-        [sys.executable, "-m", "cabin_monitor", "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cabin_monitor", "run", "--config", str(cfg), "--source", clip],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert str(missing) in proc.stderr and "ca_file" in proc.stderr
 
 

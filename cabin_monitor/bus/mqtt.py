@@ -33,7 +33,7 @@ from structlog.typing import FilteringBoundLogger
 from cabin_monitor.bus.outbox import DroppedEvent, Outbox, OutboxItem
 from cabin_monitor.bus.payloads import ConfigResultPayload, event_payload, health_payload, state_payloads
 from cabin_monitor.config import MqttConfig, TlsConfig, parse_mqtt_url
-from cabin_monitor.errors import RuntimeFault
+from cabin_monitor.errors import ConfigurationError, RuntimeFault
 from cabin_monitor.messages import Event, HealthSnapshot, SinkStats
 from cabin_monitor.rules import OccupantState
 
@@ -46,7 +46,12 @@ EXPIRE_EVERY_S = 60.0
 
 
 class TlsSetupError(RuntimeFault):
-    """A TLS file named in the MQTT configuration is missing, unreadable or not usable."""
+    """A TLS file named in the MQTT configuration is missing, unreadable or not usable.
+
+    A setup error: restarting cannot fix the file, so it exits like a configuration error.
+    """
+
+    exit_code = ConfigurationError.exit_code
 
 
 def build_ssl_context(tls: TlsConfig | None) -> ssl.SSLContext:

@@ -22,7 +22,7 @@ import structlog
 
 from cabin_monitor.assets import SAMPLE_VIDEO
 from cabin_monitor.config import CameraConfig
-from cabin_monitor.errors import RuntimeFault
+from cabin_monitor.errors import ConfigurationError, RuntimeFault
 from cabin_monitor.messages import CameraState, CaptureStats, Frame, ImageArray
 from cabin_monitor.metrics import RateWindow
 
@@ -36,6 +36,13 @@ class SourceEnded(Exception):
 
 class SourceError(RuntimeFault):
     """The source cannot be used at all (e.g. a video file that does not exist)."""
+
+
+class SourceSetupError(SourceError):
+    """The configured source cannot be right (empty, or a video file that does not exist): restarting
+    cannot fix it, so it exits like a configuration error."""
+
+    exit_code = ConfigurationError.exit_code
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ def parse_source(text: str) -> SourceSpec:
     """Classify a source string: camera index or device, URL, GStreamer pipeline, or file."""
     value = text.strip()
     if not value:
-        raise SourceError("camera.source is empty")
+        raise SourceSetupError("camera.source is empty")
     if value == "sample":
         return SourceSpec("file", str(SAMPLE_VIDEO))
     if value.isdigit():
@@ -126,7 +133,7 @@ class FrameSource:
         self.cfg = cfg
         self.spec = parse_source(cfg.source)
         if self.spec.kind == "file" and not Path(str(self.spec.target)).is_file():
-            raise SourceError(f"video file not found: {self.spec.target}")
+            raise SourceSetupError(f"video file not found: {self.spec.target}")
         self._stop = stop
         self._opener = opener
         self._clock = clock
