@@ -367,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(func=cmd_evaluate)
 
-    xp = sub.add_parser("explain", help="Grad-CAM heat maps of the emotion decision (needs the train extra)")
+    xp = sub.add_parser(
+        "explain", help="class-activation heat maps (HiResCAM) of the emotion decision (needs the train extra)"
+    )
     xp.add_argument("images", nargs="*", help="face images (pre-cropped, or found with the detector)")
     xp.add_argument("--model", default=None, help="EmotionalDAN ONNX model (default: the bundled one)")
     xp.add_argument("--out", required=True, help="folder for the heat-map PNGs")
