@@ -75,6 +75,6 @@ def test_the_daemon_and_the_still_image_paths_read_a_face_alike(reader: FaceRead
     (face,) = yunet.detect(Frame(0, 0.0, 0.0, image))
     aligned = reader.aligner.align(grey(image), TrackedFace(face, "occupant-1", None))
     (from_tracking,) = reader.read([aligned])
-    (from_still,) = reader.read(crop_image(image, reader.model.input_size, yunet))
+    (from_still,) = reader.read(crop_image(image, reader.model.input_size, yunet, reader.model.detail_px))
     assert from_tracking.emotions == pytest.approx(from_still.emotions)
     assert np.allclose(from_tracking.landmarks, from_still.landmarks)
