@@ -69,6 +69,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cabin_monitor.tools.annotate import DEFAULT_VIDEO_FPS, AnnotatedVideoWriter, video_fps
     from cabin_monitor.vision.capture import parse_source
 
+    # FFmpeg reads its log level once, at first use: quiet it before the video opens, so the H.264 probe
+    # of the writer (absent from OpenCV's pip builds) prints nothing.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
     cfg = daemon.load(_config_path(args), _overrides(args, fast=True))
     configure_logging(cfg.logging.level, cfg.logging.format)
     out = Path(args.out)

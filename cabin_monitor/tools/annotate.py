@@ -65,7 +65,7 @@ def video_fps(source: str) -> float:
 
 def _open_writer(path: Path, fps: float, size: tuple[int, int]) -> tuple[cv2.VideoWriter, str]:
     level = cv2.utils.logging.getLogLevel()
-    # A missing encoder is expected (see CODECS): keep OpenCV from printing an error for it.
+    # A missing encoder is expected (see CODECS): keep OpenCV from printing errors for it.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     try:
         for fourcc, name in CODECS:
