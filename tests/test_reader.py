@@ -35,7 +35,7 @@ def test_crop_image_cuts_each_detected_face_as_the_aligner_does(yunet: FaceDetec
     """Every face in the five-face photo gets its box, score and the aligner's crop of it."""
     image = cv2.imread(str(sample_path("multi_face.jpg")))
     faces = yunet.detect(Frame(0, 0.0, 0.0, image))
-    crops = crop_image(image, 64, yunet)
+    crops = crop_image(image, FaceAligner(64), yunet)
     assert len(crops) == len(faces) == 5
     aligner = FaceAligner(64)
     for face, crop in zip(faces, crops, strict=True):
@@ -48,7 +48,7 @@ def test_without_a_detector_the_whole_image_is_one_face() -> None:
     """With no detector the image is taken as one pre-cropped face, box the whole image, score 1."""
     image = cv2.imread(str(sample_path("single_face.jpg")))
     h, w = image.shape[:2]
-    (crop,) = crop_image(image, 64, None)
+    (crop,) = crop_image(image, FaceAligner(64), None)
     assert crop.box == (0.0, 0.0, float(w), float(h)) and crop.score == 1.0
     assert crop.crop.shape == (64, 64) and crop.crop.dtype == np.uint8
     assert np.array_equal(crop.crop, warp_crop(grey(image), FaceAligner(64).box_matrix(crop.box), 64))
@@ -57,7 +57,7 @@ def test_without_a_detector_the_whole_image_is_one_face() -> None:
 def test_readings_have_every_class_and_landmarks_on_the_face(reader: FaceReader, yunet: FaceDetector) -> None:
     """Each face's probabilities follow the model's classes and sum to 1; its 68 landmarks lie in its box."""
     image = cv2.imread(str(sample_path("multi_face.jpg")))
-    crops = crop_image(image, reader.model.input_size, yunet)
+    crops = crop_image(image, reader.aligner, yunet)
     readings = reader.read(crops)
     assert len(readings) == len(crops) == 5
     for crop, reading in zip(crops, readings, strict=True):
@@ -75,6 +75,6 @@ def test_the_daemon_and_the_still_image_paths_read_a_face_alike(reader: FaceRead
     (face,) = yunet.detect(Frame(0, 0.0, 0.0, image))
     aligned = reader.aligner.align(grey(image), TrackedFace(face, "occupant-1", None))
     (from_tracking,) = reader.read([aligned])
-    (from_still,) = reader.read(crop_image(image, reader.model.input_size, yunet, reader.model.detail_px))
+    (from_still,) = reader.read(crop_image(image, reader.aligner, yunet))
     assert from_tracking.emotions == pytest.approx(from_still.emotions)
     assert np.allclose(from_tracking.landmarks, from_still.landmarks)

@@ -23,7 +23,7 @@ def analyze_image(path: Path, reader: FaceReader, detector: FaceDetector | None)
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         return {"path": str(path), "error": "not a readable image", "faces": []}
-    crops = crop_image(image, reader.model.input_size, detector, reader.model.detail_px)
+    crops = crop_image(image, reader.aligner, detector)
     faces = [
         {
             "box": [round(v, 1) for v in crop.box],

@@ -26,6 +26,7 @@ from cabin_monitor.metrics import percentiles
 from cabin_monitor.runtime.pipeline import Pipeline
 from cabin_monitor.runtime.processor import STAGES
 from cabin_monitor.tools.progress import Progress
+from cabin_monitor.vision.align import FaceAligner
 from cabin_monitor.vision.capture import FrameSource, SourceEnded, parse_source
 from cabin_monitor.vision.detect import create_detector
 from cabin_monitor.vision.emotion import EmotionModel
@@ -118,7 +119,7 @@ def run_model_bench(cfg: Config, batches: tuple[int, ...] = (1, 2, 4), runs: int
     image = cv2.imread(str(sample_path("multi_face.jpg")))
     detector = create_detector(cfg.detector.model_copy(update={"type": "yunet", "min_face_px": 16}))
     try:
-        crops = np.stack([c.crop for c in crop_image(image, model.input_size, detector, model.detail_px)])
+        crops = np.stack([c.crop for c in crop_image(image, FaceAligner(model.input_size, model.detail_px), detector)])
     finally:
         detector.close()
     report: dict[str, Any] = {"model": str(model.info.path), "provider": model.provider_in_use, "batches": {}}

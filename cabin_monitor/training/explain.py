@@ -23,6 +23,7 @@ from cabin_monitor.config import DetectorConfig
 from cabin_monitor.training.data import load_emotion_npz
 from cabin_monitor.training.export import load_onnx_as_torch, onnx_metadata
 from cabin_monitor.training.model import EmotionalDAN, apply_similarity
+from cabin_monitor.vision.align import FaceAligner
 from cabin_monitor.vision.detect import create_detector
 from cabin_monitor.vision.reader import crop_image
 
@@ -79,7 +80,7 @@ def _crops_for(path: Path, size: int, assume_face: bool, detail_px: int) -> list
         raise ValueError(f"{path}: not a readable image")
     detector = None if assume_face else create_detector(DetectorConfig(type="yunet", min_face_px=16))
     try:
-        return [c.crop for c in crop_image(image, size, detector, detail_px)]
+        return [c.crop for c in crop_image(image, FaceAligner(size, detail_px), detector)]
     finally:
         if detector is not None:
             detector.close()

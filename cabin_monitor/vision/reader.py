@@ -57,13 +57,14 @@ def crop_faces(aligner: FaceAligner, gray: ImageArray, faces: Sequence[Face]) ->
     return [FaceCrop(face.box, face.score, *aligner.crop(gray, face)) for face in faces]
 
 
-def crop_image(image: ImageArray, crop_px: int, detector: FaceDetector | None, detail_px: int = 0) -> list[FaceCrop]:
-    """Crops of the faces ``detector`` finds in a still image, best first, at ``detail_px`` of detail.
+def crop_image(image: ImageArray, aligner: FaceAligner, detector: FaceDetector | None) -> list[FaceCrop]:
+    """Crops of the faces ``detector`` finds in a still image, best first, cut by ``aligner``.
 
-    With no detector the whole image is one face, taken as already in the canonical framing.
+    The aligner carries the crop size and detail level, so a reader's own (``FaceReader.aligner``)
+    cuts still images exactly as the daemon cuts frames. With no detector the whole image is one
+    face, taken as already in the canonical framing.
     """
     gray = grey(image)
-    aligner = FaceAligner(crop_px, detail_px)
     if detector is None:
         h, w = gray.shape[:2]
         box = (0.0, 0.0, float(w), float(h))
