@@ -18,6 +18,7 @@ DETECTOR_FILES = {
     ("blazeface", "full"): "detectors/face_detection_full_range_sparse.tflite",
     ("yunet", "short"): "detectors/face_detection_yunet_2023mar.onnx",
     ("yunet", "full"): "detectors/face_detection_yunet_2023mar.onnx",
+    ("yunet", "both"): "detectors/face_detection_yunet_2023mar.onnx",
 }
 
 

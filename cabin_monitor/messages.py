@@ -117,6 +117,8 @@ class FrameResult:
     readings: tuple[EmotionReading, ...]
     events: tuple[Event, ...]
     stage_ms: dict[str, float] = field(default_factory=dict)
+    faces_in_view: int = 0  # occupants found (detected or followed) this frame; some may wait to be read
+    detected: bool = True  # whether the detector ran on this frame (else faces were followed by landmarks)
 
 
 class CameraState(str, Enum):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.config import DetectorConfig
+from cabin_monitor.config import DetectorConfig, DetectRegion
 from cabin_monitor.errors import ModelError
-from cabin_monitor.messages import Frame
-from cabin_monitor.vision.detect import FaceDetector, create_detector
+from cabin_monitor.messages import Face, Frame
+from cabin_monitor.vision.detect import FaceDetector, create_detector, merge_duplicates, shift_face
 
 
 def frame_of(name: str) -> Frame:
@@ -90,3 +90,67 @@ def test_missing_detector_model_is_a_clear_error(tmp_path: object) -> None:
     """A model path that does not exist raises ModelError (as a missing emotion model does) naming it."""
     with pytest.raises(ModelError, match="face detector model not found"):
         create_detector(DetectorConfig(type="yunet", model_path="/nope/yunet.onnx"))  # type: ignore[arg-type]
+
+
+def test_a_region_crop_maps_boxes_and_keypoints_back_to_frame_pixels_exactly() -> None:
+    """A photo pasted into a larger frame and searched through a region finds its faces at the pasted offset."""
+    photo = frame_of("single_face.jpg").image
+    h, w = photo.shape[:2]
+    canvas = np.zeros((h * 2, w * 2, 3), np.uint8)
+    dx, dy = w // 2, h
+    canvas[dy : dy + h, dx : dx + w] = photo
+    zone = (dx / (2 * w), dy / (2 * h), (dx + w) / (2 * w), (dy + h) / (2 * h))
+    cfg = DetectorConfig(range="short", min_score=0.5)
+    plain = create_detector(cfg)
+    regional = create_detector(cfg.model_copy(update={"regions": (DetectRegion(name="rear", zone=zone),)}))
+    try:
+        direct = plain.detect(Frame(0, 0.0, 0.0, photo))
+        mapped = regional.detect(Frame(0, 0.0, 0.0, canvas))
+    finally:
+        plain.close()
+        regional.close()
+    assert len(direct) == len(mapped) == 1
+    np.testing.assert_allclose(mapped[0].box, np.add(direct[0].box, (dx, dy, 0, 0)), atol=1e-3)
+    np.testing.assert_allclose(mapped[0].keypoints, direct[0].keypoints + np.array([dx, dy], np.float32), atol=1e-3)
+
+
+def test_overlapping_regions_count_a_face_once() -> None:
+    """Two overlapping regions that both hold the face give one face, not two."""
+    cfg = DetectorConfig(
+        range="short",
+        min_score=0.5,
+        regions=(DetectRegion(name="a", zone=(0.0, 0.0, 1.0, 1.0)), DetectRegion(name="b", zone=(0.0, 0.0, 1.0, 1.0))),
+    )
+    det = create_detector(cfg)
+    try:
+        assert len(det.detect(frame_of("single_face.jpg"))) == 1
+    finally:
+        det.close()
+
+
+def test_both_ranges_find_the_near_face_once_and_the_far_faces_of_the_group_photo() -> None:
+    """Short and full range together find the single face once, and at least what full range finds alone."""
+    both = create_detector(DetectorConfig(range="both", min_score=0.5))
+    full = create_detector(DetectorConfig(range="full", min_score=0.5, max_faces=32))
+    try:
+        assert len(both.detect(frame_of("single_face.jpg"))) == 1
+        group = frame_of("multi_face.jpg")
+        found_both = create_detector(DetectorConfig(range="both", min_score=0.5, max_faces=32))
+        try:
+            assert len(found_both.detect(group)) >= len(full.detect(group)) >= 2
+        finally:
+            found_both.close()
+    finally:
+        both.close()
+        full.close()
+
+
+def test_shift_and_merge_are_exact_and_keep_the_best_score() -> None:
+    """A shifted face moves by exactly the offset; of two overlapping faces the higher score stays."""
+    face = Face(0, 0.0, (10.0, 20.0, 30.0, 30.0), 0.7, np.array([[1, 2], [3, 4], [5, 6], [7, 8]], np.float32))
+    moved = shift_face(face, 100, 50)
+    assert moved.box == (110.0, 70.0, 30.0, 30.0)
+    np.testing.assert_array_equal(moved.keypoints, face.keypoints + np.array([100, 50], np.float32))
+    better = Face(0, 0.0, (12.0, 21.0, 30.0, 30.0), 0.9, face.keypoints)
+    elsewhere = Face(0, 0.0, (200.0, 20.0, 30.0, 30.0), 0.5, face.keypoints)
+    assert merge_duplicates([face, better, elsewhere]) == [better, elsewhere]

@@ -8,7 +8,7 @@ error. One module per section of the file (``camera``, ``detector``, ``tracker``
 
 from cabin_monitor.config.base import Strict
 from cabin_monitor.config.camera import CameraConfig
-from cabin_monitor.config.detector import DetectorConfig
+from cabin_monitor.config.detector import DetectorConfig, DetectRegion
 from cabin_monitor.config.emotion import EmotionConfig
 from cabin_monitor.config.loader import (
     ENV_PREFIX,
@@ -45,6 +45,7 @@ __all__ = [
     "CameraConfig",
     "Config",
     "ConfigError",
+    "DetectRegion",
     "DetectorConfig",
     "EmotionConfig",
     "LoggingConfig",

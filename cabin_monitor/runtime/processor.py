@@ -18,6 +18,7 @@ from cabin_monitor.rules import RulesEngine
 from cabin_monitor.vision.align import grey
 from cabin_monitor.vision.detect import FaceDetector, create_detector
 from cabin_monitor.vision.emotion import EmotionModel
+from cabin_monitor.vision.follow import FaceFollower, ReadingBudget
 from cabin_monitor.vision.reader import FaceReader
 from cabin_monitor.vision.track import OccupantTracker
 
@@ -39,6 +40,8 @@ class FrameProcessor:
         self.rules = RulesEngine(cfg.rules, self.model.class_names)
         self.detector = detector or create_detector(cfg.detector)
         self.tracker = OccupantTracker(cfg.tracker)
+        self.follower = FaceFollower(cfg.detector.every_frames)
+        self.budget = ReadingBudget(cfg.emotion.max_faces_per_frame)
         self.reader = FaceReader(self.model)
         self._clock = clock
         # Pixels stay in memory unless the operator explicitly asks for crops on disk.
@@ -61,13 +64,17 @@ class FrameProcessor:
             stage_ms[name] = (now - t) * 1000.0
             t = now
 
-        faces = self.detector.detect(frame)
+        detected = self.follower.detect_now(self.tracker.awaiting_confirmation())
+        if detected:
+            faces = self.follower.fill_in(self.detector.detect(frame), frame.frame_id, frame.capture_s)
+        else:
+            faces = self.follower.faces(frame.frame_id, frame.capture_s)
         lap("detect")
         h, w = frame.image.shape[:2]
         tracked = self.tracker.update(faces, frame.capture_s, w, h)
         lap("track")
         gray = grey(frame.image)
-        aligned = [self.reader.aligner.align(gray, tf) for tf in tracked]
+        aligned = [self.reader.aligner.align(gray, tf) for tf in self.budget.select(tracked, frame.capture_s)]
         if self._crops_dir is not None:
             for face in aligned:
                 cv2.imwrite(str(self._crops_dir / f"{frame.frame_id:08d}_{face.tracked.occupant_id}.png"), face.crop)
@@ -86,10 +93,18 @@ class FrameProcessor:
             )
             for face, reading in zip(aligned, self.reader.read(aligned), strict=True)
         ]
+        self.follower.observe(tracked, readings, detected, w, h)
         lap("emotion")
         events = self.rules.update(readings, frame.capture_s, frame.wall_time_s)
         lap("rules")
-        return FrameResult(frame=frame, readings=tuple(readings), events=tuple(events), stage_ms=stage_ms)
+        return FrameResult(
+            frame=frame,
+            readings=tuple(readings),
+            events=tuple(events),
+            stage_ms=stage_ms,
+            faces_in_view=len(tracked),
+            detected=detected,
+        )
 
     def close(self) -> None:
         """Release the detector."""

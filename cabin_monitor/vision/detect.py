@@ -14,9 +14,10 @@ import cv2
 import numpy as np
 
 from cabin_monitor.assets import DETECTOR_FILES, find_model
-from cabin_monitor.config import DetectorConfig
+from cabin_monitor.config import DetectorConfig, DetectRegion
 from cabin_monitor.errors import ModelNotFoundError
 from cabin_monitor.messages import Face, Frame, ImageArray
+from cabin_monitor.vision.track import iou
 
 # OpenCV logs a harmless notice per YuNet model load; keep stderr for our own logs.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -132,6 +133,79 @@ class YuNetDetector:
         """Nothing to release."""
 
 
+def region_pixels(zone: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
+    """A region's zone in whole pixels of a ``width`` x ``height`` image: x0, y0, x1, y1."""
+    x0, y0, x1, y1 = zone
+    return round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)
+
+
+def shift_face(face: Face, dx: float, dy: float) -> Face:
+    """A face found in a crop whose corner is at (dx, dy), in the coordinates of the whole frame."""
+    x, y, w, h = face.box
+    return Face(
+        frame_id=face.frame_id,
+        capture_s=face.capture_s,
+        box=(x + dx, y + dy, w, h),
+        score=face.score,
+        keypoints=(face.keypoints + np.array([dx, dy], dtype=np.float32)).astype(np.float32),
+    )
+
+
+def merge_duplicates(faces: list[Face], max_iou: float = 0.4) -> list[Face]:
+    """One face per place: where boxes overlap by more than ``max_iou``, the higher score stays."""
+    kept: list[Face] = []
+    for face in sorted(faces, key=lambda f: f.score, reverse=True):
+        if all(iou(face.box, other.box) <= max_iou for other in kept):
+            kept.append(face)
+    return kept
+
+
+class MergedDetector:
+    """Several detectors on the same image; a face found by more than one counts once."""
+
+    def __init__(self, backends: tuple[FaceDetector, ...], cfg: DetectorConfig) -> None:
+        self.backends = backends
+        self.cfg = cfg
+
+    def detect(self, frame: Frame) -> list[Face]:
+        """Faces any backend finds in ``frame``, highest score first."""
+        return _keep(merge_duplicates([face for b in self.backends for face in b.detect(frame)]), self.cfg)
+
+    def close(self) -> None:
+        """Release every backend."""
+        for backend in self.backends:
+            backend.close()
+
+
+class RegionDetector:
+    """A detector run on each configured region's crop instead of the whole frame.
+
+    A rear-seat face of 90 px fills a good part of a rear-seat region, so the short-range
+    model, which sees the whole frame at 128 x 128, finds it there; boxes and keypoints are
+    mapped back to frame pixels, and a face found in two overlapping regions counts once.
+    """
+
+    def __init__(self, backend: FaceDetector, regions: tuple[DetectRegion, ...], cfg: DetectorConfig) -> None:
+        self.backend = backend
+        self.regions = regions
+        self.cfg = cfg
+
+    def detect(self, frame: Frame) -> list[Face]:
+        """Faces in every region of ``frame``, in frame pixels, highest score first."""
+        h, w = frame.image.shape[:2]
+        faces: list[Face] = []
+        for region in self.regions:
+            x0, y0, x1, y1 = region_pixels(region.zone, w, h)
+            part = np.ascontiguousarray(frame.image[y0:y1, x0:x1])
+            found = self.backend.detect(Frame(frame.frame_id, frame.capture_s, frame.wall_time_s, part))
+            faces.extend(shift_face(face, x0, y0) for face in found)
+        return _keep(merge_duplicates(faces), self.cfg)
+
+    def close(self) -> None:
+        """Release the backend."""
+        self.backend.close()
+
+
 @contextlib.contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
     """Mute file descriptor 2 while MediaPipe's C++ runtime prints its start-up and shutdown notes.
@@ -162,7 +236,20 @@ def _require_file(path: Path) -> None:
 
 
 def create_detector(cfg: DetectorConfig) -> FaceDetector:
-    """The detector backend named by ``cfg.type``."""
-    if cfg.type == "blazeface":
-        return BlazeFaceDetector(cfg)
-    return YuNetDetector(cfg)
+    """The detector backend named by ``cfg.type``, searching ``cfg.regions`` one by one where set."""
+    backend: FaceDetector
+    if cfg.type == "yunet":
+        backend = YuNetDetector(cfg)
+    elif cfg.range == "both":
+        short = BlazeFaceDetector(cfg.model_copy(update={"range": "short", "model_path": None}))
+        try:
+            full = BlazeFaceDetector(cfg.model_copy(update={"range": "full", "model_path": None}))
+        except BaseException:
+            short.close()
+            raise
+        backend = MergedDetector((short, full), cfg)
+    else:
+        backend = BlazeFaceDetector(cfg)
+    if cfg.regions:
+        return RegionDetector(backend, cfg.regions, cfg)
+    return backend

@@ -109,6 +109,10 @@ class EmotionModel:
         if cfg.intra_op_threads:
             options.intra_op_num_threads = cfg.intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # onnxruntime's pool threads spin between calls by default: at 30 fps that burns a core while idle.
+        spin = "1" if cfg.thread_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=usable)
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad file

@@ -116,6 +116,10 @@ class OccupantTracker:
             del self._tracks[missed]
         return out
 
+    def awaiting_confirmation(self) -> bool:
+        """Whether a new face has been seen and is not yet confirmed as an occupant."""
+        return any(t.occupant_id is None for t in self._tracks.values())
+
     def live_occupants(self) -> list[str]:
         """Ids of the confirmed occupants not yet forgotten."""
         return [t.occupant_id for t in self._tracks.values() if t.occupant_id is not None]
