@@ -394,7 +394,7 @@ def test_a_damaged_outbox_is_moved_aside_not_a_crash_loop(
         daemon = start_daemon(config, "--source", str(face_gap_video), "--fast", "--mqtt-url", mqtt_broker.url)
         assert daemon.wait() == 0, daemon.logs()[-3000:]
         recorder.wait_for(lambda ms: len(events(ms)) >= len(ONE_PASS), 10)
-    assert daemon.logged("outbox file unusable; moved aside, starting with an empty outbox")
+    assert daemon.logged("outbox file damaged; moved aside, starting with an empty outbox")
     assert list(state.glob("outbox.sqlite.unusable-*"))
 
 
