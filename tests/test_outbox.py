@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ from cabin_monitor.bus.outbox import (
     OutboxNotWritableError,
     open_outbox,
 )
-from tests.support.mounts import fill, read_only_bind, remount, tmpfs
+from tests.support.mounts import fill, pin_wal, read_only_bind, remount, tmpfs
 
 NOW = time.time()
 
@@ -286,27 +283,11 @@ def test_full_disk_holds_events_in_memory_and_writes_them_in_order_later(tmp_pat
             assert ids(reopened) == accepted
 
 
-@contextlib.contextmanager
-def wal_pinned(path: Path) -> Iterator[None]:
-    """A second connection holding a read snapshot, so the WAL cannot be recycled and every write must grow it."""
-    reader = sqlite3.connect(path, isolation_level=None)
-    try:
-        # A commit of its own first, so that its snapshot reaches into the WAL (one taken on a fully
-        # checkpointed WAL reads the main file only, and the writer could still start the WAL over).
-        reader.execute("CREATE TABLE IF NOT EXISTS test_pin (x)")
-        reader.execute("INSERT INTO test_pin VALUES (1)")
-        reader.execute("BEGIN")
-        reader.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        yield
-    finally:
-        reader.close()
-
-
 def test_memory_queue_is_bounded_by_severity_while_the_disk_is_full(tmp_path: Path) -> None:
     """With the disk full at most memory_max_events wait in memory; low severity goes first, counted."""
     with tmpfs(tmp_path / "state", 1024) as state, Outbox(state / "outbox.sqlite", memory_max_events=3) as outbox:
         put(outbox, "w0", "warning")
-        with wal_pinned(outbox.path):
+        with pin_wal(outbox.path):
             filler = fill(state)
             assert put(outbox, "w1", "warning") == []
             assert state_of(outbox) == "disk_full"
@@ -326,7 +307,7 @@ def test_a_delete_that_cannot_be_written_is_retried_and_the_row_not_sent_again(t
         with Outbox(state / "outbox.sqlite") as outbox:
             for i in range(40):
                 put(outbox, f"e{i}")
-            with wal_pinned(outbox.path):
+            with pin_wal(outbox.path):
                 filler = fill(state)
                 # The WAL file has room left from before; deletes fit until it must grow.
                 acked = 0

@@ -2,6 +2,8 @@
 
 Mounting needs root (CI runs the tests as root); elsewhere the helpers skip the test, saying why.
 Root ignores file modes, so a read-only mount is the way to make a file or folder unwritable.
+``pin_wal`` makes a full disk bite SQLite at once: without it, a WAL file keeps room from earlier
+commits and some writes still fit.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +87,19 @@ def fill(folder: Path, name: str = "filler") -> Path:
         while True:
             f.write(b"\0" * 64)
     return filler
+
+
+@contextlib.contextmanager
+def pin_wal(database: Path) -> Iterator[None]:
+    """A second connection holding a read snapshot, so the WAL cannot be recycled and every write must grow it."""
+    reader = sqlite3.connect(database, isolation_level=None)
+    try:
+        # A commit of its own first, so that its snapshot reaches into the WAL (one taken on a fully
+        # checkpointed WAL reads the main file only, and the writer could still start the WAL over).
+        reader.execute("CREATE TABLE IF NOT EXISTS test_pin (x)")
+        reader.execute("INSERT INTO test_pin VALUES (1)")
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM test_pin").fetchone()
+        yield
+    finally:
+        reader.close()
