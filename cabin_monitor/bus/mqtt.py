@@ -216,9 +216,19 @@ class MqttSink:
         deadline = time.monotonic() + flush_timeout_s
         while thread.is_alive() and self._outbox.depth() > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+        self._log_dropped(self._outbox.retry_writes())  # a last chance to write what waits in memory
         pending = self._outbox.depth()
         if pending:
             self._log.warning("mqtt stopping with events pending; they stay in the outbox", pending=pending)
+        held = self._outbox.memory_event_ids
+        if held:
+            # Nowhere left to keep them: say which, so the loss can be traced.
+            self._log.error(
+                "mqtt stopping with events the outbox file could not take; they are lost",
+                event_ids=held,
+                state=self._outbox.state,
+                error=self._outbox.write_error,
+            )
         self._stop.set()
         self._connack.set()
         self._wake.set()

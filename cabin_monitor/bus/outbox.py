@@ -389,6 +389,12 @@ class Outbox:
             return len(self._memory)
 
     @property
+    def memory_event_ids(self) -> list[str]:
+        """The ids of the events held in memory, oldest first (lost if the process ends before they are written)."""
+        with self._lock:
+            return [held.event_id for held in self._memory]
+
+    @property
     def dropped_total(self) -> int:
         """Events dropped since this object was created."""
         with self._lock:
