@@ -115,12 +115,15 @@ def build_pipeline(
         sink: EventSink
         if cfg.mqtt.url:
             outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
-            outbox, moved = open_outbox(outbox_path, cfg.outbox.max_events, cfg.outbox.max_age_s)
+            outbox, moved = open_outbox(
+                outbox_path, cfg.outbox.max_events, cfg.outbox.max_age_s, cfg.outbox.memory_max_events
+            )
             if moved is not None:
                 log.error(
-                    "outbox file unusable; moved aside, starting with an empty outbox",
+                    "outbox file damaged; moved aside, starting with an empty outbox",
                     path=str(outbox_path),
-                    moved_to=str(moved),
+                    moved_to=str(moved.moved_to),
+                    reason=moved.reason,
                 )
             sink = MqttSink(
                 cfg.mqtt,

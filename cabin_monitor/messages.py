@@ -146,15 +146,31 @@ class CaptureStats:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """An event the broker refused (an MQTT 5 PUBACK with a failure reason code)."""
+
+    event_id: str
+    reason: str  # the reason code's name, e.g. "Not authorized"
+    reason_code: int  # e.g. 0x87
+    wall_time_s: float  # UTC epoch seconds of the PUBACK
+
+
+@dataclass(frozen=True, slots=True)
 class SinkStats:
     """What a sink reports for the health payload."""
 
     connected: bool
     reconnects: int  # connections re-established after the first one
-    outbox_depth: int
+    outbox_depth: int  # on disk and in memory
     dropped_total: int
     dropped_by_reason: dict[str, int]
     published_total: int  # events delivered (acknowledged by the broker, or printed)
+    outbox_state: str = "ok"  # ok | disk_full | unwritable (events wait in memory)
+    outbox_memory_depth: int = 0
+    outbox_error: str | None = None  # why the outbox file cannot be written
+    refused_total: int = 0  # PUBACKs that refused an event
+    last_refusal: Refusal | None = None
+    refusing: bool = False  # events are held back after a refusal, retried with backoff
 
 
 HealthStatus = Literal["ok", "degraded", "error"]
@@ -180,11 +196,15 @@ class HealthSnapshot:
 
     @property
     def status(self) -> HealthStatus:
-        """``error`` after a stage failure or with a failed camera; ``degraded`` while the camera or broker is away."""
+        """``error`` after a stage failure or with a failed camera; ``degraded`` while the camera or broker is away,
+        the outbox cannot be written or the broker refuses events."""
         if self.failure or self.camera.state == CameraState.FAILED:
             return "error"
-        if self.camera.state in (CameraState.STALLED, CameraState.REOPENING) or (
-            self.broker_required and not self.sink.connected
+        if (
+            self.camera.state in (CameraState.STALLED, CameraState.REOPENING)
+            or (self.broker_required and not self.sink.connected)
+            or self.sink.outbox_state != "ok"
+            or self.sink.refusing
         ):
             return "degraded"
         return "ok"

@@ -252,3 +252,18 @@ def test_relative_paths_in_a_file_mean_beside_the_file(tmp_path: Path, monkeypat
     assert cfg.emotion.trt_cache_dir == folder / "cache" / "trt"
     assert cfg.outbox.path == folder / "state" / "outbox.sqlite"
     assert cfg.state_dir == Path("var/state")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("", "5"), ("mqtt:\n  protocol: 5\n", "5"), ("mqtt: {protocol: 3.1.1}\n", "3.1.1")]
+)
+def test_mqtt_protocol_defaults_to_5_and_3_1_1_stays_selectable(text: str, expected: str) -> None:
+    """mqtt.protocol is MQTT 5 unless set to 3.1.1; YAML's number 5 means "5"."""
+    assert parse_config_text(text, environ={}).mqtt.protocol == expected
+
+
+def test_other_mqtt_protocols_are_refused() -> None:
+    """Only 5 and 3.1.1 are spoken; 3.1 and true are errors naming the key."""
+    for value in ("3.1", "4", "true"):
+        with pytest.raises(ConfigError, match=r"mqtt\.protocol"):
+            parse_config_text(f"mqtt:\n  protocol: {value}\n", environ={})

@@ -21,12 +21,14 @@ import yaml
 
 from cabin_monitor.assets import sample_path
 from cabin_monitor.bus.mqtt import MqttSink
+from cabin_monitor.bus.outbox import Outbox
 from cabin_monitor.bus.sinks import StdoutSink
 from cabin_monitor.daemon import Overrides, build_pipeline, load
 from cabin_monitor.errors import ConfigurationError
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage
 from tests.support.daemon import DaemonProcess
 from tests.support.helpers import wait_until
+from tests.support.mounts import fill, pin_wal, read_only_bind, remount, tmpfs
 
 VEHICLE = "test-car"
 PREFIX = f"cabin/{VEHICLE}"
@@ -394,8 +396,116 @@ def test_a_damaged_outbox_is_moved_aside_not_a_crash_loop(
         daemon = start_daemon(config, "--source", str(face_gap_video), "--fast", "--mqtt-url", mqtt_broker.url)
         assert daemon.wait() == 0, daemon.logs()[-3000:]
         recorder.wait_for(lambda ms: len(events(ms)) >= len(ONE_PASS), 10)
-    assert daemon.logged("outbox file unusable; moved aside, starting with an empty outbox")
+    moved = daemon.logged("outbox file damaged; moved aside, starting with an empty outbox")
+    assert moved and "not a database" in moved[0]["reason"]
     assert list(state.glob("outbox.sqlite.unusable-*"))
+
+
+def run_once(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``cabin-monitor run --config CONFIG ARGS`` to the end, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "run", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def plain_lines(stderr: str) -> list[str]:
+    """The lines of stderr that are not JSON log records."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("{")]
+
+
+def put_events(path: Path, count: int) -> None:
+    """Leave ``count`` pending events in the outbox at ``path``."""
+    with Outbox(path) as outbox:
+        for i in range(count):
+            outbox.put(f"pending-{i}", f"{PREFIX}/events", b"{}", "warning", time.time())
+
+
+def test_a_read_only_state_folder_exits_2_naming_it(tmp_path: Path) -> None:
+    """A state folder remounted read-only, holding an outbox, stops start-up with one line naming it, exit code 2."""
+    with tmpfs(tmp_path / "state", 1024) as state:
+        put_events(state / "outbox.sqlite", 3)
+        remount(state, read_only=True)
+        try:
+            proc = run_once(
+                write_config(tmp_path),
+                "--source",
+                str(sample_path("single_face.mp4")),
+                "--mqtt-url",
+                "mqtt://127.0.0.1:1",
+            )
+        finally:
+            remount(state, read_only=False)
+        with Outbox(state / "outbox.sqlite") as outbox:
+            assert outbox.depth() == 3
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = plain_lines(proc.stderr)
+    assert len(lines) == 1 and f"the folder {state} is read-only" in lines[0], lines
+
+
+def test_an_unwritable_outbox_file_exits_2_and_keeps_its_events(tmp_path: Path) -> None:
+    """An outbox file that cannot be written (read-only bind mount) in a writable folder is named, never moved aside."""
+    state = tmp_path / "state"
+    state.mkdir()
+    put_events(state / "outbox.sqlite", 62)
+    with read_only_bind(state / "outbox.sqlite"):
+        proc = run_once(
+            write_config(tmp_path), "--source", str(sample_path("single_face.mp4")), "--mqtt-url", "mqtt://127.0.0.1:1"
+        )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = plain_lines(proc.stderr)
+    assert len(lines) == 1 and str(state / "outbox.sqlite") in lines[0] and "not writable" in lines[0], lines
+    assert sorted(p.name for p in state.iterdir()) == ["outbox.sqlite"]
+    with Outbox(state / "outbox.sqlite") as outbox:
+        assert outbox.depth() == 62
+
+
+def test_a_full_state_folder_holds_events_in_memory_and_loses_none(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """State on a 256 KiB tmpfs filled mid-run: faces still read, events held in memory (health: disk_full), failed
+    deletes kept off the wire; once space is back every accepted event arrives, in order, with no reconnect."""
+    with tmpfs(tmp_path / "state", 256) as state:
+        config = write_config(tmp_path)
+        with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/events", f"{PREFIX}/health"]) as recorder:
+            daemon = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+            recorder.wait_for(more_events_than(1), 90)
+            with pin_wal(state / "outbox.sqlite"):
+                filler = fill(state)
+                wait_until(lambda: bool(daemon.logged(HELD)), 60, "the outbox to report a full disk")
+                accepted_at_fault = len(daemon.logged("event accepted"))
+                wait_until(lambda: len(daemon.logged("event accepted")) >= accepted_at_fault + 3, 60, "3 more events")
+                full = [h for h in health_payloads(recorder.messages) if h["outbox"]["state"] == "disk_full"]
+                filler.unlink()
+            wait_until(lambda: bool(daemon.logged(WRITABLE)), 30, "the outbox to be written again")
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert daemon.wait() == 0, daemon.logs()[-3000:]
+            accepted = [r["event_id"] for r in daemon.logged("event accepted")]
+            recorder.wait_for(lambda ms: {e["event_id"] for e in events(ms)} >= set(accepted), 15)
+    received = [e["event_id"] for e in events(recorder.messages)]
+    copies = sum(1 for m in recorder.messages if m.topic == f"{PREFIX}/events")
+    most_held = max(h["outbox"]["memory_depth"] for h in full) if full else 0
+    print(
+        f"full state folder: {len(accepted)} accepted, {len(received)} received, {copies - len(received)} duplicates, "
+        f"up to {most_held} held in memory"
+    )
+    assert received == accepted
+    assert full and full[0]["status"] == "degraded" and "full" in full[0]["outbox"]["last_error"]
+    assert full[-1]["pipeline"]["frames_processed"] > full[0]["pipeline"]["frames_processed"], "reading faces"
+    assert not daemon.logged("mqtt connection lost") and not daemon.logged("mqtt sender error; reconnecting")
+    assert copies == len(received), "no duplicates without a reconnect"
+
+
+HELD = "outbox file cannot be written; events are held in memory until it can"
+WRITABLE = "outbox file writable again; events held in memory are written"
+
+
+def health_payloads(messages: list[RecordedMessage]) -> list[dict[str, Any]]:
+    """The health payloads received, in order."""
+    return [json.loads(m.payload) for m in messages if m.topic == f"{PREFIX}/health"]
 
 
 def test_run_with_a_broker_needs_a_source_and_a_vehicle_id(tmp_path: Path) -> None:

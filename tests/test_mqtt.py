@@ -1,4 +1,4 @@
-"""The MQTT sink against a real Mosquitto: delivery, availability, outages, remote config, TLS."""
+"""The MQTT sink against a real Mosquitto: delivery, availability, outages, refusals, remote config, TLS."""
 
 from __future__ import annotations
 
@@ -334,3 +334,70 @@ def test_username_password(tmp_path: Path, outbox: Outbox) -> None:
         wait_until(lambda: any(e["event"] == "mqtt broker refused the connection" for e in logs.entries))
         bad.stop(flush_timeout_s=0.1)
         assert not bad.stats().connected
+
+
+REFUSED = "mqtt broker refused an event; it stays in the outbox"
+
+
+def test_events_refused_by_the_acl_stay_until_it_allows_them(tmp_path: Path, outbox: Outbox) -> None:
+    """MQTT 5: ACL-denied events are kept, logged, counted, retried oldest first; delivered once the ACL allows."""
+    denied = "topic read #\n\nuser car-1\ntopic readwrite cabin/car-2/#\n"  # vehicle id and credentials mismatched
+    allowed = "topic read #\n\nuser car-1\ntopic readwrite cabin/car-1/#\n"
+    events = [make_event(frame_id=i) for i in range(12)]
+    window = int(FAST["max_inflight"])
+    logger, capture = capturing_logger()
+    with (
+        MosquittoBroker(tmp_path / "acl-mosquitto", passwords={"car-1": "s3cret"}, acl=denied) as broker,
+        MqttRecorder(broker.url, [f"{BASE}/events"]) as recorder,
+    ):
+        sink = make_sink(broker.url, outbox, username="car-1", password=SecretStr("s3cret"), logger=logger)
+        try:
+            for event in events:
+                sink.submit_event(event)
+            # What was in flight (max_inflight=5 at most) is refused, then single probes of the oldest event.
+            wait_until(lambda: sink.stats().refused_total >= window + 3, 30, "three refused probes")
+            stats = sink.stats()
+            assert (stats.outbox_depth, stats.published_total, stats.refusing) == (12, 0, True)
+            assert stats.last_refusal is not None and stats.last_refusal.reason_code == 0x87
+            assert stats.last_refusal.reason == "Not authorized"
+            refusals = [e for e in capture.entries if e["event"] == REFUSED]
+            assert {r["reason_code"] for r in refusals} == {"0x87"}
+            refused_ids = [r["event_id"] for r in refusals]
+            assert refused_ids[0] == events[0].event_id
+            assert set(refused_ids) <= {e.event_id for e in events[:window]}, "one window at most"
+            assert refused_ids[-3:] == [events[0].event_id] * 3, "a retry is the oldest pending event alone"
+            assert all(r["retry_in_s"] <= 0.5 for r in refusals)
+            assert event_ids(recorder.messages) == []
+
+            broker.set_acl(allowed)
+            broker.reload()
+            recorder.wait_for(lambda ms: len(event_ids(ms)) == len(events), 30)
+            wait_until(lambda: outbox.depth() == 0, 10, "an empty outbox")
+        finally:
+            sink.stop(flush_timeout_s=5)
+    assert event_ids(recorder.messages) == [e.event_id for e in events]
+    stats = sink.stats()
+    assert (stats.reconnects, stats.refusing, stats.published_total) == (0, False, 12)
+    assert any(e["event"] == "mqtt broker accepts events again" for e in capture.entries)
+
+
+def test_mqtt_3_1_1_stays_selectable(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
+    """protocol: "3.1.1" connects and delivers as before (without refusals: 3.1.1 PUBACKs cannot say no)."""
+    events = [make_event(frame_id=i) for i in range(3)]
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/events"]) as recorder:
+        sink = make_sink(mqtt_broker.url, outbox, protocol="3.1.1")
+        for event in events:
+            sink.submit_event(event)
+        recorder.wait_for(lambda ms: len(event_ids(ms)) == 3)
+        sink.stop(flush_timeout_s=5)
+    assert event_ids(recorder.messages) == [e.event_id for e in events]
+    assert "as cabin-monitor-car-1 (p2," in mqtt_broker.log_text()  # Mosquitto's p2 is 3.1.1, p5 is 5
+
+
+def test_mqtt_5_is_the_default(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
+    """Without a protocol setting the sink speaks MQTT 5, as the broker's log shows."""
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/status"]) as recorder:
+        sink = make_sink(mqtt_broker.url, outbox)
+        recorder.wait_for(lambda ms: any(m.payload == b"online" for m in ms))
+        sink.stop(flush_timeout_s=5)
+    assert "as cabin-monitor-car-1 (p5," in mqtt_broker.log_text()

@@ -1,4 +1,4 @@
-"""The durable event outbox: order, acknowledgement, bounds, expiry, persistence."""
+"""The durable event outbox: order, acknowledgement, bounds, expiry, persistence, and real filesystem faults."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cabin_monitor.bus.outbox import SEVERITY_RANK, Outbox, OutboxContentError, OutboxError, open_outbox
+from cabin_monitor.bus.outbox import (
+    SEVERITY_RANK,
+    Outbox,
+    OutboxContentError,
+    OutboxError,
+    OutboxNotWritableError,
+    open_outbox,
+)
+from tests.support.mounts import fill, pin_wal, read_only_bind, remount, tmpfs
 
 NOW = time.time()
 
@@ -21,6 +29,11 @@ def put(outbox: Outbox, event_id: str, severity: str = "warning", created_wall_s
     """Put an event; returns the ids of the events dropped."""
     dropped = outbox.put(event_id, "cabin/car-1/events", f'{{"id":"{event_id}"}}'.encode(), severity, created_wall_s)
     return [d.event_id for d in dropped]
+
+
+def state_of(outbox: Outbox) -> str:
+    """The outbox's state, read afresh (a plain str, so that type checkers do not narrow it between reads)."""
+    return outbox.state
 
 
 def ids(outbox: Outbox) -> list[str]:
@@ -82,7 +95,7 @@ def test_eviction_lowest_severity_then_oldest(tmp_path: Path) -> None:
         assert put(outbox, "c2", "critical") == ["i2"]
         assert put(outbox, "w3", "warning") == ["w1"]
         assert ids(outbox) == ["c1", "w2", "c2", "w3"]
-        assert outbox.dropped_by_reason == {"full": 3, "expired": 0}
+        assert outbox.dropped_by_reason == {"full": 3, "expired": 0, "memory_full": 0}
         assert outbox.dropped_total == 3
 
 
@@ -112,7 +125,7 @@ def test_expiry(tmp_path: Path) -> None:
         assert [(d.event_id, d.reason) for d in dropped] == [("old", "expired")]
         assert ids(outbox) == ["new"]
         assert put(outbox, "ancient", created_wall_s=now - 3600) == ["ancient"]
-        assert outbox.dropped_by_reason == {"full": 0, "expired": 2}
+        assert outbox.dropped_by_reason == {"full": 0, "expired": 2, "memory_full": 0}
 
 
 def test_persists_across_reopen(tmp_path: Path) -> None:
@@ -151,7 +164,8 @@ def test_open_outbox_moves_a_damaged_file_aside(tmp_path: Path) -> None:
     outbox, aside = open_outbox(path, max_events=10, max_age_s=60.0)
     with outbox:
         assert outbox.pending(limit=10) == []
-    assert aside is not None and aside.read_bytes() == b"not a database" * 500
+    assert aside is not None and aside.moved_to.read_bytes() == b"not a database" * 500
+    assert "not a database" in aside.reason
 
 
 def test_open_outbox_refuses_an_unopenable_path(tmp_path: Path) -> None:
@@ -226,3 +240,120 @@ def test_an_existing_outbox_is_made_owner_only(tmp_path: Path) -> None:
     path.chmod(0o644)
     Outbox(path).close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_open_outbox_moves_a_malformed_database_aside_with_the_reason(tmp_path: Path) -> None:
+    """A real outbox whose pages were overwritten is set aside with SQLite's reason, and an empty one started."""
+    path = tmp_path / "outbox.sqlite"
+    with Outbox(path) as outbox:
+        for i in range(50):
+            put(outbox, f"e{i}")
+    data = bytearray(path.read_bytes())
+    data[4096 : 4096 * 3] = b"\xa5" * 8192  # pages 2 and 3: tables and indexes
+    path.write_bytes(bytes(data))
+    outbox, aside = open_outbox(path, max_events=100, max_age_s=60.0)
+    with outbox:
+        assert outbox.depth() == 0
+    assert aside is not None and aside.moved_to.exists()
+    assert "malformed" in aside.reason or "damaged" in aside.reason
+
+
+def test_full_disk_holds_events_in_memory_and_writes_them_in_order_later(tmp_path: Path) -> None:
+    """On a full tmpfs put() keeps accepting: events wait in memory (disk_full) and reach the file, in order."""
+    with tmpfs(tmp_path / "state", 256) as state:
+        with Outbox(state / "outbox.sqlite") as outbox:
+            put(outbox, "e0")
+            filler = fill(state)
+            accepted = ["e0"]
+            while state_of(outbox) == "ok" and len(accepted) < 500:
+                accepted.append(f"e{len(accepted)}")
+                assert put(outbox, accepted[-1]) == []
+            assert state_of(outbox) == "disk_full", "the full tmpfs never refused a write"
+            for _ in range(5):
+                accepted.append(f"e{len(accepted)}")
+                assert put(outbox, accepted[-1]) == []
+            assert outbox.memory_depth >= 5 and outbox.depth() == len(accepted)
+            assert outbox.write_error is not None and "full" in outbox.write_error
+            assert outbox.retry_writes() == [] and state_of(outbox) == "disk_full"
+            filler.unlink()
+            assert outbox.retry_writes() == []
+            assert (state_of(outbox), outbox.memory_depth) == ("ok", 0)
+            assert ids(outbox) == accepted
+        with Outbox(state / "outbox.sqlite") as reopened:
+            assert ids(reopened) == accepted
+
+
+def test_memory_queue_is_bounded_by_severity_while_the_disk_is_full(tmp_path: Path) -> None:
+    """With the disk full at most memory_max_events wait in memory; low severity goes first, counted."""
+    with tmpfs(tmp_path / "state", 1024) as state, Outbox(state / "outbox.sqlite", memory_max_events=3) as outbox:
+        put(outbox, "w0", "warning")
+        with pin_wal(outbox.path):
+            filler = fill(state)
+            assert put(outbox, "w1", "warning") == []
+            assert state_of(outbox) == "disk_full"
+            assert put(outbox, "i1", "info") == [] and put(outbox, "c1", "critical") == []
+            assert put(outbox, "w2", "warning") == ["i1"]
+            assert put(outbox, "i2", "info") == ["i2"]
+            assert outbox.dropped_by_reason == {"full": 0, "expired": 0, "memory_full": 2}
+            assert outbox.depth() == 4 and ids(outbox) == ["w0"]
+            filler.unlink()
+        assert put(outbox, "c2", "critical") == []
+        assert ids(outbox) == ["w0", "w1", "c1", "w2", "c2"] and state_of(outbox) == "ok"
+
+
+def test_a_delete_that_cannot_be_written_is_retried_and_the_row_not_sent_again(tmp_path: Path) -> None:
+    """ack() on a full disk succeeds for the caller: pending() skips the row, and the delete lands later."""
+    with tmpfs(tmp_path / "state", 1024) as state:
+        with Outbox(state / "outbox.sqlite") as outbox:
+            for i in range(40):
+                put(outbox, f"e{i}")
+            with pin_wal(outbox.path):
+                filler = fill(state)
+                # The WAL file has room left from before; deletes fit until it must grow.
+                acked = 0
+                while state_of(outbox) == "ok" and acked < 40:
+                    assert outbox.ack(outbox.pending(1)[0].row_id)
+                    acked += 1
+                assert state_of(outbox) == "disk_full", "no delete ever failed on the full tmpfs"
+                failed = outbox.pending(40, after_row_id=0)
+                assert [i.event_id for i in failed] == [f"e{i}" for i in range(acked, 40)]
+                assert outbox.depth() == 40 - acked
+                assert outbox.retry_writes() == [] and state_of(outbox) == "disk_full"
+                filler.unlink()
+            assert outbox.retry_writes() == [] and state_of(outbox) == "ok"
+        with Outbox(state / "outbox.sqlite") as reopened:
+            assert ids(reopened) == [f"e{i}" for i in range(acked, 40)]
+
+
+def test_a_read_only_folder_is_refused_naming_it_and_nothing_is_moved(tmp_path: Path) -> None:
+    """An outbox in a folder remounted read-only is refused (exit code 2) naming the folder; its events stay."""
+    with tmpfs(tmp_path / "state", 1024) as state:
+        path = state / "outbox.sqlite"
+        with Outbox(path) as outbox:
+            put(outbox, "e0")
+            put(outbox, "e1")
+        before = sorted(p.name for p in state.iterdir())
+        remount(state, read_only=True)
+        try:
+            with pytest.raises(OutboxNotWritableError, match=f"the folder {state} is read-only") as info:
+                open_outbox(path, max_events=10, max_age_s=60.0)
+            assert info.value.exit_code == 2
+        finally:
+            remount(state, read_only=False)
+        assert sorted(p.name for p in state.iterdir()) == before
+        with Outbox(path) as outbox:
+            assert ids(outbox) == ["e0", "e1"]
+
+
+def test_a_read_only_file_in_a_writable_folder_is_refused_not_moved_aside(tmp_path: Path) -> None:
+    """An outbox file bind-mounted read-only is an environment fault naming the file, never 'damaged'."""
+    path = tmp_path / "outbox.sqlite"
+    with Outbox(path) as outbox:
+        for i in range(62):
+            put(outbox, f"e{i}")
+    with read_only_bind(path), pytest.raises(OutboxNotWritableError, match="the file is not writable") as info:
+        open_outbox(path, max_events=100, max_age_s=60.0)
+    assert str(path) in str(info.value) and info.value.exit_code == 2
+    assert not list(tmp_path.glob("*unusable*"))
+    with Outbox(path) as outbox:
+        assert outbox.depth() == 62

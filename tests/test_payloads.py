@@ -22,7 +22,7 @@ from cabin_monitor.bus.payloads import (
     state_payloads,
     utc_iso,
 )
-from cabin_monitor.messages import CameraState, Event, Phase
+from cabin_monitor.messages import CameraState, Event, Phase, Refusal
 from cabin_monitor.rules import OccupantState
 from tests.support import helpers
 from tests.support.helpers import make_health
@@ -144,14 +144,22 @@ def test_health_payload_maps_a_snapshot_field_by_field() -> None:
         },
         "pipeline": {"fps": 29.5, "frames_processed": 880, "dropped_frames": 20, "stale_frames": 0},
         "model": {"path": "emotionaldan-7.onnx", "providers_requested": ["cuda", "cpu"], "provider_in_use": "cpu"},
-        "outbox": {"depth": 0, "dropped_total": 0, "dropped_by_reason": {"full": 0, "expired": 0}},
-        "mqtt": {"connected": True, "reconnects": 0},
+        "outbox": {
+            "state": "ok",
+            "depth": 0,
+            "memory_depth": 0,
+            "dropped_total": 0,
+            "dropped_by_reason": {"full": 0, "expired": 0, "memory_full": 0},
+            "last_error": None,
+        },
+        "mqtt": {"connected": True, "reconnects": 0, "refused_events": 0, "last_refusal": None},
         "last_error": None,
     }
 
 
 def test_health_status_follows_stage_failures_the_camera_and_the_broker() -> None:
-    """error on a stage failure or a failed camera; degraded while the camera or a configured broker is away."""
+    """error on a stage failure or a failed camera; degraded while the camera or broker is away, the disk full,
+    or the broker refusing events."""
     healthy = make_health()
     cam = healthy.camera
     offline = replace(healthy.sink, connected=False)
@@ -166,6 +174,12 @@ def test_health_status_follows_stage_failures_the_camera_and_the_broker() -> Non
         (replace(healthy, camera=replace(cam, state=CameraState.REOPENING)), "degraded", None),
         (replace(healthy, sink=offline), "degraded", None),
         (replace(healthy, sink=offline, broker_required=False), "ok", None),
+        (
+            replace(healthy, sink=replace(healthy.sink, outbox_state="disk_full", outbox_memory_depth=3)),
+            "degraded",
+            None,
+        ),
+        (replace(healthy, sink=replace(healthy.sink, refusing=True, refused_total=2)), "degraded", None),
         (
             replace(healthy, failure="capture: x", camera=replace(cam, last_error="corrupt frame")),
             "error",
@@ -254,3 +268,35 @@ def test_json_schemas_required_fields() -> None:
     assert set(schemas["health"]["$defs"]["CameraHealth"]["required"]) >= {"state", "fps", "last_error"}
     assert schemas["event"]["properties"]["ts"]["format"] == "date-time"
     assert schemas["config_set"]["required"] == ["rules"]
+
+
+def test_health_reports_the_last_refusal_and_the_outbox_state() -> None:
+    """A refused event and an outbox that cannot be written show in the health payload as they are."""
+    refusal = Refusal("6f1c0f4e-2f6a-4c55-9d55-2b8f9f0f7a10", "Not authorized", 0x87, 1_700_000_000.25)
+    sink = replace(
+        make_health().sink,
+        outbox_state="disk_full",
+        outbox_memory_depth=4,
+        outbox_depth=9,
+        outbox_error="database or disk is full",
+        refused_total=3,
+        last_refusal=refusal,
+        refusing=True,
+    )
+    payload = json.loads(health_payload(make_health(sink=sink), "car-1").model_dump_json())
+    assert payload["outbox"] | {"dropped_by_reason": None} == {
+        "state": "disk_full",
+        "depth": 9,
+        "memory_depth": 4,
+        "dropped_total": 0,
+        "dropped_by_reason": None,
+        "last_error": "database or disk is full",
+    }
+    assert payload["mqtt"]["refused_events"] == 3
+    assert payload["mqtt"]["last_refusal"] == {
+        "event_id": refusal.event_id,
+        "reason": "Not authorized",
+        "reason_code": 135,
+        "ts": "2023-11-14T22:13:20.250Z",
+    }
+    assert payload["status"] == "degraded"

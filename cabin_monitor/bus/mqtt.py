@@ -10,6 +10,16 @@ it connects (reconnecting with jittered exponential backoff), sends outbox rows 
 most ``max_inflight`` unacknowledged, and re-sends unacknowledged rows after a reconnect. Each
 connection is a fresh paho client, so paho never re-sends anything on its own and the outbox is
 the single source of what goes out.
+
+MQTT 5 by default: a PUBACK can then refuse an event (e.g. 0x87 "Not authorized" when the ACL denies
+the topic, 0x97 "Quota exceeded"). A refused event stays in the outbox, is logged and counted, and
+the sender holds back the events after it: once those already in flight are answered, it retries the
+oldest pending event alone after a backoff (``reconnect_min_s`` doubling to ``reconnect_max_s``, with
+jitter) and resumes the full window once one is accepted. So order is kept, except that events
+already in flight when the refusal came (at most ``max_inflight``) may be delivered before it.
+
+When the outbox file cannot be written (disk full, read-only), the outbox holds events in memory;
+the sender retries writing them every ``WRITE_RETRY_S`` and logs the state changes.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from cabin_monitor.bus.outbox import DroppedEvent, Outbox, OutboxItem
 from cabin_monitor.bus.payloads import ConfigResultPayload, event_payload, health_payload, state_payloads
 from cabin_monitor.config import MqttConfig, TlsConfig, parse_mqtt_url
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
-from cabin_monitor.messages import Event, HealthSnapshot, SinkStats
+from cabin_monitor.messages import Event, HealthSnapshot, Refusal, SinkStats
 from cabin_monitor.rules import OccupantState
 
 log = structlog.get_logger("cabin_monitor.bus.mqtt")
@@ -43,6 +53,8 @@ CONNECT_TIMEOUT_S = 5.0  # TCP connect, TLS handshake, and again for the CONNACK
 OFFLINE_TIMEOUT_S = 2.0  # wait for the PUBACK of the 'offline' status on stop
 WAKE_S = 0.5  # the sender looks at the stop flag at least this often
 EXPIRE_EVERY_S = 60.0
+WRITE_RETRY_S = 1.0  # how often the sender retries writing what the outbox holds in memory
+PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 
 class TlsSetupError(RuntimeFault):
@@ -138,7 +150,8 @@ class MqttSink:
         self._link_lost = threading.Event()
         self._connected = False
         self._client: mqtt.Client | None = None
-        self._acked_mids: collections.deque[int] = collections.deque()  # from the network thread
+        # (mid, reason code) of each PUBACK, from the network thread
+        self._pubacks: collections.deque[tuple[int, ReasonCode]] = collections.deque()
         self._inflight: dict[int, OutboxItem] = {}  # mid -> row; sender thread only
         self._health_lock = threading.Lock()
         self._health: bytes | None = None
@@ -146,6 +159,15 @@ class MqttSink:
         self._connects = 0
         self._published_total = 0
         self._next_expiry_s = 0.0
+        self._next_write_retry_s = 0.0
+        self._outbox_state_lock = threading.Lock()
+        self._outbox_state = "ok"  # as last logged
+        # Refusals (sender thread; read by stats()).
+        self._refused_total = 0
+        self._last_refusal: Refusal | None = None
+        self._refusal_streak = 0  # probe rounds refused in a row; 0 = sending normally
+        self._retry_refused_at_s: float | None = None  # hold new sends until then, then probe one
+        self._probing = False  # one event in flight to see whether the broker accepts again
 
     def state_topic(self, occupant_id: str) -> str:
         """Topic of one occupant's state."""
@@ -167,6 +189,7 @@ class MqttSink:
         # One line per accepted and per delivered event: losses can be checked from the log alone.
         self._log.info("event accepted", event_id=event.event_id, type=event.type, phase=event.phase)
         self._log_dropped(dropped)
+        self._log_outbox_state()
         self._wake.set()
 
     def publish_state(self, occupants: Sequence[OccupantState], wall_time_s: float) -> None:
@@ -193,9 +216,19 @@ class MqttSink:
         deadline = time.monotonic() + flush_timeout_s
         while thread.is_alive() and self._outbox.depth() > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+        self._log_dropped(self._outbox.retry_writes())  # a last chance to write what waits in memory
         pending = self._outbox.depth()
         if pending:
             self._log.warning("mqtt stopping with events pending; they stay in the outbox", pending=pending)
+        held = self._outbox.memory_event_ids
+        if held:
+            # Nowhere left to keep them: say which, so the loss can be traced.
+            self._log.error(
+                "mqtt stopping with events the outbox file could not take; they are lost",
+                event_ids=held,
+                state=self._outbox.state,
+                error=self._outbox.write_error,
+            )
         self._stop.set()
         self._connack.set()
         self._wake.set()
@@ -212,6 +245,12 @@ class MqttSink:
             dropped_total=self._outbox.dropped_total,
             dropped_by_reason=self._outbox.dropped_by_reason,
             published_total=self._published_total,
+            outbox_state=self._outbox.state,
+            outbox_memory_depth=self._outbox.memory_depth,
+            outbox_error=self._outbox.write_error,
+            refused_total=self._refused_total,
+            last_refusal=self._last_refusal,
+            refusing=self._refusal_streak > 0,
         )
 
     # ----- the sender thread -----
@@ -239,7 +278,11 @@ class MqttSink:
             failures += 1
             delay_s = self._backoff_s(failures)
             self._log.debug("mqtt reconnect scheduled", retry_in_s=round(delay_s, 3), failures=failures)
-            self._stop.wait(delay_s)
+            deadline = time.monotonic() + delay_s
+            while not self._stop.wait(min(WRITE_RETRY_S, max(0.0, deadline - time.monotonic()))):
+                self._retry_outbox_writes()  # space may come back while the broker is away
+                if time.monotonic() >= deadline:
+                    break
 
     def _backoff_s(self, failures: int) -> float:
         """Exponential backoff with full jitter: uniform between min and a cap that doubles per failure."""
@@ -248,11 +291,13 @@ class MqttSink:
 
     def _new_client(self) -> mqtt.Client:
         # reconnect_on_failure=False: this class reconnects (with jitter) using a fresh client each time.
+        protocol = PROTOCOLS[self._config.protocol]
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
+            # MQTT 5 has no clean session flag: connect() starts clean, and the session ends with the link.
+            clean_session=True if protocol == mqtt.MQTTv311 else None,
+            protocol=protocol,
             reconnect_on_failure=False,
         )
         client.connect_timeout = CONNECT_TIMEOUT_S
@@ -275,7 +320,13 @@ class MqttSink:
         self._connack.clear()
         self._link_lost.clear()
         client = self._new_client()
-        self._log.info("mqtt connecting", broker=self._broker, attempt=attempt, tls=self._ssl_context is not None)
+        self._log.info(
+            "mqtt connecting",
+            broker=self._broker,
+            attempt=attempt,
+            tls=self._ssl_context is not None,
+            protocol=self._config.protocol,
+        )
         try:
             client.connect(self._host, self._port, keepalive=self._config.keepalive_s)
         except ssl.SSLError as exc:
@@ -306,6 +357,7 @@ class MqttSink:
         while True:
             self._wake.clear()
             self._drain_acks()
+            self._retry_outbox_writes()
             self._expire_if_due()
             self._send_health(client)
             cursor = self._send_events(client, cursor)
@@ -314,7 +366,18 @@ class MqttSink:
             self._wake.wait(WAKE_S)
 
     def _send_events(self, client: mqtt.Client, cursor: int) -> int:
-        free = self._config.max_inflight - len(self._inflight)
+        window = self._config.max_inflight
+        if self._retry_refused_at_s is not None:
+            # After a refusal: nothing new until every event in flight is answered and the backoff is
+            # over; then the oldest pending event goes alone, so order is kept.
+            if self._inflight or time.monotonic() < self._retry_refused_at_s:
+                return cursor
+            self._retry_refused_at_s = None
+            self._probing = True
+            cursor = 0
+        if self._probing:
+            window = 1
+        free = window - len(self._inflight)
         if free <= 0:
             return cursor
         for item in self._outbox.pending(free, after_row_id=cursor):
@@ -332,12 +395,69 @@ class MqttSink:
             client.publish(self.health_topic, payload, qos=1, retain=True)
 
     def _drain_acks(self) -> None:
-        while self._acked_mids:
-            item = self._inflight.pop(self._acked_mids.popleft(), None)
-            if item is not None:  # else: birth, health or a config result
-                self._outbox.ack(item.row_id)
-                self._published_total += 1
-                self._log.info("event delivered", event_id=item.event_id, **_type_and_phase(item.payload))
+        while self._pubacks:
+            mid, reason = self._pubacks.popleft()
+            item = self._inflight.pop(mid, None)
+            if item is None:  # birth, health or a config result
+                continue
+            if reason.is_failure:
+                self._refused(item, reason)
+                continue
+            # A delete that cannot be written (disk full) is retried by the outbox, and the row is not
+            # sent again meanwhile: never a reason to drop the connection.
+            self._outbox.ack(item.row_id)
+            self._published_total += 1
+            self._log.info("event delivered", event_id=item.event_id, **_type_and_phase(item.payload))
+            if self._refusal_streak and self._retry_refused_at_s is None:
+                self._log.info("mqtt broker accepts events again", refused_total=self._refused_total)
+                self._refusal_streak = 0
+                self._probing = False
+        self._log_outbox_state()
+
+    def _refused(self, item: OutboxItem, reason: ReasonCode) -> None:
+        """A PUBACK refused an event: it stays in the outbox; hold back the rest and retry after a backoff."""
+        self._refused_total += 1
+        self._last_refusal = Refusal(item.event_id, str(reason), reason.value, time.time())
+        if self._retry_refused_at_s is None:  # once per round: the events in flight share the backoff
+            self._refusal_streak += 1
+            self._probing = False
+            self._retry_refused_at_s = time.monotonic() + self._backoff_s(self._refusal_streak)
+        self._log.warning(
+            "mqtt broker refused an event; it stays in the outbox",
+            event_id=item.event_id,
+            reason=str(reason),
+            reason_code=f"0x{reason.value:02x}",
+            retry_in_s=round(max(0.0, self._retry_refused_at_s - time.monotonic()), 3),
+            refused_total=self._refused_total,
+        )
+
+    def _retry_outbox_writes(self) -> None:
+        """Every ``WRITE_RETRY_S`` while the outbox holds events in memory: try writing them."""
+        now = time.monotonic()
+        if now < self._next_write_retry_s or self._outbox.state == "ok":
+            return
+        self._next_write_retry_s = now + WRITE_RETRY_S
+        self._log_dropped(self._outbox.retry_writes())
+        self._log_outbox_state()
+
+    def _log_outbox_state(self) -> None:
+        """One line when the outbox file stops or starts being writable again."""
+        state = self._outbox.state
+        with self._outbox_state_lock:
+            previous, self._outbox_state = self._outbox_state, state
+        if state == previous:
+            return
+        if state == "ok":
+            self._log.info("outbox file writable again; events held in memory are written", path=str(self._outbox.path))
+        else:
+            self._log.error(
+                "outbox file cannot be written; events are held in memory until it can",
+                path=str(self._outbox.path),
+                state=state,
+                error=self._outbox.write_error,
+                memory_depth=self._outbox.memory_depth,
+                memory_max_events=self._outbox.memory_max_events,
+            )
 
     def _expire_if_due(self) -> None:
         now = time.monotonic()
@@ -368,7 +488,7 @@ class MqttSink:
                 event_id=d.event_id,
                 severity=d.severity,
                 age_s=round(time.time() - d.created_wall_s, 1),
-                max_events=self._outbox.max_events,
+                max_events=self._outbox.memory_max_events if d.reason == "memory_full" else self._outbox.max_events,
             )
 
     # ----- paho callbacks, on the network thread -----
@@ -426,7 +546,7 @@ class MqttSink:
     ) -> None:
         # Only note it: the sender thread owns the mid -> row map (and taking a lock here, inside
         # paho's own lock, could deadlock with a publish() on the sender thread).
-        self._acked_mids.append(mid)
+        self._pubacks.append((mid, reason_code))
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:

@@ -6,10 +6,17 @@ power cut. The outbox is bounded: when full, the oldest event of the lowest
 severity goes first; events older than ``max_age_s`` are dropped. Nothing is
 dropped silently: ``put`` and ``expire`` return what they dropped, and the
 counters feed the health payload.
+
+When the file cannot be written (the disk is full, the folder was remounted
+read-only, an I/O error), events are held in a bounded memory queue instead
+and written, in order, once writing works again (``put`` and ``retry_writes``
+try); a delete after delivery that fails is remembered and retried, and the
+row is not sent again meanwhile. ``state`` says which of these applies.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
@@ -19,13 +26,25 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, get_args
 
-from cabin_monitor.errors import RuntimeFault
+from cabin_monitor.errors import ConfigurationError, RuntimeFault
 from cabin_monitor.messages import Severity
 
 SEVERITY_RANK = {name: rank for rank, name in enumerate(get_args(Severity))}
 SEVERITY_NAME = {rank: name for name, rank in SEVERITY_RANK.items()}
-DropReason = Literal["full", "expired"]
+DropReason = Literal["full", "expired", "memory_full"]
+OutboxState = Literal["ok", "disk_full", "unwritable"]
 SCHEMA_VERSION = 1
+
+# Primary SQLite result codes (the low byte of an extended code).
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 10, 11, 13, 14, 26
+_DAMAGE_CODES = {_SQLITE_CORRUPT, _SQLITE_NOTADB}
+_WRITE_FAULT_CODES = {_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR}
+_WRITE_FAULT_CODES |= {_SQLITE_FULL, _SQLITE_CANTOPEN}
+# Small WAL: commits are a few pages each, and a state folder may be a small partition. Without these
+# the WAL grows to ~4 MB before its first checkpoint (a 256 KiB folder was full after 8 events).
+_WAL_AUTOCHECKPOINT_PAGES = 16
+_WAL_SIZE_LIMIT_BYTES = 64 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -55,6 +74,16 @@ class OutboxContentError(OutboxError):
     """The outbox file opens, but what it holds is damaged or not ours; moving it aside would let a new one start."""
 
 
+class OutboxNotWritableError(OutboxError):
+    """The outbox file or its folder cannot be written (read-only mount, permissions, immutable).
+
+    A setup error: restarting cannot make the folder writable, so it exits like a configuration error.
+    The file is left alone: what it holds is pending events, not damage.
+    """
+
+    exit_code = ConfigurationError.exit_code
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxItem:
     """One pending event: the exact bytes to publish and where."""
@@ -77,21 +106,44 @@ class DroppedEvent:
     reason: DropReason
 
 
+@dataclass(frozen=True, slots=True)
+class _HeldEvent:
+    """An event accepted while the file could not be written."""
+
+    event_id: str
+    topic: str
+    payload: bytes
+    rank: int
+    created_wall_s: float
+
+
 class Outbox:
     """A bounded, persistent FIFO of events awaiting a broker acknowledgement; safe to share between threads."""
 
-    def __init__(self, path: Path | str, max_events: int = 10000, max_age_s: float = 7 * 86400) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        max_events: int = 10000,
+        max_age_s: float = 7 * 86400,
+        memory_max_events: int = 1000,
+    ) -> None:
         if max_events < 1:
             raise ValueError(f"max_events must be >= 1, got {max_events}")
         if max_age_s <= 0:
             raise ValueError(f"max_age_s must be > 0, got {max_age_s}")
+        if memory_max_events < 1:
+            raise ValueError(f"memory_max_events must be >= 1, got {memory_max_events}")
         self.path = Path(path)
         self.max_events = max_events
         self.max_age_s = max_age_s
+        self.memory_max_events = memory_max_events
         # One connection shared by the pipeline thread (put) and the MQTT threads (pending, ack),
         # serialised by this lock.
         self._lock = threading.Lock()
-        self._dropped: dict[str, int] = {"full": 0, "expired": 0}
+        self._dropped: dict[str, int] = {reason: 0 for reason in get_args(DropReason)}
+        self._memory: list[_HeldEvent] = []  # newer than every row on disk, oldest first
+        self._undeleted: set[int] = set()  # delivered rows whose DELETE failed
+        self._write_fault: sqlite3.Error | None = None  # the last failed write, until writing works again
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
@@ -102,7 +154,7 @@ class Outbox:
             os.chmod(self.path, 0o600)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
         except (OSError, sqlite3.Error) as exc:
-            raise OutboxError(self.path, f"cannot open: {exc}") from exc
+            raise _open_error(self.path, exc) from exc
         try:
             # WAL: commits append to the log instead of rewriting pages, and readers never block writers.
             db.execute("PRAGMA journal_mode=WAL")
@@ -110,6 +162,8 @@ class Outbox:
             # crash), and a car loses power abruptly. Events are rare (a few a minute), so one fsync
             # per put/ack costs nothing that matters, and a returned put() survives a power cut.
             db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT_BYTES}")
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise OutboxContentError(self.path, f"the database is damaged ({check}); move it away to start empty")
@@ -117,12 +171,15 @@ class Outbox:
             if version not in (0, SCHEMA_VERSION):
                 raise OutboxContentError(self.path, f"written by a newer cabin-monitor (schema {version})")
             db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
+            if version != SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
             db.close()
-            raise OutboxContentError(
-                self.path, f"not a usable SQLite outbox ({exc}); move it away to start with an empty outbox"
-            ) from exc
+            if _is_damage(exc):
+                raise OutboxContentError(
+                    self.path, f"not a usable SQLite outbox ({exc}); move it away to start with an empty outbox"
+                ) from exc
+            raise _open_error(self.path, exc) from exc
         except OutboxError:
             db.close()
             raise
@@ -134,31 +191,91 @@ class Outbox:
         """Store an event (a no-op if ``event_id`` is already held); returns the events dropped to make room.
 
         The returned list may contain this very event: when it has expired already, or when the outbox
-        is full of events more severe than it.
+        is full of events more severe than it. While the file cannot be written the event is held in
+        memory (see ``state``); it is written before any later event.
         """
-        rank = _rank(severity)
+        event = _HeldEvent(event_id, topic, payload, _rank(severity), created_wall_s)
+        with self._lock:
+            if any(held.event_id == event_id for held in self._memory):
+                return []
+            dropped = self._retry_locked()
+            if not self._memory:
+                try:
+                    dropped += self._insert_locked(event)
+                    self._count(dropped)
+                    return dropped
+                except sqlite3.Error as exc:
+                    if not _is_write_fault(exc):
+                        raise
+                    self._write_fault = exc
+            dropped += self._hold_locked(event)
+            self._count(dropped)
+        return dropped
+
+    def _insert_locked(self, event: _HeldEvent) -> list[DroppedEvent]:
+        """Write one event in one transaction; raises ``sqlite3.Error`` (rolled back) if it cannot be written."""
         now = time.time()
         dropped: list[DroppedEvent] = []
-        with self._lock, self._db:
+        with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            if self._db.execute("SELECT 1 FROM outbox WHERE event_id = ?", (event_id,)).fetchone():
+            if self._db.execute("SELECT 1 FROM outbox WHERE event_id = ?", (event.event_id,)).fetchone():
                 return []
             dropped += self._expire_locked(now)
             refused: DropReason | None = None
-            if created_wall_s < now - self.max_age_s:
+            if event.created_wall_s < now - self.max_age_s:
                 refused = "expired"
             else:
-                evicted, fits = self._make_room_locked(rank)
+                evicted, fits = self._make_room_locked(event.rank)
                 dropped += evicted
                 refused = None if fits else "full"
             if refused is None:
                 self._db.execute(
                     "INSERT INTO outbox (event_id, topic, payload, severity, created_wall_s) VALUES (?, ?, ?, ?, ?)",
-                    (event_id, topic, payload, rank, created_wall_s),
+                    (event.event_id, event.topic, event.payload, event.rank, event.created_wall_s),
                 )
             else:
-                dropped.append(DroppedEvent(event_id, severity, created_wall_s, refused))
+                dropped.append(DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, refused))
+        return dropped
+
+    def _hold_locked(self, event: _HeldEvent) -> list[DroppedEvent]:
+        """Keep an event in memory, evicting like the file does: the oldest of the lowest severity first."""
+        if event.created_wall_s < time.time() - self.max_age_s:
+            return [_dropped(event, "expired")]
+        if len(self._memory) < self.memory_max_events:
+            self._memory.append(event)
+            return []
+        victim = min(self._memory, key=lambda held: held.rank)  # min() keeps the first, i.e. the oldest
+        if event.rank < victim.rank:
+            return [_dropped(event, "memory_full")]
+        self._memory.remove(victim)
+        self._memory.append(event)
+        return [_dropped(victim, "memory_full")]
+
+    def retry_writes(self) -> list[DroppedEvent]:
+        """Write what is held in memory and retry failed deletes; returns the events dropped to make room."""
+        with self._lock:
+            dropped = self._retry_locked()
             self._count(dropped)
+        return dropped
+
+    def _retry_locked(self) -> list[DroppedEvent]:
+        if self._write_fault is None:
+            return []
+        dropped: list[DroppedEvent] = []
+        try:
+            for row_id in sorted(self._undeleted):
+                with self._db:
+                    self._db.execute("DELETE FROM outbox WHERE row_id = ?", (row_id,))
+                self._undeleted.discard(row_id)
+            while self._memory:
+                dropped += self._insert_locked(self._memory[0])
+                self._memory.pop(0)
+        except sqlite3.Error as exc:
+            if not _is_write_fault(exc):
+                raise
+            self._write_fault = exc
+            return dropped
+        self._write_fault = None
         return dropped
 
     def _make_room_locked(self, rank: int) -> tuple[list[DroppedEvent], bool]:
@@ -178,25 +295,48 @@ class Outbox:
         return evicted, True
 
     def pending(self, limit: int, after_row_id: int = 0) -> list[OutboxItem]:
-        """Up to ``limit`` events with ``row_id > after_row_id``, oldest first."""
+        """Up to ``limit`` events with ``row_id > after_row_id``, oldest first (those in memory come later)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT row_id, event_id, topic, payload, severity, created_wall_s FROM outbox "
                 "WHERE row_id > ? ORDER BY row_id LIMIT ?",
-                (after_row_id, limit),
+                (after_row_id, limit + len(self._undeleted)),
             ).fetchall()
+            rows = [r for r in rows if r[0] not in self._undeleted][:limit]
         return [OutboxItem(r[0], r[1], r[2], bytes(r[3]), SEVERITY_NAME[r[4]], r[5]) for r in rows]
 
     def ack(self, row_id: int) -> bool:
-        """Remove a delivered event; False if it was no longer held (already acked, evicted or expired)."""
-        with self._lock, self._db:
-            return self._db.execute("DELETE FROM outbox WHERE row_id = ?", (row_id,)).rowcount == 1
+        """Remove a delivered event; False if it was no longer held (already acked, evicted or expired).
+
+        A delete that cannot be written is retried later; the row is not handed out by ``pending`` meanwhile.
+        """
+        with self._lock:
+            if row_id in self._undeleted:
+                return False
+            try:
+                with self._db:
+                    return self._db.execute("DELETE FROM outbox WHERE row_id = ?", (row_id,)).rowcount == 1
+            except sqlite3.Error as exc:
+                if not _is_write_fault(exc):
+                    raise
+                self._write_fault = exc
+                self._undeleted.add(row_id)
+                return True
 
     def expire(self, now_wall_s: float | None = None) -> list[DroppedEvent]:
-        """Drop events older than ``max_age_s``; returns them."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            dropped = self._expire_locked(time.time() if now_wall_s is None else now_wall_s)
+        """Drop events older than ``max_age_s`` (on disk and in memory); returns them."""
+        now = time.time() if now_wall_s is None else now_wall_s
+        with self._lock:
+            dropped = [_dropped(held, "expired") for held in self._memory if held.created_wall_s < now - self.max_age_s]
+            self._memory = [held for held in self._memory if held.created_wall_s >= now - self.max_age_s]
+            try:
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    dropped = self._expire_locked(now) + dropped
+            except sqlite3.Error as exc:
+                if not _is_write_fault(exc):
+                    raise
+                self._write_fault = exc  # tried again at the next expiry
             self._count(dropped)
         return dropped
 
@@ -206,21 +346,53 @@ class Outbox:
         cutoff = now_wall_s - self.max_age_s
         # SELECT then DELETE rather than DELETE ... RETURNING, which needs SQLite 3.35 (Debian 11 has 3.34).
         rows = self._db.execute(
-            "SELECT event_id, severity, created_wall_s FROM outbox WHERE created_wall_s < ? ORDER BY row_id", (cutoff,)
+            "SELECT row_id, event_id, severity, created_wall_s FROM outbox WHERE created_wall_s < ? ORDER BY row_id",
+            (cutoff,),
         ).fetchall()
         if rows:
             self._db.execute("DELETE FROM outbox WHERE created_wall_s < ?", (cutoff,))
-        return [DroppedEvent(r[0], SEVERITY_NAME[r[1]], r[2], "expired") for r in rows]
+        return [DroppedEvent(r[1], SEVERITY_NAME[r[2]], r[3], "expired") for r in rows if r[0] not in self._undeleted]
 
     def _count(self, dropped: list[DroppedEvent]) -> None:
         for d in dropped:
             self._dropped[d.reason] += 1
 
     def depth(self) -> int:
-        """Events held."""
+        """Events held, on disk and in memory."""
         with self._lock:
-            count: int = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-        return count
+            if self._undeleted:
+                rows = {r[0] for r in self._db.execute("SELECT row_id FROM outbox").fetchall()}
+                on_disk = len(rows - self._undeleted)
+            else:
+                on_disk = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            return on_disk + len(self._memory)
+
+    @property
+    def state(self) -> OutboxState:
+        """``ok``; ``disk_full`` or ``unwritable`` while events wait in memory or deletes wait to be written."""
+        with self._lock:
+            fault = self._write_fault
+        if fault is None:
+            return "ok"
+        return "disk_full" if _primary_code(fault) == _SQLITE_FULL or "disk is full" in str(fault) else "unwritable"
+
+    @property
+    def write_error(self) -> str | None:
+        """What the last failed write said, while ``state`` is not ``ok``."""
+        with self._lock:
+            return None if self._write_fault is None else str(self._write_fault)
+
+    @property
+    def memory_depth(self) -> int:
+        """Events held in memory because the file could not be written."""
+        with self._lock:
+            return len(self._memory)
+
+    @property
+    def memory_event_ids(self) -> list[str]:
+        """The ids of the events held in memory, oldest first (lost if the process ends before they are written)."""
+        with self._lock:
+            return [held.event_id for held in self._memory]
 
     @property
     def dropped_total(self) -> int:
@@ -230,12 +402,12 @@ class Outbox:
 
     @property
     def dropped_by_reason(self) -> dict[str, int]:
-        """``{"full": n, "expired": m}`` since this object was created."""
+        """``{"full": n, "expired": m, "memory_full": k}`` since this object was created."""
         with self._lock:
             return dict(self._dropped)
 
     def close(self) -> None:
-        """Close the database; what is pending stays on disk for the next start."""
+        """Close the database; what is pending on disk stays there for the next start."""
         with self._lock:
             self._db.close()
 
@@ -255,19 +427,86 @@ def _rank(severity: str) -> int:
         raise ValueError(f"severity must be one of {sorted(SEVERITY_RANK)}, got {severity!r}") from None
 
 
-def open_outbox(path: Path, max_events: int, max_age_s: float) -> tuple[Outbox, Path | None]:
-    """Open the outbox; a damaged or foreign file is moved aside (and returned) and an empty one started.
+def _dropped(event: _HeldEvent, reason: DropReason) -> DroppedEvent:
+    return DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, reason)
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+    return None if code is None else code & 0xFF
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite says the file itself is damaged or not a database (and not that it cannot be written)."""
+    code = _primary_code(exc)
+    if code is not None:
+        return code in _DAMAGE_CODES
+    text = str(exc)
+    return "not a database" in text or "malformed" in text
+
+
+def _is_write_fault(exc: sqlite3.Error) -> bool:
+    """Whether a failed write is the environment's doing (full, read-only, I/O, locked), so worth retrying."""
+    code = _primary_code(exc)
+    if code is not None:
+        return code in _WRITE_FAULT_CODES
+    text = str(exc)
+    return any(s in text for s in ("disk is full", "readonly", "disk I/O", "unable to open", "locked"))
+
+
+def _open_error(path: Path, exc: OSError | sqlite3.Error) -> OutboxError:
+    """The error for an outbox that cannot be opened, naming the file or folder at fault and why."""
+    folder = path.parent
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code == errno.ENOSPC or (isinstance(exc, sqlite3.Error) and _primary_code(exc) == _SQLITE_FULL):
+        return OutboxError(path, f"no space left in {folder} ({reason}); free some space there")
+    writable_hint = "make it writable or point state_dir / outbox.path elsewhere"
+    if _read_only_mount(folder):
+        return OutboxNotWritableError(path, f"the folder {folder} is read-only ({reason}); {writable_hint}")
+    if folder.is_dir() and not os.access(folder, os.W_OK):
+        return OutboxNotWritableError(path, f"the folder {folder} is not writable ({reason}); {writable_hint}")
+    if path.is_file() and (_read_only_mount(path) or not os.access(path, os.W_OK)):
+        return OutboxNotWritableError(
+            path, f"the file is not writable (read-only mount, immutable or permissions: {reason}); {writable_hint}"
+        )
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutboxNotWritableError(path, f"cannot write it ({reason}); {writable_hint}")
+    return OutboxError(path, f"cannot open: {reason}")
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class MovedAside:
+    """A damaged outbox file that ``open_outbox`` moved out of the way, and why."""
+
+    moved_to: Path
+    reason: str
+
+
+def open_outbox(
+    path: Path, max_events: int, max_age_s: float, memory_max_events: int = 1000
+) -> tuple[Outbox, MovedAside | None]:
+    """Open the outbox; a file SQLite says is damaged or foreign is moved aside (and returned), an empty one started.
 
     A daemon that refused to start over a damaged file would be restarted into the same
-    refusal forever; the moved file keeps whatever can still be salvaged from it.
+    refusal forever; the moved file keeps whatever can still be salvaged from it. A file or
+    folder that cannot be written (``OutboxNotWritableError``) or a full disk is never a reason
+    to move pending events aside: those errors reach the caller.
     """
     try:
-        return Outbox(path, max_events, max_age_s), None
-    except OutboxContentError:
-        pass  # a path or permission problem (plain OutboxError) is not solved by moving the file
+        return Outbox(path, max_events, max_age_s, memory_max_events), None
+    except OutboxContentError as exc:
+        reason = str(exc)
     aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
     for suffix in ("", "-wal", "-shm"):
         candidate = Path(f"{path}{suffix}")
         if candidate.exists():
             candidate.rename(Path(f"{aside}{suffix}"))
-    return Outbox(path, max_events, max_age_s), aside
+    return Outbox(path, max_events, max_age_s, memory_max_events), MovedAside(aside, reason)

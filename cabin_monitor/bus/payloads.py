@@ -146,9 +146,23 @@ class ModelHealth(_Payload):
 class OutboxHealth(_Payload):
     """The durable event queue."""
 
-    depth: int
+    state: Literal["ok", "disk_full", "unwritable"] = Field(
+        description="ok; disk_full or unwritable while the file cannot be written and events wait in memory."
+    )
+    depth: int = Field(description="Events waiting for the broker, on disk and in memory.")
+    memory_depth: int = Field(description="Of those, events held in memory until the file can be written.")
     dropped_total: int
-    dropped_by_reason: dict[str, int] = Field(description="'full' and 'expired' -> events dropped.")
+    dropped_by_reason: dict[str, int] = Field(description="'full', 'expired' and 'memory_full' -> events dropped.")
+    last_error: str | None = Field(None, description="Why the file cannot be written, while state is not ok.")
+
+
+class RefusalHealth(_Payload):
+    """The last event the broker refused."""
+
+    event_id: UuidText
+    reason: str = Field(description="The PUBACK reason code's name, e.g. 'Not authorized'.")
+    reason_code: int = Field(description="The MQTT 5 reason code, e.g. 135 (0x87).")
+    ts: UtcTimestamp
 
 
 class MqttHealth(_Payload):
@@ -156,6 +170,8 @@ class MqttHealth(_Payload):
 
     connected: bool
     reconnects: int
+    refused_events: int = Field(description="Events the broker refused in a PUBACK (MQTT 5), each kept and retried.")
+    last_refusal: RefusalHealth | None = None
 
 
 class HealthPayload(_Payload):
@@ -256,6 +272,7 @@ def state_payloads(
 def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
     """The health payload of a snapshot."""
     cam, sink = health.camera, health.sink
+    refusal = sink.last_refusal
     return HealthPayload(
         vehicle_id=vehicle_id,
         ts=utc_iso(health.wall_time_s),
@@ -281,11 +298,26 @@ def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
             provider_in_use=health.provider_in_use,
         ),
         outbox=OutboxHealth(
+            state=sink.outbox_state,  # type: ignore[arg-type]
             depth=sink.outbox_depth,
+            memory_depth=sink.outbox_memory_depth,
             dropped_total=sink.dropped_total,
             dropped_by_reason=dict(sink.dropped_by_reason),
+            last_error=sink.outbox_error,
         ),
-        mqtt=MqttHealth(connected=sink.connected, reconnects=sink.reconnects),
+        mqtt=MqttHealth(
+            connected=sink.connected,
+            reconnects=sink.reconnects,
+            refused_events=sink.refused_total,
+            last_refusal=None
+            if refusal is None
+            else RefusalHealth(
+                event_id=refusal.event_id,
+                reason=refusal.reason,
+                reason_code=refusal.reason_code,
+                ts=utc_iso(refusal.wall_time_s),
+            ),
+        ),
         last_error=health.last_error,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -41,6 +42,17 @@ class MqttConfig(Strict):
     reconnect_min_s: float = Field(0.5, gt=0, le=60, description="First reconnect wait (doubles, with jitter).")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest reconnect wait.")
     max_inflight: int = Field(20, ge=1, le=1000, description="Unacknowledged QoS 1 messages at once.")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5",
+        description="MQTT version. 5 lets the broker refuse an event in its PUBACK (e.g. not authorized by "
+        "the ACL), so it stays in the outbox; 3.1.1 brokers accept and silently drop what the ACL denies.",
+    )
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, v: Any) -> Any:
+        # YAML reads `protocol: 5` as a number.
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("url")
     @classmethod

@@ -15,3 +15,9 @@ class OutboxConfig(Strict):
     path: Path | None = Field(None, description="SQLite file; default: <state_dir>/outbox.sqlite.")
     max_events: int = Field(10000, ge=10, description="Most events held; beyond it the oldest low-severity go.")
     max_age_s: float = Field(7 * 86400, gt=0, description="Events older than this are dropped (and counted).")
+    memory_max_events: int = Field(
+        1000,
+        ge=1,
+        description="Most events held in memory while the file cannot be written (disk full, read-only); "
+        "beyond it the oldest low-severity go.",
+    )

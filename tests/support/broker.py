@@ -65,7 +65,9 @@ class MosquittoBroker:
     messages) across ``stop()``/``restart()``; ``kill()`` loses what was not saved. With ``pki`` a
     second, TLS listener is opened (``tls_url``); ``require_certificate`` asks clients for a
     certificate signed by the same CA. ``passwords`` (username -> password) adds a password file;
-    anonymous clients stay allowed.
+    anonymous clients stay allowed. ``acl`` is the text of an ACL file (Mosquitto's format: topic
+    lines before the first ``user`` line are for anonymous clients); ``set_acl`` and ``reload``
+    change it while the broker runs.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class MosquittoBroker:
         pki: TestPki | None = None,
         require_certificate: bool = False,
         passwords: Mapping[str, str] | None = None,
+        acl: str | None = None,
         start_timeout_s: float = 10.0,
     ) -> None:
         self._own_dir = directory is None
@@ -87,6 +90,8 @@ class MosquittoBroker:
         self.pki = pki
         self.require_certificate = require_certificate
         self.passwords = dict(passwords or {})
+        self.acl = acl
+        self.acl_file = self.directory / "acl"
         self.start_timeout_s = start_timeout_s
         self.config_file = self.directory / "mosquitto.conf"
         self.log_file = self.directory / "mosquitto.log"
@@ -122,6 +127,9 @@ class MosquittoBroker:
             pw_file = self.directory / "passwords"
             pw_file.write_text("".join(password_file_line(u, p) + "\n" for u, p in self.passwords.items()))
             lines.append(f"password_file {pw_file}")
+        if self.acl is not None:
+            self.acl_file.write_text(self.acl)
+            lines.append(f"acl_file {self.acl_file}")
         if self.pki is not None:
             lines += [
                 f"listener {self.tls_port} 127.0.0.1",
@@ -175,6 +183,19 @@ class MosquittoBroker:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10.0)
+
+    def set_acl(self, acl: str) -> None:
+        """Replace the ACL file's text; it takes effect at the next ``reload`` or start."""
+        if self.acl is None:
+            raise ValueError("this broker was started without an ACL (pass acl=...)")
+        self.acl = acl
+        self.acl_file.write_text(acl)
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto reloads its password and ACL files; connections stay up."""
+        if self._process is None:
+            raise RuntimeError("broker not running")
+        self._process.send_signal(signal.SIGHUP)
 
     def restart(self) -> None:
         """Stop (SIGTERM) and start again on the same ports."""

@@ -74,7 +74,7 @@ def make_health(**changes: Any) -> HealthSnapshot:
             reconnects=0,
             outbox_depth=0,
             dropped_total=0,
-            dropped_by_reason={"full": 0, "expired": 0},
+            dropped_by_reason={"full": 0, "expired": 0, "memory_full": 0},
             published_total=0,
         ),
         "broker_required": True,
