@@ -39,6 +39,7 @@ def _overrides(args: argparse.Namespace, *, fast: bool = False) -> Overrides:
     from cabin_monitor.daemon import Overrides
 
     model = getattr(args, "model", None)
+    record = getattr(args, "record", None)
     return Overrides(
         source=getattr(args, "source", None),
         loop=getattr(args, "loop", False),
@@ -47,6 +48,7 @@ def _overrides(args: argparse.Namespace, *, fast: bool = False) -> Overrides:
         vehicle_id=getattr(args, "vehicle_id", None),
         model_path=Path(model) if model else None,
         providers=tuple(getattr(args, "provider", None) or ()),
+        record_dir=Path(record) if record else None,
     )
 
 
@@ -266,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vehicle-id", help="vehicle id used in topics (overrides the file)")
     run.add_argument("--loop", action="store_true", help="replay a video file when it ends")
     run.add_argument("--fast", action="store_true", help="process every frame of a video file as fast as possible")
+    run.add_argument("--record", metavar="DIR", help="record what the rules engine sees into DIR (record.dir)")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="run on the bundled sample video; events to stdout, annotated video to a file")
@@ -273,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--source", help="video file instead of the bundled sample")
     demo.add_argument("--model", help="emotion ONNX model instead of the bundled one")
     demo.add_argument("--out", default="cabin-monitor-demo.mp4", help="annotated video to write")
+    demo.add_argument("--record", metavar="DIR", help="record what the rules engine sees into DIR (record.dir)")
     demo.add_argument(
         "--video-fps", type=float, default=None, help="frame rate of the written video (default: the source's)"
     )
