@@ -1,6 +1,6 @@
 """The ``cabin-monitor`` command line: the parser, one small function per sub-command, and exit codes.
 
-The work is elsewhere: ``daemon`` (run, demo), ``tools`` (analyze, bench, evaluate), ``training``
+The work is elsewhere: ``daemon`` (run, demo), ``tools`` (analyze, bench, evaluate, replay, report), ``training``
 (train, export, explain). Any ``CabinMonitorError`` becomes one line on stderr and its exit code.
 """
 
@@ -163,6 +163,31 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- replay / report (recordings) ---------------------------------------------------------
+
+
+def _need(module: str, extra: str) -> int | None:
+    if importlib.util.find_spec(module) is None:
+        return _die(f"this command needs {module}: pip install 'cabin-monitor[{extra}]'", EXIT_RUNTIME)
+    return None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    if (code := _need("pyarrow", "report")) is not None:
+        return code
+    from cabin_monitor.tools.replay import replay_command
+
+    return replay_command(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if (code := _need("pyarrow", "report") or _need("matplotlib", "report")) is not None:
+        return code
+    from cabin_monitor.tools.report import report_command
+
+    return report_command(args)
+
+
 # -- training side (needs the train extra) ----------------------------------------------
 
 
@@ -321,6 +346,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.set_defaults(func=cmd_bench)
 
+    rp = sub.add_parser(
+        "replay",
+        help="run the rules over recordings (run --record): events as JSON lines on stdout, alert rates on stderr",
+    )
+    rp.add_argument("recordings", nargs="+", metavar="RECORDING", help="recording files, folders or globs")
+    _add_rules_options(rp)
+    rp.add_argument("--no-events", action="store_true", help="print only the summary")
+    rp.add_argument("--summary-json", metavar="FILE", help="also write the summary (and any comparison) as JSON")
+    rp.add_argument(
+        "--compare",
+        action="store_true",
+        help="replay with a second rule set B too and print the alerts it adds or removes (JSON lines)",
+    )
+    rp.add_argument("--config-b", metavar="FILE", help="--compare: rule set B from this configuration file's rules")
+    rp.add_argument(
+        "--set-b",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--compare: a rule of set B, over the recording's own rules or --config-b (repeatable)",
+    )
+    rp.set_defaults(func=cmd_replay)
+
+    rr = sub.add_parser(
+        "report", help="timeline pictures (PNG) and one HTML page of recordings: scores, thresholds, events"
+    )
+    rr.add_argument("recordings", nargs="+", metavar="RECORDING", help="recording files, folders or globs")
+    rr.add_argument("--out", required=True, help="folder for the PNGs and index.html")
+    _add_rules_options(rr)
+    rr.set_defaults(func=cmd_report)
+
     tr = sub.add_parser("train", help="train EmotionalDAN (needs the train extra)")
     tr.add_argument("--config", required=True, help="training YAML (see models/configs/)")
     tr.add_argument("--data", required=True, help="folder holding the data files named in the config")
@@ -393,6 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--limit", type=int, default=2000, help="images used from the .npz for --mean-by-class")
     xp.set_defaults(func=cmd_explain)
     return p
+
+
+def _add_rules_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help="take the rules from this configuration file (default: each recording's own rules)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one rule, e.g. rules.stress.enter_score=0.7 (repeatable; over the recording's rules or --config)",
+    )
 
 
 def version_text() -> str:
