@@ -83,6 +83,7 @@ class Recorder:
         self._partial: Path | None = None
         self._segment = 0
         self._segment_started_s: float | None = None  # when the file being gathered got its first row
+        self._segment_rules = meta.rules  # the rules in force at that row
         self._file_rows = 0
         self._retry_at_s: float | None = None  # after a write error: no new file before this
         self._thread: threading.Thread | None = None
@@ -179,6 +180,7 @@ class Recorder:
     def _add(self, entry: Entry, now: float) -> None:
         if self._segment_started_s is None:
             self._segment_started_s = now
+            self._segment_rules = self._meta.rules  # the file describes the rules its first row was judged by
         if isinstance(entry, RulesChange):
             self._meta = _with(self._meta, rules=entry.rules)  # the next file says which rules were in force
         self._buffer.add(entry)
@@ -218,12 +220,13 @@ class Recorder:
     def _open_file(self) -> None:
         wall = self._wall()
         self._meta = _with(self._meta, segment=self._segment, opened_wall_time_s=wall)
+        file_meta = _with(self._meta, rules=self._segment_rules)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall))
         name = f"{self._meta.vehicle_id}-{stamp}-{self._meta.session_id[:8]}-{self._segment:05d}"
         self._partial = self.folder / (name + PARTIAL_SUFFIX)
         self._writer = pq.ParquetWriter(
             self._partial,
-            self._buffer.table(self._meta).schema,
+            self._buffer.table(file_meta).schema,
             compression="zstd",
             use_dictionary=DICTIONARY_COLUMNS,
             use_byte_stream_split=_float_columns(self._class_names),
