@@ -52,9 +52,7 @@ def main() -> None:
                 capture_s=frame.capture_s + shift_s + jitter_s,
                 wall_time_s=frame.wall_time_s + shift_s + jitter_s,
                 media_s=None if frame.media_s is None else frame.media_s + shift_s,
-                occupants=tuple(
-                    replace(o, raw=_jitter(o.raw), smoothed=_jitter(o.smoothed)) for o in frame.occupants
-                ),
+                occupants=tuple(replace(o, raw=_jitter(o.raw), smoothed=_jitter(o.smoothed)) for o in frame.occupants),
                 events=(),
             )
             while recorder._queue.full():  # a benchmark may wait; the daemon never does

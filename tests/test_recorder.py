@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,7 +60,7 @@ def frames(n: int, seed: int = 1) -> Iterator[FrameResult]:
 
 
 def test_files_rotate_by_size_stay_under_the_cap_and_carry_their_session(tmp_path: Path) -> None:
-    """Small files, a small cap: several finished files, the oldest deleted, the newest segments kept, metadata in each."""
+    """Small files and cap: several finished files, the oldest deleted, the newest segments kept, metadata in each."""
     cfg = RecordConfig(dir=tmp_path, max_file_mb=0.02, max_total_mb=0.1, row_group_rows=64, queue_max_frames=10000)
     recorder = Recorder(cfg, meta())
     recorder.start()
@@ -92,7 +92,7 @@ def test_a_file_closes_when_old_enough_and_the_next_one_names_the_rules_then_in_
     for result in list(batch)[:10]:
         recorder.record_frame(result, ())
     recorder.record_rules(RulesConfig.model_validate({"smoothing_s": 0.2}), 1.0, 2.0)
-    wait_until(lambda: recorder._queue.empty(), what="the writer took the frames")  # noqa: SLF001
+    wait_until(lambda: recorder._queue.empty(), what="the writer took the frames")
     now[0] = 61.0
     wait_until(lambda: recorder.files_written == 1, what="the first file closed by age")
     for result in frames(5, seed=2):
@@ -146,6 +146,6 @@ def test_a_full_disk_loses_rows_but_neither_the_recorder_nor_the_caller_fails(ti
         recorder.record_frame(result, ())
     recorder.stop(60.0)
     assert recorder.lost_rows > 0
-    assert recorder._thread is not None and not recorder._thread.is_alive()  # noqa: SLF001
+    assert recorder._thread is not None and not recorder._thread.is_alive()
     for path in tiny_tmpfs.glob("*.parquet"):  # what was finished is whole
         assert open_file(path).rows > 0
