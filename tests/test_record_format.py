@@ -7,6 +7,7 @@ import pytest
 from cabin_monitor.config import RulesConfig
 from cabin_monitor.record.format import (
     Closing,
+    Entry,
     FrameSample,
     OccupantSample,
     RecordingMeta,
@@ -43,7 +44,7 @@ def meta(**changes: object) -> RecordingMeta:
 def test_entries_come_back_as_they_were_written() -> None:
     """Frames with several, one or no occupants, events, a rules change and the closing survive a table round trip."""
     start = make_event(occupant_id="a", seat="driver", emotions={"neutral": 0.5, "anger": 0.25, "fear": 0.25})
-    written = [
+    written: list[Entry] = [
         FrameSample(7, 100.0, 1.7e9, 0.25, (occupant("a", (0.1, 0.6, 0.3)), occupant("b", (0.7, 0.2, 0.1)))),
         FrameSample(8, 100.04, 1.7e9 + 0.04, 0.29, (occupant("a", (0.2, 0.5, 0.3)),), (start,)),
         FrameSample(9, 100.08, 1.7e9 + 0.08, None, ()),
