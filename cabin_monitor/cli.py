@@ -1,6 +1,6 @@
 """The ``cabin-monitor`` command line: the parser, one small function per sub-command, and exit codes.
 
-The work is elsewhere: ``daemon`` (run, demo), ``tools`` (analyze, bench, evaluate), ``training``
+The work is elsewhere: ``daemon`` (run, demo), ``tools`` (analyze, bench, evaluate, replay, report), ``training``
 (train, export, explain). Any ``CabinMonitorError`` becomes one line on stderr and its exit code.
 """
 
@@ -39,6 +39,7 @@ def _overrides(args: argparse.Namespace, *, fast: bool = False) -> Overrides:
     from cabin_monitor.daemon import Overrides
 
     model = getattr(args, "model", None)
+    record = getattr(args, "record", None)
     return Overrides(
         source=getattr(args, "source", None),
         loop=getattr(args, "loop", False),
@@ -47,6 +48,7 @@ def _overrides(args: argparse.Namespace, *, fast: bool = False) -> Overrides:
         vehicle_id=getattr(args, "vehicle_id", None),
         model_path=Path(model) if model else None,
         providers=tuple(getattr(args, "provider", None) or ()),
+        record_dir=Path(record) if record else None,
     )
 
 
@@ -161,6 +163,31 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- replay / report (recordings) ---------------------------------------------------------
+
+
+def _need(module: str, extra: str) -> int | None:
+    if importlib.util.find_spec(module) is None:
+        return _die(f"this command needs {module}: pip install 'cabin-monitor[{extra}]'", EXIT_RUNTIME)
+    return None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    if (code := _need("pyarrow", "report")) is not None:
+        return code
+    from cabin_monitor.tools.replay import replay_command
+
+    return replay_command(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if (code := _need("pyarrow", "report") or _need("matplotlib", "report")) is not None:
+        return code
+    from cabin_monitor.tools.report import report_command
+
+    return report_command(args)
+
+
 # -- training side (needs the train extra) ----------------------------------------------
 
 
@@ -266,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vehicle-id", help="vehicle id used in topics (overrides the file)")
     run.add_argument("--loop", action="store_true", help="replay a video file when it ends")
     run.add_argument("--fast", action="store_true", help="process every frame of a video file as fast as possible")
+    run.add_argument("--record", metavar="DIR", help="record what the rules engine sees into DIR (record.dir)")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="run on the bundled sample video; events to stdout, annotated video to a file")
@@ -273,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--source", help="video file instead of the bundled sample")
     demo.add_argument("--model", help="emotion ONNX model instead of the bundled one")
     demo.add_argument("--out", default="cabin-monitor-demo.mp4", help="annotated video to write")
+    demo.add_argument("--record", metavar="DIR", help="record what the rules engine sees into DIR (record.dir)")
     demo.add_argument(
         "--video-fps", type=float, default=None, help="frame rate of the written video (default: the source's)"
     )
@@ -316,6 +345,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="execution provider, in order of preference (repeatable; default: cpu)",
     )
     be.set_defaults(func=cmd_bench)
+
+    rp = sub.add_parser(
+        "replay",
+        help="run the rules over recordings (run --record): events as JSON lines on stdout, alert rates on stderr",
+    )
+    rp.add_argument("recordings", nargs="+", metavar="RECORDING", help="recording files, folders or globs")
+    _add_rules_options(rp)
+    rp.add_argument("--no-events", action="store_true", help="print only the summary")
+    rp.add_argument("--summary-json", metavar="FILE", help="also write the summary (and any comparison) as JSON")
+    rp.add_argument(
+        "--compare",
+        action="store_true",
+        help="replay with a second rule set B too and print the alerts it adds or removes (JSON lines)",
+    )
+    rp.add_argument("--config-b", metavar="FILE", help="--compare: rule set B from this configuration file's rules")
+    rp.add_argument(
+        "--set-b",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--compare: a rule of set B, over the recording's own rules or --config-b (repeatable)",
+    )
+    rp.set_defaults(func=cmd_replay)
+
+    rr = sub.add_parser(
+        "report", help="timeline pictures (PNG) and one HTML page of recordings: scores, thresholds, events"
+    )
+    rr.add_argument("recordings", nargs="+", metavar="RECORDING", help="recording files, folders or globs")
+    rr.add_argument("--out", required=True, help="folder for the PNGs and index.html")
+    _add_rules_options(rr)
+    rr.set_defaults(func=cmd_report)
 
     tr = sub.add_parser("train", help="train EmotionalDAN (needs the train extra)")
     tr.add_argument("--config", required=True, help="training YAML (see models/configs/)")
@@ -389,6 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--limit", type=int, default=2000, help="images used from the .npz for --mean-by-class")
     xp.set_defaults(func=cmd_explain)
     return p
+
+
+def _add_rules_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help="take the rules from this configuration file (default: each recording's own rules)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one rule, e.g. rules.stress.enter_score=0.7 (repeatable; over the recording's rules or --config)",
+    )
 
 
 def version_text() -> str:

@@ -8,7 +8,9 @@ Where things go once it runs:
 - an event: the rules engine -> the sink (``bus.mqtt`` through the durable ``bus.outbox``, or
   ``bus.sinks.StdoutSink``), turned into its JSON by ``bus.payloads``;
 - a remote request: ``config/set`` -> ``bus.mqtt`` -> ``bus.remote`` (validated, persisted) -> the
-  inference thread, between two frames.
+  inference thread, between two frames;
+- with ``record.dir``: every input of the rules engine and every event -> ``runtime.recorder`` (its own
+  thread) -> rotated Parquet files, for ``cabin-monitor replay`` and ``report``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
@@ -31,9 +35,10 @@ from cabin_monitor.bus.sinks import EventSink, StdoutSink
 from cabin_monitor.config import CameraConfig, Config, ConfigError, load_config, parse_mqtt_url
 from cabin_monitor.errors import CabinMonitorError, ConfigurationError
 from cabin_monitor.messages import FrameResult, HealthSnapshot
+from cabin_monitor.record.sink import RecordingSink
 from cabin_monitor.runtime.pipeline import Pipeline
 from cabin_monitor.runtime.processor import FrameProcessor
-from cabin_monitor.vision.capture import FrameSource
+from cabin_monitor.vision.capture import FrameSource, parse_source
 
 if TYPE_CHECKING:
     from cabin_monitor.runtime.prometheus import PrometheusExporter
@@ -54,6 +59,7 @@ class Overrides:
     vehicle_id: str | None = None
     model_path: Path | None = None
     providers: tuple[str, ...] = ()
+    record_dir: Path | None = None  # record what the rules engine sees into this folder
 
 
 def load(config_path: Path | None, overrides: Overrides = Overrides()) -> Config:
@@ -78,6 +84,8 @@ def load(config_path: Path | None, overrides: Overrides = Overrides()) -> Config
         update["emotion"] = cfg.emotion.model_copy(update=emotion)
     if overrides.vehicle_id:
         update["vehicle_id"] = overrides.vehicle_id
+    if overrides.record_dir:
+        update["record"] = cfg.record.model_copy(update={"dir": overrides.record_dir})
     try:
         if overrides.mqtt_url:
             parse_mqtt_url(overrides.mqtt_url)
@@ -136,13 +144,58 @@ def build_pipeline(
         stop = threading.Event()
         source = source_factory(cfg.camera, stop)
         return Pipeline(
-            cfg, processor, source, sink, control, on_result=on_result, on_health=on_health, stop_event=stop
+            cfg,
+            processor,
+            source,
+            sink,
+            control,
+            on_result=on_result,
+            on_health=on_health,
+            stop_event=stop,
+            recorder=open_recorder(cfg, processor),
         )
     except BaseException:
         # Release the detector now: left to the garbage collector at exit, MediaPipe's
         # finaliser prints a traceback after the one-line error.
         processor.close()
         raise
+
+
+def open_recorder(cfg: Config, processor: FrameProcessor) -> RecordingSink | None:
+    """The recorder of ``record.dir`` (None when unset), describing this run: vehicle, model, rules in force."""
+    folder = cfg.record.dir
+    if folder is None:
+        return None
+    try:
+        from cabin_monitor.record.format import RecordingMeta
+        from cabin_monitor.runtime.recorder import Recorder
+    except ImportError:
+        raise ConfigurationError("record.dir needs pyarrow: pip install 'cabin-monitor[record]'") from None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"record.dir {folder}: cannot create the folder: {exc.strerror or exc}") from None
+    info = processor.model.info
+    meta = RecordingMeta(
+        vehicle_id=cfg.vehicle_id,
+        session_id=str(uuid.uuid4()),
+        segment=0,
+        class_names=info.class_names,
+        model_version=info.version,
+        model_name=info.path.name,
+        rules=processor.rules.config,
+        source_kind=parse_source(cfg.camera.source).kind,
+        opened_wall_time_s=0.0,
+        software_version=_software_version(),
+    )
+    return Recorder(cfg.record, meta)
+
+
+def _software_version() -> str:
+    try:
+        return version("cabin-monitor")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def check(cfg: Config) -> list[str]:

@@ -27,6 +27,7 @@ class Frame:
     capture_s: float  # monotonic clock, seconds
     wall_time_s: float  # UTC epoch seconds at capture
     image: ImageArray
+    media_s: float | None = None  # seconds into a video file (its own clock); None for cameras and streams
 
 
 @dataclass(frozen=True, slots=True)

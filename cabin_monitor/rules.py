@@ -72,6 +72,9 @@ class OccupantState:
     last_seen_s: float  # monotonic time of its latest reading
     emotions: dict[str, float]  # smoothed probabilities
     active_events: tuple[str, ...]  # types of its open events
+    stress_score: float | None = None  # the stress rule's group score (smoothed); None while the rule is off
+    onset_score: float | None = None  # the onset rule's fast average; None while it has no history
+    onset_baseline: float | None = None  # ...and the slow baseline it is compared with
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,11 @@ class RulesEngine:
         """The rules in force."""
         return self._config
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The model's classes, in the order of its output."""
+        return self._class_names
+
     def reconfigure(self, config: RulesConfig) -> None:
         """Swap in new rules, keeping every occupant's state; on ``ValueError`` nothing changes."""
         check_classes(config, self._class_names)
@@ -172,7 +180,8 @@ class RulesEngine:
         return events
 
     def occupants(self) -> list[OccupantState]:
-        """A snapshot of every occupant the engine tracks, lost ones included."""
+        """A snapshot of every occupant the engine tracks, lost ones included, with the scores its rules judge."""
+        stress = self._config.stress
         return [
             OccupantState(
                 occupant_id=occupant_id,
@@ -180,6 +189,11 @@ class RulesEngine:
                 last_seen_s=occupant.last_seen_s,
                 emotions=dict(occupant.smoothed),
                 active_events=tuple(rule for rule in RULE_NAMES if rule in occupant.open),
+                stress_score=sum(occupant.smoothed.get(name, 0.0) for name in stress.classes)
+                if stress.enabled
+                else None,
+                onset_score=None if occupant.onset is None else occupant.onset.fast,
+                onset_baseline=None if occupant.onset is None else occupant.onset.baseline,
             )
             for occupant_id, occupant in self._occupants.items()
         ]

@@ -3,7 +3,7 @@
 Every field has a default and a description, names carry their units, and an unknown key is an
 error. One module per section of the file (``camera``, ``detector``, ``tracker``, ``emotion``,
 ``rules``, ``mqtt``, ``outbox``, ``remote`` for ``remote_config``, ``privacy``, ``logs`` for
-``logging``, ``pipeline``, ``metrics``), ``root`` for the file itself, and ``loader`` for reading it.
+``logging``, ``pipeline``, ``metrics``, ``record``), ``root`` for the file itself, and ``loader`` for reading it.
 """
 
 from cabin_monitor.config.base import Strict
@@ -26,6 +26,7 @@ from cabin_monitor.config.mqtt import MqttConfig, TlsConfig, parse_mqtt_url
 from cabin_monitor.config.outbox import OutboxConfig
 from cabin_monitor.config.pipeline import PipelineConfig
 from cabin_monitor.config.privacy import PrivacyConfig
+from cabin_monitor.config.record import RecordConfig
 from cabin_monitor.config.remote import RemoteConfigConfig
 from cabin_monitor.config.root import Config
 from cabin_monitor.config.rules import (
@@ -55,6 +56,7 @@ __all__ = [
     "OutboxConfig",
     "PipelineConfig",
     "PrivacyConfig",
+    "RecordConfig",
     "RemoteConfigConfig",
     "RulesConfig",
     "SeatZone",

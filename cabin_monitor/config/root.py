@@ -17,6 +17,7 @@ from cabin_monitor.config.mqtt import MqttConfig
 from cabin_monitor.config.outbox import OutboxConfig
 from cabin_monitor.config.pipeline import PipelineConfig
 from cabin_monitor.config.privacy import PrivacyConfig
+from cabin_monitor.config.record import RecordConfig
 from cabin_monitor.config.remote import RemoteConfigConfig
 from cabin_monitor.config.rules import RulesConfig
 from cabin_monitor.config.tracker import TrackerConfig
@@ -43,6 +44,7 @@ class Config(Strict):
     logging: LoggingConfig = LoggingConfig()
     pipeline: PipelineConfig = PipelineConfig()
     metrics: MetricsConfig = MetricsConfig()
+    record: RecordConfig = RecordConfig()
 
     def resolved_state_dir(self) -> Path:
         """Where the outbox and overrides live."""

@@ -20,6 +20,7 @@ from cabin_monitor.bus.sinks import EventSink
 from cabin_monitor.config import Config
 from cabin_monitor.messages import CameraState, Frame, FrameResult, HealthSnapshot
 from cabin_monitor.metrics import LatencyWindow, RateWindow
+from cabin_monitor.record.sink import RecordingSink
 from cabin_monitor.runtime.mailbox import LatestMailbox
 from cabin_monitor.runtime.processor import STAGES, FrameProcessor
 from cabin_monitor.runtime.sdnotify import SystemdNotifier
@@ -55,6 +56,7 @@ class Pipeline:
         stop_event: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        recorder: RecordingSink | None = None,
     ) -> None:
         self.cfg = cfg
         self.processor = processor
@@ -64,6 +66,7 @@ class Pipeline:
         self.notifier = notifier or SystemdNotifier()
         self.on_result = on_result
         self.on_health = on_health
+        self.recorder = recorder  # the rules engine's inputs and events, for offline replay
         self._clock = clock
         self._wall = wall_clock
         self.stop_event = stop_event or threading.Event()
@@ -131,6 +134,8 @@ class Pipeline:
                 if pending is not None:
                     self.processor.reconfigure_rules(pending)
                     log.info("rules reconfigured")
+                    if self.recorder is not None:
+                        self.recorder.record_rules(pending, self._last_capture_s(), self._wall())
                 if self.stop_event.is_set():
                     break
                 frame = self.mailbox.get(timeout_s=0.5)
@@ -145,7 +150,10 @@ class Pipeline:
                             self._counters.stale_frames += 1
                         continue
                 self._handle(self.processor.process(frame))
-            closing = self.processor.rules.close_all(self._last_capture_s(), self._wall())
+            close_s, close_wall_s = self._last_capture_s(), self._wall()
+            closing = self.processor.rules.close_all(close_s, close_wall_s)
+            if self.recorder is not None:
+                self.recorder.record_close(closing, close_s, close_wall_s)
             for event in closing:
                 self.sink.submit_event(event)
             with self._counter_lock:
@@ -164,6 +172,8 @@ class Pipeline:
             self.stage_ms["e2e"].add((self._clock() - frame.capture_s) * 1000.0)
         for event in result.events:
             self.sink.submit_event(event)
+        if self.recorder is not None:
+            self.recorder.record_frame(result, self.processor.rules.occupants())
         now = self._clock()
         with self._counter_lock:
             self._counters.frames_processed += 1
@@ -246,6 +256,8 @@ class Pipeline:
     def run(self) -> int:
         """Start the threads, supervise until done, shut down; returns the process exit code."""
         self.sink.start()
+        if self.recorder is not None:
+            self.recorder.start()
         self.processor.model.warm_up()
         capture = threading.Thread(target=self._guard("capture", self._capture_loop), name="capture", daemon=True)
         inference = threading.Thread(
@@ -310,6 +322,8 @@ class Pipeline:
             t.join(JOIN_TIMEOUT_S)
             if t.is_alive():
                 log.error("thread did not stop in time", thread=t.name, timeout_s=JOIN_TIMEOUT_S)
+        if self.recorder is not None:
+            self.recorder.stop(JOIN_TIMEOUT_S)
         self._log_stats()
         try:
             self.sink.publish_health(self.health())

@@ -275,6 +275,7 @@ class FrameSource:
 
     def _make_frame(self, image: ImageArray) -> Frame:
         now = self._clock()
+        media_s: float | None = None
         if self.is_file:
             assert self._cap is not None
             media_s = self._file_offset_s + max(0.0, self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0)
@@ -293,7 +294,7 @@ class FrameSource:
         else:
             capture_s = now
         wall = self._wall() - (self._clock() - capture_s) if not self.is_file else self._wall()
-        frame = Frame(frame_id=self._next_id, capture_s=capture_s, wall_time_s=wall, image=image)
+        frame = Frame(frame_id=self._next_id, capture_s=capture_s, wall_time_s=wall, image=image, media_s=media_s)
         self._next_id += 1
         with self._lock:
             self._stats = replace(self._stats, state=CameraState.STREAMING, frames=self._stats.frames + 1)

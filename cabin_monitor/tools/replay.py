@@ -1,0 +1,250 @@
+"""``cabin-monitor replay``: recordings through the rules again; events as JSON lines, alert rates, two rule sets.
+
+Events go to stdout one JSON line each, exactly as the daemon publishes them (``bus.payloads``);
+the summary (alerts per hour and time in alert, per vehicle, per occupant and overall) goes to
+stderr, so ``replay ... > events.jsonl`` keeps the two apart. ``--compare`` prints, instead of the
+events, one JSON line per alert that only one rule set raises.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+from pydantic import ValidationError
+
+from cabin_monitor.bus.payloads import event_payload, utc_iso
+from cabin_monitor.config import deep_merge, describe_errors, load_config
+from cabin_monitor.errors import ConfigurationError
+from cabin_monitor.record.files import (
+    RecordingError,
+    RecordingFile,
+    Session,
+    expand,
+    open_file,
+    session_items,
+    sessions,
+)
+from cabin_monitor.record.format import Entry, RecordingMeta
+from cabin_monitor.record.replay import (
+    Alert,
+    AlertChange,
+    RulesChoice,
+    SessionReplay,
+    Summary,
+    Tally,
+    alerts,
+    compare,
+    replay_session,
+    summarize,
+)
+from cabin_monitor.rules import RULE_NAMES
+from cabin_monitor.tools.progress import Progress
+
+
+def parse_sets(items: Sequence[str], option: str = "--set") -> dict[str, Any]:
+    """``rules.stress.enter_score=0.7`` ... as one partial rules mapping; the value is read as YAML."""
+    patch: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or len(path) < 2 or path[0] != "rules" or not all(path):
+            raise ConfigurationError(
+                f"{option} {item!r}: expected rules.<key>...=<value>, e.g. rules.stress.enter_score=0.7"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigurationError(f"{option} {item!r}: the value is not valid YAML") from None
+        node: Any = value
+        for part in reversed(path[1:]):
+            node = {part: node}
+        patch = deep_merge(patch, node)
+    return patch
+
+
+def rules_choice(config: str | None, sets: Sequence[str], option: str = "--set") -> RulesChoice:
+    """The rules of a configuration file (or the recording's own) with ``--set`` values on top."""
+    base = load_config(Path(config)).rules if config else None
+    return RulesChoice(base, parse_sets(sets, option))
+
+
+def check_choice(choice: RulesChoice, recorded: RecordingMeta, label: str) -> None:
+    """Refuse a patch that does not make valid rules, with one line per problem."""
+    try:
+        choice.resolve(recorded.rules)
+    except ValidationError as exc:
+        lines = [f"rules.{line}" for line in describe_errors(exc)]
+        raise ConfigurationError(f"{label}: the rules are invalid\n  " + "\n  ".join(lines)) from None
+
+
+@dataclass
+class Loaded:
+    """The recordings found, and the files that were skipped."""
+
+    files: list[RecordingFile]
+    sessions: list[Session]
+    skipped: list[str]
+
+
+def load_recordings(patterns: Sequence[str], err: TextIO) -> Loaded:
+    """Open every file named; an unusable one is skipped with a warning, none usable is an error."""
+    found, skipped = [], []
+    for path in expand(patterns):
+        try:
+            found.append(open_file(path))
+        except RecordingError as exc:
+            skipped.append(str(exc))
+            print(f"cabin-monitor: skipped {exc}", file=err)
+    if not found:
+        raise RecordingError("no usable recording among " + ", ".join(patterns))
+    grouped = sessions(found)
+    for session in grouped:
+        if missing := session.missing_segments():
+            print(
+                f"cabin-monitor: {session.vehicle_id} session {session.session_id[:8]}: segments {missing} missing; "
+                "the replay goes on over the gap",
+                file=err,
+            )
+    return Loaded(found, grouped, skipped)
+
+
+def replay_all(
+    loaded: Loaded, choices: Sequence[RulesChoice], progress: Progress, trace: bool = False
+) -> list[list[SessionReplay]]:
+    """Each session replayed under each choice: ``result[choice][session]``."""
+    results: list[list[SessionReplay]] = [[] for _ in choices]
+    for session in loaded.sessions:
+        items: list[RecordingMeta | Entry] = list(session_items(session))
+        for i, choice in enumerate(choices):
+            results[i].append(replay_session(items, choice, trace=trace))
+        progress.advance(len(session.files))
+    return results
+
+
+def replay_command(args: Any, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """The ``replay`` sub-command."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if (args.config_b or args.set_b) and not args.compare:
+        raise ConfigurationError("--config-b and --set-b describe the second rule set of --compare")
+    if args.compare and not (args.config_b or args.set_b):
+        raise ConfigurationError("--compare needs the second rule set: --set-b KEY=VALUE ... and/or --config-b FILE")
+    choices = [rules_choice(args.config, args.set)]
+    if args.compare:
+        choices.append(rules_choice(args.config_b, args.set_b, "--set-b"))
+    loaded = load_recordings(args.recordings, err)
+    for label, choice in zip(("rule set A", "rule set B"), choices, strict=False):
+        check_choice(choice, loaded.sessions[0].files[0].meta, label)
+    started = time.perf_counter()
+    with Progress("replay", sum(len(s.files) for s in loaded.sessions), stream=err) as progress:
+        results = replay_all(loaded, choices, progress)
+    elapsed_s = time.perf_counter() - started
+    found = [[alerts(r) for r in side] for side in results]
+    summaries = [summarize(side, side_alerts) for side, side_alerts in zip(results, found, strict=True)]
+    if args.compare:
+        changes = compare([a for s in found[0] for a in s], [a for s in found[1] for a in s])
+        for change in changes:
+            out.write(json.dumps(change_json(change)) + "\n")
+    elif not args.no_events:
+        for replay in results[0]:
+            for event in replay.events:
+                out.write(event_payload(event, replay.vehicle_id).model_dump_json() + "\n")
+    out.flush()
+    recorded_s = summaries[0].overall.seconds
+    speed = f", {recorded_s / elapsed_s:.0f}x real time" if elapsed_s > 0 and recorded_s > 0 else ""
+    print(
+        f"replayed {len(loaded.files)} files, {len(loaded.sessions)} sessions of "
+        f"{len(summaries[0].vehicles)} vehicles, "
+        f"{recorded_s / 3600:.2f} h of readings ({summaries[0].frames} frames) in {elapsed_s:.2f} s{speed}",
+        file=err,
+    )
+    if args.compare:
+        print(compare_table(summaries[0], summaries[1]), file=err)
+        print(
+            f"{sum(c.change == 'added' for c in changes)} alerts added, "
+            f"{sum(c.change == 'removed' for c in changes)} removed by rule set B",
+            file=err,
+        )
+    else:
+        print(summary_table(summaries[0]), file=err)
+    if args.summary_json:
+        document: dict[str, Any] = {"a": summaries[0].as_json(), "skipped": loaded.skipped}
+        if args.compare:
+            document["b"] = summaries[1].as_json()
+            document["changes"] = [change_json(c) for c in changes]
+        Path(args.summary_json).write_text(json.dumps(document, indent=2) + "\n")
+    return 0
+
+
+def change_json(change: AlertChange) -> dict[str, Any]:
+    """One compared alert as a JSON object."""
+    a = change.alert
+    return {"change": change.change, **alert_json(a)}
+
+
+def alert_json(a: Alert) -> dict[str, Any]:
+    """An alert as a JSON object, times as the payloads give them."""
+    return {
+        "vehicle_id": a.vehicle_id,
+        "session_id": a.session_id,
+        "occupant_id": a.occupant_id,
+        "seat": a.seat,
+        "type": a.type,
+        "severity": a.severity,
+        "start_ts": utc_iso(a.start_wall_s),
+        "end_ts": utc_iso(a.end_wall_s) if a.ended else None,
+        "duration_s": round(a.duration_s, 3),
+        "score": a.score,
+    }
+
+
+def _scopes(summary: Summary) -> list[tuple[str, Tally]]:
+    rows = [("all", summary.overall)]
+    for vehicle, tally in sorted(summary.vehicles.items()):
+        rows.append((vehicle, tally))
+        rows += [(f"  {o}", t) for (v, o), t in sorted(summary.occupants.items()) if v == vehicle]
+    return rows
+
+
+def summary_table(summary: Summary) -> str:
+    """Per type: alerts, alerts per hour, time in alert; overall, per vehicle, per occupant (over its time in view)."""
+    head = ["", "hours", *(f"{rule}: n  /h  in alert" for rule in RULE_NAMES)]
+    rows = [
+        [
+            name,
+            f"{tally.seconds / 3600:.2f}",
+            *(f"{tally.count[r]}  {tally.per_hour(r):.2f}/h  {tally.alert_s[r]:.1f} s" for r in RULE_NAMES),
+        ]
+        for name, tally in _scopes(summary)
+    ]
+    return _table([head, *rows])
+
+
+def compare_table(a: Summary, b: Summary) -> str:
+    """Alerts per hour of each type under rule set A and B, side by side."""
+    b_scopes = dict(_scopes(b))
+    head = ["", "hours", *(f"{rule}/h: A -> B" for rule in RULE_NAMES)]
+    rows = []
+    for name, tally in _scopes(a):
+        other = b_scopes.get(name, Tally())
+        cells = [f"{tally.per_hour(r):.2f} -> {other.per_hour(r):.2f}" for r in RULE_NAMES]
+        rows.append([name, f"{tally.seconds / 3600:.2f}", *cells])
+    return _table([head, *rows])
+
+
+def _table(rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "   ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
