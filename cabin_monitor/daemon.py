@@ -7,8 +7,9 @@ Where things go once it runs:
   (detect, track, align, emotion, rules);
 - an event: the rules engine -> the sink (``bus.mqtt`` through the durable ``bus.outbox``, or
   ``bus.sinks.StdoutSink``), turned into its JSON by ``bus.payloads``;
-- a remote request: ``config/set`` -> ``bus.mqtt`` -> ``bus.remote`` (validated, persisted) -> the
-  inference thread, between two frames;
+- a remote request: ``config/set``, ``config/get`` or ``config/reset`` -> ``bus.mqtt`` (network thread,
+  queued only) -> ``bus.remote`` (its own worker: rate-limited, validated, persisted, answered, and
+  ``rules/state`` published) -> the inference thread, between two frames;
 - with ``record.dir``: every input of the rules engine and every event -> ``runtime.recorder`` (its own
   thread) -> rotated Parquet files, for ``cabin-monitor replay`` and ``report``.
 """
@@ -30,7 +31,8 @@ import structlog
 
 from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
 from cabin_monitor.bus.outbox import open_outbox
-from cabin_monitor.bus.remote import RulesControl
+from cabin_monitor.bus.payloads import PRECEDENCE
+from cabin_monitor.bus.remote import RemoteRequests, RulesControl, describe_overrides
 from cabin_monitor.bus.sinks import EventSink, StdoutSink
 from cabin_monitor.config import CameraConfig, Config, ConfigError, load_config, parse_mqtt_url
 from cabin_monitor.errors import CabinMonitorError, ConfigurationError
@@ -106,8 +108,8 @@ def build_pipeline(
 ) -> Pipeline:
     """Every part of the daemon, wired: the stages, the rules control, the sink and the frame source.
 
-    With ``mqtt.url`` set, events go to the broker through the outbox and operators may change the
-    rules over ``config/set``; without it they are printed to ``events_stream`` (stdout).
+    With ``mqtt.url`` set, events go to the broker through the outbox and operators may read, change
+    and reset the rules over ``config/*``; without it they are printed to ``events_stream`` (stdout).
     """
     processor = FrameProcessor(cfg)
     try:
@@ -117,10 +119,12 @@ def build_pipeline(
             processor.model.class_names,
             (cfg.remote_config.override_path or state_dir / "rules_override.json") if cfg.mqtt.url else None,
             cfg.remote_config.max_payload_bytes,
+            remembered_request_ids=cfg.remote_config.remembered_request_ids,
         )
         if control.effective != cfg.rules:
             processor.reconfigure_rules(control.effective)
         sink: EventSink
+        remote: RemoteRequests | None = None
         if cfg.mqtt.url:
             outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
             outbox, moved = open_outbox(
@@ -133,12 +137,14 @@ def build_pipeline(
                     moved_to=str(moved.moved_to),
                     reason=moved.reason,
                 )
-            sink = MqttSink(
-                cfg.mqtt,
-                cfg.vehicle_id,
-                outbox,
-                on_config_set=control.handle_set if cfg.remote_config.enabled else None,
+            if cfg.remote_config.enabled:
+                remote = RemoteRequests(control, cfg.remote_config, cfg.vehicle_id)
+            mqtt_sink = MqttSink(
+                cfg.mqtt, cfg.vehicle_id, outbox, on_remote_request=remote.offer if remote is not None else None
             )
+            if remote is not None:
+                remote.attach(mqtt_sink)
+            sink = mqtt_sink
         else:
             sink = StdoutSink(cfg.vehicle_id, events_stream or sys.stdout)
         stop = threading.Event()
@@ -153,6 +159,7 @@ def build_pipeline(
             on_health=on_health,
             stop_event=stop,
             recorder=open_recorder(cfg, processor),
+            remote=remote,
         )
     except BaseException:
         # Release the detector now: left to the garbage collector at exit, MediaPipe's
@@ -223,11 +230,19 @@ def reload_rules(pipeline: Pipeline, config_path: Path | None) -> None:
         return
     try:
         rules = load_config(config_path).rules
-        pipeline.rules_control.reload_base(rules)
+        overrides = pipeline.rules_control.reload_base(rules)
     except (ConfigError, ValueError) as exc:
         log.error("SIGHUP reload refused; rules unchanged", error=str(exc))
         return
-    log.info("rules reloaded from the configuration file", path=str(config_path))
+    # The precedence, stated where the operator looks: an override still wins over the new file.
+    log.info(
+        "rules reloaded from the configuration file",
+        path=str(config_path),
+        remote_overrides_still_win=describe_overrides(overrides),
+        precedence=PRECEDENCE,
+    )
+    if pipeline.remote is not None:
+        pipeline.remote.publish_state("reload")
 
 
 def install_signals(pipeline: Pipeline, config_path: Path | None) -> None:

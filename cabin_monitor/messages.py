@@ -175,6 +175,28 @@ class SinkStats:
 
 
 HealthStatus = Literal["ok", "degraded", "error"]
+RemoteAction = Literal["set", "get", "reset"]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRequest:
+    """One operator request as it came off the broker: ``config/<action>``, its bytes, its retain flag."""
+
+    action: RemoteAction
+    payload: bytes
+    retained: bool  # a retained message replayed by the broker, never a live request
+    received_s: float  # monotonic clock, seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStats:
+    """What became of operators' requests since start-up."""
+
+    received: int  # handed over by the broker connection
+    answered: int  # answers published (applied, refused or busy)
+    busy: int  # answered "busy": over the rate limit, not applied
+    dropped: int  # not even queued (the queue was full): no answer
+    queued: int  # waiting for the worker now
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +216,7 @@ class HealthSnapshot:
     sink: SinkStats
     broker_required: bool  # a broker is configured, so losing it degrades the daemon
     failure: str | None = None  # why a stage thread died
+    remote: RemoteStats | None = None  # operators' requests, with a broker
 
     @property
     def status(self) -> HealthStatus:

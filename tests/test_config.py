@@ -57,6 +57,14 @@ def test_every_problem_is_listed() -> None:
     assert "mqtt.keepalive_s (line 7)" in joined
 
 
+def test_a_boolean_is_not_a_rules_number() -> None:
+    """`sustain_s: true` in the file is refused with its path and line, not read as one second."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text("rules:\n  smoothing_s: 1\n  stress:\n    sustain_s: true\n", environ={})
+    assert err.value.problems == ["rules.stress.sustain_s (line 4): a number is required, not true"]
+    assert parse_config_text("rules:\n  stress:\n    sustain_s: 2\n", environ={}).rules.stress.sustain_s == 2.0
+
+
 def test_broken_yaml_names_the_line() -> None:
     """A YAML syntax error names the line where the broken construct starts, not only where it was noticed."""
     with pytest.raises(ConfigError) as err:

@@ -9,11 +9,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import pytest
@@ -329,6 +331,152 @@ def test_operator_config_set_is_applied_persisted_or_refused(
     override = json.loads((tmp_path / "state" / "rules_override.json").read_text())
     assert override == {"stress": {"sustain_s": 2.0}}
     assert daemon.proc.poll() is None  # bad input never stops the daemon
+
+
+def config_results(messages: list[RecordedMessage]) -> dict[str, dict[str, Any]]:
+    """The config/result answers by request_id."""
+    return {
+        json.loads(m.payload)["request_id"]: json.loads(m.payload)
+        for m in messages
+        if m.topic == f"{PREFIX}/config/result"
+    }
+
+
+def test_sighup_keeps_remote_overrides_on_top_and_says_so(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """After a SIGHUP the override still wins, named in the log and rules/state; config/reset gives the file's value."""
+    import paho.mqtt.publish as publish
+
+    def request(action: str, body: dict[str, Any]) -> None:
+        publish.single(
+            f"{PREFIX}/config/{action}", json.dumps(body), qos=1, hostname="127.0.0.1", port=mqtt_broker.port
+        )
+
+    def rules_state() -> dict[str, Any]:
+        state: dict[str, Any] = json.loads(retained(mqtt_broker.url, f"{PREFIX}/rules/state"))
+        return state
+
+    config = write_config(tmp_path)
+    daemon = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/config/result"], clean_session=True) as recorder:
+        wait_until(lambda: bool(daemon.logged("mqtt connected")), 60, "connected")
+        assert rules_state()["cause"] == "start"
+        request("set", {"request_id": "s1", "rules": {"stress": {"sustain_s": 2.0}}})
+        recorder.wait_for(lambda ms: "s1" in config_results(ms), 15)
+        stress = cast(dict[str, Any], RULES["stress"]) | {"sustain_s": 1.0, "cooldown_s": 5.0}
+        write_config(tmp_path, rules=RULES | {"stress": stress})
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: bool(daemon.logged("rules reloaded from the configuration file")), 30, "the reload")
+        (reloaded,) = daemon.logged("rules reloaded from the configuration file")
+        assert reloaded["remote_overrides_still_win"] == "stress.sustain_s (file 1.0, remote 2.0)"
+        assert "also after SIGHUP" in reloaded["precedence"]
+        wait_until(lambda: rules_state()["cause"] == "reload", 15, "rules/state after the reload")
+        state = rules_state()
+        assert (state["rules"]["stress"]["sustain_s"], state["rules"]["stress"]["cooldown_s"]) == (2.0, 5.0)
+        assert (state["sources"]["stress.sustain_s"], state["sources"]["stress.cooldown_s"]) == ("remote", "file")
+        assert state["overrides"] == [{"path": "stress.sustain_s", "remote": 2.0, "file": 1.0}]
+        request("reset", {"request_id": "r1"})
+        recorder.wait_for(lambda ms: "r1" in config_results(ms), 15)
+        reset = config_results(recorder.messages)["r1"]
+        assert reset["ok"] and reset["rules"]["stress"]["sustain_s"] == 1.0 and reset["overrides"] == []
+        assert not (tmp_path / "state" / "rules_override.json").exists()
+        wait_until(lambda: rules_state()["cause"] == "config/reset", 15, "rules/state after the reset")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: len(daemon.logged("rules reloaded from the configuration file")) == 2, 30, "the reload")
+        assert daemon.logged("rules reloaded from the configuration file")[1]["remote_overrides_still_win"] == "none"
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.wait() == 0, daemon.logs()[-3000:]
+
+
+FLOOD_REQUESTS = int(os.environ.get("CABIN_MONITOR_FLOOD_REQUESTS", "200"))
+FLOOD_S = float(os.environ.get("CABIN_MONITOR_FLOOD_S", "4"))
+
+
+def test_a_config_set_flood_keeps_events_and_frames_flowing(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """The daemon on a looped clip under a config/set flood: no event lost, every request answered or counted.
+
+    Prints event delivery latency (the event's ts to its arrival) and pipeline fps before and during
+    the flood; ``-s`` with CABIN_MONITOR_FLOOD_REQUESTS=2000 CABIN_MONITOR_FLOOD_S=30 gives the README figures.
+    """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    mqtt_settings = {"reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "health_interval_s": 0.5}
+    config = write_config(tmp_path, mqtt=mqtt_settings)
+    daemon = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+    arrivals: list[tuple[float, str, dict[str, Any]]] = []  # (wall time, topic, payload)
+    subscribed = threading.Event()
+
+    def on_message(client: object, userdata: object, message: Any) -> None:
+        arrivals.append((time.time(), message.topic, json.loads(message.payload)))
+
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flood-watcher")
+    watcher.on_message = on_message
+    watcher.on_subscribe = lambda *_args: subscribed.set()
+    watcher.connect("127.0.0.1", mqtt_broker.port)
+    watcher.subscribe([(f"{PREFIX}/events", 1), (f"{PREFIX}/health", 1)])
+    watcher.loop_start()
+    operator = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flood-operator")
+    operator.connect("127.0.0.1", mqtt_broker.port)
+    operator.loop_start()
+    try:
+        assert subscribed.wait(10)
+        wait_until(lambda: any(topic.endswith("/health") for _, topic, _ in arrivals), 90, "the first health")
+        time.sleep(FLOOD_S)  # the baseline
+        flood_start = time.time()
+        sent = []
+        for n in range(FLOOD_REQUESTS):
+            body = {"request_id": f"flood-{n}", "rules": {"occupant_lost": {"lost_after_s": 1.0}}}
+            sent.append(operator.publish(f"{PREFIX}/config/set", json.dumps(body), qos=1))
+            time.sleep(FLOOD_S / FLOOD_REQUESTS)
+        for info in sent:
+            info.wait_for_publish(60)
+        flood_end = time.time()
+        time.sleep(1.0)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.logs()[-3000:]
+    finally:
+        for client in (operator, watcher):
+            client.disconnect()
+            client.loop_stop()
+    events = {e["event_id"]: (t, e) for t, topic, e in reversed(arrivals) if topic.endswith("/events")}  # first copy
+    health = [(t, h) for t, topic, h in arrivals if topic.endswith("/health")]
+
+    def delivery_s(start: float, end: float) -> list[float]:
+        return [t - iso_seconds(e["ts"]) for t, e in events.values() if start <= iso_seconds(e["ts"]) < end]
+
+    def fps(start: float, end: float) -> list[float]:
+        return [h["pipeline"]["fps"] for t, h in health if start + 2.0 < t < end]  # past the fps window's edge
+
+    remote = health[-1][1]["remote"]
+    print(
+        f"\nconfig/set flood on the daemon: {FLOOD_REQUESTS} requests in {flood_end - flood_start:.1f} s. "
+        f"Event delivery ms before: {percentiles(delivery_s(0, flood_start))}; "
+        f"during: {percentiles(delivery_s(flood_start, flood_end))}. "
+        f"Pipeline fps before: {percentiles(fps(flood_start - FLOOD_S, flood_start), 1.0)}; "
+        f"during: {percentiles(fps(flood_start, flood_end), 1.0)}. remote: {remote}"
+    )
+    accepted = {r["event_id"] for r in daemon.logged("event accepted")}
+    assert accepted and accepted <= set(events)  # every accepted event arrived
+    assert remote["received"] == FLOOD_REQUESTS and remote["answered"] + remote["dropped"] == FLOOD_REQUESTS
+    assert remote["busy"] > 0
+
+
+def iso_seconds(ts: str) -> float:
+    """UTC epoch seconds of an ISO-8601 'Z' timestamp."""
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def percentiles(values: list[float], scale: float = 1000.0) -> str:
+    """``p50 X, p95 Y, max Z (n=N)`` of the values times ``scale`` (seconds to ms by default)."""
+    if not values:
+        return "no samples"
+    ordered = sorted(v * scale for v in values)
+    p50, p95 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+    return f"p50 {p50:.1f}, p95 {p95:.1f}, max {ordered[-1]:.1f} (n={len(ordered)})"
 
 
 def test_events_print_to_stdout_without_a_broker(

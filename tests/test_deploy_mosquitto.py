@@ -338,6 +338,28 @@ def test_only_the_operator_sets_a_vehicles_config(broker: FleetBroker, connect: 
     assert denied_publishes(broker) == ["cabin/car-1/config/set"]
 
 
+def test_only_the_operator_reads_and_resets_a_vehicles_rules(
+    broker: FleetBroker, connect: Callable[[str], FleetClient]
+) -> None:
+    """car-1 cannot write its own config/get or config/reset (the operator can), and writes only its rules/state."""
+    operator = connect(OPERATOR)
+    operator.subscribe("cabin/#")
+    car1 = connect("car-1")
+    car1.subscribe("cabin/car-1/config/get", "cabin/car-1/config/reset")
+
+    car1.publish("cabin/car-1/config/get", b"forged get")  # forbidden
+    car1.publish("cabin/car-1/config/reset", b"forged reset")  # forbidden
+    car1.publish("cabin/car-2/rules/state", b"forged state")  # forbidden
+    car1.publish("cabin/car-1/rules/state", b"state")  # allowed, routed after the forgeries
+    operator.wait_for("cabin/car-1/rules/state", b"state")
+    operator.publish("cabin/car-1/config/get", b"get")
+    operator.publish("cabin/car-1/config/reset", b"reset")
+    got = car1.wait_for("cabin/car-1/config/reset", b"reset")
+    assert got == [Received("cabin/car-1/config/get", b"get"), Received("cabin/car-1/config/reset", b"reset")]
+    assert denied_publishes(broker) == ["cabin/car-1/config/get", "cabin/car-1/config/reset", "cabin/car-2/rules/state"]
+    assert not any(m.topic.startswith("cabin/car-2/") for m in operator.wait_for("cabin/car-1/config/reset", b"reset"))
+
+
 def test_vehicle_reads_nothing_of_other_vehicles(connect: Callable[[str], FleetClient]) -> None:
     """car-1 subscribed to cabin/# gets its own config/set only, not car-2's events or config."""
     car1 = connect("car-1")
@@ -407,6 +429,12 @@ def test_daemon_works_within_the_acl(
         got = operator.wait(lambda ms: any(m.topic == "cabin/car-1/config/result" for m in ms), 30.0, "config/result")
         results = [json.loads(m.payload) for m in got if m.topic == "cabin/car-1/config/result"]
         assert results[0]["request_id"] == "acl-1" and results[0]["ok"] is True
+        operator.publish("cabin/car-1/config/get", json.dumps({"request_id": "acl-2"}).encode())
+        got = operator.wait(lambda ms: len([m for m in ms if m.topic.endswith("/config/result")]) == 2, 30.0, "get")
+        answers = [json.loads(m.payload) for m in got if m.topic == "cabin/car-1/config/result"]
+        assert (answers[1]["action"], answers[1]["request_id"], answers[1]["ok"]) == ("get", "acl-2", True)
+        states = [json.loads(m.payload) for m in got if m.topic == "cabin/car-1/rules/state"]
+        assert [s["cause"] for s in states][-1] == "config/set" and states[-1]["request_id"] == "acl-1"
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.logs()[-3000:]
         operator.wait_for("cabin/car-1/status", b"offline")

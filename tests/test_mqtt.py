@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,23 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paho.mqtt import client as mqtt_client
 from paho.mqtt import publish as mqtt_publish
+from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from cabin_monitor.bus.mqtt import MqttSink, TlsSetupError
 from cabin_monitor.bus.outbox import Outbox
-from cabin_monitor.bus.payloads import (
-    ConfigResultPayload,
-    ConfigSetPayload,
-    event_payload,
-    health_payload,
-    state_payloads,
-    utc_iso,
-)
-from cabin_monitor.bus.remote import answer_config_set
-from cabin_monitor.config import MqttConfig, TlsConfig
-from cabin_monitor.messages import CameraState, Event
+from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
+from cabin_monitor.bus.remote import RemoteRequests, RulesControl
+from cabin_monitor.config import EMOTIONS_7, MqttConfig, RemoteConfigConfig, RulesConfig, TlsConfig
+from cabin_monitor.messages import CameraState, Event, RemoteRequest
 from cabin_monitor.rules import OccupantState
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage, free_port
 from tests.support.helpers import capturing_logger, make_event, make_health, wait_until
@@ -75,7 +71,7 @@ def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 def make_sink(url: str, outbox: Outbox, **options: Any) -> MqttSink:
     """A started sink with fast reconnects."""
-    sink_options = {k: options.pop(k) for k in ("on_config_set", "logger") if k in options}
+    sink_options = {k: options.pop(k) for k in ("on_remote_request", "logger") if k in options}
     sink = MqttSink(MqttConfig(url=url, **(FAST | options)), "car-1", outbox, **sink_options)
     sink.start()
     return sink
@@ -231,54 +227,239 @@ def test_health_retained_latest_wins_and_state(mqtt_broker: MosquittoBroker, out
     ]
 
 
-def test_config_set(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
-    """Valid requests are applied; oversized, non-JSON and failing ones get error results; the sink goes on."""
-    applied: list[ConfigSetPayload] = []
+def publish(broker: MosquittoBroker, topic: str, payload: bytes | str, retain: bool = False) -> None:
+    """Publish one QoS 1 message as a separate client (an operator), waiting for the broker's PUBACK."""
+    mqtt_publish.single(topic, payload, qos=1, retain=retain, hostname="127.0.0.1", port=broker.port)
 
-    def apply(request: ConfigSetPayload, now: float) -> ConfigResultPayload:
-        applied.append(request)
-        if request.rules.get("boom"):
-            raise RuntimeError("disk full")
-        return ConfigResultPayload(ts=utc_iso(now), request_id=request.request_id, ok=True, rules=request.rules)
 
-    def on_config_set(payload: bytes) -> ConfigResultPayload:
-        if payload == b"crash":
+def test_operator_requests_are_handed_over_with_their_retain_flag(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
+    """config/set, get and reset reach the handler as bytes with their retain flag; a raising handler is survived."""
+    received: list[RemoteRequest] = []
+
+    def on_remote_request(request: RemoteRequest) -> None:
+        if request.payload == b"crash":
             raise RuntimeError("a handler that raises")  # the sink must outlive it
-        return answer_config_set(payload, 200, apply, time.time())
+        received.append(request)
 
+    publish(mqtt_broker, f"{BASE}/config/set", b'{"request_id": "stale"}', retain=True)
     logger, logs = capturing_logger()
-    sink = make_sink(mqtt_broker.url, outbox, on_config_set=on_config_set, logger=logger)
-    wait_until(lambda: sink.stats().connected, what="connected")
-    requests = [
-        ConfigSetPayload(request_id="ok-1", rules={"smoothing_s": 1.0}).model_dump_json().encode(),
-        json.dumps({"request_id": "big", "rules": {"x": "y" * 300}}).encode(),
-        b"{not json",
-        b"\xff\xfe\x00",
-        b"[1, 2]",
-        json.dumps({"request_id": "boom-1", "rules": {"boom": True}}).encode(),
+    sink = make_sink(mqtt_broker.url, outbox, on_remote_request=on_remote_request, logger=logger)
+    wait_until(lambda: len(received) == 1, what="the retained request")
+    for topic, payload in [("set", b"crash"), ("set", b"\xff\xfe"), ("get", b"{}"), ("reset", b'{"request_id": "r"}')]:
+        publish(mqtt_broker, f"{BASE}/config/{topic}", payload)
+    publish(mqtt_broker, f"{BASE}/config/result", b"not a request")  # its own answers' topic: ignored
+    wait_until(lambda: len(received) == 4, what="the live requests")
+    assert [(r.action, r.payload, r.retained) for r in received] == [
+        ("set", b'{"request_id": "stale"}', True),
+        ("set", b"\xff\xfe", False),
+        ("get", b"{}", False),
+        ("reset", b'{"request_id": "r"}', False),
     ]
-    topics = [f"{BASE}/config/result", f"{BASE}/events"]
-    with capture_logs() as remote_logs, MqttRecorder(mqtt_broker.url, topics, clean_session=True) as recorder:
-        for payload in [*requests, b"crash"]:
-            mqtt_publish.single(f"{BASE}/config/set", payload, qos=1, hostname="127.0.0.1", port=mqtt_broker.port)
-        recorder.wait_for(lambda ms: len(ms) >= len(requests))
-        wait_until(lambda: any(e["event"] == "config/set could not be answered" for e in logs.entries), what="crash")
+    assert [e["event"] for e in logs.entries if e["log_level"] == "error"] == ["operator request could not be queued"]
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/events"], clean_session=True) as recorder:
         event = make_event()
         sink.submit_event(event)
-        recorder.wait_for(lambda ms: any(m.topic == f"{BASE}/events" for m in ms))
+        recorder.wait_for(lambda ms: len(ms) == 1)
     sink.stop(flush_timeout_s=1.0)
-    results = [ConfigResultPayload.model_validate_json(m.payload) for m in recorder.messages[: len(requests)]]
-    assert all(not m.retain for m in recorder.messages)
-    assert [r.request_id for r in applied] == ["ok-1", "boom-1"]
-    assert results[0].ok and results[0].request_id == "ok-1" and results[0].rules == {"smoothing_s": 1.0}
-    assert [r.ok for r in results[1:]] == [False] * 5
-    assert "at most 200" in results[1].errors[0].message
-    assert "not JSON" in results[2].errors[0].message and "not JSON" in results[3].errors[0].message
-    assert "JSON object" in results[4].errors[0].message
-    assert results[5].request_id == "boom-1" and "disk full" in results[5].errors[0].message
-    assert len(recorder.messages) == len(requests) + 1  # nothing published for the crash
-    assert recorder.messages[-1].payload == expected_bytes(event)
-    assert any(e["event"] == "config/set handler failed" and e["log_level"] == "error" for e in remote_logs)
+    assert recorder.messages[0].payload == expected_bytes(event)
+
+
+def test_answers_and_the_retained_rules_state(persistent_broker: MosquittoBroker, outbox: Outbox) -> None:
+    """Answers go to config/result unretained; the latest rules/state is retained and sent again after a reconnect."""
+    sink = make_sink(persistent_broker.url, outbox, on_remote_request=lambda request: None)
+    sink.publish_rules_state(b"state-1")  # before connecting: sent once connected
+    wait_until(lambda: sink.stats().connected, what="connected")
+    topics = [f"{BASE}/config/result", f"{BASE}/rules/state"]
+    with MqttRecorder(persistent_broker.url, topics, clean_session=True) as recorder:
+        recorder.wait_for(lambda ms: RecordedMessage(f"{BASE}/rules/state", b"state-1", True) in ms)
+        sink.publish_config_result(b"answer-1")
+        sink.publish_rules_state(b"state-2")
+        recorder.wait_for(lambda ms: len(ms) == 3)
+    assert recorder.messages[1:] == [
+        RecordedMessage(f"{BASE}/config/result", b"answer-1", False),
+        RecordedMessage(f"{BASE}/rules/state", b"state-2", False),  # live delivery: no retain flag
+    ]
+    assert retained_payload(persistent_broker, f"{BASE}/rules/state") == b"state-2"
+    persistent_broker.kill()  # forgets what was retained since the last save
+    (persistent_broker.directory / "mosquitto.db").unlink(missing_ok=True)
+    persistent_broker.start()
+    wait_until(lambda: sink.stats().reconnects >= 1 and sink.stats().connected, timeout_s=20, what="reconnected")
+    assert retained_payload(persistent_broker, f"{BASE}/rules/state") == b"state-2"
+    sink.stop(flush_timeout_s=1.0)
+
+
+def retained_payload(broker: MosquittoBroker, topic: str) -> bytes:
+    """The retained message on ``topic``, read by a fresh clean-session subscriber."""
+    with MqttRecorder(broker.url, [topic], client_id=f"probe-{time.monotonic_ns()}", clean_session=True) as probe:
+        messages = probe.wait_for(lambda ms: any(m.retain for m in ms))
+    return next(m.payload for m in messages if m.retain)
+
+
+def remote_stack(url: str, outbox: Outbox, state_dir: Path, **settings: Any) -> tuple[MqttSink, RemoteRequests]:
+    """The daemon's remote-control parts, as build_pipeline wires them: a file-backed control, its worker, a sink."""
+    control = RulesControl(RulesConfig(), EMOTIONS_7, state_dir / "rules_override.json")
+    remote = RemoteRequests(control, RemoteConfigConfig(**settings), "car-1")
+    sink = MqttSink(MqttConfig(url=url, **FAST), "car-1", outbox, on_remote_request=remote.offer)
+    remote.attach(sink)
+    remote.start()
+    sink.start()
+    return sink, remote
+
+
+def results(messages: list[RecordedMessage]) -> list[dict[str, Any]]:
+    """The config/result answers, in arrival order."""
+    return [json.loads(m.payload) for m in messages if m.topic == f"{BASE}/config/result"]
+
+
+def test_a_retained_config_set_never_undoes_a_later_change(
+    persistent_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path
+) -> None:
+    """A retained set, then a later set, then a reconnect: the replay is refused; the later value stays."""
+    sink, remote = remote_stack(persistent_broker.url, outbox, tmp_path)
+    wait_until(lambda: sink.stats().connected, what="connected")
+    with MqttRecorder(persistent_broker.url, [f"{BASE}/config/result", f"{BASE}/rules/state"]) as recorder:
+        first = {"request_id": "first", "rules": {"stress": {"sustain_s": 7}}}
+        publish(persistent_broker, f"{BASE}/config/set", json.dumps(first), retain=True)
+        later = {"request_id": "later", "rules": {"stress": {"sustain_s": 8}}}
+        publish(persistent_broker, f"{BASE}/config/set", json.dumps(later))
+        recorder.wait_for(lambda ms: len(results(ms)) == 2)
+        persistent_broker.restart()  # the broker keeps the retained set and replays it on the new subscription
+        recorder.wait_for(lambda ms: any(not a["ok"] for a in results(ms)), timeout_s=20)
+        answers = list({json.dumps(a): a for a in results(recorder.messages)}.values())  # QoS 1: maybe twice
+        assert [(a["request_id"], a["ok"]) for a in answers] == [("first", True), ("later", True), ("first", False)]
+        assert answers[2]["errors"][0]["path"] == "(retained)"
+        assert remote.control.effective.stress.sustain_s == 8
+        state = json.loads(retained_payload(persistent_broker, f"{BASE}/rules/state"))
+        assert (state["cause"], state["request_id"], state["rules"]["stress"]["sustain_s"]) == (
+            "config/set",
+            "later",
+            8,
+        )
+        assert state["sources"]["stress.sustain_s"] == "remote"
+    remote.stop()
+    sink.stop(flush_timeout_s=1.0)
+
+
+def test_get_and_reset_over_the_broker(mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path) -> None:
+    """config/get answers the rules with their sources; config/reset drops the overrides and updates rules/state."""
+    sink, remote = remote_stack(mqtt_broker.url, outbox, tmp_path)
+    wait_until(lambda: sink.stats().connected, what="connected")
+    assert json.loads(retained_payload(mqtt_broker, f"{BASE}/rules/state"))["cause"] == "start"
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/config/result"], clean_session=True) as recorder:
+        publish(mqtt_broker, f"{BASE}/config/set", json.dumps({"request_id": "s", "rules": {"smoothing_s": 2}}))
+        publish(mqtt_broker, f"{BASE}/config/get", json.dumps({"request_id": "g"}))
+        recorder.wait_for(lambda ms: len(results(ms)) == 2)
+        got = results(recorder.messages)[1]
+        assert (got["action"], got["request_id"], got["ok"], got["rules"]["smoothing_s"]) == ("get", "g", True, 2)
+        assert got["sources"]["smoothing_s"] == "remote" and got["overrides"][0]["file"] == 0.7
+        publish(mqtt_broker, f"{BASE}/config/reset", json.dumps({"request_id": "r"}))
+        recorder.wait_for(lambda ms: len(results(ms)) == 3)
+    reset = results(recorder.messages)[2]
+    assert (reset["action"], reset["ok"], reset["rules"]["smoothing_s"], reset["overrides"]) == ("reset", True, 0.7, [])
+    assert not (tmp_path / "rules_override.json").exists()
+    wait_until(
+        lambda: json.loads(retained_payload(mqtt_broker, f"{BASE}/rules/state"))["cause"] == "config/reset",
+        what="rules/state after the reset",
+    )
+    remote.stop()
+    sink.stop(flush_timeout_s=1.0)
+
+
+def test_every_request_gets_one_answer(mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path) -> None:
+    """Bad bytes, bad JSON, a lone-surrogate id, a bool for a number and a good change: one answer each, in order."""
+    sink, remote = remote_stack(mqtt_broker.url, outbox, tmp_path)
+    wait_until(lambda: sink.stats().connected, what="connected")
+    requests = [
+        b"\xff\xfe",
+        b"{not json",
+        b'{"request_id": "\\ud800", "rules": {}}',
+        json.dumps({"request_id": "bool", "rules": {"stress": {"sustain_s": True}}}).encode(),
+        json.dumps({"request_id": "big", "rules": {"x": "y" * 20000}}).encode(),
+        json.dumps({"request_id": "ok", "rules": {"stress": {"sustain_s": 2}}}).encode(),
+    ]
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/config/result"], clean_session=True) as recorder:
+        for payload in requests:
+            publish(mqtt_broker, f"{BASE}/config/set", payload)
+        recorder.wait_for(lambda ms: len(ms) == len(requests))
+    answers = results(recorder.messages)
+    assert [a["ok"] for a in answers] == [False] * 5 + [True]
+    assert [a["request_id"] for a in answers] == [None, None, "\\ud800", "bool", None, "ok"]
+    assert answers[2]["errors"][0]["path"] == "request_id"
+    assert answers[3]["errors"][0]["path"] == "rules.stress.sustain_s"
+    assert "at most 16384" in answers[4]["errors"][0]["message"]
+    assert remote.stats().answered == len(requests) and remote.control.effective.stress.sustain_s == 2
+    remote.stop()
+    sink.stop(flush_timeout_s=1.0)
+
+
+FLOOD_REQUESTS = int(os.environ.get("CABIN_MONITOR_FLOOD_REQUESTS", "400"))
+FLOOD_S = float(os.environ.get("CABIN_MONITOR_FLOOD_S", "4"))
+EVENTS_PER_S = 10.0
+
+
+def test_a_config_set_flood_never_holds_up_events(mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path) -> None:
+    """During a flood of valid config/set, every event arrives and every request is answered (busy past the rate).
+
+    Prints the event delivery latency (submit to arrival) during the flood; with -s and
+    CABIN_MONITOR_FLOOD_REQUESTS=2000 CABIN_MONITOR_FLOOD_S=30 it is the README's figure.
+    """
+    sink, remote = remote_stack(mqtt_broker.url, outbox, tmp_path)
+    wait_until(lambda: sink.stats().connected, what="connected")
+    submitted: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    flood_done = threading.Event()
+
+    def on_message(client: object, userdata: object, message: Any) -> None:
+        if message.topic == f"{BASE}/events":
+            arrived.setdefault(json.loads(message.payload)["event_id"], time.monotonic())
+
+    watcher = mqtt_client.Client(CallbackAPIVersion.VERSION2, client_id="flood-watcher")
+    watcher.on_message = on_message
+    watcher.connect("127.0.0.1", mqtt_broker.port)
+    watcher.subscribe(f"{BASE}/events", qos=1)
+    watcher.loop_start()
+
+    def flood() -> None:
+        operator = mqtt_client.Client(CallbackAPIVersion.VERSION2, client_id="flood-operator")
+        operator.connect("127.0.0.1", mqtt_broker.port)
+        operator.loop_start()
+        pause_s = FLOOD_S / FLOOD_REQUESTS
+        infos = []
+        for n in range(FLOOD_REQUESTS):
+            body = {"request_id": f"flood-{n}", "rules": {"stress": {"cooldown_s": 30 + n % 7}}}
+            infos.append(operator.publish(f"{BASE}/config/set", json.dumps(body), qos=1))
+            time.sleep(pause_s)
+        for info in infos:
+            info.wait_for_publish(30)
+        operator.disconnect()
+        operator.loop_stop()
+        flood_done.set()
+
+    time.sleep(0.5)
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    while not flood_done.is_set():
+        event = make_event()
+        submitted[event.event_id] = time.monotonic()
+        sink.submit_event(event)
+        time.sleep(1.0 / EVENTS_PER_S)
+    flooder.join(60)
+    wait_until(lambda: set(arrived) >= set(submitted), timeout_s=60, what="every event")
+    wait_until(lambda: remote.stats().answered + remote.stats().dropped == FLOOD_REQUESTS, 60, "every request")
+    watcher.loop_stop()
+    watcher.disconnect()
+    stats = remote.stats()
+    remote.stop()
+    sink.stop(flush_timeout_s=1.0)
+    latencies = sorted(arrived[i] - submitted[i] for i in submitted)
+    p50, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)]
+    print(
+        f"\nconfig/set flood: {FLOOD_REQUESTS} requests in {FLOOD_S:g} s; {len(latencies)} events during it, "
+        f"delivery p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms; "
+        f"answered {stats.answered} (busy {stats.busy}), dropped {stats.dropped}"
+    )
+    assert stats.received == FLOOD_REQUESTS and stats.busy > 0
+    assert remote.control.effective.stress.cooldown_s in {30 + n % 7 for n in range(FLOOD_REQUESTS)}
 
 
 def test_tls_mutual_authentication(tmp_path: Path, outbox: Outbox) -> None:

@@ -11,18 +11,21 @@ from pydantic import BaseModel, ValidationError
 
 from cabin_monitor.bus.payloads import (
     PAYLOADS,
+    ConfigRequestPayload,
     ConfigResultPayload,
     ConfigSetPayload,
     EventPayload,
     HealthPayload,
     OccupantStatePayload,
+    RuleOverride,
+    RulesStatePayload,
     event_payload,
     health_payload,
     json_schemas,
     state_payloads,
     utc_iso,
 )
-from cabin_monitor.messages import CameraState, Event, Phase, Refusal
+from cabin_monitor.messages import CameraState, Event, Phase, Refusal, RemoteStats
 from cabin_monitor.rules import OccupantState
 from tests.support import helpers
 from tests.support.helpers import make_health
@@ -62,6 +65,24 @@ def samples() -> list[BaseModel]:
         ConfigSetPayload(request_id="r1", rules={"stress": {"enter_score": 0.7}}),
         ConfigResultPayload(ts=utc_iso(1_700_000_000), request_id="r1", ok=True, rules={"smoothing_s": 0.7}),
         ConfigResultPayload.failure("bad", wall_time_s=1_700_000_000, request_id="r2", path="stress.enter_score"),
+        ConfigRequestPayload(request_id="g1"),
+        ConfigResultPayload(
+            ts=utc_iso(1_700_000_000),
+            action="get",
+            request_id="g1",
+            ok=True,
+            rules={"smoothing_s": 2.0},
+            sources={"smoothing_s": "remote"},
+            overrides=[RuleOverride(path="smoothing_s", remote=2.0, file=0.7)],
+        ),
+        RulesStatePayload(
+            vehicle_id="car-1",
+            ts=utc_iso(1_700_000_000),
+            cause="reload",
+            rules={"smoothing_s": 2.0},
+            sources={"smoothing_s": "remote"},
+            overrides=[RuleOverride(path="smoothing_s", remote=2.0, file=0.7)],
+        ),
     ]
 
 
@@ -127,7 +148,10 @@ def test_state_payloads_carry_the_smoothed_reading_of_each_read_occupant() -> No
 
 def test_health_payload_maps_a_snapshot_field_by_field() -> None:
     """A healthy snapshot gives status ok and every counter in its section."""
-    doc = json.loads(health_payload(make_health(wall_time_s=1_700_000_000.25), "car-1").model_dump_json())
+    remote = RemoteStats(received=7, answered=5, busy=2, dropped=1, queued=1)
+    doc = json.loads(
+        health_payload(make_health(wall_time_s=1_700_000_000.25, remote=remote), "car-1").model_dump_json()
+    )
     assert doc == {
         "schema_version": 1,
         "vehicle_id": "car-1",
@@ -153,8 +177,10 @@ def test_health_payload_maps_a_snapshot_field_by_field() -> None:
             "last_error": None,
         },
         "mqtt": {"connected": True, "reconnects": 0, "refused_events": 0, "last_refusal": None},
+        "remote": {"received": 7, "answered": 5, "busy": 2, "dropped": 1, "queued": 1},
         "last_error": None,
     }
+    assert json.loads(health_payload(make_health(), "car-1").model_dump_json())["remote"] is None  # no broker
 
 
 def test_health_status_follows_stage_failures_the_camera_and_the_broker() -> None:
@@ -254,7 +280,7 @@ def test_json_schemas_export() -> None:
         schema = json.loads(json.dumps(schema))
         assert schema["type"] == "object", name
         assert schema["additionalProperties"] is False, name
-        assert set(schema["required"]) <= set(schema["properties"]), name
+        assert set(schema.get("required", [])) <= set(schema["properties"]), name
         for ref in _refs(schema):
             assert ref.startswith("#/$defs/") and ref.removeprefix("#/$defs/") in schema["$defs"], (name, ref)
 
@@ -268,6 +294,8 @@ def test_json_schemas_required_fields() -> None:
     assert set(schemas["health"]["$defs"]["CameraHealth"]["required"]) >= {"state", "fps", "last_error"}
     assert schemas["event"]["properties"]["ts"]["format"] == "date-time"
     assert schemas["config_set"]["required"] == ["rules"]
+    assert "required" not in schemas["config_request"]  # {} is a whole config/get or config/reset
+    assert set(schemas["rules_state"]["required"]) == set(RulesStatePayload.model_fields)
 
 
 def test_health_reports_the_last_refusal_and_the_outbox_state() -> None:

@@ -12,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from cabin_monitor.bus.payloads import ConfigResultPayload, ConfigSetPayload, utc_iso
-from cabin_monitor.bus.remote import RulesControl, answer_config_set
-from cabin_monitor.config import EMOTIONS_7, RulesConfig
+from cabin_monitor.bus.payloads import PRECEDENCE, ConfigResultPayload, ConfigSetPayload, utc_iso
+from cabin_monitor.bus.remote import RemoteRequests, RulesControl, TokenBucket, answer_config_set, encode_payload
+from cabin_monitor.config import EMOTIONS_7, RemoteConfigConfig, RulesConfig
+from cabin_monitor.messages import RemoteAction, RemoteRequest
+from tests.support.helpers import wait_until
 
 NOW = 1_700_000_000.0
 
@@ -87,13 +89,18 @@ def test_a_broken_override_file_is_ignored_at_start(tmp_path: Path) -> None:
     assert control(tmp_path).effective == RulesConfig()
 
 
-def test_reload_keeps_overrides_on_top_of_new_file_rules(tmp_path: Path) -> None:
-    """SIGHUP's new base rules still carry the operator's overrides."""
+def test_reload_keeps_overrides_on_top_of_new_file_rules_and_names_them(tmp_path: Path) -> None:
+    """SIGHUP's new base rules still carry the operator's overrides, which are named with the file's values."""
     ctl = control(tmp_path)
     send(ctl, {"rules": {"stress": {"sustain_s": 7}}})
-    new_base = RulesConfig.model_validate({"stress": {"cooldown_s": 99}})
-    effective = ctl.reload_base(new_base)
-    assert effective.stress.sustain_s == 7 and effective.stress.cooldown_s == 99
+    new_base = RulesConfig.model_validate({"stress": {"cooldown_s": 99, "sustain_s": 4}})
+    winning = ctl.reload_base(new_base)
+    assert ctl.effective.stress.sustain_s == 7 and ctl.effective.stress.cooldown_s == 99
+    assert [(o.path, o.remote, o.file) for o in winning] == [("stress.sustain_s", 7, 4.0)]
+    assert ctl.take_pending() == ctl.effective
+    state = ctl.state("car-1", "reload")
+    assert state.sources["stress.sustain_s"] == "remote" and state.sources["stress.cooldown_s"] == "file"
+    assert state.rules["stress"]["cooldown_s"] == 99 and state.precedence == PRECEDENCE
 
 
 def test_three_class_model_checks_classes(tmp_path: Path) -> None:
@@ -187,3 +194,164 @@ def test_the_override_file_is_owner_only_whatever_the_umask(tmp_path: Path) -> N
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "override.json").stat().st_mode) == 0o600
+
+
+def request(action: RemoteAction, body: Any, retained: bool = False) -> RemoteRequest:
+    """A request as the broker connection hands it over."""
+    return RemoteRequest(action, json.dumps(body).encode(), retained, received_s=0.0)
+
+
+def test_a_retained_request_is_answered_and_never_applied(tmp_path: Path) -> None:
+    """A retained config/set or config/reset (a broker replay) is refused with its request_id; nothing changes."""
+    ctl = control(tmp_path)
+    send(ctl, {"rules": {"occupant_lost": {"lost_after_s": 9}}})
+    cases: list[tuple[RemoteAction, Any]] = [("set", {"request_id": "old", "rules": {"stress": {"sustain_s": 7}}})]
+    for action, body in [*cases, ("reset", {})]:
+        answer = ctl.handle(request(action, body, retained=True))
+        assert not answer.ok and answer.action == action and answer.errors[0].path == "(retained)"
+        assert "never applied" in answer.errors[0].message
+    assert answer.request_id is None and ctl.handle(request("set", {"request_id": "old"}, True)).request_id == "old"
+    assert ctl.effective.stress.sustain_s == 3.0 and ctl.effective.occupant_lost.lost_after_s == 9
+
+
+def test_a_change_is_applied_at_most_once_per_request_id(tmp_path: Path) -> None:
+    """A repeated request_id is answered 'already applied' and not applied again; refused ids may be re-sent."""
+    ctl = control(tmp_path)
+    assert send(ctl, {"request_id": "a", "rules": {"stress": {"sustain_s": 7}}})["ok"]
+    assert send(ctl, {"request_id": "b", "rules": {"stress": {"sustain_s": 8}}})["ok"]
+    again = send(ctl, {"request_id": "a", "rules": {"stress": {"sustain_s": 7}}})
+    assert not again["ok"] and again["errors"][0]["path"] == "request_id"
+    assert "already applied" in again["errors"][0]["message"]
+    assert ctl.effective.stress.sustain_s == 8  # the later change is not reverted
+    assert not send(ctl, {"request_id": "c", "rules": {"stress": {"sustain_s": -1}}})["ok"]
+    assert send(ctl, {"request_id": "c", "rules": {"stress": {"sustain_s": 5}}})["ok"]
+    reset = ctl.handle(request("reset", {"request_id": "r"}))
+    assert reset.ok and not ctl.handle(request("reset", {"request_id": "r"})).ok
+
+
+def test_remembered_request_ids_are_bounded(tmp_path: Path) -> None:
+    """Only the most recent request_ids are remembered: the oldest is forgotten first."""
+    ctl = RulesControl(RulesConfig(), EMOTIONS_7, None, remembered_request_ids=2)
+    for n, request_id in enumerate(["a", "b", "c"], start=1):
+        assert send(ctl, {"request_id": request_id, "rules": {"stress": {"sustain_s": n}}})["ok"]
+    assert not send(ctl, {"request_id": "c", "rules": {}})["ok"]
+    assert send(ctl, {"request_id": "a", "rules": {}})["ok"]
+
+
+def test_a_lone_surrogate_request_id_is_answered_with_an_error_naming_it(tmp_path: Path) -> None:
+    """JSON "\\ud800" as request_id: refused, the field named, the id echoed escaped; the answer encodes."""
+    ctl = control(tmp_path)
+    answer = ctl.handle_set(b'{"request_id": "a\\ud800", "rules": {"stress": {"sustain_s": 7}}}')
+    assert not answer.ok and answer.errors[0].path == "request_id" and answer.request_id == "a\\ud800"
+    assert json.loads(encode_payload(answer))["request_id"] == "a\\ud800"
+    assert ctl.effective == RulesConfig()
+    odd_key = ctl.handle_set(b'{"rules": {"\\udfff": 1}}')
+    assert not odd_key.ok and json.loads(encode_payload(odd_key))["errors"]
+
+
+def test_booleans_are_not_numbers(tmp_path: Path) -> None:
+    """true as sustain_s or smoothing_s is refused with the field named, not read as 1.0."""
+    ctl = control(tmp_path)
+    for rules, path in (
+        ({"stress": {"sustain_s": True}}, "rules.stress.sustain_s"),
+        ({"smoothing_s": False}, "rules.smoothing_s"),
+        ({"occupant_lost": {"lost_after_s": True}}, "rules.occupant_lost.lost_after_s"),
+    ):
+        answer = send(ctl, {"rules": rules})
+        assert not answer["ok"] and answer["errors"][0]["path"] == path
+        assert "not true" in answer["errors"][0]["message"] or "not false" in answer["errors"][0]["message"]
+    assert send(ctl, {"rules": {"stress": {"sustain_s": 2}}})["ok"]  # an integer is still a number
+
+
+def test_get_answers_the_rules_with_their_sources(tmp_path: Path) -> None:
+    """config/get answers the effective rules, which values are overrides, and the precedence; nothing changes."""
+    ctl = control(tmp_path, RulesConfig.model_validate({"stress": {"sustain_s": 4}}))
+    send(ctl, {"rules": {"stress": {"sustain_s": 7}}})
+    answer = ctl.handle(request("get", {"request_id": "g"}))
+    assert answer.ok and answer.action == "get" and answer.request_id == "g"
+    assert answer.rules == ctl.effective.model_dump(mode="json")
+    assert answer.sources is not None and answer.overrides is not None
+    assert {p for p, source in answer.sources.items() if source == "remote"} == {"stress.sustain_s"}
+    assert answer.sources["stress.classes"] == answer.sources["occupant_lost.severity"] == "file"
+    assert [(o.path, o.remote, o.file) for o in answer.overrides] == [("stress.sustain_s", 7, 4.0)]
+    assert answer.precedence == PRECEDENCE and ctl.take_pending() is not None  # (from the set)
+    assert ctl.handle(request("get", {})).ok and ctl.take_pending() is None
+    assert ctl.handle(request("get", [])).errors[0].message == "payload must be a JSON object"
+
+
+def test_reset_drops_the_persisted_overrides(tmp_path: Path) -> None:
+    """config/reset removes the override file and goes back to the file's rules, for this run and the next."""
+    base = RulesConfig.model_validate({"stress": {"sustain_s": 4}})
+    ctl = control(tmp_path, base)
+    send(ctl, {"rules": {"stress": {"sustain_s": 7}}})
+    ctl.take_pending()
+    answer = ctl.handle(request("reset", {"request_id": "r"}))
+    assert answer.ok and answer.action == "reset" and answer.overrides == []
+    assert set(answer.sources or {}) and set((answer.sources or {}).values()) == {"file"}
+    assert ctl.effective == base and ctl.take_pending() == base
+    assert not (tmp_path / "override.json").exists()
+    assert control(tmp_path, base).effective == base
+    assert ctl.handle(request("reset", {})).ok and ctl.take_pending() is None  # nothing to drop: still answered
+
+
+class Outlet:
+    """Collects what the worker publishes (a fake broker side, for the worker's own logic)."""
+
+    def __init__(self) -> None:
+        self.results: list[dict[str, Any]] = []
+        self.states: list[dict[str, Any]] = []
+
+    def publish_config_result(self, payload: bytes) -> None:
+        self.results.append(json.loads(payload))
+
+    def publish_rules_state(self, payload: bytes) -> None:
+        self.states.append(json.loads(payload))
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    """A bucket of 3 at 2/s: three at once, then one per half second."""
+    bucket = TokenBucket(2.0, 3)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert [bucket.take(0.25), bucket.take(0.5), bucket.take(0.6), bucket.take(1.0)] == [False, True, False, True]
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]
+
+
+def test_requests_over_the_rate_are_answered_busy_and_not_applied(tmp_path: Path) -> None:
+    """Beyond the burst, requests get a 'busy' answer with their request_id; each change publishes rules/state."""
+    now = [0.0]
+    settings = RemoteConfigConfig(max_requests_per_s=1.0, burst_requests=2)
+    worker = RemoteRequests(control(tmp_path), settings, "car-1", clock=lambda: now[0], wall_clock=lambda: NOW)
+    outlet = Outlet()
+    worker.attach(outlet)
+    for n in range(1, 5):
+        worker.handle(request("set", {"request_id": f"r{n}", "rules": {"stress": {"sustain_s": n}}}))
+    now[0] = 1.0
+    worker.handle(request("get", {"request_id": "g"}))
+    assert [(r["request_id"], r["ok"]) for r in outlet.results] == [
+        ("r1", True), ("r2", True), ("r3", False), ("r4", False), ("g", True)
+    ]  # fmt: skip
+    assert outlet.results[2]["errors"][0]["path"] == "(busy)" and outlet.results[2]["action"] == "set"
+    assert worker.control.effective.stress.sustain_s == 2
+    assert [(s["cause"], s["request_id"], s["rules"]["stress"]["sustain_s"]) for s in outlet.states] == [
+        ("config/set", "r1", 1), ("config/set", "r2", 2)
+    ]  # fmt: skip
+    stats = worker.stats()
+    assert (stats.answered, stats.busy, stats.dropped) == (5, 2, 0)
+
+
+def test_a_full_queue_drops_requests_and_counts_them(tmp_path: Path) -> None:
+    """offer never blocks: with the queue full, requests are dropped and counted; queued ones are answered."""
+    settings = RemoteConfigConfig(queue_size=3)
+    worker = RemoteRequests(control(tmp_path), settings, "car-1", wall_clock=lambda: NOW)
+    outlet = Outlet()
+    worker.attach(outlet)
+    for n in range(5):
+        worker.offer(request("get", {"request_id": f"g{n}"}))
+    assert (worker.stats().received, worker.stats().dropped, worker.stats().queued) == (5, 2, 3)
+    worker.start()
+    try:
+        wait_until(lambda: len(outlet.results) == 3, what="three answers")
+    finally:
+        worker.stop()
+    assert [r["request_id"] for r in outlet.results] == ["g0", "g1", "g2"]
+    assert outlet.states[0]["cause"] == "start" and worker.stats().queued == 0

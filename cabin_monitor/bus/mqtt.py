@@ -1,7 +1,10 @@
-"""The broker connection: events through a durable outbox, occupant states, health, and ``config/set``.
+"""The broker connection: events through a durable outbox, occupant states, health, and operators' requests.
 
-It only transports: payloads come from ``bus.payloads``, and ``config/set`` requests go, as bytes,
-to the handler that answers them (``bus.remote``).
+It only transports: payloads come from ``bus.payloads``; ``config/set``, ``config/get`` and
+``config/reset`` requests are handed, as bytes with their retain flag, to a queue (``bus.remote``)
+whose worker answers them through ``publish_config_result`` and ``publish_rules_state``. The
+network thread never waits for a request to be handled, so event acknowledgements never queue
+behind requests.
 
 ``MqttSink`` writes every event to the ``Outbox`` before ``submit_event`` returns and removes it
 only on the broker's PUBACK, so delivery is at-least-once across lost connections, broker restarts
@@ -41,10 +44,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from structlog.typing import FilteringBoundLogger
 
 from cabin_monitor.bus.outbox import DroppedEvent, Outbox, OutboxItem
-from cabin_monitor.bus.payloads import ConfigResultPayload, event_payload, health_payload, state_payloads
+from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
 from cabin_monitor.config import MqttConfig, TlsConfig, parse_mqtt_url
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
-from cabin_monitor.messages import Event, HealthSnapshot, Refusal, SinkStats
+from cabin_monitor.messages import Event, HealthSnapshot, Refusal, RemoteAction, RemoteRequest, SinkStats
 from cabin_monitor.rules import OccupantState
 
 log = structlog.get_logger("cabin_monitor.bus.mqtt")
@@ -106,9 +109,10 @@ class MqttSink:
 
     Topics are ``<topic_prefix>/<vehicle_id>/...``: ``status`` (retained ``online``/``offline``, also
     the last will), ``events``, ``occupants/<occupant_id>/state``, ``health``, and, when
-    ``on_config_set`` is given, ``config/set`` in and ``config/result`` out. ``on_config_set`` runs
-    on the MQTT network thread and gets each request's bytes as they came; what it returns is
-    published as the result.
+    ``on_remote_request`` is given, ``config/set``, ``config/get`` and ``config/reset`` in,
+    ``config/result`` and the retained ``rules/state`` out. ``on_remote_request`` runs on the MQTT
+    network thread and must only queue the request (``RemoteRequests.offer``); answers come back
+    through ``publish_config_result``, the rules state through ``publish_rules_state``.
     """
 
     def __init__(
@@ -116,7 +120,7 @@ class MqttSink:
         config: MqttConfig,
         vehicle_id: str,
         outbox: Outbox,
-        on_config_set: Callable[[bytes], ConfigResultPayload] | None = None,
+        on_remote_request: Callable[[RemoteRequest], None] | None = None,
         logger: FilteringBoundLogger | None = None,
         *,
         rng: random.Random | None = None,
@@ -130,7 +134,7 @@ class MqttSink:
         self._vehicle_id = vehicle_id
         self._client_id = config.client_id or f"cabin-monitor-{vehicle_id}"
         self._outbox = outbox
-        self._on_config_set = on_config_set
+        self._on_remote_request = on_remote_request
         self._rng = rng or random.Random()
         # Not bound here: binding the module's lazy logger would freeze the logging set-up of this moment.
         self._log: FilteringBoundLogger = logger or log
@@ -141,6 +145,12 @@ class MqttSink:
         self.health_topic = f"{base}/health"
         self.config_set_topic = f"{base}/config/set"
         self.config_result_topic = f"{base}/config/result"
+        self.rules_state_topic = f"{base}/rules/state"
+        self._request_topics: dict[str, RemoteAction] = {
+            f"{base}/config/{action}": action for action in ("set", "get", "reset")
+        }
+        self._rules_state: bytes | None = None  # guarded by _health_lock, sent like health
+        self._rules_state_dirty = False
         self._state_topic_prefix = f"{base}/occupants"
 
         self._thread: threading.Thread | None = None
@@ -206,6 +216,21 @@ class MqttSink:
         with self._health_lock:
             self._health = payload
             self._health_dirty = True
+        self._wake.set()
+
+    def publish_config_result(self, payload: bytes) -> None:
+        """Answer an operator's request on ``config/result`` (QoS 1, not retained); lost if not connected."""
+        client = self._client
+        if not self._connected or client is None:
+            self._log.warning("config/result not sent: not connected to the broker", broker=self._broker)
+            return
+        client.publish(self.config_result_topic, payload, qos=1)
+
+    def publish_rules_state(self, payload: bytes) -> None:
+        """Hand the latest rules state to the sender; published retained at QoS 1 now and after every connect."""
+        with self._health_lock:
+            self._rules_state = payload
+            self._rules_state_dirty = True
         self._wake.set()
 
     def stop(self, flush_timeout_s: float) -> None:
@@ -353,6 +378,7 @@ class MqttSink:
         """Send health and outbox rows until the link drops or stop is asked."""
         with self._health_lock:
             self._health_dirty = self._health is not None  # the broker may hold an old one
+            self._rules_state_dirty = self._rules_state is not None
         cursor = 0  # re-send from the oldest unacknowledged row: at-least-once, in order
         while True:
             self._wake.clear()
@@ -391,8 +417,11 @@ class MqttSink:
     def _send_health(self, client: mqtt.Client) -> None:
         with self._health_lock:
             payload, self._health_dirty = (self._health if self._health_dirty else None), False
+            rules_state, self._rules_state_dirty = (self._rules_state if self._rules_state_dirty else None), False
         if payload is not None:
             client.publish(self.health_topic, payload, qos=1, retain=True)
+        if rules_state is not None:
+            client.publish(self.rules_state_topic, rules_state, qos=1, retain=True)
 
     def _drain_acks(self) -> None:
         while self._pubacks:
@@ -506,8 +535,8 @@ class MqttSink:
         else:
             # Birth first, so subscribers see 'online' before anything else from this connection.
             client.publish(self.status_topic, b"online", qos=1, retain=True)
-            if self._on_config_set is not None:
-                client.subscribe(self.config_set_topic, qos=1)
+            if self._on_remote_request is not None:
+                client.subscribe([(topic, 1) for topic in self._request_topics])
             self._connected = True
         self._connack.set()
         self._wake.set()
@@ -550,11 +579,16 @@ class MqttSink:
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        if message.topic != self.config_set_topic or self._on_config_set is None:
+        # Only hand the request over: handling it here would hold up every PUBACK behind it.
+        action = self._request_topics.get(message.topic)
+        if action is None or self._on_remote_request is None:
             return
         try:
-            result = self._on_config_set(bytes(message.payload))
-            client.publish(self.config_result_topic, result.model_dump_json().encode(), qos=1)
+            self._on_remote_request(
+                RemoteRequest(
+                    action, bytes(message.payload), retained=bool(message.retain), received_s=time.monotonic()
+                )
+            )
         except Exception:
             # An exception here would end paho's network thread.
-            self._log.exception("config/set could not be answered")
+            self._log.exception("operator request could not be queued", topic=message.topic)

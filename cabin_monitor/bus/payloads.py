@@ -10,7 +10,9 @@ Topics are ``<topic_prefix>/<vehicle_id>/<name>``:
 - ``occupants/<occupant_id>/state`` (QoS 0): ``OccupantStatePayload``
 - ``health`` (retained, QoS 1): ``HealthPayload``
 - ``config/set`` (subscribed, QoS 1): ``ConfigSetPayload``
-- ``config/result`` (QoS 1): ``ConfigResultPayload``
+- ``config/get`` and ``config/reset`` (subscribed, QoS 1): ``ConfigRequestPayload``
+- ``config/result`` (QoS 1): ``ConfigResultPayload``, the answer to each of the three
+- ``rules/state`` (retained, QoS 1): ``RulesStatePayload``, the rules in force and where each value came from
 - ``status`` (retained, QoS 1): the plain text ``online`` / ``offline``, not JSON.
 
 Every payload carries ``schema_version`` so consumers can tell formats apart.
@@ -18,6 +20,7 @@ Every payload carries ``schema_version`` so consumers can tell formats apart.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -174,6 +177,16 @@ class MqttHealth(_Payload):
     last_refusal: RefusalHealth | None = None
 
 
+class RemoteHealth(_Payload):
+    """Operators' requests (config/set, config/get, config/reset) since start-up."""
+
+    received: int
+    answered: int = Field(description="Answers published on config/result (applied, refused or busy).")
+    busy: int = Field(description="Answered 'busy' (over remote_config.max_requests_per_s), not applied.")
+    dropped: int = Field(description="Dropped unanswered because the request queue was full.")
+    queued: int
+
+
 class HealthPayload(_Payload):
     """The daemon's health; topic ``health``, retained, QoS 1."""
 
@@ -186,6 +199,7 @@ class HealthPayload(_Payload):
     model: ModelHealth
     outbox: OutboxHealth
     mqtt: MqttHealth
+    remote: RemoteHealth | None = Field(None, description="Operators' requests; null without a broker.")
     last_error: str | None = None
 
 
@@ -193,26 +207,65 @@ class ConfigSetPayload(_Payload):
     """An operator's rules change; topic ``config/set``. ``rules`` is a partial ``RulesConfig`` mapping."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str | None = Field(None, max_length=128, description="Echoed in the result.")
+    request_id: str | None = Field(
+        None, max_length=128, description="Echoed in the result; a change is applied at most once per request_id."
+    )
     rules: dict[str, Any]
 
 
-class ConfigProblem(_Payload):
-    """One problem with a config/set request."""
+class ConfigRequestPayload(_Payload):
+    """An operator's question or reset; topics ``config/get`` and ``config/reset`` (``{}`` is enough)."""
 
-    path: str = Field(description="Dotted path of the offending key, or '(payload)'.")
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str | None = Field(
+        None, max_length=128, description="Echoed in the result; a reset is applied at most once per request_id."
+    )
+
+
+ConfigAction = Literal["set", "get", "reset"]
+RuleSource = Literal["default", "file", "remote"]
+# The one rule between the configuration file and operators' overrides, stated in every answer,
+# in rules/state and in the SIGHUP log line.
+PRECEDENCE = (
+    "remote overrides (config/set) are layered on top of the configuration file's rules and win over it, "
+    "also after SIGHUP and restarts, until config/reset drops them"
+)
+
+
+class ConfigProblem(_Payload):
+    """One problem with a config request."""
+
+    path: str = Field(
+        description="Dotted path of the offending key, or '(payload)', '(retained)', '(busy)', '(state)'."
+    )
     message: str
 
 
+class RuleOverride(_Payload):
+    """One rule value an operator's override sets, and the value underneath it."""
+
+    path: str = Field(description="Dotted path in the rules, e.g. 'stress.sustain_s'.")
+    remote: Any = Field(description="The override's value: the one in force.")
+    file: Any = Field(description="The configuration file's value (or the default) that it hides.")
+
+
 class ConfigResultPayload(_Payload):
-    """The answer to a config/set request; topic ``config/result``, QoS 1, not retained."""
+    """The answer to a config/set, config/get or config/reset request; topic ``config/result``, QoS 1."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     ts: UtcTimestamp
+    action: ConfigAction = Field("set", description="What was asked: the topic the request came on.")
     request_id: str | None = None
     ok: bool
     errors: list[ConfigProblem] = Field(default_factory=list)
-    rules: dict[str, Any] | None = Field(None, description="The effective rules after the change (on success).")
+    rules: dict[str, Any] | None = Field(None, description="The effective rules after the request (on success).")
+    sources: dict[str, RuleSource] | None = Field(
+        None, description="On success: dotted path of every rule value -> 'remote', 'file' or 'default'."
+    )
+    overrides: list[RuleOverride] | None = Field(
+        None, description="On success: every value the remote overrides set, with the file's value underneath."
+    )
+    precedence: str = Field(PRECEDENCE, description="How the configuration file and remote overrides combine.")
 
     @model_validator(mode="after")
     def _ok_means_no_errors(self) -> ConfigResultPayload:
@@ -222,12 +275,41 @@ class ConfigResultPayload(_Payload):
 
     @classmethod
     def failure(
-        cls, message: str, *, wall_time_s: float, request_id: str | None = None, path: str = "(payload)"
+        cls,
+        message: str,
+        *,
+        wall_time_s: float,
+        request_id: str | None = None,
+        path: str = "(payload)",
+        action: ConfigAction = "set",
     ) -> ConfigResultPayload:
         """A refusal with a single error."""
         return cls(
-            ts=utc_iso(wall_time_s), request_id=request_id, ok=False, errors=[ConfigProblem(path=path, message=message)]
+            ts=utc_iso(wall_time_s),
+            action=action,
+            request_id=request_id,
+            ok=False,
+            errors=[ConfigProblem(path=path, message=message)],
         )
+
+
+ChangeCause = Literal["start", "config/set", "config/reset", "reload"]
+
+
+class RulesStatePayload(_Payload):
+    """The rules in force, where each value came from, and the last change; topic ``rules/state``, retained."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    vehicle_id: str
+    ts: UtcTimestamp
+    cause: ChangeCause = Field(description="What made this state: start-up, an operator's request, or SIGHUP.")
+    request_id: str | None = Field(None, description="The operator's request_id, for config/set and config/reset.")
+    rules: dict[str, Any] = Field(description="The effective rules (a complete RulesConfig).")
+    sources: dict[str, RuleSource] = Field(
+        description="Dotted path of every rule value -> 'remote' (an override), 'file' or 'default'."
+    )
+    overrides: list[RuleOverride] = Field(description="Every value the remote overrides set, with the file's.")
+    precedence: str = Field(PRECEDENCE, description="How the configuration file and remote overrides combine.")
 
 
 def event_payload(event: Event, vehicle_id: str) -> EventPayload:
@@ -318,6 +400,7 @@ def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
                 ts=utc_iso(refusal.wall_time_s),
             ),
         ),
+        remote=None if health.remote is None else RemoteHealth(**dataclasses.asdict(health.remote)),
         last_error=health.last_error,
     )
 
@@ -327,17 +410,20 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "occupant_state": OccupantStatePayload,
     "health": HealthPayload,
     "config_set": ConfigSetPayload,
+    "config_request": ConfigRequestPayload,
     "config_result": ConfigResultPayload,
+    "rules_state": RulesStatePayload,
 }
+OPERATOR_WRITTEN = frozenset({"config_set", "config_request"})
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
     """Name -> JSON schema (draft 2020-12) of every MQTT JSON payload.
 
-    Published payloads always carry every field, so their schemas require them all; the schema of
-    ``config_set``, which operators write, requires only what they must send.
+    Published payloads always carry every field, so their schemas require them all; the schemas of
+    ``config_set`` and ``config_request``, which operators write, require only what they must send.
     """
     return {
-        name: model.model_json_schema(mode="validation" if name == "config_set" else "serialization")
+        name: model.model_json_schema(mode="validation" if name in OPERATOR_WRITTEN else "serialization")
         for name, model in PAYLOADS.items()
     }

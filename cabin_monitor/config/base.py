@@ -1,11 +1,26 @@
-"""The base of every configuration section."""
+"""The base of every configuration section, and the number types that refuse ``true``/``false``."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 
 class Strict(BaseModel):
     """Base of every config section: unknown keys are errors, instances are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _not_a_bool(value: object) -> object:
+    # pydantic's lax mode reads true as 1.0: a typo'd `sustain_s: true` would silently become one second.
+    if isinstance(value, bool):
+        raise ValueError(f"a number is required, not {str(value).lower()}")
+    return value
+
+
+# Numbers that refuse booleans (from YAML, environment variables and config/set alike); numeric
+# text such as "0.7" still reads as a number, as an environment variable's value must.
+Number = Annotated[float, BeforeValidator(_not_a_bool)]
+Integer = Annotated[int, BeforeValidator(_not_a_bool)]

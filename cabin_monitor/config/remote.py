@@ -1,4 +1,4 @@
-"""The ``remote_config`` section: operators' rule changes over ``config/set``."""
+"""The ``remote_config`` section: operators' rule changes over ``config/set``, ``config/get``, ``config/reset``."""
 
 from __future__ import annotations
 
@@ -6,14 +6,29 @@ from pathlib import Path
 
 from pydantic import Field
 
-from cabin_monitor.config.base import Strict
+from cabin_monitor.config.base import Integer, Number, Strict
 
 
 class RemoteConfigConfig(Strict):
-    """The config/set topic through which operators change the rules."""
+    """The config/* topics through which operators read, change and reset the rules.
 
-    enabled: bool = True
-    max_payload_bytes: int = Field(16384, ge=64, le=1 << 20)
+    Requests are queued off the broker connection to a worker of their own, so events are never
+    held up by them: at most ``max_requests_per_s`` (in bursts of ``burst_requests``) are handled,
+    the rest answered "busy"; when even the queue is full they are dropped, counted in ``health``.
+    """
+
+    enabled: bool = Field(True, description="Subscribe to config/set, config/get and config/reset.")
+    max_payload_bytes: Integer = Field(16384, ge=64, le=1 << 20, description="Larger requests are refused.")
     override_path: Path | None = Field(
         None, description="Persisted overrides; default: <state_dir>/rules_override.json."
+    )
+    max_requests_per_s: Number = Field(
+        2.0, gt=0, le=1000, description="Requests handled per second on average; more are answered 'busy'."
+    )
+    burst_requests: Integer = Field(10, ge=1, le=1000, description="Requests handled at once before the rate applies.")
+    queue_size: Integer = Field(
+        256, ge=1, le=100_000, description="Requests waiting for the worker; beyond it they are dropped and counted."
+    )
+    remembered_request_ids: Integer = Field(
+        1024, ge=1, le=1_000_000, description="Recent request_ids of applied changes: a repeat is not applied again."
     )

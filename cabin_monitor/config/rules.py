@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from cabin_monitor.config.base import Strict
+from cabin_monitor.config.base import Number, Strict
 from cabin_monitor.messages import Severity
 
 EMOTIONS_7 = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger")
@@ -16,11 +16,11 @@ class StressRuleConfig(Strict):
 
     enabled: bool = True
     classes: tuple[str, ...] = Field(NEGATIVE_7, min_length=1, description="Classes whose probabilities are summed.")
-    enter_score: float = Field(0.6, gt=0, le=1, description="Smoothed group score that opens the event...")
-    sustain_s: float = Field(3.0, ge=0, le=600, description="...when held at or above it for this long.")
-    exit_score: float = Field(0.4, ge=0, lt=1, description="Score below which the event may close...")
-    release_s: float = Field(1.5, ge=0, le=600, description="...once it has stayed below for this long.")
-    cooldown_s: float = Field(30.0, ge=0, le=86400, description="No new stress event this soon after one ended.")
+    enter_score: Number = Field(0.6, gt=0, le=1, description="Smoothed group score that opens the event...")
+    sustain_s: Number = Field(3.0, ge=0, le=600, description="...when held at or above it for this long.")
+    exit_score: Number = Field(0.4, ge=0, lt=1, description="Score below which the event may close...")
+    release_s: Number = Field(1.5, ge=0, le=600, description="...once it has stayed below for this long.")
+    cooldown_s: Number = Field(30.0, ge=0, le=86400, description="No new stress event this soon after one ended.")
     severity: Severity = "warning"
 
     @model_validator(mode="after")
@@ -37,14 +37,14 @@ class UnexpectedExpressionRuleConfig(Strict):
     classes: tuple[str, ...] = Field(
         ("fear", "surprise", "anger", "disgust"), min_length=1, description="Classes whose probabilities are summed."
     )
-    onset_window_s: float = Field(0.5, gt=0, le=10, description="Time constant of the fast average.")
-    baseline_window_s: float = Field(20.0, gt=0, le=3600, description="Time constant of the slow baseline.")
-    min_history_s: float = Field(3.0, ge=0, le=3600, description="Baseline needs this much history first.")
-    min_score: float = Field(0.5, gt=0, le=1, description="Fast average must reach this...")
-    min_rise: float = Field(0.3, gt=0, le=1, description="...and exceed the baseline by this much.")
-    exit_score: float = Field(0.3, ge=0, lt=1, description="Event closes when the fast average falls below this.")
-    max_duration_s: float = Field(10.0, gt=0, le=3600, description="An onset event closes after this long at most.")
-    cooldown_s: float = Field(10.0, ge=0, le=86400, description="No new onset event this soon after one ended.")
+    onset_window_s: Number = Field(0.5, gt=0, le=10, description="Time constant of the fast average.")
+    baseline_window_s: Number = Field(20.0, gt=0, le=3600, description="Time constant of the slow baseline.")
+    min_history_s: Number = Field(3.0, ge=0, le=3600, description="Baseline needs this much history first.")
+    min_score: Number = Field(0.5, gt=0, le=1, description="Fast average must reach this...")
+    min_rise: Number = Field(0.3, gt=0, le=1, description="...and exceed the baseline by this much.")
+    exit_score: Number = Field(0.3, ge=0, lt=1, description="Event closes when the fast average falls below this.")
+    max_duration_s: Number = Field(10.0, gt=0, le=3600, description="An onset event closes after this long at most.")
+    cooldown_s: Number = Field(10.0, ge=0, le=86400, description="No new onset event this soon after one ended.")
     severity: Severity = "warning"
 
     @model_validator(mode="after")
@@ -60,14 +60,14 @@ class OccupantLostRuleConfig(Strict):
     """A tracked face that has gone."""
 
     enabled: bool = True
-    lost_after_s: float = Field(3.0, gt=0, le=3600, description="Unseen this long opens the event.")
+    lost_after_s: Number = Field(3.0, gt=0, le=3600, description="Unseen this long opens the event.")
     severity: Severity = "info"
 
 
 class RulesConfig(Strict):
     """The anomaly rules; fleet operators tune these (also over MQTT config/set)."""
 
-    smoothing_s: float = Field(
+    smoothing_s: Number = Field(
         0.7, ge=0, le=60, description="Time constant of the per-occupant probability smoothing; 0 = none."
     )
     stress: StressRuleConfig = StressRuleConfig()

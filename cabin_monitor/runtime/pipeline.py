@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from cabin_monitor.bus.remote import RulesControl
+from cabin_monitor.bus.remote import RemoteRequests, RulesControl
 from cabin_monitor.bus.sinks import EventSink
 from cabin_monitor.config import Config
 from cabin_monitor.messages import CameraState, Frame, FrameResult, HealthSnapshot
@@ -57,12 +57,14 @@ class Pipeline:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         recorder: RecordingSink | None = None,
+        remote: RemoteRequests | None = None,
     ) -> None:
         self.cfg = cfg
         self.processor = processor
         self.source = source
         self.sink = sink
         self.rules_control = rules_control
+        self.remote = remote  # operators' requests over the broker, answered by a worker of their own
         self.notifier = notifier or SystemdNotifier()
         self.on_result = on_result
         self.on_health = on_health
@@ -218,6 +220,7 @@ class Pipeline:
             sink=self.sink.stats(),
             broker_required=self.cfg.mqtt.url is not None,
             failure=self._failure,
+            remote=None if self.remote is None else self.remote.stats(),
         )
 
     def _frames_flowing(self, now: float) -> bool:
@@ -255,6 +258,8 @@ class Pipeline:
 
     def run(self) -> int:
         """Start the threads, supervise until done, shut down; returns the process exit code."""
+        if self.remote is not None:
+            self.remote.start()
         self.sink.start()
         if self.recorder is not None:
             self.recorder.start()
@@ -325,6 +330,8 @@ class Pipeline:
         if self.recorder is not None:
             self.recorder.stop(JOIN_TIMEOUT_S)
         self._log_stats()
+        if self.remote is not None:
+            self.remote.stop(JOIN_TIMEOUT_S)
         try:
             self.sink.publish_health(self.health())
         finally:
