@@ -114,7 +114,7 @@ def test_demo_prints_events_and_writes_an_annotated_video(tmp_path: Path) -> Non
 
 
 def test_bench_reports_fps_and_stage_latencies() -> None:
-    """bench --json prints one object with frames, fps and p50/p95 for the pipeline and each stage."""
+    """bench --json prints frames, fps, p50/p95 per stage, faces found, each occupant's reading rate and CPU share."""
     proc = cli("bench", "--source", str(sample_path("single_face.mp4")), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
@@ -124,6 +124,10 @@ def test_bench_reports_fps_and_stage_latencies() -> None:
     assert {"detect", "align", "emotion", "rules"} <= set(report["stages"])
     assert report["provider"] == "CPUExecutionProvider"
     assert report["faces_per_frame"] > 0.9
+    assert list(report["occupant_read_hz"]) == ["occupant-1"] and report["occupant_read_hz"]["occupant-1"] > 10
+    cpu = report["cpu"]
+    assert 0 < cpu["cores_used"] <= 2.5 and 0 < cpu["share_of_machine"] <= 1.25
+    assert "inference" in cpu["by_thread"]  # the pipeline's own threads are named
 
 
 def test_bench_model_only_times_the_model_per_batch() -> None:

@@ -34,9 +34,10 @@ def test_defaults_are_valid() -> None:
 
 
 def test_annotated_example_is_valid() -> None:
-    """The example shipped in deploy/ passes validation."""
+    """The example shipped in deploy/ passes validation and names the five seats of a full car."""
     cfg = load_config(EXAMPLE, environ={})
-    assert [s.name for s in cfg.tracker.seats] == ["driver", "front_passenger"]
+    seats = ["rear_left", "rear_middle", "rear_right", "driver", "front_passenger"]
+    assert [s.name for s in cfg.tracker.seats] == seats
 
 
 def test_unknown_key_is_reported_with_path_and_line() -> None:
@@ -275,3 +276,21 @@ def test_other_mqtt_protocols_are_refused() -> None:
     for value in ("3.1", "4", "true"):
         with pytest.raises(ConfigError, match=r"mqtt\.protocol"):
             parse_config_text(f"mqtt:\n  protocol: {value}\n", environ={})
+
+
+def test_regions_and_a_single_model_path_are_checked() -> None:
+    """Detector regions must lie inside the image and have unique names; a model path needs one BlazeFace range."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text("detector:\n  regions:\n    - {name: a, zone: [0.5, 0, 0.2, 1]}\n", "x.yaml", environ={})
+    assert "detector.regions.0.zone" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(
+            "detector:\n  regions:\n    - {name: a, zone: [0, 0, 1, 1]}\n    - {name: a, zone: [0, 0, 1, 1]}\n",
+            "x.yaml",
+            environ={},
+        )
+    assert "unique" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_config_text("detector:\n  model_path: my.tflite\n", "x.yaml", environ={})
+    assert "range" in str(err.value)
+    assert parse_config_text("detector:\n  range: short\n  model_path: my.tflite\n", "x.yaml", environ={})

@@ -63,20 +63,29 @@ def sample() -> CpuSample:
     return CpuSample(time.monotonic(), times.user + times.system, dict(by_name))
 
 
-def share(start: CpuSample, end: CpuSample) -> dict[str, object]:
-    """CPU-seconds per wall second between two samples, in all and per thread name (largest first).
+@dataclass(frozen=True, slots=True)
+class CpuShare:
+    """CPU-seconds per wall second over a span: in all, as a share of the machine's cores, and per thread."""
 
-    Threads that ended between the samples are missing from ``by_thread`` but counted in ``total``.
-    """
+    cores_used: float
+    share_of_machine: float
+    by_thread: dict[str, float]  # largest first; threads that used nothing left out
+    wall_s: float
+
+    def as_dict(self) -> dict[str, object]:
+        """The share as JSON-ready values, rounded."""
+        return {
+            "cores_used": round(self.cores_used, 3),
+            "share_of_machine": round(self.share_of_machine, 3),
+            "by_thread": {name: round(v, 3) for name, v in self.by_thread.items()},
+            "wall_s": round(self.wall_s, 2),
+        }
+
+
+def share(start: CpuSample, end: CpuSample) -> CpuShare:
+    """The CPU share between two samples. Threads that ended in between are counted in the total only."""
     wall_s = max(1e-9, end.wall_s - start.wall_s)
-    per_thread = {
-        name: round((cpu_s - start.by_thread_s.get(name, 0.0)) / wall_s, 3) for name, cpu_s in end.by_thread_s.items()
-    }
+    per_thread = {name: (cpu_s - start.by_thread_s.get(name, 0.0)) / wall_s for name, cpu_s in end.by_thread_s.items()}
     ordered = dict(sorted(((k, v) for k, v in per_thread.items() if v > 0), key=lambda kv: -kv[1]))
     total = (end.process_s - start.process_s) / wall_s
-    return {
-        "cores_used": round(total, 3),
-        "share_of_machine": round(total / len(os.sched_getaffinity(0)), 3),
-        "by_thread": ordered,
-        "wall_s": round(wall_s, 2),
-    }
+    return CpuShare(total, total / len(os.sched_getaffinity(0)), ordered, wall_s)

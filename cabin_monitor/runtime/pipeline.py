@@ -21,6 +21,7 @@ from cabin_monitor.config import Config
 from cabin_monitor.messages import CameraState, Frame, FrameResult, HealthSnapshot
 from cabin_monitor.metrics import LatencyWindow, RateWindow
 from cabin_monitor.record.sink import RecordingSink
+from cabin_monitor.runtime import cpu
 from cabin_monitor.runtime.mailbox import LatestMailbox
 from cabin_monitor.runtime.processor import STAGES, FrameProcessor
 from cabin_monitor.runtime.sdnotify import SystemdNotifier
@@ -69,6 +70,7 @@ class Pipeline:
         self.on_result = on_result
         self.on_health = on_health
         self.recorder = recorder  # the rules engine's inputs and events, for offline replay
+        self._last_cpu: cpu.CpuSample | None = None
         self._clock = clock
         self._wall = wall_clock
         self.stop_event = stop_event or threading.Event()
@@ -235,6 +237,10 @@ class Pipeline:
             counters = _Counters(**vars(self._counters))
         cam = self.source.stats()
         sink = self.sink.stats()
+        # The daemon's own CPU share since the last stats line: CPU-seconds per second, in all and per thread.
+        now_cpu = cpu.sample()
+        cpu_share = None if self._last_cpu is None else cpu.share(self._last_cpu, now_cpu)
+        self._last_cpu = now_cpu
         log.info(
             "stats",
             fps=self.processed_fps(),
@@ -247,6 +253,8 @@ class Pipeline:
             outbox_depth=sink.outbox_depth,
             mqtt_connected=sink.connected,
             latency_ms=self.latency_ms(),
+            cpu_cores=None if cpu_share is None else round(cpu_share.cores_used, 3),
+            cpu_by_thread=None if cpu_share is None else cpu_share.as_dict()["by_thread"],
         )
 
     def latency_ms(self) -> dict[str, dict[str, float]]:

@@ -122,7 +122,7 @@ def _run_pass(
         "detector_frames": round(float(np.mean(detected)), 3) if detected else 0.0,
         "occupant_read_hz": occupant_rates(read_at),
         # From the first frame done to the last: the warm-up and the model load are not the daemon's steady cost.
-        **({"cpu": cpu.share(cpu_samples[0], cpu_samples[-1])} if len(cpu_samples) > 1 else {}),
+        **({"cpu": cpu.share(cpu_samples[0], cpu_samples[-1]).as_dict()} if len(cpu_samples) > 1 else {}),
         # Frame-to-reading latency means something only at camera pace; the fast pass has none.
         **({"e2e_ms": percentiles(e2e)} if e2e else {}),
         "stages": {name: percentiles(v) for name, v in stages.items()},
