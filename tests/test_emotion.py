@@ -16,7 +16,7 @@ from cabin_monitor.errors import ModelError
 from cabin_monitor.messages import Frame, TrackedFace
 from cabin_monitor.vision.align import FaceAligner, grey
 from cabin_monitor.vision.detect import create_detector
-from cabin_monitor.vision.emotion import EmotionModel, ProviderError
+from cabin_monitor.vision.emotion import EmotionModel, ProviderError, trt_profile
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 HAS_TRT = "TensorrtExecutionProvider" in ort.get_available_providers()
@@ -150,3 +150,13 @@ def test_a_bare_model_name_means_a_bundled_model(tmp_path: Path, monkeypatch: py
     assert model.class_names == ("neutral", "positive", "negative")
     with pytest.raises(ModelError, match="not found"):
         EmotionModel(EmotionConfig(model_path=Path("no-such-model.onnx")))
+
+
+def test_the_tensorrt_profile_covers_every_batch_the_daemon_sends() -> None:
+    """The TensorRT profile spans batch 1 to max_batch at the model's input size, tuned for the usual batch."""
+    profile = trt_profile(64, max_batch=8, usual_batch=3)
+    assert profile == {
+        "trt_profile_min_shapes": "image:1x1x64x64",
+        "trt_profile_opt_shapes": "image:3x1x64x64",
+        "trt_profile_max_shapes": "image:8x1x64x64",
+    }

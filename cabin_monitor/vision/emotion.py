@@ -63,12 +63,39 @@ def read_model_info(path: Path, session: ort.InferenceSession) -> ModelInfo:
     return ModelInfo(path, class_names, input_size, meta.get("model_version", "unknown"), meta)
 
 
-def _provider_list(cfg: EmotionConfig) -> list[str | tuple[str, dict[str, Any]]]:
+def _input_size_of(path: Path) -> int | None:
+    """The crop side an exported model takes, read from its metadata (None if it says nothing usable)."""
+    try:
+        meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+        return int(meta.custom_metadata_map["input_size"])
+    except Exception:  # the real session reports a bad file properly
+        return None
+
+
+def trt_profile(input_size: int, max_batch: int, usual_batch: int) -> dict[str, str]:
+    """TensorRT optimisation profile covering every batch the daemon sends (1..max_batch).
+
+    Without it TensorRT builds an engine for the first batch size it sees and rebuilds (seconds on
+    a Jetson, long enough to trip the watchdog) whenever a frame brings more faces.
+    """
+    shape = f"1x{input_size}x{input_size}"
+    return {
+        "trt_profile_min_shapes": f"{INPUT_NAME}:1x{shape}",
+        "trt_profile_opt_shapes": f"{INPUT_NAME}:{usual_batch}x{shape}",
+        "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch}x{shape}",
+    }
+
+
+def _provider_list(cfg: EmotionConfig, path: Path) -> list[str | tuple[str, dict[str, Any]]]:
     out: list[str | tuple[str, dict[str, Any]]] = []
     for name in cfg.providers:
         full = PROVIDER_NAMES[name]
         if name == "tensorrt":
             opts: dict[str, Any] = {"trt_fp16_enable": cfg.trt_fp16}
+            input_size = _input_size_of(path) if full in ort.get_available_providers() else None
+            if input_size is not None:
+                usual = min(cfg.max_batch, cfg.max_faces_per_frame or cfg.max_batch)
+                opts |= trt_profile(input_size, cfg.max_batch, usual)
             if cfg.trt_cache_dir is not None:
                 cfg.trt_cache_dir.mkdir(parents=True, exist_ok=True)
                 opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cfg.trt_cache_dir)}
@@ -96,7 +123,7 @@ class EmotionModel:
         if not path.is_file():
             raise ModelNotFoundError(f"emotion model not found: {path}")
         available = set(ort.get_available_providers())
-        requested = _provider_list(cfg)
+        requested = _provider_list(cfg, path)
         usable = [p for p in requested if (p[0] if isinstance(p, tuple) else p) in available]
         missing = [n for n in cfg.providers if PROVIDER_NAMES[n] not in available]
         if missing and cfg.strict_providers:
