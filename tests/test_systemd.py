@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import pytest
@@ -554,6 +554,47 @@ def test_a_hung_inference_stage_stops_the_watchdog_pings(path_listener: NotifyLi
         assert not pipeline.alive(time.monotonic())
     finally:
         detector.release.set()
+        pipeline.request_stop("test")
+        runner.join(60)
+    assert exit_codes == [0]
+
+
+class HangingCamera(ScriptedCamera):
+    """The sample clip as a camera whose ``read`` blocks, once ``hang`` is set, until ``release`` is set."""
+
+    def __init__(self, video: Path) -> None:
+        super().__init__(video, frame_period_s=1 / 30)
+        self.hang = threading.Event()
+        self.hung = threading.Event()
+        self.release_read = threading.Event()
+
+    def read(self) -> tuple[bool, Any]:
+        """A frame; blocks while hung."""
+        if self.hang.is_set():
+            self.hung.set()
+            self.release_read.wait()
+        return super().read()
+
+
+def test_a_hung_camera_read_stops_the_watchdog_pings(path_listener: NotifyListener, watchdog_env: None) -> None:
+    """A camera call that never comes back is a hung capture thread: health says ``stalled`` and the pings stop."""
+    camera = HangingCamera(sample_path("single_face.mp4"))
+    cfg = Config(camera=CameraConfig(source="0", read_timeout_s=1.0), pipeline=PipelineConfig(watchdog_stall_s=1.0))
+    pipeline = in_process_pipeline(cfg, path_listener, lambda spec, c: camera)
+    exit_codes: list[int] = []
+    runner = threading.Thread(target=lambda: exit_codes.append(pipeline.run()))
+    runner.start()
+    try:
+        path_listener.wait_for("WATCHDOG=1", START_TIMEOUT_S, count=2)
+        camera.hang.set()
+        path_listener.receive_until(camera.hung.is_set, 30.0, "the camera read hanging")
+        path_listener.listen(cfg.pipeline.watchdog_stall_s + 2.0)  # pings decided before the hang was visible
+        pings = path_listener.count("WATCHDOG=1")
+        path_listener.listen(3.0)  # a live pipeline would ping 6 times meanwhile
+        assert path_listener.count("WATCHDOG=1") == pings, path_listener.received
+        assert pipeline.health().camera.state == CameraState.STALLED
+    finally:
+        camera.release_read.set()
         pipeline.request_stop("test")
         runner.join(60)
     assert exit_codes == [0]
