@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import CameraConfig
 from cabin_monitor.messages import CameraState, Frame
 from cabin_monitor.vision.capture import (
+    MAX_EMPTY_PASSES,
+    Capture,
     FrameSource,
     SourceEnded,
     SourceError,
+    SourceSetupError,
     SourceSpec,
     open_capture,
     parse_source,
     validate_image,
 )
 from tests.support.camera import ScriptedCamera
+from tests.support.daemon import DaemonProcess
 
 VIDEO = sample_path("single_face.mp4")
 
@@ -94,6 +102,115 @@ def test_truncated_video_ends_cleanly(tmp_path: Path) -> None:
         assert "cut.mp4" in str(exc)
     else:
         assert all(f.image.ndim == 3 for f in frames)
+
+
+# The moov-first sample (its index before the media data): cut short, it still opens, but holds no frame.
+INDEX_FIRST_VIDEO = sample_path("WolfgangLanger_Pexels.mp4")
+
+
+def media_data_offset(data: bytes) -> int:
+    """Where the ``mdat`` box of an MP4 starts: everything before it is header (ftyp, moov)."""
+    offset = 0
+    while offset + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        if kind == b"mdat":
+            return offset
+        offset += size
+    raise AssertionError("no mdat box")
+
+
+def cut_copy(tmp_path: Path, video: Path, size: int | None) -> Path:
+    """A copy of ``video`` cut to ``size`` bytes (``None``: the header only, up to the media data)."""
+    data = video.read_bytes()
+    cut = tmp_path / f"cut-{size}-{video.name}"
+    cut.write_bytes(data[: media_data_offset(data) if size is None else size])
+    return cut
+
+
+@pytest.fixture
+def stop_after_a_minute() -> Iterator[threading.Event]:
+    """A stop event set after 60 s, so a source that never gives up fails the test instead of hanging it."""
+    stop = threading.Event()
+    timer = threading.Timer(60.0, stop.set)
+    timer.start()
+    yield stop
+    timer.cancel()
+
+
+class CountingOpener:
+    """The real ``open_capture``, counting how often the source opens the file."""
+
+    def __init__(self) -> None:
+        self.opens = 0
+
+    def __call__(self, spec: SourceSpec, cfg: CameraConfig) -> Capture:
+        self.opens += 1
+        return open_capture(spec, cfg)
+
+
+@pytest.mark.parametrize("size", [12 * 1024, None], ids=["12KB", "header-only"])
+def test_a_looped_file_without_frames_backs_off_and_ends_as_a_setup_error(
+    tmp_path: Path, size: int | None, stop_after_a_minute: threading.Event
+) -> None:
+    """A looped file with no frame is reopened after a growing wait a few times, then refused with exit code 2."""
+    cut = cut_copy(tmp_path, INDEX_FIRST_VIDEO, size)
+    opener = CountingOpener()
+    source = FrameSource(CameraConfig(source=str(cut), loop=True), stop_after_a_minute, opener=opener)
+    with capture_logs() as logs, pytest.raises(SourceSetupError, match="gave no frame") as err:
+        source.read()
+    assert cut.name in str(err.value) and err.value.exit_code == 2
+    assert opener.opens == MAX_EMPTY_PASSES  # the first open, then one reopen per empty pass but the last
+    retries = [r for r in logs if r["event"] == "looped video file gave no frame; reopening it"]
+    assert [r["empty_passes"] for r in retries] == list(range(1, MAX_EMPTY_PASSES))
+    assert all(r["retry_in_s"] > 0 for r in retries)
+    assert not [r for r in logs if r["event"] == "looping video file"]
+    assert source.stats().state == CameraState.FAILED
+
+
+def test_a_file_without_frames_is_a_setup_error_when_not_looped(tmp_path: Path) -> None:
+    """Played once, a header-only file is refused (exit code 2) rather than ending as if it had played."""
+    cut = cut_copy(tmp_path, INDEX_FIRST_VIDEO, None)
+    with pytest.raises(SourceSetupError, match="no readable frame") as err:
+        FrameSource(CameraConfig(source=str(cut)), threading.Event()).read()
+    assert err.value.exit_code == 2
+
+
+def test_a_truncated_file_that_cannot_be_opened_is_a_setup_error(tmp_path: Path) -> None:
+    """A file cut before its index (moov at the end) cannot be opened: a setup error, loop or not."""
+    cut = cut_copy(tmp_path, VIDEO, 12 * 1024)
+    with pytest.raises(SourceSetupError, match="open failed") as err:
+        FrameSource(CameraConfig(source=str(cut), loop=True), threading.Event()).read()
+    assert err.value.exit_code == 2
+
+
+def test_a_looped_file_truncated_while_playing_ends_as_a_setup_error(
+    tmp_path: Path, stop_after_a_minute: threading.Event
+) -> None:
+    """A looped file that played and is then cut to its header gives up after a few empty passes."""
+    clip = tmp_path / "clip.mp4"
+    data = INDEX_FIRST_VIDEO.read_bytes()
+    clip.write_bytes(data)
+    source = FrameSource(CameraConfig(source=str(clip), loop=True, file_pacing="fast"), stop_after_a_minute)
+    played = [source.read() for _ in range(5)]
+    with clip.open("r+b") as f:
+        f.truncate(media_data_offset(data))
+    with pytest.raises(SourceSetupError, match="gave no frame"):
+        read_all(source)
+    assert [f.frame_id for f in played] == list(range(5))
+
+
+def test_the_daemon_exits_2_with_one_clear_line_on_a_looped_file_without_frames(tmp_path: Path) -> None:
+    """``run --loop`` on a header-only file ends by itself with exit code 2 and a few log lines, no traceback."""
+    cut = cut_copy(tmp_path, INDEX_FIRST_VIDEO, None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CABIN_MONITOR__", "NOTIFY_", "WATCHDOG_"))}
+    env |= {"CABIN_MONITOR__LOGGING__FORMAT": "json", "CABIN_MONITOR__STATE_DIR": str(tmp_path / "state")}
+    daemon = DaemonProcess(tmp_path, ["--source", str(cut), "--loop"], env=env)
+    assert daemon.wait(120.0) == 2, daemon.logs()[-3000:]
+    (stopped,) = daemon.logged("stage thread stopped")
+    assert stopped["thread"] == "capture" and stopped["exit_code"] == 2 and cut.name in stopped["error"]
+    assert len(daemon.logged("looped video file gave no frame; reopening it")) == MAX_EMPTY_PASSES - 1
+    assert "Traceback" not in daemon.logs()
+    assert len(daemon.logs().splitlines()) < 100, daemon.logs()[-3000:]
 
 
 def test_garbage_file_is_a_source_error(tmp_path: Path) -> None:

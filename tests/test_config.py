@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_environment_overrides_single_values() -> None:
-    """CABIN_MONITOR__A__B=value sets one nested value, parsed as YAML."""
+    """CABIN_MONITOR__A__B=value sets one nested value, read by the field's type."""
     cfg = parse_config_text(
         "mqtt:\n  keepalive_s: 60\n",
         environ={"CABIN_MONITOR__MQTT__KEEPALIVE_S": "15", "CABIN_MONITOR__RULES__STRESS__ENABLED": "false"},
@@ -132,6 +133,90 @@ def test_a_bad_environment_value_names_the_variable_not_the_file_line() -> None:
     (problem,) = err.value.problems
     assert problem.startswith("mqtt.url (from the environment variable CABIN_MONITOR__MQTT__URL):")
     assert "line" not in problem
+
+
+@pytest.mark.parametrize("text", ["#secret", "null", "yes", "007", "'quoted'", "[x", "a: b", " spaced ", "&anchor"])
+def test_environment_text_values_are_taken_as_they_are(text: str) -> None:
+    """A password or user name from the environment is its exact text, never read as YAML (a comment, null, true)."""
+    cfg = parse_config_text("", environ={"CABIN_MONITOR__MQTT__PASSWORD": text, "CABIN_MONITOR__MQTT__USERNAME": text})
+    assert cfg.mqtt.password is not None and cfg.mqtt.password.get_secret_value() == text
+    assert cfg.mqtt.username == text
+
+
+def test_environment_numbers_and_flags_are_parsed_by_the_field_type() -> None:
+    """Integers, decimals and true/false words become the field's type; text fields that look like numbers stay text."""
+    cfg = parse_config_text(
+        "",
+        environ={
+            "CABIN_MONITOR__MQTT__KEEPALIVE_S": " 15 ",
+            "CABIN_MONITOR__CAMERA__READ_TIMEOUT_S": "2.5",
+            "CABIN_MONITOR__RULES__STRESS__SUSTAIN_S": "5",
+            "CABIN_MONITOR__CAMERA__LOOP": "Yes",
+            "CABIN_MONITOR__RULES__STRESS__ENABLED": "off",
+            "CABIN_MONITOR__CAMERA__SOURCE": "0",
+            "CABIN_MONITOR__VEHICLE_ID": "007",
+        },
+    )
+    assert (cfg.mqtt.keepalive_s, cfg.camera.read_timeout_s, cfg.rules.stress.sustain_s) == (15, 2.5, 5.0)
+    assert cfg.camera.loop is True and cfg.rules.stress.enabled is False
+    assert (cfg.camera.source, cfg.vehicle_id) == ("0", "007")
+
+
+def test_environment_lists_and_sections_are_json() -> None:
+    """A list or a whole section from the environment is JSON; an empty value clears a field that may be empty."""
+    cfg = parse_config_text(
+        "mqtt:\n  url: mqtt://bus:1883\n",
+        environ={
+            "CABIN_MONITOR__EMOTION__PROVIDERS": '["cuda", "cpu"]',
+            "CABIN_MONITOR__RULES__STRESS__CLASSES": '["anger"]',
+            "CABIN_MONITOR__MQTT__TLS": '{"ca_file": "/etc/ca.crt"}',
+            "CABIN_MONITOR__MQTT__URL": "",
+        },
+    )
+    assert cfg.emotion.providers == ("cuda", "cpu")
+    assert cfg.rules.stress.classes == ("anger",)
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.ca_file == Path("/etc/ca.crt")
+    assert cfg.mqtt.url is None
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("CABIN_MONITOR__MQTT__KEEPALIVE_S", "[x", "valid integer"),
+        ("CABIN_MONITOR__CAMERA__LOOP", "maybe", "valid boolean"),
+        ("CABIN_MONITOR__EMOTION__PROVIDERS", "[x", "not valid JSON"),
+        ("CABIN_MONITOR__EMOTION__PROVIDERS", "cuda,cpu", "not valid JSON"),
+        ("CABIN_MONITOR__MQTT__TLS", "{ca_file: x}", "not valid JSON"),
+        ("CABIN_MONITOR__MQTT__PASWORD", "x", "unknown key"),
+    ],
+)
+def test_an_unreadable_environment_value_is_one_problem_naming_the_variable(name: str, text: str, message: str) -> None:
+    """A value that does not fit its field (or names no field) is one problem line, blamed on the variable."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text("mqtt:\n  keepalive_s: 30\n", "x.yaml", environ={name: text})
+    (problem,) = err.value.problems
+    assert f"(from the environment variable {name}):" in problem and message in problem, problem
+
+
+def test_a_bad_environment_value_stops_run_with_exit_code_2_and_no_traceback(tmp_path: Path) -> None:
+    """``run`` with an unreadable override prints the variable and the problem, no traceback, and exits 2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CABIN_MONITOR__")}
+    env |= {"CABIN_MONITOR__MQTT__KEEPALIVE_S": "[x", "CABIN_MONITOR__EMOTION__PROVIDERS": "[x"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == "cabin-monitor: <defaults>: invalid configuration", proc.stderr
+    assert len(lines) == 3, proc.stderr
+    assert any("CABIN_MONITOR__MQTT__KEEPALIVE_S" in line and "mqtt.keepalive_s" in line for line in lines[1:])
+    assert any("CABIN_MONITOR__EMOTION__PROVIDERS" in line and "not valid JSON" in line for line in lines[1:])
 
 
 def test_env_override_does_not_touch_the_input() -> None:

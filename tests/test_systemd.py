@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import shutil
@@ -11,17 +13,31 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import cv2
 import pytest
 import yaml
 
 from cabin_monitor.assets import sample_path
+from cabin_monitor.bus.payloads import health_payload
+from cabin_monitor.bus.remote import RulesControl
+from cabin_monitor.bus.sinks import StdoutSink
+from cabin_monitor.config import CameraConfig, Config, PipelineConfig
+from cabin_monitor.messages import CameraState, Face, Frame
+from cabin_monitor.runtime.pipeline import Pipeline
+from cabin_monitor.runtime.processor import FrameProcessor
+from cabin_monitor.runtime.sdnotify import SystemdNotifier
+from cabin_monitor.vision.capture import Capture, FrameSource, SourceSpec
+from cabin_monitor.vision.detect import FaceDetector
+from tests.support.broker import MosquittoBroker, MqttRecorder
+from tests.support.camera import ScriptedCamera
 from tests.support.daemon import DaemonProcess
 from tests.support.helpers import wait_until
 
@@ -248,6 +264,15 @@ class NotifyListener:
         while (left := deadline - time.monotonic()) > 0:
             self._receive(left)
 
+    def receive_until(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+        """Receive while waiting for ``condition()`` (a full queue would make the sender drop datagrams)."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{what}: not within {timeout_s} s; got {self.received}")
+            self._receive(min(left, 0.2))
+
     def count(self, field: str) -> int:
         """How many datagrams so far carry ``field``."""
         return sum(field in d.fields for d in self.received)
@@ -375,25 +400,204 @@ def test_no_watchdog_when_watchdog_pid_names_another_process(
     assert daemon.wait() == 0, daemon.logs()[-3000:]
 
 
-def test_no_watchdog_while_the_camera_delivers_nothing(
-    path_listener: NotifyListener, tmp_path: Path, daemons: list[Daemon]
+def test_watchdog_is_fed_while_the_camera_never_opens(
+    path_listener: NotifyListener, tmp_path: Path, daemons: list[Daemon], mqtt_broker: MosquittoBroker
 ) -> None:
-    """A camera that cannot be opened: READY=1 but never WATCHDOG=1; SIGTERM still ends it with exit 0."""
+    """No camera at all: the daemon is alive, so WATCHDOG=1 goes on, and health and STATUS say ``reopening``."""
     missing = "/dev/video99"
     if os.path.exists(missing):
         pytest.skip(f"{missing} exists on this machine; the test needs a camera device that does not")
-    daemon = Daemon(tmp_path, write_config(tmp_path), path_listener, "--source", missing)
-    daemons.append(daemon)
-    path_listener.wait_for("READY=1", START_TIMEOUT_S)
-    # The capture thread is retrying with backoff (about 0.25-0.5 s, 0.5-1 s, 1-2 s, ...) ...
-    wait_until(lambda: len(daemon.logged("source unavailable, retrying")) >= 3, 30.0, "three reopen attempts")
-    # ... and with WATCHDOG_USEC=1 s a working pipeline would have pinged every 0.5 s meanwhile.
-    path_listener.listen(2.0)
-    assert path_listener.count("WATCHDOG=1") == 0, path_listener.received
+    config = write_config(tmp_path)
+    with MqttRecorder(mqtt_broker.url, ["cabin/test-car/health"]) as health:
+        daemon = Daemon(tmp_path, config, path_listener, "--source", missing, "--mqtt-url", mqtt_broker.url)
+        daemons.append(daemon)
+        path_listener.wait_for("READY=1", START_TIMEOUT_S)
+        # The capture thread retries with a growing wait (about 0.25-0.5 s, 0.5-1 s, 1-2 s, 2-4 s, ...) ...
+        path_listener.receive_until(
+            lambda: len(daemon.logged("source unavailable, retrying")) >= 4, 60.0, "four reopen attempts"
+        )
+        # ... and pings go on through the longer waits (WATCHDOG_USEC=1 s: one every 0.5 s).
+        pings = path_listener.count("WATCHDOG=1")
+        path_listener.wait_for("WATCHDOG=1", 30.0, count=pings + 6)
+        assert len(daemon.logged("source unavailable, retrying")) >= 4 and not daemon.logged("source opened")
+        health.wait_for(lambda ms: any(json.loads(m.payload)["camera"]["state"] == "reopening" for m in ms), 30.0)
+    assert any(f"STATUS=camera reopening: {missing}" in d.fields for d in path_listener.received)
     assert daemon.proc.poll() is None
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0, daemon.logs()[-3000:]
     path_listener.wait_for("STOPPING=1", 5.0)
+
+
+def test_a_full_notification_queue_drops_datagrams_instead_of_blocking(path_listener: NotifyListener) -> None:
+    """With nobody reading the socket, notifications fail fast once its queue is full: the sender never hangs."""
+    notifier = SystemdNotifier(path_listener.address)
+    results: list[bool] = []
+    sender = threading.Thread(target=lambda: results.extend(notifier.watchdog() for _ in range(5000)), daemon=True)
+    sender.start()
+    sender.join(30.0)
+    assert not sender.is_alive(), "sendto blocked on a full queue"
+    assert results[0] and not all(results)
+    path_listener.listen(0.5)
+    assert 0 < path_listener.count("WATCHDOG=1") < 5000
+    notifier.close()
+
+
+# -- the watchdog in-process: a camera that comes late, an inference stage that hangs ----------------
+
+
+@pytest.fixture
+def watchdog_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WATCHDOG_USEC=1 s for this process (a ping every 0.5 s), meant for this process."""
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+
+
+def in_process_pipeline(
+    cfg: Config,
+    notify: NotifyListener,
+    opener: Callable[[SourceSpec, CameraConfig], Capture],
+    detector: FaceDetector | None = None,
+) -> Pipeline:
+    """The real pipeline on ``cfg`` with a scripted camera, events on a throw-away stream, notifying ``notify``."""
+    stop = threading.Event()
+    processor = FrameProcessor(cfg, detector=detector)
+    source = FrameSource(cfg.camera, stop, opener=opener)
+    control = RulesControl(cfg.rules, processor.model.class_names, None)
+    sink = StdoutSink(cfg.vehicle_id, io.StringIO())
+    return Pipeline(cfg, processor, source, sink, control, SystemdNotifier(notify.address), stop_event=stop)
+
+
+def test_watchdog_is_fed_while_the_camera_is_absent_and_frames_flow_once_it_appears(
+    path_listener: NotifyListener, watchdog_env: None
+) -> None:
+    """A camera plugged in late: pings through the reopen waits, health ``reopening``, then frames and ``streaming``."""
+    plugged = threading.Event()
+    attempts: list[float] = []
+
+    def opener(spec: SourceSpec, cfg: CameraConfig) -> Capture:
+        attempts.append(time.monotonic())
+        if not plugged.is_set():
+            raise cv2.error("no such device")
+        return ScriptedCamera(sample_path("single_face.mp4"), frame_period_s=1 / 30)
+
+    cfg = Config(
+        camera=CameraConfig(source="/dev/video99", reopen_initial_s=0.5, reopen_max_s=4.0),
+        pipeline=PipelineConfig(watchdog_stall_s=2.0),
+    )
+    pipeline = in_process_pipeline(cfg, path_listener, opener)
+    runner = threading.Thread(target=lambda: exit_codes.append(pipeline.run()))
+    exit_codes: list[int] = []
+    runner.start()
+    try:
+        path_listener.wait_for("READY=1", START_TIMEOUT_S)
+        # Waits of 1-2 s and 2-4 s between attempts are longer than watchdog_stall_s: pings go on through them.
+        path_listener.receive_until(lambda: len(attempts) >= 5, 60.0, "five open attempts")
+        pings = path_listener.count("WATCHDOG=1")
+        path_listener.wait_for("WATCHDOG=1", 30.0, count=pings + 6)
+        assert not plugged.is_set() and pipeline.health().frames_processed == 0
+        health = health_payload(pipeline.health(), cfg.vehicle_id)
+        assert (health.camera.state, health.status) == ("reopening", "degraded")
+
+        plugged.set()
+        path_listener.receive_until(lambda: pipeline.health().frames_processed >= 20, 60.0, "frames from the camera")
+        assert pipeline.health().camera.state == CameraState.STREAMING
+        pings = path_listener.count("WATCHDOG=1")
+        path_listener.wait_for("WATCHDOG=1", 30.0, count=pings + 2)
+    finally:
+        plugged.set()
+        pipeline.request_stop("test")
+        runner.join(60)
+    assert exit_codes == [0]
+    path_listener.wait_for("STOPPING=1", 5.0)  # sent last, so everything before it has arrived
+    states = [f for d in path_listener.received for f in d.fields if f.startswith("STATUS=camera")]
+    assert states[:2] == ["STATUS=camera reopening: /dev/video99", "STATUS=camera streaming: /dev/video99"]
+
+
+class HangingDetector:
+    """A detector that, once ``hang`` is set, blocks inside ``detect`` until ``release`` is set: a stuck stage."""
+
+    def __init__(self) -> None:
+        self.hang = threading.Event()
+        self.hung = threading.Event()
+        self.release = threading.Event()
+
+    def detect(self, frame: Frame) -> list[Face]:
+        """No faces; blocks while hung."""
+        if self.hang.is_set():
+            self.hung.set()
+            self.release.wait()
+        return []
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def test_a_hung_inference_stage_stops_the_watchdog_pings(path_listener: NotifyListener, watchdog_env: None) -> None:
+    """Frames keep coming but the inference thread hangs in a stage: the pings stop, so systemd would restart it."""
+    detector = HangingDetector()
+    cfg = Config(camera=CameraConfig(source="0"), pipeline=PipelineConfig(watchdog_stall_s=1.0))
+    camera = ScriptedCamera(sample_path("single_face.mp4"), frame_period_s=1 / 30)
+    pipeline = in_process_pipeline(cfg, path_listener, lambda spec, c: camera, detector)
+    exit_codes: list[int] = []
+    runner = threading.Thread(target=lambda: exit_codes.append(pipeline.run()))
+    runner.start()
+    try:
+        path_listener.wait_for("READY=1", START_TIMEOUT_S)
+        path_listener.wait_for("WATCHDOG=1", 30.0, count=2)
+        detector.hang.set()
+        path_listener.receive_until(detector.hung.is_set, 30.0, "the detector hanging")
+        path_listener.listen(cfg.pipeline.watchdog_stall_s + 2.0)  # pings decided before the hang was visible
+        pings, reads = path_listener.count("WATCHDOG=1"), camera.reads
+        path_listener.listen(3.0)  # a live pipeline would ping 6 times meanwhile
+        assert path_listener.count("WATCHDOG=1") == pings, path_listener.received
+        assert camera.reads > reads  # the camera is fine and still read: only inference is stuck
+        assert not pipeline.alive(time.monotonic())
+    finally:
+        detector.release.set()
+        pipeline.request_stop("test")
+        runner.join(60)
+    assert exit_codes == [0]
+
+
+class HangingCamera(ScriptedCamera):
+    """The sample clip as a camera whose ``read`` blocks, once ``hang`` is set, until ``release`` is set."""
+
+    def __init__(self, video: Path) -> None:
+        super().__init__(video, frame_period_s=1 / 30)
+        self.hang = threading.Event()
+        self.hung = threading.Event()
+        self.release_read = threading.Event()
+
+    def read(self) -> tuple[bool, Any]:
+        """A frame; blocks while hung."""
+        if self.hang.is_set():
+            self.hung.set()
+            self.release_read.wait()
+        return super().read()
+
+
+def test_a_hung_camera_read_stops_the_watchdog_pings(path_listener: NotifyListener, watchdog_env: None) -> None:
+    """A camera call that never comes back is a hung capture thread: health says ``stalled`` and the pings stop."""
+    camera = HangingCamera(sample_path("single_face.mp4"))
+    cfg = Config(camera=CameraConfig(source="0", read_timeout_s=1.0), pipeline=PipelineConfig(watchdog_stall_s=1.0))
+    pipeline = in_process_pipeline(cfg, path_listener, lambda spec, c: camera)
+    exit_codes: list[int] = []
+    runner = threading.Thread(target=lambda: exit_codes.append(pipeline.run()))
+    runner.start()
+    try:
+        path_listener.wait_for("WATCHDOG=1", START_TIMEOUT_S, count=2)
+        camera.hang.set()
+        path_listener.receive_until(camera.hung.is_set, 30.0, "the camera read hanging")
+        path_listener.listen(cfg.pipeline.watchdog_stall_s + 2.0)  # pings decided before the hang was visible
+        pings = path_listener.count("WATCHDOG=1")
+        path_listener.listen(3.0)  # a live pipeline would ping 6 times meanwhile
+        assert path_listener.count("WATCHDOG=1") == pings, path_listener.received
+        assert pipeline.health().camera.state == CameraState.STALLED
+    finally:
+        camera.release_read.set()
+        pipeline.request_stop("test")
+        runner.join(60)
+    assert exit_codes == [0]
 
 
 def test_sighup_reloads_rules_and_refuses_an_invalid_file(

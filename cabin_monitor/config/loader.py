@@ -1,16 +1,22 @@
 """Reading the configuration: YAML text or file, environment overrides, and one line per problem.
 
-Environment variables named ``CABIN_MONITOR__SECTION__FIELD`` override single values (the value is read
-as YAML, so ``CABIN_MONITOR__MQTT__KEEPALIVE_S=15`` is a number). Every validation problem is reported
-with its dotted path and, for files, its YAML line.
+Environment variables named ``CABIN_MONITOR__SECTION__FIELD`` override single values. The value is the
+variable's text, read by the field's type: a text field takes it as it is (``#secret`` is a password, not a
+comment), a number or true/false field parses it, a list or section field reads it as JSON
+(``CABIN_MONITOR__EMOTION__PROVIDERS='["cuda", "cpu"]'``), and an empty value clears a field that may be
+empty. Every problem is reported with its dotted path and, for files, its YAML line; a value from the
+environment is blamed on its variable.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -160,15 +166,29 @@ def env_override_names(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]
 
 
 def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with ``CABIN_MONITOR__A__B=value`` settings applied."""
+    """Return a copy of ``raw`` with ``CABIN_MONITOR__A__B=value`` settings applied; ``ConfigError`` naming
+    each variable whose value cannot be read (a list or section value that is not JSON)."""
+    result, problems = _with_env_overrides(raw, environ)
+    if problems:
+        raise ConfigError("the environment", problems)
+    return result
+
+
+def _with_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """A copy of ``raw`` with the readable overrides applied, and one problem per unreadable one."""
     result: dict[str, Any] = _deep_copy(raw)
+    problems: list[str] = []
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not path:
             continue
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = env_value(text, _field_type(path))
+        except ValueError as exc:
+            problems.append(f"{'.'.join(path)} (from the environment variable {name}): {exc}")
+            continue
         node = result
         for key in path[:-1]:
             child = node.get(key)
@@ -177,7 +197,75 @@ def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict
                 node[key] = child
             node = child
         node[path[-1]] = value
-    return result
+    return result, problems
+
+
+_NO_FIELD = object()  # the path names no setting: the value goes in as text, and validation says so
+_INTEGER = re.compile(r"[+-]?\d+")
+_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "off", "0"})
+
+
+def _field_type(path: list[str]) -> Any:
+    """The type of the setting at ``path`` in ``Config`` (``_NO_FIELD`` when there is none)."""
+    model: Any = Config
+    annotation: Any = _NO_FIELD
+    for key in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
+            return _NO_FIELD
+        annotation = model.model_fields[key].annotation
+        members = _non_null(annotation)
+        model = members[0] if len(members) == 1 else None
+    return annotation
+
+
+def _non_null(annotation: Any) -> tuple[Any, ...]:
+    """The members of ``X | Y | None`` other than None (``(X,)`` for a plain type)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return tuple(a for a in get_args(annotation) if a is not type(None))
+    return (annotation,)
+
+
+def _may_be_none(annotation: Any) -> bool:
+    """Whether ``annotation`` is ``X | None``."""
+    return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
+
+
+def env_value(text: str, annotation: Any) -> Any:
+    """An environment variable's text as a value for a field of type ``annotation``.
+
+    Text fields get the text unchanged; numbers and true/false are parsed (text that does not parse is
+    passed on for validation to refuse with the field's own message); lists and sections are JSON. An
+    empty value is None where the field may be None. Raises ``ValueError`` for JSON that does not parse.
+    """
+    if not text.strip():
+        return None if _may_be_none(annotation) else text
+    members = _non_null(annotation)
+    if len(members) != 1:
+        return text
+    kind = members[0]
+    word = text.strip()
+    if kind is bool:
+        lowered = word.lower()
+        return True if lowered in _TRUE_WORDS else False if lowered in _FALSE_WORDS else text
+    if kind is int:
+        return int(word) if _INTEGER.fullmatch(word) else text
+    if kind is float:
+        try:
+            return float(word)
+        except ValueError:
+            return text
+    if get_origin(kind) in (tuple, list, set, frozenset, dict) or (
+        isinstance(kind, type) and issubclass(kind, BaseModel)
+    ):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"not valid JSON ({exc.msg} at character {exc.pos + 1}); a list or section is given "
+                'as JSON, e.g. ["cuda", "cpu"] or {"ca_file": "ca.crt"}'
+            ) from None
+    return text
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
@@ -195,11 +283,14 @@ def parse_config_text(text: str, source: str = "<config>", environ: Mapping[str,
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of sections, got {type(raw).__name__}"])
     environ = os.environ if environ is None else environ
-    raw = apply_env_overrides(raw, environ)
+    raw, problems = _with_env_overrides(raw, environ)
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, describe_errors(exc, _yaml_lines(text), env_override_names(environ))) from None
+        problems += describe_errors(exc, _yaml_lines(text), env_override_names(environ))
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:

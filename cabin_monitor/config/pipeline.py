@@ -14,5 +14,8 @@ class PipelineConfig(Strict):
         500.0, gt=0, description="Frames older than this when inference is free are skipped (and counted)."
     )
     watchdog_stall_s: float = Field(
-        5.0, gt=0, description="No frame through the pipeline for this long stops feeding the systemd watchdog."
+        5.0,
+        gt=0,
+        description="A stage thread without progress for this long (a hung stage or camera call) stops feeding "
+        "the systemd watchdog; a camera being reopened is progress.",
     )

@@ -1,9 +1,12 @@
 """Threads, hand-over and shutdown: capture thread -> latest-frame mailbox -> inference thread -> sink.
 
-The main thread supervises: it feeds the systemd watchdog only while frames
-flow, logs throughput and latency, publishes health, and stops everything on
-a signal, at end of file, or when a stage thread dies (exit code 1, so
-systemd restarts the service).
+The main thread supervises: it feeds the systemd watchdog while both stage
+threads show progress (frames, or a camera being reopened: the watchdog proves
+the daemon is alive, not that a camera is plugged in; a hung stage or a hung
+camera call stops the pings), logs throughput and latency, publishes health, and
+stops everything on a signal, at end of file, or when a stage thread dies (exit
+code 1, so systemd restarts the service; a setup error such as a video file
+without frames exits 2, which systemd does not restart).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import structlog
 from cabin_monitor.bus.remote import RemoteRequests, RulesControl
 from cabin_monitor.bus.sinks import EventSink
 from cabin_monitor.config import Config
+from cabin_monitor.errors import CabinMonitorError
 from cabin_monitor.messages import CameraState, Frame, FrameResult, HealthSnapshot
 from cabin_monitor.metrics import LatencyWindow, RateWindow
 from cabin_monitor.record.sink import RecordingSink
@@ -79,6 +83,8 @@ class Pipeline:
         self._counters = _Counters()
         self._counter_lock = threading.Lock()
         self._failure: str | None = None
+        self._failure_exit_code = EXIT_STAGE_FAILED
+        self._inference_alive_s = clock()
         self._threads: list[threading.Thread] = []
         self._inference_done = threading.Event()
         self._fps = RateWindow()
@@ -108,6 +114,13 @@ class Pipeline:
         def run() -> None:
             try:
                 body()
+            except CabinMonitorError as exc:
+                # A fault the daemon can name (a video file without frames, a model that will not load):
+                # one clear line and the exit code of its kind, no traceback.
+                log.error("stage thread stopped", thread=name, error=str(exc), exit_code=exc.exit_code)
+                self._failure_exit_code = exc.exit_code
+                self._failure = f"{name}: {exc}"
+                self.stop_event.set()
             except Exception as exc:
                 log.exception("stage thread failed", thread=name, error=repr(exc))
                 self._failure = f"{name}: {exc!r}"
@@ -134,6 +147,7 @@ class Pipeline:
     def _inference_loop(self) -> None:
         try:
             while True:
+                self._inference_alive_s = self._clock()
                 pending = self.rules_control.take_pending()
                 if pending is not None:
                     self.processor.reconfigure_rules(pending)
@@ -225,12 +239,14 @@ class Pipeline:
             remote=None if self.remote is None else self.remote.stats(),
         )
 
-    def _frames_flowing(self, now: float) -> bool:
-        with self._counter_lock:
-            last = self._counters.last_processed_s
-        if not self.source.paced_realtime:
-            return self._counters.frames_processed > 0 and not self._inference_done.is_set()
-        return last > 0 and now - last < self.cfg.pipeline.watchdog_stall_s
+    def alive(self, now: float) -> bool:
+        """Whether both stage threads showed progress within ``pipeline.watchdog_stall_s``: the inference
+        thread went round its loop (it wakes every 0.5 s without frames), and the capture side read,
+        opened or ticked in a wait between reopen attempts (or ended). The watchdog is fed only then."""
+        limit = self.cfg.pipeline.watchdog_stall_s
+        inference = not self._inference_done.is_set() and now - self._inference_alive_s < limit
+        capture = self.mailbox.closed or now - self.source.last_alive_s < limit
+        return inference and capture
 
     def _log_stats(self) -> None:
         with self._counter_lock:
@@ -291,6 +307,7 @@ class Pipeline:
         watchdog_s = self.notifier.watchdog_interval_s()
         last_watchdog = last_stats = last_health = -1e18
         last_health_key: tuple[object, ...] | None = None
+        last_camera_state: CameraState | None = None
         stop_logged = False
         while not self._inference_done.is_set():
             if self.stop_event.is_set():
@@ -307,15 +324,18 @@ class Pipeline:
                 self._reload_requested.clear()
                 if self.on_reload is not None:
                     self.on_reload()
-            if self._frames_flowing(now):
-                if watchdog_s is not None and now - last_watchdog >= watchdog_s:
-                    self.notifier.watchdog()
-                    last_watchdog = now
-            elif self.source.paced_realtime and self.source.stats().state == CameraState.STREAMING:
-                with self._counter_lock:
-                    last = self._counters.last_processed_s
-                if last > 0 and now - last > self.cfg.camera.read_timeout_s:
-                    self.source.mark_stalled(f"no frame for {now - last:.1f} s")
+            if watchdog_s is not None and now - last_watchdog >= watchdog_s and self.alive(now):
+                self.notifier.watchdog()
+                last_watchdog = now
+            if self.source.paced_realtime and self.source.stats().state == CameraState.STREAMING:
+                # A camera read that has not come back (a slow model is not a stalled camera).
+                silent_s = now - self.source.last_alive_s
+                if silent_s > self.cfg.camera.read_timeout_s:
+                    self.source.mark_stalled(f"no frame for {silent_s:.1f} s")
+            camera_state = self.source.stats().state
+            if camera_state != last_camera_state:
+                self.notifier.status(f"camera {camera_state.value}: {self.cfg.camera.source}")
+                last_camera_state = camera_state
             if now - last_stats >= self.cfg.logging.stats_interval_s:
                 self._log_stats()
                 last_stats = now
@@ -346,7 +366,7 @@ class Pipeline:
             self.sink.stop(flush_timeout_s=10.0)
             self.processor.close()
         if self._failure:
-            log.error("stopped after a stage failure", failure=self._failure)
-            return EXIT_STAGE_FAILED
+            log.error("stopped after a stage failure", failure=self._failure, exit_code=self._failure_exit_code)
+            return self._failure_exit_code
         log.info("stopped", frames=self._counters.frames_processed, events=self._counters.events)
         return EXIT_OK

@@ -34,11 +34,15 @@ class SystemdNotifier:
         return value / 2e6 if value > 0 else None
 
     def notify(self, *fields: str) -> bool:
-        """Send ``KEY=value`` lines; False when there is no socket or sending failed."""
+        """Send ``KEY=value`` lines; False when there is no socket or sending failed.
+
+        Never blocks: with the receiver's queue full the notification is dropped (the queue already holds
+        earlier ones), rather than hanging the supervising loop that sends it.
+        """
         if self._sock is None:
             return False
         try:
-            self._sock.sendto("\n".join(fields).encode(), self._address)
+            self._sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self._address)
         except OSError:
             return False
         return True
@@ -48,7 +52,7 @@ class SystemdNotifier:
         return self.notify("READY=1", f"STATUS={status}")
 
     def watchdog(self) -> bool:
-        """The service is alive (frames are flowing)."""
+        """The service is alive (its stage threads are making progress)."""
         return self.notify("WATCHDOG=1")
 
     def stopping(self) -> bool:

@@ -3,7 +3,13 @@
 ``FrameSource.read`` returns the next valid frame. It skips and counts
 corrupt frames, reopens a failed or vanished camera with exponential backoff,
 paces video files at their own frame rate (``realtime``) or times them by the
-file's clock (``fast``), and raises ``SourceEnded`` when a file is done.
+file's clock (``fast``), and raises ``SourceEnded`` when a file is done. A video
+file that gives no frame at all (empty, truncated, header only) is a setup error,
+also when looped: a pass without a frame waits (with the reopen backoff) and
+reopens the file, and ``MAX_EMPTY_PASSES`` of them in a row end the source.
+While it waits or reopens, the source shows a sign of life at least every
+``WAIT_SLICE_S`` (``last_alive_s``): the watchdog's proof that the capture side
+is alive, with or without a camera.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Protocol, cast
+from typing import Literal, NoReturn, Protocol, cast
 
 import cv2
 import numpy as np
@@ -28,6 +34,10 @@ from cabin_monitor.metrics import RateWindow
 
 log = structlog.get_logger("cabin_monitor.vision.capture")
 SourceKind = Literal["camera", "file", "stream", "gstreamer"]
+# A looped file whose passes give no frame this many times in a row holds nothing to play.
+MAX_EMPTY_PASSES = 3
+# Waits (reopen backoff, file pacing) wake this often to show that the capture thread is alive.
+WAIT_SLICE_S = 0.5
 
 
 class SourceEnded(Exception):
@@ -39,8 +49,8 @@ class SourceError(RuntimeFault):
 
 
 class SourceSetupError(SourceError):
-    """The configured source cannot be right (empty, or a video file that does not exist): restarting
-    cannot fix it, so it exits like a configuration error."""
+    """The configured source cannot be right (empty, a video file that does not exist, cannot be opened
+    or holds no frame): restarting cannot fix it, so it exits like a configuration error."""
 
     exit_code = ConfigurationError.exit_code
 
@@ -150,6 +160,9 @@ class FrameSource:
         self._last_media_s = 0.0
         self._next_due: float | None = None
         self._delivered = RateWindow()
+        self._pass_frames = 0  # frames delivered since the file was opened or rewound
+        self._empty_passes = 0  # passes in a row that delivered none
+        self._alive_s = clock()
 
     @property
     def is_file(self) -> bool:
@@ -174,6 +187,26 @@ class FrameSource:
         with self._lock:
             self._stats = replace(self._stats, **changes)  # type: ignore[arg-type]
 
+    @property
+    def last_alive_s(self) -> float:
+        """When (on ``clock``) the capture side last showed it is working: a read came back, an open attempt
+        ended, or a wait between attempts ticked. Frozen only while a call into the backend hangs."""
+        return self._alive_s
+
+    def _beat(self) -> None:
+        self._alive_s = self._clock()
+
+    def _wait(self, seconds: float) -> None:
+        """Wait ``seconds`` (or until stop), with a sign of life at least every ``WAIT_SLICE_S``."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            self._beat()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._stop.wait(min(left, WAIT_SLICE_S))
+        self._beat()
+
     def mark_stalled(self, reason: str) -> None:
         """Called by the pipeline when no frame has come for ``read_timeout_s``."""
         self._update(state=CameraState.STALLED, last_error=reason)
@@ -183,6 +216,7 @@ class FrameSource:
         attempt = 0
         while not self._stop.is_set():
             attempt += 1
+            self._beat()
             try:
                 cap = self._opener(self.spec, self.cfg)
                 opened = cap.isOpened()
@@ -191,9 +225,12 @@ class FrameSource:
                 error = f"open failed: {exc}"
             else:
                 error = "open failed: the backend could not open the source"
+            self._beat()
             if opened and cap is not None:
                 self._cap = cap
-                self._backoff_s = self.cfg.reopen_initial_s
+                self._pass_frames = 0
+                if not self.is_file:
+                    self._backoff_s = self.cfg.reopen_initial_s
                 fps = cap.get(cv2.CAP_PROP_FPS)
                 self._file_fps = fps if self.is_file and 1.0 <= fps <= 240.0 else (30.0 if self.is_file else 0.0)
                 log.info("source opened", source=self.cfg.source, kind=self.spec.kind, attempt=attempt)
@@ -202,11 +239,11 @@ class FrameSource:
                 cap.release()
             if self.is_file:
                 self._update(state=CameraState.FAILED, last_error=error)
-                raise SourceError(f"{self.spec.target}: {error}")
+                raise SourceSetupError(f"video file {self.spec.target}: {error}")
             wait = self._next_wait_s()
             self._update(state=CameraState.REOPENING, last_error=error)
             log.warning("source unavailable, retrying", source=self.cfg.source, error=error, retry_in_s=round(wait, 2))
-            self._stop.wait(wait)
+            self._wait(wait)
         raise SourceEnded("stopping")
 
     def _reopen(self, reason: str) -> None:
@@ -216,7 +253,7 @@ class FrameSource:
             self._stats = replace(
                 self._stats, state=CameraState.REOPENING, reopen_count=self._stats.reopen_count + 1, last_error=reason
             )
-        self._stop.wait(self._next_wait_s())
+        self._wait(self._next_wait_s())
         self._open()
 
     def _next_wait_s(self) -> float:
@@ -232,16 +269,20 @@ class FrameSource:
         corrupt_run = 0
         while not self._stop.is_set():
             assert self._cap is not None
+            self._beat()
             try:
                 ok, image = self._cap.read()
             except Exception as exc:  # a backend error is a failed read, not a crash
                 ok, image = False, None
                 log.warning("read raised", source=self.cfg.source, error=str(exc))
+            self._beat()
             if not ok:
                 if self.is_file:
                     if self.cfg.loop:
                         self._rewind()
                         continue
+                    if self._next_id == 0:
+                        self._fail_empty_file("it holds no readable frame (empty or truncated)")
                     self._update(state=CameraState.ENDED)
                     raise SourceEnded("end of file")
                 with self._lock:
@@ -266,12 +307,37 @@ class FrameSource:
         raise SourceEnded("stopping")
 
     def _rewind(self) -> None:
+        """Play a looped file again. A pass that gave no frame waits (the reopen backoff, growing) and
+        reopens the file, which may have been replaced; ``MAX_EMPTY_PASSES`` in a row end the source."""
         assert self._cap is not None
+        if self._pass_frames == 0:
+            self._empty_passes += 1
+            if self._empty_passes >= MAX_EMPTY_PASSES:
+                self._fail_empty_file(f"{self._empty_passes} passes in a row gave no frame (empty or truncated)")
+            wait = self._next_wait_s()
+            log.warning(
+                "looped video file gave no frame; reopening it",
+                source=self.cfg.source,
+                empty_passes=self._empty_passes,
+                max_empty_passes=MAX_EMPTY_PASSES,
+                retry_in_s=round(wait, 2),
+            )
+            self.release()
+            self._wait(wait)
+            self._open()
+            return
+        self._empty_passes = 0
+        self._backoff_s = self.cfg.reopen_initial_s
+        self._pass_frames = 0
         self._file_offset_s = self._last_media_s + 1.0 / max(1.0, self._file_fps)
         if not self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
             self.release()
             self._open()
         log.info("looping video file", source=self.cfg.source)
+
+    def _fail_empty_file(self, why: str) -> NoReturn:
+        self._update(state=CameraState.FAILED, last_error=why)
+        raise SourceSetupError(f"video file {self.spec.target}: {why}")
 
     def _make_frame(self, image: ImageArray) -> Frame:
         now = self._clock()
@@ -287,7 +353,7 @@ class FrameSource:
             if self.cfg.file_pacing == "realtime":
                 due = self._file_t0 + media_s
                 if due > now:
-                    self._stop.wait(due - now)
+                    self._wait(due - now)
                 capture_s = self._clock()
             else:
                 capture_s = self._file_t0 + media_s
@@ -296,6 +362,7 @@ class FrameSource:
         wall = self._wall() - (self._clock() - capture_s) if not self.is_file else self._wall()
         frame = Frame(frame_id=self._next_id, capture_s=capture_s, wall_time_s=wall, image=image, media_s=media_s)
         self._next_id += 1
+        self._pass_frames += 1
         with self._lock:
             self._stats = replace(self._stats, state=CameraState.STREAMING, frames=self._stats.frames + 1)
         self._delivered.add(self._clock())
