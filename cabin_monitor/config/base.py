@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 
 class Strict(BaseModel):
@@ -24,3 +24,14 @@ def _not_a_bool(value: object) -> object:
 # text such as "0.7" still reads as a number, as an environment variable's value must.
 Number = Annotated[float, BeforeValidator(_not_a_bool)]
 Integer = Annotated[int, BeforeValidator(_not_a_bool)]
+
+
+def _inside_image(zone: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = zone
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise ValueError("zone must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    return zone
+
+
+# A part of the image: x0, y0, x1, y1 as fractions of its width and height.
+ImageZone = Annotated[tuple[float, float, float, float], AfterValidator(_inside_image)]

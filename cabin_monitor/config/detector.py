@@ -7,26 +7,18 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cabin_monitor.config.base import Strict
+from cabin_monitor.config.base import ImageZone, Strict
 
 
 class DetectRegion(Strict):
     """A part of the image the detector searches on its own, at a resolution that suits its faces."""
 
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
-    zone: tuple[float, float, float, float] = Field(
+    zone: ImageZone = Field(
         ...,
         description="x0, y0, x1, y1 as fractions of the image width/height (0..1); let neighbouring regions"
         " overlap by a face width so a face on a border is whole in one of them.",
     )
-
-    @field_validator("zone")
-    @classmethod
-    def _zone_inside_image(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        x0, y0, x1, y1 = v
-        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-            raise ValueError("zone must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
-        return v
 
 
 class DetectorConfig(Strict):

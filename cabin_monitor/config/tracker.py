@@ -4,24 +4,14 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from cabin_monitor.config.base import Strict
+from cabin_monitor.config.base import ImageZone, Strict
 
 
 class SeatZone(Strict):
     """A seat and the part of the image where its occupant's face appears."""
 
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
-    zone: tuple[float, float, float, float] = Field(
-        ..., description="x0, y0, x1, y1 as fractions of the image width/height (0..1)."
-    )
-
-    @field_validator("zone")
-    @classmethod
-    def _zone_inside_image(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        x0, y0, x1, y1 = v
-        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-            raise ValueError("zone must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
-        return v
+    zone: ImageZone = Field(..., description="x0, y0, x1, y1 as fractions of the image width/height (0..1).")
 
 
 class TrackerConfig(Strict):
