@@ -18,10 +18,11 @@ PYTHON=${PYTHON:-python3}
 
 usage() {
     cat <<EOF
-usage: deploy/install.sh [--destdir DIR] [--extra cpu|gpu] [--wheel PATH | --source DIR]
+usage: deploy/install.sh [--destdir DIR] [--extra cpu|gpu] [--record] [--wheel PATH | --source DIR]
 
   --destdir DIR   install below DIR (an image root); default: this machine, as root
   --extra NAME    onnxruntime build: cpu (default) or gpu (onnxruntime-gpu: CUDA/TensorRT)
+  --record        also install what record.dir needs (pyarrow), for vehicles that record
   --wheel PATH    install this cabin-monitor wheel
   --source DIR    build cabin-monitor from this source tree (default: $REPO)
 
@@ -38,11 +39,13 @@ die() {
 
 destdir=${DESTDIR:-}
 extra=cpu
+record=
 wheel=
 source=
 while [ $# -gt 0 ]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
+        --record) record=,record; shift ;;
         --destdir | --extra | --wheel | --source)
             if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see --help)"; fi
             case $1 in
@@ -92,10 +95,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work" "$build"' EXIT  # $build is gone once swapped in; after a failure it is removed
 trap 'exit 130' INT TERM HUP
 mkdir -p "$destdir$PREFIX"
-echo "venv: $root_venv (cabin-monitor[$extra], $("$PYTHON" --version 2>&1))"
+echo "venv: $root_venv (cabin-monitor[$extra$record], $("$PYTHON" --version 2>&1))"
 "$PYTHON" -m venv "$build"
 if [ -n "$wheel" ]; then
-    requirement="${wheel}[$extra]"
+    requirement="${wheel}[$extra$record]"
 else
     # From a clean copy of the tree: setuptools packs whatever is in an old build/
     # folder, modules since deleted included.
@@ -107,7 +110,7 @@ else
         tar -C "$source" --exclude=./build --exclude=./dist --exclude=./.venv --exclude='*.egg-info' -cf - . \
             | tar -C "$work/src" -xf -
     fi
-    requirement="$work/src[$extra]"
+    requirement="$work/src[$extra$record]"
 fi
 "$build/bin/python" -m pip install --quiet --no-compile "$requirement"
 
