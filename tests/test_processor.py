@@ -90,3 +90,27 @@ def test_a_budget_of_three_reads_each_of_five_occupants_at_ten_hz_or_more(five_o
         rate_hz = (len(seen) - 1) / (seen[-1] - seen[0])
         assert rate_hz >= 10, occupant
         assert max(np.diff(seen)) <= 0.2, occupant  # never out of the rules' sight for long
+
+
+def test_a_face_that_leaves_the_view_is_let_go_within_two_detector_runs() -> None:
+    """When the face is gone, the followed face ends by the second detector run that misses it (6 frames)."""
+    with_face = [f.image for f in frames(30)]
+    cap = cv2.VideoCapture(str(sample_path("no_face.mp4")))
+    empty = []
+    for _ in range(30):
+        ok, image = cap.read()
+        assert ok
+        empty.append(cv2.resize(image, (640, 360)))
+    cap.release()
+    proc = FrameProcessor(Config())
+    try:
+        results = [
+            proc.process(Frame(frame_id=i, capture_s=i / 30, wall_time_s=1.7e9 + i / 30, image=image))
+            for i, image in enumerate(with_face + empty)
+        ]
+    finally:
+        proc.close()
+    assert all(len(r.readings) == 1 for r in results[3:30])
+    after = [len(r.readings) for r in results[30:]]
+    assert sum(after) <= 2 * proc.follower.every_frames
+    assert after[2 * proc.follower.every_frames :] == [0] * (30 - 2 * proc.follower.every_frames)
