@@ -36,5 +36,6 @@ def test_a_busy_thread_shows_under_its_own_name_and_an_idle_one_does_not() -> No
     share = cpu.share(start, end)
     assert share.by_thread.get("busy-worker", 0) > 0.1
     assert share.by_thread.get("idle-worker", 0) < 0.05
-    assert share.cores_used >= share.by_thread["busy-worker"] - 0.02  # the total holds every thread
+    # The total holds every thread, to within the clock ticks the kernel counts CPU time in (10 ms each).
+    assert share.cores_used >= share.by_thread["busy-worker"] - 4 / cpu.CLOCK_TICKS_PER_S / share.wall_s
     assert share.as_dict()["cores_used"] == round(share.cores_used, 3)
