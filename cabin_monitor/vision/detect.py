@@ -42,26 +42,38 @@ def _keep(faces: list[Face], cfg: DetectorConfig) -> list[Face]:
 
 
 class BlazeFaceDetector:
-    """MediaPipe BlazeFace short- or full-range model, run through ``mediapipe.tasks``."""
+    """MediaPipe BlazeFace short- or full-range model, or both on the same image, run through ``mediapipe.tasks``.
+
+    With both, each model sees the one converted image, and a face both find counts once.
+    """
 
     def __init__(self, cfg: DetectorConfig) -> None:
         # Imported here: mediapipe takes a second to import and YuNet users never need it.
         from mediapipe.tasks.python import BaseOptions, vision
 
         self.cfg = cfg
-        path = cfg.model_path or find_model(DETECTOR_FILES[("blazeface", cfg.range)])
-        _require_file(path)
-        options = vision.FaceDetectorOptions(
-            base_options=BaseOptions(model_asset_path=str(path)),
-            running_mode=vision.RunningMode.IMAGE,
-            min_detection_confidence=cfg.min_score,
-        )
+        ranges = ("short", "full") if cfg.range == "both" else (cfg.range,)
+        paths = [cfg.model_path or find_model(DETECTOR_FILES[("blazeface", r)]) for r in ranges]
+        for path in paths:
+            _require_file(path)
         logging.getLogger("absl").setLevel(logging.ERROR)
+        self._detectors: list[vision.FaceDetector] = []
         with _native_stderr_silenced():
-            self._detector = vision.FaceDetector.create_from_options(options)
-            # The first call reallocates its input buffer and says so; get that over with here.
-            self.detect(Frame(-1, 0.0, 0.0, np.zeros((128, 128, 3), np.uint8)))
-        self.model_path = Path(path)
+            try:
+                for path in paths:
+                    options = vision.FaceDetectorOptions(
+                        base_options=BaseOptions(model_asset_path=str(path)),
+                        running_mode=vision.RunningMode.IMAGE,
+                        min_detection_confidence=cfg.min_score,
+                    )
+                    self._detectors.append(vision.FaceDetector.create_from_options(options))
+                # The first call reallocates its input buffer and says so; get that over with here.
+                self.detect(Frame(-1, 0.0, 0.0, np.zeros((128, 128, 3), np.uint8)))
+            except BaseException:
+                for detector in self._detectors:
+                    detector.close()
+                raise
+        self.model_path = Path(paths[0])
 
     def detect(self, frame: Frame) -> list[Face]:
         """Faces in ``frame``, highest score first."""
@@ -69,9 +81,10 @@ class BlazeFaceDetector:
 
         h, w = frame.image.shape[:2]
         rgb = cv2.cvtColor(_bgr(frame.image), cv2.COLOR_BGR2RGB)
-        result = self._detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb))
+        image = mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb)
+        detections = [det for detector in self._detectors for det in detector.detect(image).detections]
         faces = []
-        for det in result.detections:
+        for det in detections:
             box = det.bounding_box
             # Keypoints: right eye, left eye, nose tip, mouth centre, right ear, left ear (normalised).
             kp = np.array([[k.x * w, k.y * h] for k in det.keypoints[:4]], dtype=np.float32)
@@ -87,12 +100,13 @@ class BlazeFaceDetector:
                     keypoints=kp,
                 )
             )
-        return _keep(faces, self.cfg)
+        return _keep(merge_duplicates(faces) if len(self._detectors) > 1 else faces, self.cfg)
 
     def close(self) -> None:
-        """Release the MediaPipe graph."""
+        """Release the MediaPipe graphs."""
         with _native_stderr_silenced():
-            self._detector.close()
+            for detector in self._detectors:
+                detector.close()
 
 
 class YuNetDetector:
@@ -160,23 +174,6 @@ def merge_duplicates(faces: list[Face], max_iou: float = 0.4) -> list[Face]:
     return kept
 
 
-class MergedDetector:
-    """Several detectors on the same image; a face found by more than one counts once."""
-
-    def __init__(self, backends: tuple[FaceDetector, ...], cfg: DetectorConfig) -> None:
-        self.backends = backends
-        self.cfg = cfg
-
-    def detect(self, frame: Frame) -> list[Face]:
-        """Faces any backend finds in ``frame``, highest score first."""
-        return _keep(merge_duplicates([face for b in self.backends for face in b.detect(frame)]), self.cfg)
-
-    def close(self) -> None:
-        """Release every backend."""
-        for backend in self.backends:
-            backend.close()
-
-
 class RegionDetector:
     """A detector run on each configured region's crop instead of the whole frame.
 
@@ -237,19 +234,7 @@ def _require_file(path: Path) -> None:
 
 def create_detector(cfg: DetectorConfig) -> FaceDetector:
     """The detector backend named by ``cfg.type``, searching ``cfg.regions`` one by one where set."""
-    backend: FaceDetector
-    if cfg.type == "yunet":
-        backend = YuNetDetector(cfg)
-    elif cfg.range == "both":
-        short = BlazeFaceDetector(cfg.model_copy(update={"range": "short", "model_path": None}))
-        try:
-            full = BlazeFaceDetector(cfg.model_copy(update={"range": "full", "model_path": None}))
-        except BaseException:
-            short.close()
-            raise
-        backend = MergedDetector((short, full), cfg)
-    else:
-        backend = BlazeFaceDetector(cfg)
+    backend: FaceDetector = YuNetDetector(cfg) if cfg.type == "yunet" else BlazeFaceDetector(cfg)
     if cfg.regions:
         return RegionDetector(backend, cfg.regions, cfg)
     return backend
