@@ -614,8 +614,9 @@ def test_an_unwritable_outbox_file_exits_2_and_keeps_its_events(tmp_path: Path) 
 def test_a_full_state_folder_holds_events_in_memory_and_loses_none(
     mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
 ) -> None:
-    """State on a 256 KiB tmpfs filled mid-run: faces still read, events held in memory (health: disk_full), failed
-    deletes kept off the wire; once space is back every accepted event arrives, in order, with no reconnect."""
+    """State on a 256 KiB tmpfs filled mid-run: faces still read, events held in memory (health: disk_full) and
+    delivered from there while the disk stays full, failed deletes kept off the wire; once space is back every
+    accepted event has arrived once, in order, with no reconnect."""
     with tmpfs(tmp_path / "state", 256) as state:
         config = write_config(tmp_path)
         with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/events", f"{PREFIX}/health"]) as recorder:
@@ -626,7 +627,10 @@ def test_a_full_state_folder_holds_events_in_memory_and_loses_none(
                 wait_until(lambda: bool(daemon.logged(HELD)), 60, "the outbox to report a full disk")
                 accepted_at_fault = len(daemon.logged("event accepted"))
                 wait_until(lambda: len(daemon.logged("event accepted")) >= accepted_at_fault + 3, 60, "3 more events")
+                while_full = [r["event_id"] for r in daemon.logged("event accepted")]
+                recorder.wait_for(lambda ms: {e["event_id"] for e in events(ms)} >= set(while_full), 30)
                 full = [h for h in health_payloads(recorder.messages) if h["outbox"]["state"] == "disk_full"]
+                assert filler.exists() and not daemon.logged(WRITABLE), "received while the disk was still full"
                 filler.unlink()
             wait_until(lambda: bool(daemon.logged(WRITABLE)), 30, "the outbox to be written again")
             daemon.proc.send_signal(signal.SIGTERM)
@@ -638,7 +642,8 @@ def test_a_full_state_folder_holds_events_in_memory_and_loses_none(
     most_held = max(h["outbox"]["memory_depth"] for h in full) if full else 0
     print(
         f"full state folder: {len(accepted)} accepted, {len(received)} received, {copies - len(received)} duplicates, "
-        f"up to {most_held} held in memory"
+        f"up to {most_held} held in memory; {len(while_full) - accepted_at_fault} accepted after the full disk was "
+        f"reported, all {len(while_full)} accepted by then received before space was freed"
     )
     assert received == accepted
     assert full and full[0]["status"] == "degraded" and "full" in full[0]["outbox"]["last_error"]

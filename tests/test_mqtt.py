@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -30,6 +32,7 @@ from cabin_monitor.messages import CameraState, Event, RemoteRequest
 from cabin_monitor.rules import OccupantState
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage, free_port
 from tests.support.helpers import capturing_logger, make_event, make_health, wait_until
+from tests.support.mounts import fill, pin_wal, tmpfs
 from tests.support.pki import make_test_pki
 
 REPO = Path(__file__).resolve().parents[1]  # the child imports tests.support from here
@@ -560,6 +563,129 @@ def test_events_refused_by_the_acl_stay_until_it_allows_them(tmp_path: Path, out
     stats = sink.stats()
     assert (stats.reconnects, stats.refusing, stats.published_total) == (0, False, 12)
     assert any(e["event"] == "mqtt broker accepts events again" for e in capture.entries)
+
+
+def submit_until_held(sink: MqttSink, outbox: Outbox) -> list[Event]:
+    """On a filled disk, submit events until one is held in memory (the WAL may take the first few)."""
+    submitted: list[Event] = []
+    while outbox.memory_depth == 0 and outbox.state == "ok" and len(submitted) < 200:
+        submitted.append(make_event(frame_id=len(submitted)))
+        sink.submit_event(submitted[-1])
+    assert outbox.state == "disk_full", "the full tmpfs never refused a write"
+    return submitted
+
+
+def ids_in_file(path: Path) -> set[str]:
+    """The event ids the outbox file holds, read by a connection of its own."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return {row[0] for row in db.execute("SELECT event_id FROM outbox")}
+
+
+def test_events_held_in_memory_reach_the_broker_while_the_disk_is_full(
+    mqtt_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """A full state folder still delivers: events held in memory arrive, in order, before any space is freed and
+    are never written to the file; once space is back none arrives twice and the outbox ends empty."""
+    with tmpfs(tmp_path / "state", 1024) as state, MqttRecorder(mqtt_broker.url, [f"{BASE}/events"]) as recorder:
+        path = state / "outbox.sqlite"
+        with Outbox(path) as outbox:
+            sink = make_sink(mqtt_broker.url, outbox)
+            try:
+                submitted = [make_event(frame_id=i) for i in range(3)]
+                for event in submitted:
+                    sink.submit_event(event)
+                wait_until(lambda: len(event_ids(recorder.messages)) == 3 and outbox.depth() == 0, what="3 delivered")
+                with pin_wal(path):
+                    filler = fill(state)
+                    submitted += submit_until_held(sink, outbox)
+                    held = [make_event(frame_id=100 + i) for i in range(20)]
+                    most_held = outbox.memory_depth
+                    for event in held:
+                        sink.submit_event(event)
+                        most_held = max(most_held, outbox.memory_depth)
+                        time.sleep(0.02)
+                    submitted += held
+                    recorder.wait_for(lambda ms: len(event_ids(ms)) == len(submitted), 15)
+                    wait_until(lambda: outbox.depth() == 0, 10, "an empty outbox with the disk still full")
+                    full = sink.stats()
+                    received_while_full = len(event_ids(recorder.messages)) - 3
+                    assert filler.exists() and outbox.state == "disk_full"
+                    assert not ids_in_file(path) & {e.event_id for e in held}, "delivered from memory"
+                    filler.unlink()
+                wait_until(lambda: sink.stats().outbox_state == "ok", 10, "the outbox writable again")
+                time.sleep(2.5)  # two write retries: an acked event written to the file would go out again now
+                assert not ids_in_file(path) & {e.event_id for e in held}, "acked in memory, never written"
+                after = [make_event(frame_id=200 + i) for i in range(3)]
+                for event in after:
+                    sink.submit_event(event)
+                submitted += after
+                recorder.wait_for(lambda ms: len(event_ids(ms)) == len(submitted), 15)
+                wait_until(lambda: outbox.depth() == 0, what="an empty outbox")
+            finally:
+                sink.stop(flush_timeout_s=2.0)
+            reconnects = sink.stats().reconnects
+        with Outbox(path) as reopened:
+            left = reopened.depth()
+    copies = len(recorder.messages)
+    print(
+        f"full disk: {len(submitted) - 6} accepted while full ({len(submitted) - 6 - len(held)} still fitted the WAL), "
+        f"{received_while_full} received before space was freed, up to {most_held} in memory at once; "
+        f"{copies - len(submitted)} duplicates, {len(submitted) - len(event_ids(recorder.messages))} lost, "
+        f"{left} left in the outbox, {reconnects} reconnects"
+    )
+    assert (full.outbox_state, full.outbox_memory_depth, full.published_total) == (
+        "disk_full",
+        0,
+        3 + received_while_full,
+    )
+    assert event_ids(recorder.messages) == [e.event_id for e in submitted]
+    assert copies == len(submitted), "no event delivered twice"
+    assert left == 0 and reconnects == 0
+
+
+def test_events_refused_while_held_in_memory_are_kept_and_retried(tmp_path: Path) -> None:
+    """With the disk full, memory-held events the ACL denies are kept, retried oldest first, and delivered once it
+    allows them, all before any space is freed."""
+    denied = "topic read #\n\nuser car-1\ntopic readwrite cabin/car-2/#\n"
+    allowed = "topic read #\n\nuser car-1\ntopic readwrite cabin/car-1/#\n"
+    logger, capture = capturing_logger()
+    with (
+        tmpfs(tmp_path / "state", 1024) as state,
+        MosquittoBroker(tmp_path / "acl-mosquitto", passwords={"car-1": "s3cret"}, acl=allowed) as broker,
+        MqttRecorder(broker.url, [f"{BASE}/events"]) as recorder,
+        Outbox(state / "outbox.sqlite") as outbox,
+        pin_wal(state / "outbox.sqlite"),
+    ):
+        filler = fill(state)
+        sink = make_sink(broker.url, outbox, username="car-1", password=SecretStr("s3cret"), logger=logger)
+        try:
+            events = submit_until_held(sink, outbox)
+            recorder.wait_for(lambda ms: len(event_ids(ms)) == len(events), 15)
+            wait_until(lambda: outbox.depth() == 0, 10, "an empty outbox")
+            broker.set_acl(denied)
+            reloads = broker.log_text().count("Reloading config.")
+            broker.reload()
+            # Mosquitto applies the ACL right after logging the reload, before it reads another packet.
+            wait_until(lambda: broker.log_text().count("Reloading config.") > reloads, 10, "the ACL reloaded")
+            held = [make_event(frame_id=100 + i) for i in range(6)]
+            for event in held:
+                sink.submit_event(event)
+            events += held
+            assert outbox.memory_depth == 6
+            wait_until(lambda: sink.stats().refused_total >= 6 + 3, 30, "three refused probes")
+            refused = [e["event_id"] for e in capture.entries if e["event"] == REFUSED]
+            assert set(refused) <= {e.event_id for e in held[: int(FAST["max_inflight"])]}
+            assert refused[-3:] == [held[0].event_id] * 3, "a retry is the oldest pending event alone"
+            assert outbox.memory_event_ids == [e.event_id for e in held] and sink.stats().refusing
+            broker.set_acl(allowed)
+            broker.reload()
+            recorder.wait_for(lambda ms: len(event_ids(ms)) == len(events), 30)
+            wait_until(lambda: outbox.memory_depth == 0, 10, "memory emptied by PUBACKs")
+            assert filler.exists() and outbox.state == "disk_full"
+        finally:
+            sink.stop(flush_timeout_s=2.0)
+    assert event_ids(recorder.messages) == [e.event_id for e in events]
+    assert len(recorder.messages) == len(events)
 
 
 def test_mqtt_3_1_1_stays_selectable(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:

@@ -295,10 +295,92 @@ def test_memory_queue_is_bounded_by_severity_while_the_disk_is_full(tmp_path: Pa
             assert put(outbox, "w2", "warning") == ["i1"]
             assert put(outbox, "i2", "info") == ["i2"]
             assert outbox.dropped_by_reason == {"full": 0, "expired": 0, "memory_full": 2}
-            assert outbox.depth() == 4 and ids(outbox) == ["w0"]
+            assert outbox.depth() == 4 and ids(outbox) == ["w0", "w1", "c1", "w2"]
             filler.unlink()
         assert put(outbox, "c2", "critical") == []
         assert ids(outbox) == ["w0", "w1", "c1", "w2", "c2"] and state_of(outbox) == "ok"
+
+
+def put_until_held(outbox: Outbox, prefix: str) -> list[str]:
+    """On a filled disk, put events until one is held in memory (the WAL may take the first few); returns them all."""
+    accepted: list[str] = []
+    while outbox.memory_depth == 0 and len(accepted) < 500:
+        accepted.append(f"{prefix}{len(accepted)}")
+        assert put(outbox, accepted[-1]) == []
+    assert state_of(outbox) == "disk_full", "the full tmpfs never refused a write"
+    return accepted
+
+
+def test_events_in_memory_are_handed_out_after_the_disk_rows_and_forgotten_once_acked(tmp_path: Path) -> None:
+    """While the disk is full pending() gives disk rows then memory ones; an acked one is never written later."""
+    with tmpfs(tmp_path / "state", 1024) as state:
+        with Outbox(state / "outbox.sqlite") as outbox:
+            put(outbox, "d0")
+            with pin_wal(outbox.path):
+                filler = fill(state)
+                accepted = ["d0", *put_until_held(outbox, "e")]
+                for i in range(4):
+                    accepted.append(f"m{i}")
+                    assert put(outbox, accepted[-1]) == []
+                held = accepted[-5:]
+                assert outbox.memory_event_ids == held and state_of(outbox) == "disk_full"
+                items = outbox.pending(1000)
+                assert [i.event_id for i in items] == accepted
+                assert [i.row_id for i in items] == sorted({i.row_id for i in items}), "row ids follow acceptance"
+                assert items[-1].payload == b'{"id":"m3"}' and items[-1].severity == "warning"
+                row = {i.event_id: i.row_id for i in items}
+                assert [i.event_id for i in outbox.pending(2, after_row_id=row[accepted[-6]])] == held[:2]
+                assert outbox.ack(row[held[1]]) and not outbox.ack(row[held[1]])
+                assert outbox.ack(row[held[4]])  # the newest: its row id is still never given again
+                kept = [*accepted[:-5], held[0], held[2], held[3]]
+                assert ids(outbox) == kept and outbox.depth() == len(kept)
+                assert [i.event_id for i in outbox.pending(10, after_row_id=row[held[0]])] == held[2:4]
+                assert outbox.retry_writes() == [] and state_of(outbox) == "disk_full"
+                assert outbox.memory_event_ids == [held[0], held[2], held[3]]
+                filler.unlink()
+            assert outbox.retry_writes() == [] and (state_of(outbox), outbox.memory_depth) == ("ok", 0)
+            assert [(i.event_id, i.row_id) for i in outbox.pending(1000)] == [(e, row[e]) for e in kept]
+            put(outbox, "late")
+            assert [i.event_id for i in outbox.pending(10, after_row_id=row[held[4]])] == ["late"]
+        with Outbox(state / "outbox.sqlite") as reopened:
+            assert ids(reopened) == [*kept, "late"]
+
+
+def test_a_full_disk_reads_ok_only_once_a_write_works_again(tmp_path: Path) -> None:
+    """With every held event acked from memory, state stays disk_full until a probe write fits again."""
+    with tmpfs(tmp_path / "state", 1024) as state, Outbox(state / "outbox.sqlite") as outbox:
+        with pin_wal(outbox.path):
+            filler = fill(state)
+            accepted = put_until_held(outbox, "e")
+            assert outbox.ack(outbox.pending(1000)[-1].row_id) and outbox.memory_depth == 0
+            assert outbox.retry_writes() == [] and state_of(outbox) == "disk_full"
+            filler.unlink()
+        assert outbox.retry_writes() == [] and state_of(outbox) == "ok"
+        assert ids(outbox) == accepted[:-1]
+
+
+def test_events_dropped_from_memory_are_not_handed_out_and_their_late_acks_ignored(tmp_path: Path) -> None:
+    """A memory-held event that expires or is evicted leaves pending() at once; acking it afterwards is False."""
+    now = time.time()
+    with (
+        tmpfs(tmp_path / "state", 1024) as state,
+        Outbox(state / "outbox.sqlite", max_age_s=3600.0, memory_max_events=3) as outbox,
+    ):
+        with pin_wal(outbox.path):
+            filler = fill(state)
+            accepted = put_until_held(outbox, "w")
+            put(outbox, "old", created_wall_s=now - 3000.0)
+            put(outbox, "info", "info")
+            row = {i.event_id: i.row_id for i in outbox.pending(1000)}
+            assert list(row) == [*accepted, "old", "info"]
+            assert put(outbox, "crit", "critical") == ["info"]
+            assert not outbox.ack(row["info"])
+            assert [d.event_id for d in outbox.expire(now_wall_s=now + 700.0)] == ["old"]
+            assert not outbox.ack(row["old"])
+            assert ids(outbox) == [*accepted, "crit"]
+            assert outbox.dropped_by_reason == {"full": 0, "expired": 1, "memory_full": 1}
+            filler.unlink()
+        assert outbox.retry_writes() == [] and ids(outbox) == [*accepted, "crit"]
 
 
 def test_a_delete_that_cannot_be_written_is_retried_and_the_row_not_sent_again(tmp_path: Path) -> None:

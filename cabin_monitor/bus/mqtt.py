@@ -21,8 +21,10 @@ oldest pending event alone after a backoff (``reconnect_min_s`` doubling to ``re
 jitter) and resumes the full window once one is accepted. So order is kept, except that events
 already in flight when the refusal came (at most ``max_inflight``) may be delivered before it.
 
-When the outbox file cannot be written (disk full, read-only), the outbox holds events in memory;
-the sender retries writing them every ``WRITE_RETRY_S`` and logs the state changes.
+When the outbox file cannot be written (disk full, read-only), the outbox holds events in memory
+and hands them out after the rows on disk, so they are sent (and acknowledged, refused and retried)
+like any row while the disk stays full; one acknowledged from memory is forgotten. The sender retries
+writing those still held every ``WRITE_RETRY_S`` and logs the state changes.
 """
 
 from __future__ import annotations

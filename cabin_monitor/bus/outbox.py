@@ -8,10 +8,14 @@ dropped silently: ``put`` and ``expire`` return what they dropped, and the
 counters feed the health payload.
 
 When the file cannot be written (the disk is full, the folder was remounted
-read-only, an I/O error), events are held in a bounded memory queue instead
-and written, in order, once writing works again (``put`` and ``retry_writes``
-try); a delete after delivery that fails is remembered and retried, and the
-row is not sent again meanwhile. ``state`` says which of these applies.
+read-only, an I/O error), events are held in a bounded memory queue instead.
+They are handed out by ``pending`` like rows on disk (after them: every event
+gets its row id when accepted, so ids follow acceptance order across both), an
+``ack`` while an event is still in memory forgets it, and those not yet
+acknowledged are written, in order and under the same row ids, once writing
+works again (``put`` and ``retry_writes`` try). A delete after delivery that
+fails is remembered and retried, and the row is not sent again meanwhile.
+``state`` says which of these applies.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ class OutboxNotWritableError(OutboxError):
 class OutboxItem:
     """One pending event: the exact bytes to publish and where."""
 
-    row_id: int  # increases with insertion order
+    row_id: int  # increases with acceptance order, on disk and in memory
     event_id: str
     topic: str
     payload: bytes
@@ -110,6 +114,7 @@ class DroppedEvent:
 class _HeldEvent:
     """An event accepted while the file could not be written."""
 
+    row_id: int  # given when accepted; kept when it is written to the file
     event_id: str
     topic: str
     payload: bytes
@@ -144,6 +149,9 @@ class Outbox:
         self._memory: list[_HeldEvent] = []  # newer than every row on disk, oldest first
         self._undeleted: set[int] = set()  # delivered rows whose DELETE failed
         self._write_fault: sqlite3.Error | None = None  # the last failed write, until writing works again
+        # The last row id given out, on disk or in memory: ids are given here, not by SQLite, so that an
+        # event held in memory gets one after every row on disk and keeps it once written.
+        self._last_row_id = 0
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
@@ -173,6 +181,10 @@ class Outbox:
             db.executescript(_SCHEMA)
             if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._last_row_id = db.execute(
+                "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0), "
+                "COALESCE((SELECT MAX(row_id) FROM outbox), 0))"
+            ).fetchone()[0]
         except sqlite3.Error as exc:
             db.close()
             if _is_damage(exc):
@@ -192,13 +204,15 @@ class Outbox:
 
         The returned list may contain this very event: when it has expired already, or when the outbox
         is full of events more severe than it. While the file cannot be written the event is held in
-        memory (see ``state``); it is written before any later event.
+        memory (see ``state``), handed out by ``pending`` meanwhile, and written before any later event.
         """
-        event = _HeldEvent(event_id, topic, payload, _rank(severity), created_wall_s)
+        rank = _rank(severity)
         with self._lock:
             if any(held.event_id == event_id for held in self._memory):
                 return []
-            dropped = self._retry_locked()
+            self._last_row_id += 1
+            event = _HeldEvent(self._last_row_id, event_id, topic, payload, rank, created_wall_s)
+            dropped = self._retry_locked(probe=False)  # with nothing held, this event's own insert is the probe
             if not self._memory:
                 try:
                     dropped += self._insert_locked(event)
@@ -208,6 +222,9 @@ class Outbox:
                     if not _is_write_fault(exc):
                         raise
                     self._write_fault = exc
+            if self._on_disk_locked(event_id):
+                self._count(dropped)
+                return dropped
             dropped += self._hold_locked(event)
             self._count(dropped)
         return dropped
@@ -230,12 +247,20 @@ class Outbox:
                 refused = None if fits else "full"
             if refused is None:
                 self._db.execute(
-                    "INSERT INTO outbox (event_id, topic, payload, severity, created_wall_s) VALUES (?, ?, ?, ?, ?)",
-                    (event.event_id, event.topic, event.payload, event.rank, event.created_wall_s),
+                    "INSERT INTO outbox (row_id, event_id, topic, payload, severity, created_wall_s) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (event.row_id, event.event_id, event.topic, event.payload, event.rank, event.created_wall_s),
                 )
             else:
                 dropped.append(DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, refused))
         return dropped
+
+    def _on_disk_locked(self, event_id: str) -> bool:
+        """Whether the file holds ``event_id`` (False when it cannot even be read: holding a copy is the safe side)."""
+        try:
+            return self._db.execute("SELECT 1 FROM outbox WHERE event_id = ?", (event_id,)).fetchone() is not None
+        except sqlite3.Error:
+            return False
 
     def _hold_locked(self, event: _HeldEvent) -> list[DroppedEvent]:
         """Keep an event in memory, evicting like the file does: the oldest of the lowest severity first."""
@@ -252,17 +277,24 @@ class Outbox:
         return [_dropped(victim, "memory_full")]
 
     def retry_writes(self) -> list[DroppedEvent]:
-        """Write what is held in memory and retry failed deletes; returns the events dropped to make room."""
+        """Retry failed deletes and write what is held in memory (with nothing held, a probe write), so that
+        ``state`` turns ``ok`` once the file takes writes again; returns the events dropped to make room."""
         with self._lock:
-            dropped = self._retry_locked()
+            dropped = self._retry_locked(probe=True)
             self._count(dropped)
         return dropped
 
-    def _retry_locked(self) -> list[DroppedEvent]:
+    def _retry_locked(self, probe: bool) -> list[DroppedEvent]:
+        """Retry failed deletes, then write what memory holds; with ``probe`` and nothing to write, write a probe."""
         if self._write_fault is None:
             return []
         dropped: list[DroppedEvent] = []
         try:
+            if probe and not self._undeleted and not self._memory:
+                # Everything held in memory was delivered from there: only a write can tell whether the
+                # file takes one again (setting user_version, even to its value, writes a page).
+                with self._db:
+                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             for row_id in sorted(self._undeleted):
                 with self._db:
                     self._db.execute("DELETE FROM outbox WHERE row_id = ?", (row_id,))
@@ -295,22 +327,36 @@ class Outbox:
         return evicted, True
 
     def pending(self, limit: int, after_row_id: int = 0) -> list[OutboxItem]:
-        """Up to ``limit`` events with ``row_id > after_row_id``, oldest first (those in memory come later)."""
+        """Up to ``limit`` events with ``row_id > after_row_id``, oldest first: those on disk, then those in memory."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT row_id, event_id, topic, payload, severity, created_wall_s FROM outbox "
                 "WHERE row_id > ? ORDER BY row_id LIMIT ?",
                 (after_row_id, limit + len(self._undeleted)),
             ).fetchall()
-            rows = [r for r in rows if r[0] not in self._undeleted][:limit]
-        return [OutboxItem(r[0], r[1], r[2], bytes(r[3]), SEVERITY_NAME[r[4]], r[5]) for r in rows]
+            items = [
+                OutboxItem(r[0], r[1], r[2], bytes(r[3]), SEVERITY_NAME[r[4]], r[5])
+                for r in rows
+                if r[0] not in self._undeleted
+            ][:limit]
+            for held in self._memory:
+                if len(items) >= limit:
+                    break
+                if held.row_id > after_row_id:
+                    items.append(_item(held))
+        return items
 
     def ack(self, row_id: int) -> bool:
         """Remove a delivered event; False if it was no longer held (already acked, evicted or expired).
 
-        A delete that cannot be written is retried later; the row is not handed out by ``pending`` meanwhile.
+        An event still in memory is forgotten: it is never written to the file. A delete that cannot be
+        written is retried later; the row is not handed out by ``pending`` meanwhile.
         """
         with self._lock:
+            for index, held in enumerate(self._memory):
+                if held.row_id == row_id:
+                    del self._memory[index]
+                    return True
             if row_id in self._undeleted:
                 return False
             try:
@@ -369,7 +415,7 @@ class Outbox:
 
     @property
     def state(self) -> OutboxState:
-        """``ok``; ``disk_full`` or ``unwritable`` while events wait in memory or deletes wait to be written."""
+        """``ok``; ``disk_full`` or ``unwritable`` from a failed write until a write works again."""
         with self._lock:
             fault = self._write_fault
         if fault is None:
@@ -390,7 +436,8 @@ class Outbox:
 
     @property
     def memory_event_ids(self) -> list[str]:
-        """The ids of the events held in memory, oldest first (lost if the process ends before they are written)."""
+        """The ids of the events held in memory, oldest first (lost if the process ends before they are written or
+        acknowledged)."""
         with self._lock:
             return [held.event_id for held in self._memory]
 
@@ -429,6 +476,12 @@ def _rank(severity: str) -> int:
 
 def _dropped(event: _HeldEvent, reason: DropReason) -> DroppedEvent:
     return DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, reason)
+
+
+def _item(event: _HeldEvent) -> OutboxItem:
+    return OutboxItem(
+        event.row_id, event.event_id, event.topic, event.payload, SEVERITY_NAME[event.rank], event.created_wall_s
+    )
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
