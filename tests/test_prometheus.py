@@ -6,6 +6,7 @@ import signal
 import socket
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.messages import CameraState, CaptureStats
+from cabin_monitor.messages import CameraState, CaptureStats, RemoteStats
 from cabin_monitor.runtime.prometheus import MetricsError, PrometheusExporter
 from tests.support.broker import free_port
 from tests.support.daemon import DaemonProcess
@@ -48,6 +49,32 @@ def test_a_snapshot_becomes_metrics() -> None:
     assert got[("cabin_monitor_camera_state", (("state", "streaming"),))] == 0
     assert got[("cabin_monitor_status", (("status", "degraded"),))] == 1
     assert got[("cabin_monitor_events_dropped_total", (("reason", "full"),))] == 0
+
+
+def test_refusals_remote_requests_and_the_outbox_state_become_metrics() -> None:
+    """Refused events and operators' requests are counters; the outbox state and its memory depth are gauges."""
+    healthy = make_health()
+    full_disk = replace(healthy.sink, outbox_state="disk_full", outbox_depth=5, outbox_memory_depth=4, refused_total=7)
+    remote = RemoteStats(received=40, answered=37, busy=12, dropped=2, queued=1)
+    exporter = PrometheusExporter()
+    exporter.update(replace(healthy, sink=full_disk, remote=remote), {})
+    scrape = generate_latest(exporter.registry).decode()
+    got = samples(scrape)
+    assert got[("cabin_monitor_mqtt_refused_events_total", ())] == 7
+    assert got[("cabin_monitor_outbox_memory_depth", ())] == 4
+    states = {state: got[("cabin_monitor_outbox_state", (("state", state),))] for state in ("ok", "disk_full")}
+    assert states == {"ok": 0, "disk_full": 1} and got[("cabin_monitor_outbox_state", (("state", "unwritable"),))] == 0
+    requests = {n: got[(f"cabin_monitor_remote_requests_{n}_total", ())] for n in ("received", "answered", "busy")}
+    assert requests == {"received": 40, "answered": 37, "busy": 12}
+    assert got[("cabin_monitor_remote_requests_dropped_total", ())] == 2
+    assert got[("cabin_monitor_remote_requests_queued", ())] == 1
+    kinds = {f.name: f.type for f in text_string_to_metric_families(scrape)}
+    assert kinds["cabin_monitor_mqtt_refused_events"] == kinds["cabin_monitor_remote_requests_busy"] == "counter"
+    assert kinds["cabin_monitor_outbox_state"] == kinds["cabin_monitor_remote_requests_queued"] == "gauge"
+    exporter.update(healthy, {})  # no broker: no operators' requests to count
+    without = samples(generate_latest(exporter.registry).decode())
+    assert not [name for name, _ in without if name.startswith("cabin_monitor_remote_")]
+    assert without[("cabin_monitor_outbox_state", (("state", "ok"),))] == 1
 
 
 def test_a_taken_port_is_a_clear_error() -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cabin_monitor.bus.outbox import OutboxState
 from cabin_monitor.errors import RuntimeFault
 from cabin_monitor.messages import CameraState, HealthSnapshot
 
@@ -53,8 +54,25 @@ def metric_families(health: HealthSnapshot, latency_ms: Mapping[str, Mapping[str
     )
     for reason, count in sorted(health.sink.dropped_by_reason.items()):
         dropped.add_metric([reason], float(count))
+    outbox_state = GaugeMetricFamily(
+        f"{PREFIX}_outbox_state",
+        "1 for the outbox's current state (not ok: new events wait in memory)",
+        labels=["state"],
+    )
+    for name in get_args(OutboxState):
+        outbox_state.add_metric([name], 1.0 if health.sink.outbox_state == name else 0.0)
     model = GaugeMetricFamily(f"{PREFIX}_model_info", "The emotion model and its provider", labels=["path", "provider"])
     model.add_metric([health.model_path, health.provider_in_use], 1.0)
+    remote: list[Metric] = []
+    if health.remote is not None:  # only with a broker
+        requests = health.remote
+        remote = [
+            counter("remote_requests_received", "Operators' requests handed over by the broker", requests.received),
+            counter("remote_requests_answered", "Answers published on config/result", requests.answered),
+            counter("remote_requests_busy", "Requests answered busy (over the rate limit), not applied", requests.busy),
+            counter("remote_requests_dropped", "Requests dropped unanswered: the queue was full", requests.dropped),
+            gauge("remote_requests_queued", "Requests waiting for the worker", requests.queued),
+        ]
     return [
         status,
         camera,
@@ -67,12 +85,24 @@ def metric_families(health: HealthSnapshot, latency_ms: Mapping[str, Mapping[str
         counter("camera_reopens", "Times the camera was reopened", health.camera.reopen_count),
         latency,
         gauge("outbox_depth", "Events in the outbox waiting for the broker", health.sink.outbox_depth),
+        outbox_state,
+        gauge(
+            "outbox_memory_depth",
+            "Of those, events held in memory while the outbox file cannot be written",
+            health.sink.outbox_memory_depth,
+        ),
         counter(
             "events_published", "Events delivered (acknowledged by the broker, or printed)", health.sink.published_total
         ),
         dropped,
         gauge("mqtt_connected", "1 while connected to the broker", 1.0 if health.sink.connected else 0.0),
         counter("mqtt_reconnects", "Broker connections re-established after the first", health.sink.reconnects),
+        counter(
+            "mqtt_refused_events",
+            "Events the broker refused in a PUBACK, each kept and retried",
+            health.sink.refused_total,
+        ),
+        *remote,
         model,
     ]
 
