@@ -153,7 +153,9 @@ class OutboxHealth(_Payload):
         description="ok; disk_full or unwritable while the file cannot be written and events wait in memory."
     )
     depth: int = Field(description="Events waiting for the broker, on disk and in memory.")
-    memory_depth: int = Field(description="Of those, events held in memory until the file can be written.")
+    memory_depth: int = Field(
+        description="Of those, events held in memory (and sent from there) until acknowledged or written to the file."
+    )
     dropped_total: int
     dropped_by_reason: dict[str, int] = Field(description="'full', 'expired' and 'memory_full' -> events dropped.")
     last_error: str | None = Field(None, description="Why the file cannot be written, while state is not ok.")
