@@ -92,8 +92,9 @@ def load(config_path: Path | None, overrides: Overrides = Overrides()) -> Config
         if overrides.mqtt_url:
             parse_mqtt_url(overrides.mqtt_url)
             update["mqtt"] = cfg.mqtt.model_copy(update={"url": overrides.mqtt_url})
-        # Re-validate so overrides from the command line obey the same rules as the file.
-        return Config.model_validate(cfg.model_copy(update=update).model_dump())
+        # Re-validate so overrides from the command line obey the same rules as the file; only the values
+        # given go in, so the configuration still tells them from its defaults (rules/state's sources).
+        return Config.model_validate(cfg.model_copy(update=update).model_dump(exclude_unset=True))
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -211,6 +211,117 @@ def test_the_daemon_exits_2_with_one_clear_line_on_a_looped_file_without_frames(
     assert len(daemon.logged("looped video file gave no frame; reopening it")) == MAX_EMPTY_PASSES - 1
     assert "Traceback" not in daemon.logs()
     assert len(daemon.logs().splitlines()) < 100, daemon.logs()[-3000:]
+
+
+def write_avi(path: Path, frames: int, corrupt: Callable[[int], bool] = lambda i: False, size_px: int = 160) -> Path:
+    """A real Motion-JPEG AVI of ``frames`` distinct frames; those ``corrupt`` picks have their JPEG data
+    overwritten with random bytes (the container and its index stay intact), so FFmpeg cannot decode them."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (size_px, size_px * 3 // 4))
+    assert writer.isOpened()
+    for i in range(frames):
+        writer.write(np.full((size_px * 3 // 4, size_px, 3), (i * 8) % 256, np.uint8))
+    writer.release()
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(7)
+    offset, index = data.index(b"movi") + 4, 0
+    while data[offset : offset + 4] != b"idx1":
+        size = struct.unpack("<I", data[offset + 4 : offset + 8])[0]
+        if data[offset : offset + 4] == b"00dc":
+            if corrupt(index):
+                data[offset + 8 : offset + 8 + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+            index += 1
+        offset += 8 + size + (size & 1)
+    assert index == frames
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_opencv_answers_an_undecodable_frame_with_a_failed_read_and_goes_on(tmp_path: Path) -> None:
+    """What the source relies on: OpenCV fails the read of a frame it cannot decode, then reads the next one."""
+    video = write_avi(tmp_path / "odd.avi", 6, corrupt=lambda i: i % 2 == 1)
+    cap = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG)
+    assert [cap.read()[0] for _ in range(8)] == [True, False, True, False, True, False, False, False]
+    cap.release()
+
+
+@pytest.mark.parametrize("frames", [12, 45])
+def test_a_file_whose_frames_are_all_corrupt_is_a_setup_error(tmp_path: Path, frames: int) -> None:
+    """No frame decodes: exit code 2, naming the file and the corrupt frames seen (up to max_corrupt_frames)."""
+    video = write_avi(tmp_path / "garbled.avi", frames, corrupt=lambda i: True)
+    source = FrameSource(CameraConfig(source=str(video), file_pacing="fast"), threading.Event())
+    seen = min(frames, CameraConfig().max_corrupt_frames)
+    with pytest.raises(SourceSetupError) as err:
+        source.read()
+    assert str(err.value) == f"video file {video}: no frame could be decoded ({seen} corrupt frames)"
+    assert err.value.exit_code == 2
+    assert (source.stats().state, source.stats().corrupt_frames) == (CameraState.FAILED, seen)
+
+
+def test_a_looped_file_whose_frames_are_all_corrupt_ends_after_the_empty_passes(
+    tmp_path: Path, stop_after_a_minute: threading.Event
+) -> None:
+    """Looped, a file without a decodable frame is reopened like an empty one, then refused with the count."""
+    video = write_avi(tmp_path / "garbled.avi", 12, corrupt=lambda i: True)
+    opener = CountingOpener()
+    source = FrameSource(CameraConfig(source=str(video), loop=True), stop_after_a_minute, opener=opener)
+    with pytest.raises(SourceSetupError) as err:
+        source.read()
+    assert str(err.value) == (
+        f"video file {video}: no frame could be decoded in {MAX_EMPTY_PASSES} passes in a row "
+        f"({12 * MAX_EMPTY_PASSES} corrupt frames)"
+    )
+    assert opener.opens == MAX_EMPTY_PASSES and source.stats().corrupt_frames == 12 * MAX_EMPTY_PASSES
+
+
+def test_frames_too_small_to_use_are_a_setup_error_too(tmp_path: Path, stop_after_a_minute: threading.Event) -> None:
+    """Frames that decode but are no usable image (8x6 px) count as corrupt: refused, looped or not, not ended."""
+    video = write_avi(tmp_path / "tiny.avi", 40, size_px=8)
+    for loop in (False, True):
+        source = FrameSource(CameraConfig(source=str(video), loop=loop), stop_after_a_minute)
+        with pytest.raises(SourceSetupError, match=r"no frame could be decoded.*\(\d+ corrupt frames\)"):
+            source.read()
+
+
+def test_corrupt_frames_inside_a_file_are_skipped_and_counted(tmp_path: Path) -> None:
+    """Frames 10 to 19 of 30 do not decode: the other 20 are read, in order and on the file's clock, 10 counted."""
+    video = write_avi(tmp_path / "mixed.avi", 30, corrupt=lambda i: 10 <= i < 20)
+    source = FrameSource(CameraConfig(source=str(video), file_pacing="fast"), threading.Event())
+    frames = read_all(source)
+    assert [f.frame_id for f in frames] == list(range(20))
+    assert [round(f.image[0, 0, 0] / 8) for f in frames] == [*range(10), *range(20, 30)]
+    media_s = [f.media_s or 0.0 for f in frames]
+    assert media_s[10] - media_s[9] == pytest.approx(11 / 30, abs=1e-3)
+    assert (source.stats().state, source.stats().corrupt_frames) == (CameraState.ENDED, 10)
+
+
+def daemon_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a daemon under test: JSON logs, its own state folder, no systemd variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CABIN_MONITOR__", "NOTIFY_", "WATCHDOG_"))}
+    return env | {"CABIN_MONITOR__LOGGING__FORMAT": "json", "CABIN_MONITOR__STATE_DIR": str(tmp_path / "state")}
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["once", "looped"])
+def test_the_daemon_exits_2_naming_a_file_whose_frames_are_all_corrupt(tmp_path: Path, loop: bool) -> None:
+    """``run`` on a file none of whose 12 frames decodes ends with exit code 2 and one line saying so, no traceback."""
+    video = write_avi(tmp_path / "garbled.avi", 12, corrupt=lambda i: True)
+    daemon = DaemonProcess(tmp_path, ["--source", str(video), *(["--loop"] if loop else [])], env=daemon_env(tmp_path))
+    assert daemon.wait(120.0) == 2, daemon.logs()[-3000:]
+    (stopped,) = daemon.logged("stage thread stopped")
+    passes = f" in {MAX_EMPTY_PASSES} passes in a row" if loop else ""
+    corrupt = 12 * (MAX_EMPTY_PASSES if loop else 1)
+    assert stopped["thread"] == "capture" and stopped["exit_code"] == 2
+    assert stopped["error"] == f"video file {video}: no frame could be decoded{passes} ({corrupt} corrupt frames)"
+    assert daemon.logged("stats")[-1]["corrupt_frames"] == corrupt
+    assert "Traceback" not in daemon.logs()
+
+
+def test_the_daemon_plays_a_file_with_some_corrupt_frames_and_exits_0(tmp_path: Path) -> None:
+    """``run --fast`` on a file with 10 undecodable frames of 30 processes the other 20 and exits 0."""
+    video = write_avi(tmp_path / "mixed.avi", 30, corrupt=lambda i: 10 <= i < 20)
+    daemon = DaemonProcess(tmp_path, ["--source", str(video), "--fast"], env=daemon_env(tmp_path))
+    assert daemon.wait(120.0) == 0, daemon.logs()[-3000:]
+    assert (daemon.logged("stats")[-1]["frames"], daemon.logged("stats")[-1]["corrupt_frames"]) == (20, 10)
+    assert not daemon.logged("stage thread stopped")
 
 
 def test_garbage_file_is_a_source_error(tmp_path: Path) -> None:

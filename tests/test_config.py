@@ -21,6 +21,7 @@ from cabin_monitor.config import (
     merge_rules,
     parse_config_text,
     parse_mqtt_url,
+    paths_set,
 )
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "cabin-monitor.example.yaml"
@@ -251,6 +252,15 @@ def test_merge_rules_applies_a_partial_patch() -> None:
     merged = merge_rules(RulesConfig(), {"stress": {"sustain_s": 9}})
     assert merged.stress.sustain_s == 9
     assert merged.stress.enter_score == RulesConfig().stress.enter_score
+
+
+def test_paths_set_names_the_values_the_file_and_the_environment_give() -> None:
+    """Values written in the file (even at their default) and environment overrides are named; defaults are not."""
+    text = "rules:\n  smoothing_s: 0.7\n  stress:\n    classes: [anger]\n  occupant_lost: {}\n"
+    cfg = parse_config_text(text, environ={"CABIN_MONITOR__RULES__STRESS__SUSTAIN_S": "5"})
+    assert paths_set(cfg.rules) == {"smoothing_s", "stress.classes", "stress.sustain_s"}
+    assert paths_set(cfg) == {"rules.smoothing_s", "rules.stress.classes", "rules.stress.sustain_s"}
+    assert paths_set(parse_config_text("", environ={})) == set()
 
 
 def test_seat_zones_are_checked() -> None:

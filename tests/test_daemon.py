@@ -25,6 +25,7 @@ from cabin_monitor.assets import sample_path
 from cabin_monitor.bus.mqtt import MqttSink
 from cabin_monitor.bus.outbox import Outbox
 from cabin_monitor.bus.sinks import StdoutSink
+from cabin_monitor.config import paths_set
 from cabin_monitor.daemon import Overrides, build_pipeline, load
 from cabin_monitor.errors import ConfigurationError
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage
@@ -173,6 +174,22 @@ def test_command_line_overrides_win_over_the_file_and_are_validated_like_it(tmp_
         with pytest.raises(ConfigurationError) as err:
             load(config, bad)
         assert err.value.exit_code == 2
+
+
+def test_command_line_overrides_keep_the_files_values_apart_from_the_defaults(tmp_path: Path) -> None:
+    """After the command line's overrides the configuration still tells what the file set from its defaults."""
+    cfg = load(write_config(tmp_path), Overrides(source="0", loop=True, mqtt_url="mqtt://bus:1884"))
+    assert paths_set(cfg.rules) == {".".join(p) for p in leaf_paths(RULES)}
+    assert {"camera.source", "camera.loop", "mqtt.url", "mqtt.state_interval_s"} <= paths_set(cfg)
+    assert not {"camera.fps", "rules.stress.severity", "mqtt.keepalive_s"} & paths_set(cfg)
+
+
+def leaf_paths(mapping: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The path of every leaf of a nested mapping."""
+    out: list[tuple[str, ...]] = []
+    for key, value in mapping.items():
+        out += leaf_paths(value, (*prefix, key)) if isinstance(value, dict) else [(*prefix, key)]
+    return out
 
 
 def test_the_broker_sink_and_remote_rules_exist_only_with_a_broker(tmp_path: Path) -> None:
@@ -375,6 +392,7 @@ def test_sighup_keeps_remote_overrides_on_top_and_says_so(
         state = rules_state()
         assert (state["rules"]["stress"]["sustain_s"], state["rules"]["stress"]["cooldown_s"]) == (2.0, 5.0)
         assert (state["sources"]["stress.sustain_s"], state["sources"]["stress.cooldown_s"]) == ("remote", "file")
+        assert state["sources"]["stress.severity"] == state["sources"]["unexpected_expression.min_score"] == "default"
         assert state["overrides"] == [{"path": "stress.sustain_s", "remote": 2.0, "file": 1.0}]
         request("reset", {"request_id": "r1"})
         recorder.wait_for(lambda ms: "r1" in config_results(ms), 15)

@@ -13,8 +13,15 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from cabin_monitor.bus.payloads import PRECEDENCE, ConfigResultPayload, ConfigSetPayload, utc_iso
-from cabin_monitor.bus.remote import RemoteRequests, RulesControl, TokenBucket, answer_config_set, encode_payload
-from cabin_monitor.config import EMOTIONS_7, RemoteConfigConfig, RulesConfig
+from cabin_monitor.bus.remote import (
+    RemoteRequests,
+    RulesControl,
+    TokenBucket,
+    answer_config_set,
+    encode_payload,
+    flatten,
+)
+from cabin_monitor.config import EMOTIONS_7, RemoteConfigConfig, RulesConfig, parse_config_text
 from cabin_monitor.messages import RemoteAction, RemoteRequest
 from tests.support.helpers import wait_until
 
@@ -100,7 +107,32 @@ def test_reload_keeps_overrides_on_top_of_new_file_rules_and_names_them(tmp_path
     assert ctl.take_pending() == ctl.effective
     state = ctl.state("car-1", "reload")
     assert state.sources["stress.sustain_s"] == "remote" and state.sources["stress.cooldown_s"] == "file"
+    assert state.sources["stress.enter_score"] == state.sources["smoothing_s"] == "default"
     assert state.rules["stress"]["cooldown_s"] == 99 and state.precedence == PRECEDENCE
+
+
+def test_sources_tell_the_configuration_from_the_defaults_and_the_overrides(tmp_path: Path) -> None:
+    """A value the file or its environment sets is 'file' (also when it equals the default), an untouched one
+    'default', an override 'remote'; a reset and a reload that drops a value change them accordingly."""
+    text = "rules:\n  smoothing_s: 0.7\n  stress:\n    classes: [anger]\n    sustain_s: 4\n"
+    environ = {"CABIN_MONITOR__RULES__OCCUPANT_LOST__LOST_AFTER_S": "9"}
+    ctl = control(tmp_path, parse_config_text(text, environ=environ).rules)
+    send(ctl, {"request_id": "s", "rules": {"stress": {"sustain_s": 7, "cooldown_s": 60}}})
+    sources = ctl.state("car-1", "config/set").sources
+    assert set(sources) == set(flatten(RulesConfig().model_dump(mode="json")))
+    assert {p: source for p, source in sources.items() if source != "default"} == {
+        "smoothing_s": "file",
+        "stress.classes": "file",
+        "stress.sustain_s": "remote",
+        "stress.cooldown_s": "remote",
+        "occupant_lost.lost_after_s": "file",
+    }
+    reset = ctl.handle(request("reset", {"request_id": "r"}))
+    assert reset.sources is not None
+    assert (reset.sources["stress.sustain_s"], reset.sources["stress.cooldown_s"]) == ("file", "default")
+    ctl.reload_base(parse_config_text("rules:\n  stress:\n    sustain_s: 4\n", environ={}).rules)
+    after = ctl.state("car-1", "reload").sources
+    assert {p for p, source in after.items() if source != "default"} == {"stress.sustain_s"}
 
 
 def test_three_class_model_checks_classes(tmp_path: Path) -> None:
@@ -272,7 +304,7 @@ def test_get_answers_the_rules_with_their_sources(tmp_path: Path) -> None:
     assert answer.rules == ctl.effective.model_dump(mode="json")
     assert answer.sources is not None and answer.overrides is not None
     assert {p for p, source in answer.sources.items() if source == "remote"} == {"stress.sustain_s"}
-    assert answer.sources["stress.classes"] == answer.sources["occupant_lost.severity"] == "file"
+    assert answer.sources["stress.classes"] == answer.sources["occupant_lost.severity"] == "default"
     assert [(o.path, o.remote, o.file) for o in answer.overrides] == [("stress.sustain_s", 7, 4.0)]
     assert answer.precedence == PRECEDENCE and ctl.take_pending() is not None  # (from the set)
     assert ctl.handle(request("get", {})).ok and ctl.take_pending() is None
@@ -287,7 +319,9 @@ def test_reset_drops_the_persisted_overrides(tmp_path: Path) -> None:
     ctl.take_pending()
     answer = ctl.handle(request("reset", {"request_id": "r"}))
     assert answer.ok and answer.action == "reset" and answer.overrides == []
-    assert set(answer.sources or {}) and set((answer.sources or {}).values()) == {"file"}
+    assert {p: source for p, source in (answer.sources or {}).items() if source != "default"} == {
+        "stress.sustain_s": "file"
+    }
     assert ctl.effective == base and ctl.take_pending() == base
     assert not (tmp_path / "override.json").exists()
     assert control(tmp_path, base).effective == base

@@ -4,7 +4,8 @@ answers operators' requests (``config/set``, ``config/get``, ``config/reset``) o
 Precedence (``PRECEDENCE``): the effective rules are the configuration file's ``rules`` section with
 the accumulated override patch merged on top. Overrides win over the file, also after a SIGHUP
 reload and after restarts, until ``config/reset`` drops them; the SIGHUP log line, every answer and
-the retained ``rules/state`` topic name each value an override still sets.
+the retained ``rules/state`` topic name each value an override still sets, and say of every value
+whether it is ``remote``, set by the configuration (``file``) or left at its ``default``.
 
 A change is validated completely (size, JSON, payload shape, every rule field, class names against
 the model), then written to the override file, then swapped in; any failure leaves everything as it
@@ -24,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -46,7 +47,14 @@ from cabin_monitor.bus.payloads import (
     RulesStatePayload,
     utc_iso,
 )
-from cabin_monitor.config import RemoteConfigConfig, RulesConfig, deep_merge, describe_errors, merge_rules
+from cabin_monitor.config import (
+    RemoteConfigConfig,
+    RulesConfig,
+    deep_merge,
+    describe_errors,
+    merge_rules,
+    paths_set,
+)
 from cabin_monitor.messages import RemoteRequest, RemoteStats
 from cabin_monitor.rules import check_classes
 
@@ -108,10 +116,15 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def rule_sources(effective: RulesConfig, patch: Mapping[str, Any]) -> dict[str, RuleSource]:
-    """Dotted path of every rule value -> ``remote`` where the override patch sets it, else ``file``."""
+def rule_sources(effective: RulesConfig, patch: Mapping[str, Any], file_paths: Set[str]) -> dict[str, RuleSource]:
+    """Dotted path of every rule value -> ``remote`` where the override patch sets it, ``file`` where the
+    configuration (``file_paths``: its file or environment) sets it, else ``default``."""
     remote = set(flatten(patch))
-    return {path: "remote" if path in remote else "file" for path in flatten(effective.model_dump(mode="json"))}
+
+    def source(path: str) -> RuleSource:
+        return "remote" if path in remote else "file" if path in file_paths else "default"
+
+    return {path: source(path) for path in flatten(effective.model_dump(mode="json"))}
 
 
 def rule_overrides(base: RulesConfig, patch: Mapping[str, Any]) -> list[RuleOverride]:
@@ -271,6 +284,7 @@ class RulesControl:
         self._wall = wall_clock
         check_classes(base, self._class_names)
         self._base = base
+        self._file_paths = frozenset(paths_set(base))  # the values the configuration sets, not its defaults
         self._patch: dict[str, Any] = {}
         self._effective = base
         self._pending: RulesConfig | None = None
@@ -320,14 +334,14 @@ class RulesControl:
     def state(self, vehicle_id: str, cause: ChangeCause, request_id: str | None = None) -> RulesStatePayload:
         """The ``rules/state`` payload: the rules in force, where each value came from, the last change."""
         with self._lock:
-            base, patch, effective = self._base, self._patch, self._effective
+            base, patch, effective, file_paths = self._base, self._patch, self._effective, self._file_paths
         return RulesStatePayload(
             vehicle_id=vehicle_id,
             ts=utc_iso(self._wall()),
             cause=cause,
             request_id=request_id,
             rules=effective.model_dump(mode="json"),
-            sources=rule_sources(effective, patch),
+            sources=rule_sources(effective, patch, file_paths),
             overrides=rule_overrides(base, patch),
         )
 
@@ -340,6 +354,7 @@ class RulesControl:
             effective = merge_rules(base, self._patch)
             check_classes(effective, self._class_names)
             self._base = base
+            self._file_paths = frozenset(paths_set(base))
             self._effective = effective
             self._pending = effective
             return rule_overrides(base, self._patch)
@@ -379,7 +394,7 @@ class RulesControl:
             request_id=request_id,
             ok=True,
             rules=self._effective.model_dump(mode="json"),
-            sources=rule_sources(self._effective, self._patch),
+            sources=rule_sources(self._effective, self._patch, self._file_paths),
             overrides=rule_overrides(self._base, self._patch),
         )
 

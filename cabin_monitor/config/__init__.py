@@ -19,6 +19,7 @@ from cabin_monitor.config.loader import (
     load_config,
     merge_rules,
     parse_config_text,
+    paths_set,
 )
 from cabin_monitor.config.logs import LoggingConfig
 from cabin_monitor.config.metrics import MetricsConfig
@@ -72,4 +73,5 @@ __all__ = [
     "merge_rules",
     "parse_config_text",
     "parse_mqtt_url",
+    "paths_set",
 ]

@@ -30,7 +30,10 @@ class CameraConfig(Strict):
     reopen_initial_s: float = Field(0.5, gt=0, le=60, description="First wait before reopening a failed camera.")
     reopen_max_s: float = Field(10.0, gt=0, le=600, description="Longest wait between reopen attempts.")
     max_corrupt_frames: int = Field(
-        30, ge=1, description="Consecutive corrupt frames after which the source is reopened."
+        30,
+        ge=1,
+        description="Consecutive corrupt frames after which a camera is reopened; a video file ends there "
+        "(failed reads in a row too: OpenCV fails the read of a frame it cannot decode and of the end alike).",
     )
 
     @model_validator(mode="after")

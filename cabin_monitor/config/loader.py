@@ -333,6 +333,19 @@ def _paths_relative_to(model: M, folder: Path, skip: set[str], prefix: str = "")
     return model.model_copy(update=update) if update else model
 
 
+def paths_set(model: BaseModel, prefix: str = "") -> set[str]:
+    """Dotted path of every value ``model`` was given (by its file, the environment or the command line),
+    section by section; values left at their defaults are not in it. Lists are single values."""
+    out: set[str] = set()
+    for name in model.model_fields_set:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out |= paths_set(value, f"{prefix}{name}.")
+        else:
+            out.add(f"{prefix}{name}")
+    return out
+
+
 def merge_rules(base: RulesConfig, patch: Mapping[str, Any]) -> RulesConfig:
     """Apply a partial rules mapping on top of ``base``; raises ``ValidationError`` on any problem."""
     merged = deep_merge(base.model_dump(mode="json"), dict(patch))

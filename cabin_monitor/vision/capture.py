@@ -3,10 +3,15 @@
 ``FrameSource.read`` returns the next valid frame. It skips and counts
 corrupt frames, reopens a failed or vanished camera with exponential backoff,
 paces video files at their own frame rate (``realtime``) or times them by the
-file's clock (``fast``), and raises ``SourceEnded`` when a file is done. A video
-file that gives no frame at all (empty, truncated, header only) is a setup error,
-also when looped: a pass without a frame waits (with the reopen backoff) and
-reopens the file, and ``MAX_EMPTY_PASSES`` of them in a row end the source.
+file's clock (``fast``), and raises ``SourceEnded`` when a file is done. OpenCV
+answers a frame of a file that it cannot decode with a failed read, as it answers
+the end of the file, and goes on to the next frame: a failed read followed by a
+frame is counted as a corrupt frame, and ``max_corrupt_frames`` failed reads in a
+row are the end of the file; while a pass has given no frame yet, the file's packets
+(read without decoding) tell each undecodable frame from the end. A video file that gives no frame at all (empty,
+truncated, header only, or every frame corrupt) is a setup error, also when looped:
+a pass without a frame waits (with the reopen backoff) and reopens the file, and
+``MAX_EMPTY_PASSES`` of them in a row end the source.
 While it waits or reopens, the source shows a sign of life at least every
 ``WAIT_SLICE_S`` (``last_alive_s``): the watchdog's proof that the capture side
 is alive, with or without a camera.
@@ -129,6 +134,26 @@ def validate_image(image: object) -> ImageArray | None:
     return np.ascontiguousarray(arr)
 
 
+def count_packets(path: str, limit: int) -> int | None:
+    """How many video packets (frames, decodable or not) the file holds, up to ``limit``, read without
+    decoding; None when the file cannot be read that way."""
+    try:
+        cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])
+    except cv2.error:
+        return None
+    try:
+        if not cap.isOpened() or cap.get(cv2.CAP_PROP_FORMAT) != -1:
+            return None
+        packets = 0
+        while packets < limit and cap.grab():
+            packets += 1
+        return packets
+    except cv2.error:
+        return None
+    finally:
+        cap.release()
+
+
 class FrameSource:
     """Reads frames from one configured source and survives its faults."""
 
@@ -161,7 +186,10 @@ class FrameSource:
         self._next_due: float | None = None
         self._delivered = RateWindow()
         self._pass_frames = 0  # frames delivered since the file was opened or rewound
+        self._pass_corrupt = 0  # corrupt frames counted since then
+        self._pass_packets_known = 0  # packets the file is known to hold, while the pass has no frame
         self._empty_passes = 0  # passes in a row that delivered none
+        self._empty_corrupt = 0  # corrupt frames counted in those passes
         self._alive_s = clock()
 
     @property
@@ -228,7 +256,7 @@ class FrameSource:
             self._beat()
             if opened and cap is not None:
                 self._cap = cap
-                self._pass_frames = 0
+                self._pass_frames = self._pass_corrupt = self._pass_packets_known = 0
                 if not self.is_file:
                     self._backoff_s = self.cfg.reopen_initial_s
                 fps = cap.get(cv2.CAP_PROP_FPS)
@@ -267,6 +295,7 @@ class FrameSource:
         if self._cap is None:
             self._open()
         corrupt_run = 0
+        failed_reads = 0  # file reads in a row that gave nothing: each an undecodable frame, or the end
         while not self._stop.is_set():
             assert self._cap is not None
             self._beat()
@@ -277,27 +306,40 @@ class FrameSource:
                 log.warning("read raised", source=self.cfg.source, error=str(exc))
             self._beat()
             if not ok:
-                if self.is_file:
-                    if self.cfg.loop:
-                        self._rewind()
+                if not self.is_file:
+                    with self._lock:
+                        self._stats = replace(self._stats, read_failures=self._stats.read_failures + 1)
+                    self._reopen("read failed (camera gone or stream interrupted)")
+                    continue
+                left = self._packets_left() if self._pass_frames == 0 else None
+                if left:  # the file holds more than it gave: this frame could not be decoded
+                    corrupt_run += 1
+                    self._count_corrupt(1)
+                    if corrupt_run >= self.cfg.max_corrupt_frames:
+                        self._end_pass()
+                        corrupt_run = 0
+                    continue
+                if left is None:
+                    failed_reads += 1
+                    if failed_reads < self.cfg.max_corrupt_frames:
                         continue
-                    if self._next_id == 0:
-                        self._fail_empty_file("it holds no readable frame (empty or truncated)")
-                    self._update(state=CameraState.ENDED)
-                    raise SourceEnded("end of file")
-                with self._lock:
-                    self._stats = replace(self._stats, read_failures=self._stats.read_failures + 1)
-                self._reopen("read failed (camera gone or stream interrupted)")
+                self._end_pass()
+                corrupt_run = failed_reads = 0
                 continue
+            if failed_reads:
+                # A frame after failed reads: those were frames OpenCV could not decode, not the end.
+                self._count_corrupt(failed_reads)
+                failed_reads = 0
             frame_image = validate_image(image)
             if frame_image is None:
                 corrupt_run += 1
-                with self._lock:
-                    self._stats = replace(
-                        self._stats, corrupt_frames=self._stats.corrupt_frames + 1, last_error="corrupt frame"
-                    )
+                self._count_corrupt(1)
                 if corrupt_run >= self.cfg.max_corrupt_frames:
                     if self.is_file:
+                        if self._pass_frames == 0:
+                            self._end_pass()
+                            corrupt_run = 0
+                            continue
                         self._update(state=CameraState.FAILED)
                         raise SourceEnded(f"{corrupt_run} corrupt frames in a row")
                     self._reopen(f"{corrupt_run} corrupt frames in a row")
@@ -306,29 +348,69 @@ class FrameSource:
             return self._make_frame(frame_image)
         raise SourceEnded("stopping")
 
+    def _count_corrupt(self, frames: int) -> None:
+        self._pass_corrupt += frames
+        with self._lock:
+            self._stats = replace(
+                self._stats, corrupt_frames=self._stats.corrupt_frames + frames, last_error="corrupt frame"
+            )
+
+    def _packets_left(self) -> bool | None:
+        """Whether the file holds packets beyond those this pass has read, while no frame has come (every
+        one read so far was corrupt); None when the file cannot tell. Read from the file's index, not decoded."""
+        consumed = self._pass_corrupt
+        if consumed < self._pass_packets_known:
+            return True
+        packets = count_packets(str(self.spec.target), consumed + self.cfg.max_corrupt_frames + 1)
+        if packets is None:
+            return None
+        self._pass_packets_known = packets
+        return packets > consumed
+
+    def _end_pass(self) -> None:
+        """The file gives no more frames this pass: rewind a looped file, end the source, or refuse a file
+        that gave no frame at all."""
+        if self.cfg.loop:
+            self._rewind()
+            return
+        if self._pass_frames == 0:
+            self._fail_empty_file(self._no_frame_reason(self._pass_corrupt))
+        self._update(state=CameraState.ENDED)
+        raise SourceEnded("end of file")
+
+    def _no_frame_reason(self, corrupt_frames: int, passes: int = 1) -> str:
+        if corrupt_frames == 0:
+            if passes > 1:
+                return f"{passes} passes in a row gave no frame (empty or truncated)"
+            return "it holds no readable frame (empty or truncated)"
+        each = f" in {passes} passes in a row" if passes > 1 else ""
+        return f"no frame could be decoded{each} ({corrupt_frames} corrupt frames)"
+
     def _rewind(self) -> None:
         """Play a looped file again. A pass that gave no frame waits (the reopen backoff, growing) and
         reopens the file, which may have been replaced; ``MAX_EMPTY_PASSES`` in a row end the source."""
         assert self._cap is not None
         if self._pass_frames == 0:
             self._empty_passes += 1
+            self._empty_corrupt += self._pass_corrupt
             if self._empty_passes >= MAX_EMPTY_PASSES:
-                self._fail_empty_file(f"{self._empty_passes} passes in a row gave no frame (empty or truncated)")
+                self._fail_empty_file(self._no_frame_reason(self._empty_corrupt, self._empty_passes))
             wait = self._next_wait_s()
             log.warning(
                 "looped video file gave no frame; reopening it",
                 source=self.cfg.source,
                 empty_passes=self._empty_passes,
                 max_empty_passes=MAX_EMPTY_PASSES,
+                corrupt_frames=self._pass_corrupt,
                 retry_in_s=round(wait, 2),
             )
             self.release()
             self._wait(wait)
             self._open()
             return
-        self._empty_passes = 0
+        self._empty_passes = self._empty_corrupt = 0
         self._backoff_s = self.cfg.reopen_initial_s
-        self._pass_frames = 0
+        self._pass_frames = self._pass_corrupt = self._pass_packets_known = 0
         self._file_offset_s = self._last_media_s + 1.0 / max(1.0, self._file_fps)
         if not self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
             self.release()
