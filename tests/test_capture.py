@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from cabin_monitor.vision.capture import (
     validate_image,
 )
 from tests.support.camera import ScriptedCamera
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, clean_environment
 
 VIDEO = sample_path("single_face.mp4")
 
@@ -199,12 +198,18 @@ def test_a_looped_file_truncated_while_playing_ends_as_a_setup_error(
     assert [f.frame_id for f in played] == list(range(5))
 
 
+def daemon_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a daemon under test: JSON logs, its own state folder, no systemd variables."""
+    return clean_environment() | {
+        "CABIN_MONITOR__LOGGING__FORMAT": "json",
+        "CABIN_MONITOR__STATE_DIR": str(tmp_path / "state"),
+    }
+
+
 def test_the_daemon_exits_2_with_one_clear_line_on_a_looped_file_without_frames(tmp_path: Path) -> None:
     """``run --loop`` on a header-only file ends by itself with exit code 2 and a few log lines, no traceback."""
     cut = cut_copy(tmp_path, INDEX_FIRST_VIDEO, None)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CABIN_MONITOR__", "NOTIFY_", "WATCHDOG_"))}
-    env |= {"CABIN_MONITOR__LOGGING__FORMAT": "json", "CABIN_MONITOR__STATE_DIR": str(tmp_path / "state")}
-    daemon = DaemonProcess(tmp_path, ["--source", str(cut), "--loop"], env=env)
+    daemon = DaemonProcess(tmp_path, ["--source", str(cut), "--loop"], env=daemon_env(tmp_path))
     assert daemon.wait(120.0) == 2, daemon.logs()[-3000:]
     (stopped,) = daemon.logged("stage thread stopped")
     assert stopped["thread"] == "capture" and stopped["exit_code"] == 2 and cut.name in stopped["error"]
@@ -292,12 +297,6 @@ def test_corrupt_frames_inside_a_file_are_skipped_and_counted(tmp_path: Path) ->
     media_s = [f.media_s or 0.0 for f in frames]
     assert media_s[10] - media_s[9] == pytest.approx(11 / 30, abs=1e-3)
     assert (source.stats().state, source.stats().corrupt_frames) == (CameraState.ENDED, 10)
-
-
-def daemon_env(tmp_path: Path) -> dict[str, str]:
-    """The environment of a daemon under test: JSON logs, its own state folder, no systemd variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CABIN_MONITOR__", "NOTIFY_", "WATCHDOG_"))}
-    return env | {"CABIN_MONITOR__LOGGING__FORMAT": "json", "CABIN_MONITOR__STATE_DIR": str(tmp_path / "state")}
 
 
 @pytest.mark.parametrize("loop", [False, True], ids=["once", "looped"])

@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cabin_monitor.assets import sample_path
 from tests.support.broker import MosquittoBroker
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, clean_environment
 from tests.support.pki import TestPki, make_test_pki
 
 DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
@@ -419,7 +419,7 @@ def test_daemon_works_within_the_acl(
     }
     config = tmp_path / "cabin-monitor.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CABIN_MONITOR__", "NOTIFY_", "WATCHDOG_"))}
+    env = clean_environment()
     clip = sample_path("single_face.mp4")
     daemon = DaemonProcess(tmp_path, ["--config", str(config), "--source", str(clip), "--loop"], env=env)
     try:

@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -116,13 +116,14 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def rule_sources(effective: RulesConfig, patch: Mapping[str, Any], file_paths: Set[str]) -> dict[str, RuleSource]:
+def rule_sources(effective: RulesConfig, patch: Mapping[str, Any], base: RulesConfig) -> dict[str, RuleSource]:
     """Dotted path of every rule value -> ``remote`` where the override patch sets it, ``file`` where the
-    configuration (``file_paths``: its file or environment) sets it, else ``default``."""
+    configuration ``base`` sets it (its file or environment), else ``default``."""
     remote = set(flatten(patch))
+    configured = paths_set(base)
 
     def source(path: str) -> RuleSource:
-        return "remote" if path in remote else "file" if path in file_paths else "default"
+        return "remote" if path in remote else "file" if path in configured else "default"
 
     return {path: source(path) for path in flatten(effective.model_dump(mode="json"))}
 
@@ -284,7 +285,6 @@ class RulesControl:
         self._wall = wall_clock
         check_classes(base, self._class_names)
         self._base = base
-        self._file_paths = frozenset(paths_set(base))  # the values the configuration sets, not its defaults
         self._patch: dict[str, Any] = {}
         self._effective = base
         self._pending: RulesConfig | None = None
@@ -334,14 +334,14 @@ class RulesControl:
     def state(self, vehicle_id: str, cause: ChangeCause, request_id: str | None = None) -> RulesStatePayload:
         """The ``rules/state`` payload: the rules in force, where each value came from, the last change."""
         with self._lock:
-            base, patch, effective, file_paths = self._base, self._patch, self._effective, self._file_paths
+            base, patch, effective = self._base, self._patch, self._effective
         return RulesStatePayload(
             vehicle_id=vehicle_id,
             ts=utc_iso(self._wall()),
             cause=cause,
             request_id=request_id,
             rules=effective.model_dump(mode="json"),
-            sources=rule_sources(effective, patch, file_paths),
+            sources=rule_sources(effective, patch, base),
             overrides=rule_overrides(base, patch),
         )
 
@@ -354,7 +354,6 @@ class RulesControl:
             effective = merge_rules(base, self._patch)
             check_classes(effective, self._class_names)
             self._base = base
-            self._file_paths = frozenset(paths_set(base))
             self._effective = effective
             self._pending = effective
             return rule_overrides(base, self._patch)
@@ -394,7 +393,7 @@ class RulesControl:
             request_id=request_id,
             ok=True,
             rules=self._effective.model_dump(mode="json"),
-            sources=rule_sources(self._effective, self._patch, self._file_paths),
+            sources=rule_sources(self._effective, self._patch, self._base),
             overrides=rule_overrides(self._base, self._patch),
         )
 

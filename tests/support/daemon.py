@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment without the daemon's own and systemd's variables, which would steer the child."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("CABIN_MONITOR__", "NOTIFY_", "WATCHDOG_"))}
+
+
 class DaemonProcess:
     """A ``python -m cabin_monitor run ARGS`` child process; stdout (events) and stderr (JSON logs) go to files."""
 
