@@ -71,10 +71,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cabin_monitor.tools.annotate import DEFAULT_VIDEO_FPS, AnnotatedVideoWriter, video_fps
     from cabin_monitor.vision.capture import parse_source
 
-    # FFmpeg reads its log level once, at first use: quiet it before the video opens, so the H.264 probe
-    # of the writer (absent from OpenCV's pip builds) prints nothing.
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-
     cfg = daemon.load(_config_path(args), _overrides(args, fast=True))
     configure_logging(cfg.logging.level, cfg.logging.format)
     out = Path(args.out)
@@ -510,6 +506,10 @@ def _have_onnxruntime() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cabin-monitor`` command."""
     os.environ.setdefault("GLOG_minloglevel", "2")  # quiet MediaPipe's C++ start-up lines
+    # FFmpeg reads its log level once, at first use, and would print a line per damaged packet of a file
+    # cut short (the capture logs that once, with the frame counts) and the demo writer's H.264 probe
+    # (absent from OpenCV's pip builds); OPENCV_FFMPEG_LOGLEVEL=24 brings its warnings back.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     args = build_parser().parse_args(argv)
     if args.command in _NEEDS_ONNXRUNTIME and not _have_onnxruntime():
         return _die(f"'{args.command}' needs onnxruntime: {_ONNXRUNTIME_HINT}", EXIT_RUNTIME)

@@ -16,6 +16,7 @@ Where things go once it runs:
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -34,7 +35,14 @@ from cabin_monitor.bus.outbox import open_outbox
 from cabin_monitor.bus.payloads import PRECEDENCE
 from cabin_monitor.bus.remote import RemoteRequests, RulesControl, describe_overrides
 from cabin_monitor.bus.sinks import EventSink, StdoutSink
-from cabin_monitor.config import CameraConfig, Config, ConfigError, load_config, parse_mqtt_url
+from cabin_monitor.config import (
+    CameraConfig,
+    Config,
+    ConfigError,
+    load_config,
+    parse_mqtt_url,
+    rule_paths_from_environment,
+)
 from cabin_monitor.errors import CabinMonitorError, ConfigurationError
 from cabin_monitor.messages import FrameResult, HealthSnapshot
 from cabin_monitor.record.sink import RecordingSink
@@ -121,6 +129,7 @@ def build_pipeline(
             (cfg.remote_config.override_path or state_dir / "rules_override.json") if cfg.mqtt.url else None,
             cfg.remote_config.max_payload_bytes,
             remembered_request_ids=cfg.remote_config.remembered_request_ids,
+            environment_paths=rule_paths_from_environment(os.environ),
         )
         if control.effective != cfg.rules:
             processor.reconfigure_rules(control.effective)

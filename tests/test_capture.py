@@ -23,6 +23,7 @@ from cabin_monitor.vision.capture import (
     SourceError,
     SourceSetupError,
     SourceSpec,
+    ended_early,
     open_capture,
     parse_source,
     validate_image,
@@ -101,6 +102,30 @@ def test_truncated_video_ends_cleanly(tmp_path: Path) -> None:
         assert "cut.mp4" in str(exc)
     else:
         assert all(f.image.ndim == 3 for f in frames)
+
+
+def test_a_file_cut_short_is_said_to_end_before_its_declared_length(tmp_path: Path) -> None:
+    """The moov-first sample cut in half plays its first half and warns once, with both frame counts."""
+    sample, cut = sample_path("WolfgangLanger_Pexels.mp4"), tmp_path / "cut.mp4"
+    data = sample.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    whole = read_all(FrameSource(CameraConfig(source=str(sample), file_pacing="fast"), threading.Event()))
+    with capture_logs() as logs:
+        frames = read_all(FrameSource(CameraConfig(source=str(cut), file_pacing="fast"), threading.Event()))
+    warnings = [e for e in logs if e["event"].startswith("video file ended before its declared length")]
+    assert 0 < len(frames) < len(whole)
+    assert [(w["frames_read"], w["frames_declared"]) for w in warnings] == [(len(frames), len(whole))]
+    with capture_logs() as logs:
+        read_all(FrameSource(CameraConfig(source=str(sample), file_pacing="fast"), threading.Event()))
+    assert not [e for e in logs if e["event"].startswith("video file ended")]
+
+
+@pytest.mark.parametrize(
+    ("read", "declared", "early"), [(228, 472, True), (472, 472, False), (463, 472, False), (40, 0, False)]
+)
+def test_ended_early_allows_an_estimated_header_count(read: int, declared: int, early: bool) -> None:
+    """A header's frame count may be an estimate: only a shortfall beyond 2 % or two frames counts."""
+    assert ended_early(read, declared) is early
 
 
 # The moov-first sample (its index before the media data): cut short, it still opens, but holds no frame.

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from cabin_monitor.config import paths_set
 from cabin_monitor.daemon import Overrides, build_pipeline, load
 from cabin_monitor.errors import ConfigurationError
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, clean_environment
 from tests.support.helpers import wait_until
 from tests.support.mounts import fill, pin_wal, read_only_bind, remount, tmpfs
 
@@ -104,8 +104,8 @@ def write_config(directory: Path, **extra: object) -> Path:
 class Daemon(DaemonProcess):
     """``cabin-monitor run --config CONFIG ARGS`` for these tests."""
 
-    def __init__(self, directory: Path, config: Path, *args: str) -> None:
-        super().__init__(directory, ["--config", str(config), *args])
+    def __init__(self, directory: Path, config: Path, *args: str, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(directory, ["--config", str(config), *args], env=env)
 
 
 DaemonStarter = Callable[..., Daemon]
@@ -116,8 +116,8 @@ def start_daemon(tmp_path: Path) -> Iterator[DaemonStarter]:
     """Starts ``cabin-monitor run --config CONFIG ARGS``; daemons still running at the end are killed."""
     started: list[Daemon] = []
 
-    def start(config: Path, *args: str) -> Daemon:
-        daemon = Daemon(tmp_path, config, *args)
+    def start(config: Path, *args: str, env: Mapping[str, str] | None = None) -> Daemon:
+        daemon = Daemon(tmp_path, config, *args, env=env)
         started.append(daemon)
         return daemon
 
@@ -362,7 +362,8 @@ def config_results(messages: list[RecordedMessage]) -> dict[str, dict[str, Any]]
 def test_sighup_keeps_remote_overrides_on_top_and_says_so(
     mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
 ) -> None:
-    """After a SIGHUP the override still wins, named in the log and rules/state; config/reset gives the file's value."""
+    """After a SIGHUP the override still wins, named in the log and rules/state; config/reset gives the file's
+    value; a value set by an environment variable is named as such."""
     import paho.mqtt.publish as publish
 
     def request(action: str, body: dict[str, Any]) -> None:
@@ -375,10 +376,12 @@ def test_sighup_keeps_remote_overrides_on_top_and_says_so(
         return state
 
     config = write_config(tmp_path)
-    daemon = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+    env = clean_environment() | {"CABIN_MONITOR__RULES__UNEXPECTED_EXPRESSION__MIN_SCORE": "0.5"}
+    daemon = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url, env=env)
     with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/config/result"], clean_session=True) as recorder:
         wait_until(lambda: bool(daemon.logged("mqtt connected")), 60, "connected")
         assert rules_state()["cause"] == "start"
+        assert rules_state()["sources"]["unexpected_expression.min_score"] == "environment"
         request("set", {"request_id": "s1", "rules": {"stress": {"sustain_s": 2.0}}})
         recorder.wait_for(lambda ms: "s1" in config_results(ms), 15)
         stress = cast(dict[str, Any], RULES["stress"]) | {"sustain_s": 1.0, "cooldown_s": 5.0}
@@ -392,7 +395,8 @@ def test_sighup_keeps_remote_overrides_on_top_and_says_so(
         state = rules_state()
         assert (state["rules"]["stress"]["sustain_s"], state["rules"]["stress"]["cooldown_s"]) == (2.0, 5.0)
         assert (state["sources"]["stress.sustain_s"], state["sources"]["stress.cooldown_s"]) == ("remote", "file")
-        assert state["sources"]["stress.severity"] == state["sources"]["unexpected_expression.min_score"] == "default"
+        assert state["sources"]["stress.severity"] == "default"
+        assert state["sources"]["unexpected_expression.min_score"] == "environment"
         assert state["overrides"] == [{"path": "stress.sustain_s", "remote": 2.0, "file": 1.0}]
         request("reset", {"request_id": "r1"})
         recorder.wait_for(lambda ms: "r1" in config_results(ms), 15)

@@ -21,16 +21,31 @@ from cabin_monitor.bus.remote import (
     encode_payload,
     flatten,
 )
-from cabin_monitor.config import EMOTIONS_7, RemoteConfigConfig, RulesConfig, parse_config_text
+from cabin_monitor.config import (
+    EMOTIONS_7,
+    RemoteConfigConfig,
+    RulesConfig,
+    parse_config_text,
+    rule_paths_from_environment,
+)
 from cabin_monitor.messages import RemoteAction, RemoteRequest
 from tests.support.helpers import wait_until
 
 NOW = 1_700_000_000.0
 
 
-def control(tmp_path: Path, base: RulesConfig | None = None) -> RulesControl:
+def control(
+    tmp_path: Path, base: RulesConfig | None = None, environment_paths: frozenset[str] = frozenset()
+) -> RulesControl:
     """A rules control persisting to tmp_path, for the 7-class model."""
-    return RulesControl(base or RulesConfig(), EMOTIONS_7, tmp_path / "override.json", 4096, wall_clock=lambda: NOW)
+    return RulesControl(
+        base or RulesConfig(),
+        EMOTIONS_7,
+        tmp_path / "override.json",
+        4096,
+        wall_clock=lambda: NOW,
+        environment_paths=environment_paths,
+    )
 
 
 def send(ctl: RulesControl, body: Any) -> dict[str, Any]:
@@ -112,11 +127,14 @@ def test_reload_keeps_overrides_on_top_of_new_file_rules_and_names_them(tmp_path
 
 
 def test_sources_tell_the_configuration_from_the_defaults_and_the_overrides(tmp_path: Path) -> None:
-    """A value the file or its environment sets is 'file' (also when it equals the default), an untouched one
-    'default', an override 'remote'; a reset and a reload that drops a value change them accordingly."""
+    """A value the file sets is 'file' (also when it equals the default), one its environment sets
+    'environment', an untouched one 'default', an override 'remote'; a reset and a reload that drops a
+    value change them accordingly."""
     text = "rules:\n  smoothing_s: 0.7\n  stress:\n    classes: [anger]\n    sustain_s: 4\n"
-    environ = {"CABIN_MONITOR__RULES__OCCUPANT_LOST__LOST_AFTER_S": "9"}
-    ctl = control(tmp_path, parse_config_text(text, environ=environ).rules)
+    environ = {"CABIN_MONITOR__RULES__OCCUPANT_LOST__LOST_AFTER_S": "9", "CABIN_MONITOR__LOGGING__LEVEL": "info"}
+    from_environment = rule_paths_from_environment(environ)
+    assert from_environment == {"occupant_lost.lost_after_s"}
+    ctl = control(tmp_path, parse_config_text(text, environ=environ).rules, from_environment)
     send(ctl, {"request_id": "s", "rules": {"stress": {"sustain_s": 7, "cooldown_s": 60}}})
     sources = ctl.state("car-1", "config/set").sources
     assert set(sources) == set(flatten(RulesConfig().model_dump(mode="json")))
@@ -125,14 +143,29 @@ def test_sources_tell_the_configuration_from_the_defaults_and_the_overrides(tmp_
         "stress.classes": "file",
         "stress.sustain_s": "remote",
         "stress.cooldown_s": "remote",
-        "occupant_lost.lost_after_s": "file",
+        "occupant_lost.lost_after_s": "environment",
     }
     reset = ctl.handle(request("reset", {"request_id": "r"}))
     assert reset.sources is not None
     assert (reset.sources["stress.sustain_s"], reset.sources["stress.cooldown_s"]) == ("file", "default")
-    ctl.reload_base(parse_config_text("rules:\n  stress:\n    sustain_s: 4\n", environ={}).rules)
+    ctl.reload_base(parse_config_text("rules:\n  stress:\n    sustain_s: 4\n", environ=environ).rules)
     after = ctl.state("car-1", "reload").sources
-    assert {p for p, source in after.items() if source != "default"} == {"stress.sustain_s"}
+    assert {p: source for p, source in after.items() if source != "default"} == {
+        "stress.sustain_s": "file",
+        "occupant_lost.lost_after_s": "environment",
+    }
+
+
+def test_a_section_set_from_the_environment_is_environment_under_any_override(tmp_path: Path) -> None:
+    """A whole section set by one variable makes each of its values 'environment' until an override wins."""
+    environ = {"CABIN_MONITOR__RULES__STRESS": '{"sustain_s": 3, "cooldown_s": 30}'}
+    ctl = control(tmp_path, parse_config_text("", environ=environ).rules, rule_paths_from_environment(environ))
+    send(ctl, {"rules": {"stress": {"sustain_s": 7}}})
+    sources = ctl.state("car-1", "config/set").sources
+    assert {p: source for p, source in sources.items() if p.startswith("stress.")} == {
+        p: "remote" if p == "stress.sustain_s" else "environment" for p in sources if p.startswith("stress.")
+    }
+    assert sources["smoothing_s"] == "default"
 
 
 def test_three_class_model_checks_classes(tmp_path: Path) -> None:

@@ -225,7 +225,7 @@ class ConfigRequestPayload(_Payload):
 
 
 ConfigAction = Literal["set", "get", "reset"]
-RuleSource = Literal["default", "file", "remote"]
+RuleSource = Literal["default", "file", "environment", "remote"]
 # The one rule between the configuration file and operators' overrides, stated in every answer,
 # in rules/state and in the SIGHUP log line.
 PRECEDENCE = (
@@ -262,7 +262,8 @@ class ConfigResultPayload(_Payload):
     errors: list[ConfigProblem] = Field(default_factory=list)
     rules: dict[str, Any] | None = Field(None, description="The effective rules after the request (on success).")
     sources: dict[str, RuleSource] | None = Field(
-        None, description="On success: dotted path of every rule value -> 'remote', 'file' or 'default'."
+        None,
+        description="On success: dotted path of every rule value -> 'remote', 'environment', 'file' or 'default'.",
     )
     overrides: list[RuleOverride] | None = Field(
         None, description="On success: every value the remote overrides set, with the file's value underneath."
@@ -308,7 +309,7 @@ class RulesStatePayload(_Payload):
     request_id: str | None = Field(None, description="The operator's request_id, for config/set and config/reset.")
     rules: dict[str, Any] = Field(description="The effective rules (a complete RulesConfig).")
     sources: dict[str, RuleSource] = Field(
-        description="Dotted path of every rule value -> 'remote' (an override), 'file' or 'default'."
+        description="Dotted path of every rule value -> 'remote' (an override), 'environment', 'file' or 'default'."
     )
     overrides: list[RuleOverride] = Field(description="Every value the remote overrides set, with the file's.")
     precedence: str = Field(PRECEDENCE, description="How the configuration file and remote overrides combine.")

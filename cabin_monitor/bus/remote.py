@@ -5,7 +5,8 @@ Precedence (``PRECEDENCE``): the effective rules are the configuration file's ``
 the accumulated override patch merged on top. Overrides win over the file, also after a SIGHUP
 reload and after restarts, until ``config/reset`` drops them; the SIGHUP log line, every answer and
 the retained ``rules/state`` topic name each value an override still sets, and say of every value
-whether it is ``remote``, set by the configuration (``file``) or left at its ``default``.
+whether it is ``remote``, set by a ``CABIN_MONITOR__RULES__…`` variable (``environment``), by the
+configuration file (``file``) or left at its ``default``.
 
 A change is validated completely (size, JSON, payload shape, every rule field, class names against
 the model), then written to the override file, then swapped in; any failure leaves everything as it
@@ -25,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -116,14 +117,21 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def rule_sources(effective: RulesConfig, patch: Mapping[str, Any], base: RulesConfig) -> dict[str, RuleSource]:
-    """Dotted path of every rule value -> ``remote`` where the override patch sets it, ``file`` where the
-    configuration ``base`` sets it (its file or environment), else ``default``."""
+def rule_sources(
+    effective: RulesConfig, patch: Mapping[str, Any], base: RulesConfig, from_environment: Collection[str] = ()
+) -> dict[str, RuleSource]:
+    """Dotted path of every rule value -> ``remote`` where the override patch sets it, ``environment`` where
+    a path in ``from_environment`` (a value or a whole section) sets it, ``file`` where the rest of the
+    configuration ``base`` sets it, else ``default``."""
     remote = set(flatten(patch))
     configured = paths_set(base)
 
     def source(path: str) -> RuleSource:
-        return "remote" if path in remote else "file" if path in configured else "default"
+        if path in remote:
+            return "remote"
+        if any(p == "" or path == p or path.startswith(p + ".") for p in from_environment):
+            return "environment"
+        return "file" if path in configured else "default"
 
     return {path: source(path) for path in flatten(effective.model_dump(mode="json"))}
 
@@ -267,7 +275,11 @@ def answer_config_set(
 
 
 class RulesControl:
-    """Owns the effective rules; thread-safe (the remote worker and SIGHUP write, the inference thread reads)."""
+    """Owns the effective rules; thread-safe (the remote worker and SIGHUP write, the inference thread reads).
+
+    ``environment_paths`` are the rule paths the process's ``CABIN_MONITOR__RULES__…`` variables set
+    (``rule_paths_from_environment``), reported as ``environment`` rather than ``file``.
+    """
 
     def __init__(
         self,
@@ -277,8 +289,10 @@ class RulesControl:
         max_payload_bytes: int = 16384,
         wall_clock: Callable[[], float] = time.time,
         remembered_request_ids: int = 1024,
+        environment_paths: Collection[str] = (),
     ) -> None:
         self._lock = threading.Lock()
+        self._environment_paths = frozenset(environment_paths)
         self._class_names = tuple(class_names)
         self._path = override_path
         self._max_bytes = max_payload_bytes
@@ -341,7 +355,7 @@ class RulesControl:
             cause=cause,
             request_id=request_id,
             rules=effective.model_dump(mode="json"),
-            sources=rule_sources(effective, patch, base),
+            sources=rule_sources(effective, patch, base, self._environment_paths),
             overrides=rule_overrides(base, patch),
         )
 
@@ -393,7 +407,7 @@ class RulesControl:
             request_id=request_id,
             ok=True,
             rules=self._effective.model_dump(mode="json"),
-            sources=rule_sources(self._effective, self._patch, self._base),
+            sources=rule_sources(self._effective, self._patch, self._base, self._environment_paths),
             overrides=rule_overrides(self._base, self._patch),
         )
 

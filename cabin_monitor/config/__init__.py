@@ -20,6 +20,7 @@ from cabin_monitor.config.loader import (
     merge_rules,
     parse_config_text,
     paths_set,
+    rule_paths_from_environment,
 )
 from cabin_monitor.config.logs import LoggingConfig
 from cabin_monitor.config.metrics import MetricsConfig
@@ -74,4 +75,5 @@ __all__ = [
     "parse_config_text",
     "parse_mqtt_url",
     "paths_set",
+    "rule_paths_from_environment",
 ]

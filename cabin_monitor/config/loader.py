@@ -165,6 +165,12 @@ def env_override_names(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]
     return names
 
 
+def rule_paths_from_environment(environ: Mapping[str, str]) -> frozenset[str]:
+    """Dotted rule paths (``stress.sustain_s``, a section ``stress``, or ``""`` for all the rules) that
+    ``CABIN_MONITOR__RULES__…`` variables set."""
+    return frozenset(".".join(path[1:]) for path in env_override_names(environ) if path[0] == "rules")
+
+
 def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Return a copy of ``raw`` with ``CABIN_MONITOR__A__B=value`` settings applied; ``ConfigError`` naming
     each variable whose value cannot be read (a list or section value that is not JSON)."""

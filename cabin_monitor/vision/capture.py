@@ -154,6 +154,12 @@ def count_packets(path: str, limit: int) -> int | None:
         cap.release()
 
 
+def ended_early(frames_read: int, frames_declared: int) -> bool:
+    """Whether a file that gave ``frames_read`` frames stopped short of the ``frames_declared`` of its header
+    (0: not declared), beyond the 2 % or two frames by which a header's count may be an estimate."""
+    return frames_declared > 0 and frames_read + max(2, frames_declared // 50) < frames_declared
+
+
 class FrameSource:
     """Reads frames from one configured source and survives its faults."""
 
@@ -190,6 +196,7 @@ class FrameSource:
         self._pass_packets_known = 0  # packets the file is known to hold, while the pass has no frame
         self._empty_passes = 0  # passes in a row that delivered none
         self._empty_corrupt = 0  # corrupt frames counted in those passes
+        self._short_file_noted = False  # the file was said to end before its declared length
         self._alive_s = clock()
 
     @property
@@ -370,6 +377,7 @@ class FrameSource:
     def _end_pass(self) -> None:
         """The file gives no more frames this pass: rewind a looped file, end the source, or refuse a file
         that gave no frame at all."""
+        self._note_short_file()
         if self.cfg.loop:
             self._rewind()
             return
@@ -377,6 +385,22 @@ class FrameSource:
             self._fail_empty_file(self._no_frame_reason(self._pass_corrupt))
         self._update(state=CameraState.ENDED)
         raise SourceEnded("end of file")
+
+    def _note_short_file(self) -> None:
+        """Warn, once per source, when a pass that gave frames ends well before the frame count the file's
+        header declares: the file was cut short (a copy interrupted, a recorder that lost power)."""
+        if self._short_file_noted or self._cap is None or self._pass_frames == 0:
+            return
+        declared = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        read = self._pass_frames + self._pass_corrupt
+        if ended_early(read, declared):
+            self._short_file_noted = True
+            log.warning(
+                "video file ended before its declared length (truncated?)",
+                source=self.cfg.source,
+                frames_read=read,
+                frames_declared=declared,
+            )
 
     def _no_frame_reason(self, corrupt_frames: int, passes: int = 1) -> str:
         if corrupt_frames == 0:
