@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
+from cabin_monitor.bus.fallback import default_fallback_path
 from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
-from cabin_monitor.bus.outbox import open_outbox
+from cabin_monitor.bus.outbox import Outbox, open_outbox
 from cabin_monitor.bus.payloads import PRECEDENCE
 from cabin_monitor.bus.remote import RemoteRequests, RulesControl, describe_overrides
 from cabin_monitor.bus.sinks import EventSink, StdoutSink
@@ -107,6 +108,23 @@ def load(config_path: Path | None, overrides: Overrides = Overrides()) -> Config
         raise ConfigurationError(str(exc)) from None
 
 
+def _log_fallback(outbox: Outbox) -> None:
+    """Say what the outbox found in its fallback file, or why it has none that works."""
+    if outbox.fallback_error is not None:
+        log.error(
+            "outbox fallback file unusable; events the outbox file cannot take are held in memory only",
+            error=outbox.fallback_error,
+        )
+    if outbox.restored_from_fallback:
+        log.warning(
+            "events an earlier run kept in the outbox fallback file taken in",
+            events=outbox.restored_from_fallback,
+            fallback=str(outbox.fallback_path),
+            outbox_path=str(outbox.path),
+            memory_depth=outbox.memory_depth,
+        )
+
+
 def build_pipeline(
     cfg: Config,
     *,
@@ -137,9 +155,11 @@ def build_pipeline(
         remote: RemoteRequests | None = None
         if cfg.mqtt.url:
             outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
+            fallback_path = cfg.outbox.fallback_path or default_fallback_path(os.environ)
             outbox, moved = open_outbox(
-                outbox_path, cfg.outbox.max_events, cfg.outbox.max_age_s, cfg.outbox.memory_max_events
+                outbox_path, cfg.outbox.max_events, cfg.outbox.max_age_s, cfg.outbox.memory_max_events, fallback_path
             )
+            _log_fallback(outbox)
             if moved is not None:
                 log.error(
                     "outbox file damaged; moved aside, starting with an empty outbox",

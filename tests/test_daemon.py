@@ -674,6 +674,42 @@ def test_a_full_state_folder_holds_events_in_memory_and_loses_none(
     assert copies == len(received), "no duplicates without a reconnect"
 
 
+def test_events_held_in_memory_survive_a_daemon_kill_through_the_fallback_file(
+    tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """Broker down, state folder full: events held in memory are kept in the fallback file, and after a SIGKILL
+    the next daemon (space freed, broker back) sends every event the first one accepted, in order, once."""
+    broker = MosquittoBroker(tmp_path / "broker")
+    fallback = tmp_path / "run" / "held-events.sqlite"
+    with tmpfs(tmp_path / "state", 256) as state:
+        config = write_config(tmp_path, outbox={"fallback_path": str(fallback)})
+        first = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", broker.url)
+        wait_until(lambda: bool(first.logged("event accepted")), 90, "a first event")
+        with pin_wal(state / "outbox.sqlite"):
+            filler = fill(state)
+            wait_until(lambda: bool(first.logged(HELD)), 60, "the outbox to report a full disk")
+            at_fault = len(first.logged("event accepted"))
+            wait_until(lambda: len(first.logged("event accepted")) >= at_fault + 3, 60, "3 more events")
+            first.kill()
+            accepted = [r["event_id"] for r in first.logged("event accepted")]
+            with sqlite3.connect(fallback) as db:
+                kept = db.execute("select count(*) from held").fetchone()[0]
+            assert kept >= 3, "events held in memory were kept in the fallback file"
+            filler.unlink()
+        with broker, MqttRecorder(broker.url, [f"{PREFIX}/events"]) as recorder:
+            second = start_daemon(
+                config, "--source", str(sample_path("no_face.mp4")), "--fast", "--mqtt-url", broker.url
+            )
+            assert second.wait() == 0, second.logs()[-3000:]
+            recorder.wait_for(lambda ms: {e["event_id"] for e in events(ms)} >= set(accepted), 15)
+        (taken_in,) = second.logged(TAKEN_IN)
+    received = [e["event_id"] for e in events(recorder.messages)]
+    print(f"fallback file: {len(accepted)} accepted before the kill, {kept} kept there, {len(received)} received")
+    assert received[: len(accepted)] == accepted and len(set(received)) == len(received)
+    assert taken_in["events"] == kept
+
+
+TAKEN_IN = "events an earlier run kept in the outbox fallback file taken in"
 HELD = "outbox file cannot be written; events are held in memory until it can"
 WRITABLE = "outbox file writable again; events held in memory are written"
 

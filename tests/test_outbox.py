@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cabin_monitor.bus.fallback import FallbackFile, KeptEvent
 from cabin_monitor.bus.outbox import (
     SEVERITY_RANK,
     Outbox,
@@ -439,3 +440,76 @@ def test_a_read_only_file_in_a_writable_folder_is_refused_not_moved_aside(tmp_pa
     assert not list(tmp_path.glob("*unusable*"))
     with Outbox(path) as outbox:
         assert outbox.depth() == 62
+
+
+def kept_ids(path: Path) -> list[str]:
+    """The event ids a fallback file keeps, oldest first."""
+    fallback = FallbackFile(path)
+    try:
+        return [event.event_id for event in fallback.events()]
+    finally:
+        fallback.close()
+
+
+def test_events_left_in_a_fallback_file_are_taken_in_first_in_order_and_once(tmp_path: Path) -> None:
+    """What an earlier process kept in the fallback file is written to the outbox file at open, oldest first,
+    after the rows already there, an event the file holds already not twice; the fallback is emptied."""
+    path, held = tmp_path / "outbox.sqlite", tmp_path / "run" / "held-events.sqlite"
+    with Outbox(path) as outbox:
+        put(outbox, "d0")
+        put(outbox, "f1")
+    fallback = FallbackFile(held)
+    for event_id, rank in (("f1", 1), ("f2", 2), ("f3", 1)):
+        fallback.add(KeptEvent(event_id, "cabin/car-1/events", f'{{"id":"{event_id}"}}'.encode(), rank, NOW))
+    fallback.close()
+    with Outbox(path, fallback=held) as outbox:
+        assert outbox.restored_from_fallback == 3 and outbox.fallback_error is None
+        items = outbox.pending(10)
+        assert [i.event_id for i in items] == ["d0", "f1", "f2", "f3"]
+        assert items[2].severity == "critical" and items[2].payload == b'{"id":"f2"}'
+        assert kept_ids(held) == []
+        put(outbox, "new")
+        assert ids(outbox) == ["d0", "f1", "f2", "f3", "new"]
+    with Outbox(path, fallback=held) as reopened:
+        assert reopened.restored_from_fallback == 0 and ids(reopened) == ["d0", "f1", "f2", "f3", "new"]
+
+
+def test_an_unusable_fallback_file_is_reported_and_the_outbox_works_without_it(tmp_path: Path) -> None:
+    """A fallback path that cannot be opened (here a folder) is named in fallback_error; events still flow."""
+    folder = tmp_path / "not-a-file"
+    folder.mkdir()
+    with Outbox(tmp_path / "outbox.sqlite", fallback=folder) as outbox:
+        assert outbox.fallback_error is not None and str(folder) in outbox.fallback_error
+        assert outbox.fallback_path is None
+        put(outbox, "e0")
+        assert ids(outbox) == ["e0"]
+
+
+def test_events_held_in_memory_are_kept_in_the_fallback_file_and_survive_the_process(tmp_path: Path) -> None:
+    """On a full disk each memory-held event is kept in the fallback file, forgotten there when acknowledged;
+    a new outbox (the process gone, the disk still full, then freed) hands the rest out, in order, once."""
+    held_path = tmp_path / "run" / "held-events.sqlite"
+    with tmpfs(tmp_path / "state", 1024) as state:
+        outbox = Outbox(state / "outbox.sqlite", fallback=held_path)
+        put(outbox, "d0")
+        with pin_wal(outbox.path):
+            filler = fill(state)
+            accepted = ["d0", *put_until_held(outbox, "e")]
+            for i in range(3):
+                accepted.append(f"m{i}")
+                put(outbox, accepted[-1])
+            memory = outbox.memory_event_ids
+            assert len(memory) == 4 and kept_ids(held_path) == memory and outbox.unkept_event_ids == []
+            row = {i.event_id: i.row_id for i in outbox.pending(1000)}
+            assert outbox.ack(row[memory[1]])
+            assert kept_ids(held_path) == [memory[0], *memory[2:]]
+            outbox.close()  # the process ends: nothing of memory is written anywhere else
+            with Outbox(state / "outbox.sqlite", fallback=held_path) as restarted:
+                assert restarted.restored_from_fallback == 3 and state_of(restarted) == "disk_full"
+                expected = [e for e in accepted if e != memory[1]]
+                assert ids(restarted) == expected and restarted.memory_event_ids == [memory[0], *memory[2:]]
+                filler.unlink()
+                assert restarted.retry_writes() == [] and state_of(restarted) == "ok"
+                assert kept_ids(held_path) == [] and ids(restarted) == expected
+        with Outbox(state / "outbox.sqlite", fallback=held_path) as reopened:
+            assert reopened.restored_from_fallback == 0 and ids(reopened) == expected

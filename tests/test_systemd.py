@@ -136,6 +136,13 @@ def test_unit_runs_unprivileged_with_persistent_state(unit: Unit) -> None:
     assert "DynamicUser" not in unit["Service"]
 
 
+def test_unit_keeps_a_runtime_folder_for_the_outbox_fallback_across_restarts(unit: Unit) -> None:
+    """RuntimeDirectory (the default outbox.fallback_path's folder) is owner-only and kept when the service stops."""
+    assert only(unit, "Service", "RuntimeDirectory") == "cabin-monitor"
+    assert only(unit, "Service", "RuntimeDirectoryMode") == "0700"
+    assert only(unit, "Service", "RuntimeDirectoryPreserve") == "yes"
+
+
 def test_unit_is_sandboxed(unit: Unit) -> None:
     """The process sees a read-only system, no capabilities, and only the camera and GPU devices."""
     expected = {

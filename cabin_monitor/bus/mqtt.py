@@ -247,14 +247,25 @@ class MqttSink:
         pending = self._outbox.depth()
         if pending:
             self._log.warning("mqtt stopping with events pending; they stay in the outbox", pending=pending)
-        held = self._outbox.memory_event_ids
-        if held:
+        unkept = self._outbox.unkept_event_ids
+        kept = [event_id for event_id in self._outbox.memory_event_ids if event_id not in unkept]
+        if kept:
+            self._log.warning(
+                "mqtt stopping with events the outbox file could not take; the fallback file keeps them "
+                "for the next start",
+                event_ids=kept,
+                fallback=str(self._outbox.fallback_path),
+                state=self._outbox.state,
+                error=self._outbox.write_error,
+            )
+        if unkept:
             # Nowhere left to keep them: say which, so the loss can be traced.
             self._log.error(
                 "mqtt stopping with events the outbox file could not take; they are lost",
-                event_ids=held,
+                event_ids=unkept,
                 state=self._outbox.state,
                 error=self._outbox.write_error,
+                fallback_error=self._outbox.fallback_error,
             )
         self._stop.set()
         self._connack.set()
@@ -488,6 +499,8 @@ class MqttSink:
                 error=self._outbox.write_error,
                 memory_depth=self._outbox.memory_depth,
                 memory_max_events=self._outbox.memory_max_events,
+                fallback=None if self._outbox.fallback_path is None else str(self._outbox.fallback_path),
+                fallback_error=self._outbox.fallback_error,
             )
 
     def _expire_if_due(self) -> None:

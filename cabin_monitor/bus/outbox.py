@@ -15,7 +15,9 @@ gets its row id when accepted, so ids follow acceptance order across both), an
 acknowledged are written, in order and under the same row ids, once writing
 works again (``put`` and ``retry_writes`` try). A delete after delivery that
 fails is remembered and retried, and the row is not sent again meanwhile.
-``state`` says which of these applies.
+``state`` says which of these applies. With a ``fallback`` file (``cabin_monitor/bus/fallback.py``)
+each event held in memory is also kept there, so it survives the process, and the next outbox to
+open writes what a previous process left there before anything else.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, get_args
 
+from cabin_monitor.bus.fallback import FallbackFile, KeptEvent
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
 from cabin_monitor.messages import Severity
 
@@ -131,6 +134,7 @@ class Outbox:
         max_events: int = 10000,
         max_age_s: float = 7 * 86400,
         memory_max_events: int = 1000,
+        fallback: Path | None = None,
     ) -> None:
         if max_events < 1:
             raise ValueError(f"max_events must be >= 1, got {max_events}")
@@ -153,6 +157,28 @@ class Outbox:
         # event held in memory gets one after every row on disk and keeps it once written.
         self._last_row_id = 0
         self._db = self._open()
+        self._fallback: FallbackFile | None = None
+        self._fallback_error: str | None = None
+        self._kept: set[str] = set()  # ids of the memory-held events the fallback file keeps
+        self.restored_from_fallback = 0  # events a previous process left in the fallback file
+        if fallback is not None:
+            try:
+                self._fallback = FallbackFile(fallback)
+                left = self._fallback.events()
+            except (OSError, sqlite3.Error) as exc:
+                self._fallback, self._fallback_error = None, f"{fallback}: {exc}"
+            else:
+                self._restore(left)
+
+    def _restore(self, left: list[KeptEvent]) -> None:
+        """Take in, oldest first, the events an earlier process kept in the fallback file."""
+        self._kept = {event.event_id for event in left}
+        for event in left:
+            self.put(event.event_id, event.topic, event.payload, SEVERITY_NAME[event.rank], event.created_wall_s)
+            with self._lock:
+                if not any(held.event_id == event.event_id for held in self._memory):
+                    self._forget_kept_locked(event.event_id)
+        self.restored_from_fallback = len(left)
 
     def _open(self) -> sqlite3.Connection:
         try:
@@ -265,16 +291,46 @@ class Outbox:
     def _hold_locked(self, event: _HeldEvent) -> list[DroppedEvent]:
         """Keep an event in memory, evicting like the file does: the oldest of the lowest severity first."""
         if event.created_wall_s < time.time() - self.max_age_s:
+            self._forget_kept_locked(event.event_id)
             return [_dropped(event, "expired")]
         if len(self._memory) < self.memory_max_events:
             self._memory.append(event)
+            self._keep_locked(event)
             return []
         victim = min(self._memory, key=lambda held: held.rank)  # min() keeps the first, i.e. the oldest
         if event.rank < victim.rank:
+            self._forget_kept_locked(event.event_id)
             return [_dropped(event, "memory_full")]
         self._memory.remove(victim)
+        self._forget_kept_locked(victim.event_id)
         self._memory.append(event)
+        self._keep_locked(event)
         return [_dropped(victim, "memory_full")]
+
+    def _keep_locked(self, event: _HeldEvent) -> None:
+        """Keep a memory-held event in the fallback file too, if there is one that works."""
+        if self._fallback is None or event.event_id in self._kept:
+            return
+        try:
+            self._fallback.add(KeptEvent(event.event_id, event.topic, event.payload, event.rank, event.created_wall_s))
+        except (OSError, sqlite3.Error) as exc:
+            self._fallback_error = f"{self._fallback.path}: {exc}"
+            return
+        self._fallback_error = None
+        self._kept.add(event.event_id)
+
+    def _forget_kept_locked(self, event_id: str) -> None:
+        """Remove an event from the fallback file once it is delivered, written to the outbox file or dropped."""
+        if self._fallback is None or event_id not in self._kept:
+            return
+        try:
+            self._fallback.remove(event_id)
+        except (OSError, sqlite3.Error) as exc:
+            # Left there, it is taken in again at the next start; the outbox file's unique event ids
+            # and the receivers' event_id keep that from doubling a delivered event's effect.
+            self._fallback_error = f"{self._fallback.path}: {exc}"
+            return
+        self._kept.discard(event_id)
 
     def retry_writes(self) -> list[DroppedEvent]:
         """Retry failed deletes and write what is held in memory (with nothing held, a probe write), so that
@@ -301,7 +357,7 @@ class Outbox:
                 self._undeleted.discard(row_id)
             while self._memory:
                 dropped += self._insert_locked(self._memory[0])
-                self._memory.pop(0)
+                self._forget_kept_locked(self._memory.pop(0).event_id)
         except sqlite3.Error as exc:
             if not _is_write_fault(exc):
                 raise
@@ -356,6 +412,7 @@ class Outbox:
             for index, held in enumerate(self._memory):
                 if held.row_id == row_id:
                     del self._memory[index]
+                    self._forget_kept_locked(held.event_id)
                     return True
             if row_id in self._undeleted:
                 return False
@@ -375,6 +432,8 @@ class Outbox:
         with self._lock:
             dropped = [_dropped(held, "expired") for held in self._memory if held.created_wall_s < now - self.max_age_s]
             self._memory = [held for held in self._memory if held.created_wall_s >= now - self.max_age_s]
+            for gone in dropped:
+                self._forget_kept_locked(gone.event_id)
             try:
                 with self._db:
                     self._db.execute("BEGIN IMMEDIATE")
@@ -436,10 +495,27 @@ class Outbox:
 
     @property
     def memory_event_ids(self) -> list[str]:
-        """The ids of the events held in memory, oldest first (lost if the process ends before they are written or
-        acknowledged)."""
+        """The ids of the events held in memory, oldest first."""
         with self._lock:
             return [held.event_id for held in self._memory]
+
+    @property
+    def unkept_event_ids(self) -> list[str]:
+        """The ids of the memory-held events that no fallback file keeps, oldest first: lost if the process
+        ends before they are written or acknowledged."""
+        with self._lock:
+            return [held.event_id for held in self._memory if held.event_id not in self._kept]
+
+    @property
+    def fallback_path(self) -> Path | None:
+        """The fallback file in use, if any."""
+        return None if self._fallback is None else self._fallback.path
+
+    @property
+    def fallback_error(self) -> str | None:
+        """Why the fallback file could not be opened or last failed to keep or forget an event."""
+        with self._lock:
+            return self._fallback_error
 
     @property
     def dropped_total(self) -> int:
@@ -454,9 +530,11 @@ class Outbox:
             return dict(self._dropped)
 
     def close(self) -> None:
-        """Close the database; what is pending on disk stays there for the next start."""
+        """Close the database (and the fallback file); what is pending there stays for the next start."""
         with self._lock:
             self._db.close()
+            if self._fallback is not None:
+                self._fallback.close()
 
     def __enter__(self) -> Outbox:
         return self
@@ -544,7 +622,7 @@ class MovedAside:
 
 
 def open_outbox(
-    path: Path, max_events: int, max_age_s: float, memory_max_events: int = 1000
+    path: Path, max_events: int, max_age_s: float, memory_max_events: int = 1000, fallback: Path | None = None
 ) -> tuple[Outbox, MovedAside | None]:
     """Open the outbox; a file SQLite says is damaged or foreign is moved aside (and returned), an empty one started.
 
@@ -554,7 +632,7 @@ def open_outbox(
     to move pending events aside: those errors reach the caller.
     """
     try:
-        return Outbox(path, max_events, max_age_s, memory_max_events), None
+        return Outbox(path, max_events, max_age_s, memory_max_events, fallback), None
     except OutboxContentError as exc:
         reason = str(exc)
     aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
@@ -562,4 +640,4 @@ def open_outbox(
         candidate = Path(f"{path}{suffix}")
         if candidate.exists():
             candidate.rename(Path(f"{aside}{suffix}"))
-    return Outbox(path, max_events, max_age_s, memory_max_events), MovedAside(aside, reason)
+    return Outbox(path, max_events, max_age_s, memory_max_events, fallback), MovedAside(aside, reason)

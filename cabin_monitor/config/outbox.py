@@ -21,3 +21,8 @@ class OutboxConfig(Strict):
         description="Most events held in memory while the file cannot be written (disk full, read-only); "
         "beyond it the oldest low-severity go.",
     )
+    fallback_path: Path | None = Field(
+        None,
+        description="Second file, on another filesystem, that keeps the events held in memory so that they "
+        "survive a restart; default: $RUNTIME_DIRECTORY/held-events.sqlite under systemd, none elsewhere.",
+    )
