@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import structlog
 
 from cabin_monitor.bus.fallback import default_fallback_path
+from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends
 from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
 from cabin_monitor.bus.outbox import Outbox, open_outbox
 from cabin_monitor.bus.payloads import PRECEDENCE
@@ -125,6 +127,31 @@ def _log_fallback(outbox: Outbox) -> None:
         )
 
 
+def _load_ledger(ledger: OpenEventLedger) -> list[OpenEvent]:
+    """The events the previous run left open; an unreadable ledger is logged and started afresh."""
+    try:
+        return ledger.load()
+    except LedgerError as exc:
+        log.error(
+            "open-event ledger unreadable; starting a new one (events it held stay without an end)", error=str(exc)
+        )
+        return []
+
+
+def _end_interrupted(sink: EventSink, left_open: list[OpenEvent]) -> None:
+    """End, before anything else, each event the previous run started and never ended."""
+    if not left_open:
+        return
+    ends = interrupted_ends(left_open, time.time())
+    for event in ends:
+        sink.submit_event(event)
+    log.warning(
+        "events the previous run left open ended as interrupted",
+        events=len(ends),
+        start_event_ids=[opened.event_id for opened in left_open],
+    )
+
+
 def build_pipeline(
     cfg: Config,
     *,
@@ -169,9 +196,16 @@ def build_pipeline(
                 )
             if cfg.remote_config.enabled:
                 remote = RemoteRequests(control, cfg.remote_config, cfg.vehicle_id)
+            ledger = OpenEventLedger(state_dir / "open_events.json")
+            left_open = _load_ledger(ledger)
             mqtt_sink = MqttSink(
-                cfg.mqtt, cfg.vehicle_id, outbox, on_remote_request=remote.offer if remote is not None else None
+                cfg.mqtt,
+                cfg.vehicle_id,
+                outbox,
+                on_remote_request=remote.offer if remote is not None else None,
+                ledger=ledger,
             )
+            _end_interrupted(mqtt_sink, left_open)
             if remote is not None:
                 remote.attach(mqtt_sink)
             sink = mqtt_sink

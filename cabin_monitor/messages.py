@@ -108,6 +108,7 @@ class Event:
     start_event_id: str | None = None  # on ``end``: the ``event_id`` of its start
     severity: Severity = "warning"
     frame_id: int = -1
+    interrupted: bool = False  # on ``end``: the run that started it ended without ending it
 
 
 @dataclass(frozen=True, slots=True)

@@ -291,6 +291,35 @@ def test_events_survive_a_daemon_kill_while_the_broker_is_down(
     assert outbox_depth(tmp_path / "state") == 0
 
 
+def test_an_event_left_open_by_a_killed_daemon_is_ended_as_interrupted_by_the_next(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """SIGKILL while stress is open: the next daemon ends it first, naming its start, with interrupted true;
+    every start then has exactly one end, and a clean stop leaves nothing for a third run to end."""
+    config = write_config(tmp_path)
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/events"]) as recorder:
+        first = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+        recorder.wait_for(lambda ms: any(e["phase"] == "start" for e in events(ms)), 90)
+        first.kill()
+        no_face = str(sample_path("no_face.mp4"))
+        second = start_daemon(config, "--source", no_face, "--fast", "--mqtt-url", mqtt_broker.url)
+        assert second.wait() == 0, second.logs()[-3000:]
+        got = events(recorder.wait_for(lambda ms: any(e.get("interrupted") for e in events(ms)), 15))
+        third = start_daemon(config, "--source", no_face, "--fast", "--mqtt-url", mqtt_broker.url)
+        assert third.wait() == 0, third.logs()[-3000:]
+    starts = [e for e in got if e["phase"] == "start"]
+    ends = [e for e in got if e["phase"] == "end"]
+    interrupted = [e for e in ends if e["interrupted"]]
+    assert sorted(e["start_event_id"] for e in ends) == sorted(e["event_id"] for e in starts)
+    assert interrupted and all(e["score"] == 0.0 and e["emotions"] == {} for e in interrupted)
+    assert {e["start_event_id"] for e in interrupted} == {e["event_id"] for e in starts} - {
+        e["start_event_id"] for e in ends if not e["interrupted"]
+    }
+    (logged,) = second.logged("events the previous run left open ended as interrupted")
+    assert logged["events"] == len(interrupted)
+    assert not third.logged("events the previous run left open ended as interrupted")
+
+
 def test_broker_outage_loses_no_event(tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter) -> None:
     """The broker goes down mid-run (twice, or $CABIN_MONITOR_SOAK_OUTAGES times); no event is lost or reordered."""
     outages = int(os.environ.get("CABIN_MONITOR_SOAK_OUTAGES", "2"))

@@ -113,6 +113,7 @@ def test_event_payload_start() -> None:
         "rule": "stress",
         "severity": "warning",
         "frame_id": 42,
+        "interrupted": False,
     }
 
 

@@ -45,6 +45,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from structlog.typing import FilteringBoundLogger
 
+from cabin_monitor.bus.ledger import LedgerError, OpenEventLedger
 from cabin_monitor.bus.outbox import DroppedEvent, Outbox, OutboxItem
 from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
 from cabin_monitor.config import MqttConfig, TlsConfig, parse_mqtt_url
@@ -126,6 +127,7 @@ class MqttSink:
         logger: FilteringBoundLogger | None = None,
         *,
         rng: random.Random | None = None,
+        ledger: OpenEventLedger | None = None,
     ) -> None:
         if config.url is None:
             raise ValueError("mqtt.url is not set; use StdoutSink to print events instead")
@@ -136,6 +138,7 @@ class MqttSink:
         self._vehicle_id = vehicle_id
         self._client_id = config.client_id or f"cabin-monitor-{vehicle_id}"
         self._outbox = outbox
+        self._ledger = ledger
         self._on_remote_request = on_remote_request
         self._rng = rng or random.Random()
         # Not bound here: binding the module's lazy logger would freeze the logging set-up of this moment.
@@ -195,11 +198,17 @@ class MqttSink:
         self._thread.start()
 
     def submit_event(self, event: Event) -> None:
-        """Write the event to the outbox (durable on return) and wake the sender."""
+        """Write the event to the outbox (durable on return), note it in the open-event ledger, wake the sender."""
         payload = event_payload(event, self._vehicle_id).model_dump_json().encode()
         dropped = self._outbox.put(event.event_id, self.events_topic, payload, event.severity, event.wall_time_s)
         # One line per accepted and per delivered event: losses can be checked from the log alone.
         self._log.info("event accepted", event_id=event.event_id, type=event.type, phase=event.phase)
+        if self._ledger is not None:
+            try:
+                self._ledger.record(event)
+            except LedgerError as exc:
+                # The event itself is safe in the outbox; only its end after a crash is at stake.
+                self._log.error("open-event ledger not updated", event_id=event.event_id, error=str(exc))
         self._log_dropped(dropped)
         self._log_outbox_state()
         self._wake.set()

@@ -92,6 +92,11 @@ class EventPayload(_Payload):
     rule: str = Field(description="The configured rule name.")
     severity: Severity
     frame_id: int
+    interrupted: bool = Field(
+        False,
+        description="On 'end': true when the daemon run that started the event ended without ending it (a crash, "
+        "a watchdog kill, a power cut) and the next start ended it; score is then 0 and emotions empty.",
+    )
 
     @model_validator(mode="after")
     def _end_refers_to_start(self) -> EventPayload:
@@ -99,8 +104,8 @@ class EventPayload(_Payload):
         has_start = (self.started_ts is not None, self.start_event_id is not None)
         if self.phase == "end" and has_start != (True, True):
             raise ValueError("an 'end' event needs started_ts and start_event_id")
-        if self.phase == "start" and has_start != (False, False):
-            raise ValueError("a 'start' event has no started_ts or start_event_id")
+        if self.phase == "start" and (has_start != (False, False) or self.interrupted):
+            raise ValueError("a 'start' event has no started_ts, start_event_id or interrupted")
         return self
 
 
@@ -332,6 +337,7 @@ def event_payload(event: Event, vehicle_id: str) -> EventPayload:
         rule=event.rule,
         severity=event.severity,
         frame_id=event.frame_id,
+        interrupted=event.interrupted,
     )
 
 

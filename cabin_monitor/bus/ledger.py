@@ -1,0 +1,130 @@
+"""The open-event ledger: every event started and not yet ended, kept in the state folder.
+
+Every ``start`` gets an ``end``: the rules engine ends what is open when the daemon stops cleanly,
+but a crash, a watchdog kill or a power cut leaves the vehicle with a ``stress`` that never ends.
+The ledger (``<state_dir>/open_events.json``, replaced atomically on every start and end) remembers
+the open ones; the next start ends each with ``interrupted: true`` before any new event.
+
+``interrupted_ends`` is the pure part; ``OpenEventLedger`` the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+from cabin_monitor.messages import Event, Phase, Severity
+
+FORMAT = "cabin-monitor/open-events/1"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenEvent:
+    """What the ledger keeps of a started event: enough to end it."""
+
+    event_id: str
+    type: str
+    rule: str
+    occupant_id: str
+    seat: str | None
+    started_wall_time_s: float
+    severity: Severity
+
+    def __post_init__(self) -> None:
+        if self.severity not in get_args(Severity):
+            raise ValueError(f"severity {self.severity!r}")
+
+
+def interrupted_ends(open_events: Iterable[OpenEvent], wall_time_s: float) -> list[Event]:
+    """An ``end`` for each event a previous run left open, at ``wall_time_s``, marked ``interrupted``."""
+    return [
+        Event(
+            event_id=str(uuid.uuid4()),
+            type=opened.type,
+            phase=Phase.END,
+            rule=opened.rule,
+            occupant_id=opened.occupant_id,
+            seat=opened.seat,
+            capture_s=0.0,
+            wall_time_s=max(wall_time_s, opened.started_wall_time_s),
+            score=0.0,
+            emotions={},
+            started_wall_time_s=opened.started_wall_time_s,
+            start_event_id=opened.event_id,
+            severity=opened.severity,
+            interrupted=True,
+        )
+        for opened in open_events
+    ]
+
+
+class LedgerError(Exception):
+    """The ledger file cannot be read or written."""
+
+
+class OpenEventLedger:
+    """The ledger file; not thread-safe (the pipeline's inference thread submits every event)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._open: dict[str, OpenEvent] = {}
+
+    def load(self) -> list[OpenEvent]:
+        """The events a previous run left open, oldest first (none when there is no file).
+
+        Raises ``LedgerError`` naming the file when it cannot be read or is not a ledger.
+        """
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise LedgerError(f"{self.path}: cannot read the open-event ledger ({exc})") from exc
+        try:
+            if document.get("format") != FORMAT:
+                raise ValueError(f"format {document.get('format')!r}")
+            loaded = [OpenEvent(**entry) for entry in document["open"]]
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise LedgerError(f"{self.path}: not an open-event ledger ({exc})") from exc
+        self._open = {event.event_id: event for event in loaded}
+        return sorted(loaded, key=lambda event: event.started_wall_time_s)
+
+    def record(self, event: Event) -> None:
+        """Note a submitted event: a ``start`` opens, an ``end`` closes its start. Raises ``LedgerError``."""
+        if event.phase is Phase.START:
+            self._open[event.event_id] = OpenEvent(
+                event.event_id,
+                event.type,
+                event.rule,
+                event.occupant_id,
+                event.seat,
+                event.wall_time_s,
+                event.severity,
+            )
+        elif event.start_event_id is None or self._open.pop(event.start_event_id, None) is None:
+            return
+        self._write()
+
+    @property
+    def open_count(self) -> int:
+        """Events open now."""
+        return len(self._open)
+
+    def _write(self) -> None:
+        document: dict[str, Any] = {"format": FORMAT, "open": [asdict(event) for event in self._open.values()]}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+                json.dump(document, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: cannot write the open-event ledger ({exc})") from exc

@@ -1,0 +1,90 @@
+"""The open-event ledger: what a run leaves open is ended, marked interrupted, by the next."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends
+from cabin_monitor.bus.payloads import event_payload
+from cabin_monitor.messages import Event, Phase
+
+NOW = 1_700_000_000.0
+
+
+def event(event_id: str, phase: Phase, start_event_id: str | None = None, at: float = NOW) -> Event:
+    """A stress event of occupant-1 at ``at``."""
+    return Event(
+        event_id=event_id,
+        type="stress",
+        phase=phase,
+        rule="stress",
+        occupant_id="occupant-1",
+        seat="driver",
+        capture_s=1.0,
+        wall_time_s=at,
+        score=0.7,
+        emotions={"anger": 0.7},
+        started_wall_time_s=None if start_event_id is None else NOW,
+        start_event_id=start_event_id,
+        severity="critical",
+    )
+
+
+def test_a_start_stays_in_the_ledger_until_its_end(tmp_path: Path) -> None:
+    """A start is written at once, survives in the file for the next run, and its end removes it."""
+    path = tmp_path / "open_events.json"
+    ledger = OpenEventLedger(path)
+    ledger.record(event("a", Phase.START))
+    ledger.record(event("b", Phase.START, at=NOW + 1))
+    ledger.record(event("a-end", Phase.END, start_event_id="a"))
+    assert ledger.open_count == 1
+    (left,) = OpenEventLedger(path).load()
+    assert left == OpenEvent("b", "stress", "stress", "occupant-1", "driver", NOW + 1, "critical")
+    ledger.record(event("b-end", Phase.END, start_event_id="b"))
+    assert OpenEventLedger(path).load() == [] and json.loads(path.read_text())["open"] == []
+
+
+def test_interrupted_ends_pair_with_their_starts_and_are_valid_payloads(tmp_path: Path) -> None:
+    """Each left-open event gets one end, naming its start, marked interrupted, never before its start."""
+    opened = [
+        OpenEvent("3f2b5d0e-4c41-4c8e-9c59-000000000001", "stress", "stress", "occupant-1", "driver", NOW, "warning"),
+        OpenEvent("3f2b5d0e-4c41-4c8e-9c59-000000000002", "occupant_lost", "lost", "occupant-2", None, NOW + 9, "info"),
+    ]
+    ends = interrupted_ends(opened, NOW + 5)
+    assert [(e.phase, e.start_event_id, e.interrupted) for e in ends] == [
+        (Phase.END, opened[0].event_id, True),
+        (Phase.END, opened[1].event_id, True),
+    ]
+    assert [e.wall_time_s for e in ends] == [NOW + 5, NOW + 9]
+    payloads = [event_payload(e, "car-1") for e in ends]
+    assert [p.interrupted for p in payloads] == [True, True] and payloads[1].severity == "info"
+    assert len({e.event_id for e in ends} | {o.event_id for o in opened}) == 4
+
+
+def test_a_run_that_ends_its_events_leaves_nothing_to_end(tmp_path: Path) -> None:
+    """Loading the ledger and ending what it held empties it: a third run finds nothing open."""
+    path = tmp_path / "open_events.json"
+    OpenEventLedger(path).record(event("a", Phase.START))
+    second = OpenEventLedger(path)
+    for end in interrupted_ends(second.load(), NOW + 60):
+        second.record(end)
+    assert OpenEventLedger(path).load() == []
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"format": "other", "open": []}', '{"format": "x"}', "[]"])
+def test_a_damaged_ledger_is_refused_naming_the_file(tmp_path: Path, text: str) -> None:
+    """A file that is not JSON or not a ledger raises LedgerError naming the file."""
+    path = tmp_path / "open_events.json"
+    path.write_text(text)
+    with pytest.raises(LedgerError, match=r"open_events\.json"):
+        OpenEventLedger(path).load()
+
+
+def test_a_ledger_that_cannot_be_written_says_so(tmp_path: Path) -> None:
+    """A folder that is a file makes record() raise LedgerError naming the ledger."""
+    (tmp_path / "state").write_text("a file, not a folder")
+    with pytest.raises(LedgerError, match="cannot write"):
+        OpenEventLedger(tmp_path / "state" / "open_events.json").record(event("a", Phase.START))
