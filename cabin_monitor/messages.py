@@ -169,6 +169,7 @@ class SinkStats:
     published_total: int  # events delivered (acknowledged by the broker, or printed)
     outbox_state: str = "ok"  # ok | disk_full | unwritable (events wait in memory)
     outbox_memory_depth: int = 0
+    outbox_memory_unkept: int = 0  # of those, events no fallback file keeps (lost if the process ends now)
     outbox_error: str | None = None  # why the outbox file cannot be written
     refused_total: int = 0  # PUBACKs that refused an event
     last_refusal: Refusal | None = None

@@ -54,7 +54,14 @@ def test_a_snapshot_becomes_metrics() -> None:
 def test_refusals_remote_requests_and_the_outbox_state_become_metrics() -> None:
     """Refused events and operators' requests are counters; the outbox state and its memory depth are gauges."""
     healthy = make_health()
-    full_disk = replace(healthy.sink, outbox_state="disk_full", outbox_depth=5, outbox_memory_depth=4, refused_total=7)
+    full_disk = replace(
+        healthy.sink,
+        outbox_state="disk_full",
+        outbox_depth=5,
+        outbox_memory_depth=4,
+        outbox_memory_unkept=1,
+        refused_total=7,
+    )
     remote = RemoteStats(received=40, answered=37, busy=12, dropped=2, queued=1)
     exporter = PrometheusExporter()
     exporter.update(replace(healthy, sink=full_disk, remote=remote), {})
@@ -62,6 +69,7 @@ def test_refusals_remote_requests_and_the_outbox_state_become_metrics() -> None:
     got = samples(scrape)
     assert got[("cabin_monitor_mqtt_refused_events_total", ())] == 7
     assert got[("cabin_monitor_outbox_memory_depth", ())] == 4
+    assert got[("cabin_monitor_outbox_memory_unkept", ())] == 1
     states = {state: got[("cabin_monitor_outbox_state", (("state", state),))] for state in ("ok", "disk_full")}
     assert states == {"ok": 0, "disk_full": 1} and got[("cabin_monitor_outbox_state", (("state", "unwritable"),))] == 0
     requests = {n: got[(f"cabin_monitor_remote_requests_{n}_total", ())] for n in ("received", "answered", "busy")}

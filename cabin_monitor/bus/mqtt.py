@@ -294,6 +294,7 @@ class MqttSink:
             published_total=self._published_total,
             outbox_state=self._outbox.state,
             outbox_memory_depth=self._outbox.memory_depth,
+            outbox_memory_unkept=len(self._outbox.unkept_event_ids),
             outbox_error=self._outbox.write_error,
             refused_total=self._refused_total,
             last_refusal=self._last_refusal,

@@ -161,6 +161,11 @@ class OutboxHealth(_Payload):
     memory_depth: int = Field(
         description="Of those, events held in memory (and sent from there) until acknowledged or written to the file."
     )
+    memory_unkept: int = Field(
+        0,
+        description="Of those, events no fallback file keeps (none configured, or it failed): lost if the daemon "
+        "ends before they are acknowledged or written.",
+    )
     dropped_total: int
     dropped_by_reason: dict[str, int] = Field(description="'full', 'expired' and 'memory_full' -> events dropped.")
     last_error: str | None = Field(None, description="Why the file cannot be written, while state is not ok.")
@@ -392,6 +397,7 @@ def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
             state=sink.outbox_state,  # type: ignore[arg-type]
             depth=sink.outbox_depth,
             memory_depth=sink.outbox_memory_depth,
+            memory_unkept=sink.outbox_memory_unkept,
             dropped_total=sink.dropped_total,
             dropped_by_reason=dict(sink.dropped_by_reason),
             last_error=sink.outbox_error,

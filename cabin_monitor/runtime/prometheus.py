@@ -91,6 +91,11 @@ def metric_families(health: HealthSnapshot, latency_ms: Mapping[str, Mapping[str
             "Of those, events held in memory while the outbox file cannot be written",
             health.sink.outbox_memory_depth,
         ),
+        gauge(
+            "outbox_memory_unkept",
+            "Of those, events no fallback file keeps: lost if the daemon ends before they are delivered or written",
+            health.sink.outbox_memory_unkept,
+        ),
         counter(
             "events_published", "Events delivered (acknowledged by the broker, or printed)", health.sink.published_total
         ),
