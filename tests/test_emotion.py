@@ -16,7 +16,7 @@ from cabin_monitor.errors import ModelError
 from cabin_monitor.messages import Frame, TrackedFace
 from cabin_monitor.vision.align import FaceAligner, grey
 from cabin_monitor.vision.detect import create_detector
-from cabin_monitor.vision.emotion import EmotionModel, ProviderError, trt_profile
+from cabin_monitor.vision.emotion import EmotionModel, ProviderError, read_metadata_props, trt_profile
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 HAS_TRT = "TensorrtExecutionProvider" in ort.get_available_providers()
@@ -160,3 +160,24 @@ def test_the_tensorrt_profile_covers_every_batch_the_daemon_sends() -> None:
         "trt_profile_opt_shapes": "image:3x1x64x64",
         "trt_profile_max_shapes": "image:8x1x64x64",
     }
+
+
+@pytest.mark.parametrize("name", ["emotionaldan-7.onnx", "emotionaldan-3.onnx"])
+def test_metadata_read_from_the_file_matches_onnxruntimes(name: str) -> None:
+    """The protobuf reader gives the same metadata as an onnxruntime session, without building one."""
+    path = find_model(name)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert read_metadata_props(path) == dict(session.get_modelmeta().custom_metadata_map)
+    assert read_metadata_props(path)["input_size"] == "64"
+
+
+def test_metadata_of_a_file_that_is_no_model_is_an_error(tmp_path: Path) -> None:
+    """Random bytes and a truncated model raise ValueError rather than returning made-up metadata."""
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(bytes(range(7, 255)) * 40)
+    with pytest.raises(ValueError):
+        read_metadata_props(junk)
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(find_model("emotionaldan-7.onnx").read_bytes()[:5000])
+    with pytest.raises(ValueError):
+        read_metadata_props(cut)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,61 @@ def read_model_info(path: Path, session: ort.InferenceSession) -> ModelInfo:
     return ModelInfo(path, class_names, input_size, meta.get("model_version", "unknown"), meta)
 
 
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """A protobuf varint at ``at``: its value and where the next field starts."""
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        shift += 7
+        if byte < 0x80:
+            return value, at
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of each top-level field of a protobuf message; length-delimited values as bytes."""
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(data, at)
+            yield number, value
+        elif wire == 2:
+            length, at = _varint(data, at)
+            if at + length > len(data):
+                raise ValueError("field runs past the end")
+            yield number, data[at : at + length]
+            at += length
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+# ModelProto.metadata_props and StringStringEntryProto's key and value (onnx/onnx.proto).
+_METADATA_PROPS, _ENTRY_KEY, _ENTRY_VALUE = 14, 1, 2
+
+
+def read_metadata_props(path: Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props``, read from the protobuf without building a session (the graph is
+    skipped, not parsed). Raises ``ValueError`` (or ``OSError``) when the file is not a readable model."""
+    props: dict[str, str] = {}
+    for number, value in _fields(path.read_bytes()):
+        if number == _METADATA_PROPS and isinstance(value, bytes):
+            entry = {n: v for n, v in _fields(value) if isinstance(v, bytes)}
+            props[entry.get(_ENTRY_KEY, b"").decode()] = entry.get(_ENTRY_VALUE, b"").decode()
+    return props
+
+
 def _input_size_of(path: Path) -> int | None:
     """The crop side an exported model takes, read from its metadata (None if it says nothing usable)."""
     try:
-        meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
-        return int(meta.custom_metadata_map["input_size"])
-    except Exception:  # the real session reports a bad file properly
+        return int(read_metadata_props(path)["input_size"])
+    except (OSError, ValueError, KeyError, UnicodeDecodeError):  # the real session reports a bad file properly
         return None
 
 
