@@ -5,7 +5,8 @@ Where things go once it runs:
 
 - a frame: ``vision.capture`` -> ``runtime.pipeline`` (latest-frame mailbox) -> ``runtime.processor``
   (detect, track, align, emotion, rules);
-- an event: the rules engine -> the sink (``bus.mqtt`` through the durable ``bus.outbox``, or
+- an event: the rules engine -> the sink (``bus.mqtt`` through the durable ``bus.outbox``, with
+  ``bus.fallback`` for what the outbox file cannot take and ``bus.ledger`` remembering open events, or
   ``bus.sinks.StdoutSink``), turned into its JSON by ``bus.payloads``;
 - a remote request: ``config/set``, ``config/get`` or ``config/reset`` -> ``bus.mqtt`` (network thread,
   queued only) -> ``bus.remote`` (its own worker: rate-limited, validated, persisted, answered, and

@@ -312,17 +312,25 @@ def put_until_held(outbox: Outbox, prefix: str) -> list[str]:
     return accepted
 
 
+def fill_and_hold(outbox: Outbox, state: Path, more: int) -> tuple[Path, list[str]]:
+    """Fill the disk, put events until one is held in memory, then ``more`` (all held); returns the filler and
+    the events put."""
+    filler = fill(state)
+    accepted = put_until_held(outbox, "e")
+    for i in range(more):
+        accepted.append(f"m{i}")
+        assert put(outbox, accepted[-1]) == []
+    return filler, accepted
+
+
 def test_events_in_memory_are_handed_out_after_the_disk_rows_and_forgotten_once_acked(tmp_path: Path) -> None:
     """While the disk is full pending() gives disk rows then memory ones; an acked one is never written later."""
     with tmpfs(tmp_path / "state", 1024) as state:
         with Outbox(state / "outbox.sqlite") as outbox:
             put(outbox, "d0")
             with pin_wal(outbox.path):
-                filler = fill(state)
-                accepted = ["d0", *put_until_held(outbox, "e")]
-                for i in range(4):
-                    accepted.append(f"m{i}")
-                    assert put(outbox, accepted[-1]) == []
+                filler, accepted = fill_and_hold(outbox, state, more=4)
+                accepted = ["d0", *accepted]
                 held = accepted[-5:]
                 assert outbox.memory_event_ids == held and state_of(outbox) == "disk_full"
                 items = outbox.pending(1000)
@@ -493,11 +501,8 @@ def test_events_held_in_memory_are_kept_in_the_fallback_file_and_survive_the_pro
         outbox = Outbox(state / "outbox.sqlite", fallback=held_path)
         put(outbox, "d0")
         with pin_wal(outbox.path):
-            filler = fill(state)
-            accepted = ["d0", *put_until_held(outbox, "e")]
-            for i in range(3):
-                accepted.append(f"m{i}")
-                put(outbox, accepted[-1])
+            filler, accepted = fill_and_hold(outbox, state, more=3)
+            accepted = ["d0", *accepted]
             memory = outbox.memory_event_ids
             assert len(memory) == 4 and kept_ids(held_path) == memory and outbox.unkept_event_ids == []
             row = {i.event_id: i.row_id for i in outbox.pending(1000)}
