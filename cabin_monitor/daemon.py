@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
-from cabin_monitor.bus.fallback import default_fallback_path
 from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends
 from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
 from cabin_monitor.bus.outbox import Outbox, open_outbox
@@ -183,9 +182,12 @@ def build_pipeline(
         remote: RemoteRequests | None = None
         if cfg.mqtt.url:
             outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
-            fallback_path = cfg.outbox.fallback_path or default_fallback_path(os.environ)
             outbox, moved = open_outbox(
-                outbox_path, cfg.outbox.max_events, cfg.outbox.max_age_s, cfg.outbox.memory_max_events, fallback_path
+                outbox_path,
+                cfg.outbox.max_events,
+                cfg.outbox.max_age_s,
+                cfg.outbox.memory_max_events,
+                cfg.resolved_fallback_path(),
             )
             _log_fallback(outbox)
             if moved is not None:

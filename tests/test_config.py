@@ -389,3 +389,15 @@ def test_regions_and_a_single_model_path_are_checked() -> None:
         parse_config_text("detector:\n  model_path: my.tflite\n", "x.yaml", environ={})
     assert "range" in str(err.value)
     assert parse_config_text("detector:\n  range: short\n  model_path: my.tflite\n", "x.yaml", environ={})
+
+
+def test_the_outbox_fallback_file_is_the_setting_else_systemds_runtime_folder_else_none(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """outbox.fallback_path wins; without it $RUNTIME_DIRECTORY (its first folder) holds it; elsewhere none."""
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    assert Config().resolved_fallback_path() is None
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/cabin-monitor:/run/other")
+    assert Config().resolved_fallback_path() == Path("/run/cabin-monitor/held-events.sqlite")
+    chosen = tmp_path / "held.sqlite"
+    assert Config.model_validate({"outbox": {"fallback_path": str(chosen)}}).resolved_fallback_path() == chosen

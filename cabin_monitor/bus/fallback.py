@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +83,3 @@ class FallbackFile:
     def close(self) -> None:
         """Close the file; what it keeps stays for the next start."""
         self._db.close()
-
-
-def default_fallback_path(environ: Mapping[str, str]) -> Path | None:
-    """``$RUNTIME_DIRECTORY/held-events.sqlite`` under systemd (``RuntimeDirectory=``), else None."""
-    runtime = environ.get("RUNTIME_DIRECTORY", "")
-    return Path(runtime.split(":")[0]) / "held-events.sqlite" if runtime else None

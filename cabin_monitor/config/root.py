@@ -54,3 +54,11 @@ class Config(Strict):
         if env:
             return Path(env.split(":")[0])
         return Path.home() / ".local" / "state" / "cabin-monitor"
+
+    def resolved_fallback_path(self) -> Path | None:
+        """The outbox's fallback file: ``outbox.fallback_path``, else ``$RUNTIME_DIRECTORY/held-events.sqlite``
+        under systemd (``RuntimeDirectory=``), else none."""
+        if self.outbox.fallback_path is not None:
+            return self.outbox.fallback_path
+        env = os.environ.get("RUNTIME_DIRECTORY")
+        return Path(env.split(":")[0]) / "held-events.sqlite" if env else None
