@@ -7,6 +7,7 @@ snapshots at the end are what the runtime tells the bus about itself (the health
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
@@ -17,6 +18,7 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float32]
 ImageArray = npt.NDArray[np.uint8]
 Severity = Literal["info", "warning", "critical"]  # lowest first: a full outbox drops the lowest first
+_END_NAMESPACE = uuid.UUID("5b0e7c1e-3f7a-4a43-9c2e-6d1f0b8e2a47")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +92,21 @@ class Phase(str, Enum):
     END = "end"
 
 
+def end_event_id(start_event_id: str) -> str:
+    """The ``event_id`` of the ``end`` of the event started by ``start_event_id``: one per start, whoever ends it.
+
+    The rules engine and the next start after a crash (``bus.ledger``) give an end the same id, so an
+    end the crash left in the outbox is not sent twice and one delivered just before the crash reaches
+    subscribers again as a duplicate of the same ``event_id``.
+    """
+    return str(uuid.uuid5(_END_NAMESPACE, start_event_id))
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """A rule firing for one occupant, as produced by the rules engine."""
 
-    event_id: str  # UUID, shared by nothing else
+    event_id: str  # UUID, shared by nothing else; an end's is ``end_event_id(start_event_id)``
     type: str  # stress | unexpected_expression | occupant_lost
     phase: Phase
     rule: str  # the configured rule name

@@ -47,7 +47,7 @@ from cabin_monitor.config import (
     UnexpectedExpressionRuleConfig,
 )
 from cabin_monitor.errors import RuntimeFault
-from cabin_monitor.messages import EmotionReading, Event, Phase
+from cabin_monitor.messages import EmotionReading, Event, Phase, end_event_id
 
 STRESS = "stress"
 ONSET = "unexpected_expression"
@@ -129,7 +129,10 @@ class RulesEngine:
         class_names: Sequence[str],
         id_factory: Callable[[], str] = _new_event_id,
     ) -> None:
-        """Raise ``ValueError`` if an enabled rule names a class the model does not have."""
+        """Raise ``ValueError`` if an enabled rule names a class the model does not have.
+
+        ``id_factory`` gives each ``start`` its id; an ``end``'s follows from its start's (``end_event_id``).
+        """
         self._class_names = tuple(class_names)
         check_classes(config, self._class_names)
         self._config = config
@@ -336,7 +339,7 @@ class RulesEngine:
         return self._event(
             name,
             Phase.END,
-            self._new_id(),
+            end_event_id(opened.event_id),
             occupant_id,
             occupant,
             at,

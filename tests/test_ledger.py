@@ -9,7 +9,7 @@ import pytest
 
 from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends
 from cabin_monitor.bus.payloads import event_payload
-from cabin_monitor.messages import Event, Phase
+from cabin_monitor.messages import Event, Phase, end_event_id
 
 NOW = 1_700_000_000.0
 
@@ -62,6 +62,14 @@ def test_interrupted_ends_pair_with_their_starts_and_are_valid_payloads(tmp_path
     payloads = [event_payload(e, "car-1") for e in ends]
     assert [p.interrupted for p in payloads] == [True, True] and payloads[1].severity == "info"
     assert len({e.event_id for e in ends} | {o.event_id for o in opened}) == 4
+
+
+def test_an_interrupted_end_has_the_id_of_the_end_the_run_would_have_sent(tmp_path: Path) -> None:
+    """The end a crash left in the outbox is the same event as the next start's interrupted end: one id."""
+    path = tmp_path / "open_events.json"
+    OpenEventLedger(path).record(event("a", Phase.START))
+    (end,) = interrupted_ends(OpenEventLedger(path).load(), NOW + 60)
+    assert end.event_id == end_event_id("a") != end_event_id("b")
 
 
 def test_a_run_that_ends_its_events_leaves_nothing_to_end(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cabin_monitor.config import EMOTIONS_7, RulesConfig, merge_rules
-from cabin_monitor.messages import EmotionReading, Event, Phase
+from cabin_monitor.messages import EmotionReading, Event, Phase, end_event_id
 from cabin_monitor.rules import FORGET_AFTER_S, LOST, ONSET, STRESS, RulesEngine
 
 FPS = 30.0
@@ -117,6 +117,7 @@ def assert_paired(events: Sequence[Event], all_closed: bool = True) -> None:
             starts[e.event_id] = e
             continue
         assert e.start_event_id in starts, f"end {e.event_id} has no earlier start"
+        assert e.event_id == end_event_id(e.start_event_id)
         assert e.start_event_id not in ended, f"start {e.start_event_id} ended twice"
         start = starts[e.start_event_id]
         assert (e.type, e.rule, e.occupant_id) == (start.type, start.rule, start.occupant_id)

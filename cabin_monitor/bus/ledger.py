@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-from cabin_monitor.messages import Event, Phase, Severity
+from cabin_monitor.messages import Event, Phase, Severity, end_event_id
 
 FORMAT = "cabin-monitor/open-events/1"
 
@@ -44,7 +43,7 @@ def interrupted_ends(open_events: Iterable[OpenEvent], wall_time_s: float) -> li
     """An ``end`` for each event a previous run left open, at ``wall_time_s``, marked ``interrupted``."""
     return [
         Event(
-            event_id=str(uuid.uuid4()),
+            event_id=end_event_id(opened.event_id),
             type=opened.type,
             phase=Phase.END,
             rule=opened.rule,

@@ -50,7 +50,7 @@ from cabin_monitor.bus.outbox import DroppedEvent, Outbox, OutboxItem
 from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
 from cabin_monitor.config import MqttConfig, TlsConfig, parse_mqtt_url
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
-from cabin_monitor.messages import Event, HealthSnapshot, Refusal, RemoteAction, RemoteRequest, SinkStats
+from cabin_monitor.messages import Event, HealthSnapshot, Phase, Refusal, RemoteAction, RemoteRequest, SinkStats
 from cabin_monitor.rules import OccupantState
 
 log = structlog.get_logger("cabin_monitor.bus.mqtt")
@@ -198,20 +198,32 @@ class MqttSink:
         self._thread.start()
 
     def submit_event(self, event: Event) -> None:
-        """Write the event to the outbox (durable on return), note it in the open-event ledger, wake the sender."""
+        """Write the event to the outbox (durable on return) and the open-event ledger, then wake the sender.
+
+        A ``start`` enters the ledger before the outbox and an ``end`` leaves it after, so a crash at any
+        point leaves no start without an end: at worst the next start ends a start that was never sent,
+        or sends again, under the same ``event_id``, an end that was (see ``end_event_id``).
+        """
         payload = event_payload(event, self._vehicle_id).model_dump_json().encode()
+        if event.phase is Phase.START:
+            self._record_in_ledger(event)
         dropped = self._outbox.put(event.event_id, self.events_topic, payload, event.severity, event.wall_time_s)
         # One line per accepted and per delivered event: losses can be checked from the log alone.
         self._log.info("event accepted", event_id=event.event_id, type=event.type, phase=event.phase)
-        if self._ledger is not None:
-            try:
-                self._ledger.record(event)
-            except LedgerError as exc:
-                # The event itself is safe in the outbox; only its end after a crash is at stake.
-                self._log.error("open-event ledger not updated", event_id=event.event_id, error=str(exc))
+        if event.phase is Phase.END:
+            self._record_in_ledger(event)
         self._log_dropped(dropped)
         self._log_outbox_state()
         self._wake.set()
+
+    def _record_in_ledger(self, event: Event) -> None:
+        if self._ledger is None:
+            return
+        try:
+            self._ledger.record(event)
+        except LedgerError as exc:
+            # The event itself goes to the outbox either way; only its end after a crash is at stake.
+            self._log.error("open-event ledger not updated", event_id=event.event_id, error=str(exc))
 
     def publish_state(self, occupants: Sequence[OccupantState], wall_time_s: float) -> None:
         """Publish each occupant's state at QoS 0 if connected; dropped otherwise (a newer state follows soon)."""
