@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cabin_monitor.config import NEGATIVE_7, EmotionConfig
+from cabin_monitor.tools.evaluate import infer_all
 from cabin_monitor.training.data import load_emotion_npz
 from cabin_monitor.vision.emotion import EmotionModel
 
@@ -38,7 +39,7 @@ def main() -> None:
     dataset = load_emotion_npz(
         args.data, model.input_size, json.loads(model.info.metadata.get("class_map", "{}")), names
     )
-    probs = np.concatenate([model.infer(dataset.images[i : i + 256])[0] for i in range(0, len(dataset.images), 256)])
+    probs = infer_all(model, dataset.images, "stress operating points")
     stress = probs[:, [names.index(c) for c in NEGATIVE_7]].sum(axis=1)
     print(f"model {model.info.version}: {len(stress)} faces")
     print("| group score ≥ | " + " | ".join(f"{t}" for t in THRESHOLDS) + " |")

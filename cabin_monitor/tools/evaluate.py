@@ -160,7 +160,7 @@ def evaluate_emotion(model: EmotionModel, data: Path, peer: Path | None, limit: 
     if limit:
         images, labels = images[:limit], labels[:limit]
         crowd = crowd[:limit] if crowd is not None else None
-    probs = _infer_with_progress(model, images, f"evaluate {Path(data).name}")
+    probs = infer_all(model, images, f"evaluate {Path(data).name}")
     report: dict[str, Any] = {
         "data": str(data),
         "images": len(labels),
@@ -177,7 +177,7 @@ def evaluate_emotion(model: EmotionModel, data: Path, peer: Path | None, limit: 
     return report
 
 
-def _infer_with_progress(model: EmotionModel, images: np.ndarray, label: str, chunk: int = 256) -> np.ndarray:
+def infer_all(model: EmotionModel, images: np.ndarray, label: str, chunk: int = 256) -> np.ndarray:
     """The model's probabilities for ``images``, with a progress bar on a terminal."""
     out = []
     with Progress(label, len(images)) as bar:
