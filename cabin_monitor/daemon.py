@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
-from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends
+from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, open_in_outbox
 from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
 from cabin_monitor.bus.outbox import Outbox, open_outbox
 from cabin_monitor.bus.payloads import PRECEDENCE
@@ -127,15 +127,21 @@ def _log_fallback(outbox: Outbox) -> None:
         )
 
 
-def _load_ledger(ledger: OpenEventLedger) -> list[OpenEvent]:
-    """The events the previous run left open; an unreadable ledger is logged and started afresh."""
+def _left_open(ledger: OpenEventLedger, outbox: Outbox) -> list[OpenEvent]:
+    """The events the previous run left open: in the ledger, or started in the outbox and not ended there.
+
+    An unreadable ledger is logged and started afresh.
+    """
     try:
-        return ledger.load()
+        noted = ledger.load()
     except LedgerError as exc:
         log.error(
             "open-event ledger unreadable; starting a new one (events it held stay without an end)", error=str(exc)
         )
-        return []
+        noted = []
+    pending = open_in_outbox(item.payload for item in outbox.pending(outbox.depth()))
+    known = {opened.event_id for opened in noted}
+    return sorted(noted + [o for o in pending if o.event_id not in known], key=lambda o: o.started_wall_time_s)
 
 
 def _end_interrupted(sink: EventSink, left_open: list[OpenEvent]) -> None:
@@ -200,7 +206,7 @@ def build_pipeline(
             if cfg.remote_config.enabled:
                 remote = RemoteRequests(control, cfg.remote_config, cfg.vehicle_id)
             ledger = OpenEventLedger(state_dir / "open_events.json")
-            left_open = _load_ledger(ledger)
+            left_open = _left_open(ledger, outbox)
             mqtt_sink = MqttSink(
                 cfg.mqtt,
                 cfg.vehicle_id,

@@ -735,7 +735,8 @@ def test_events_held_in_memory_survive_a_daemon_kill_through_the_fallback_file(
     tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
 ) -> None:
     """Broker down, state folder full: events held in memory are kept in the fallback file, and after a SIGKILL
-    the next daemon (space freed, broker back) sends every event the first one accepted, in order, once."""
+    with an event open the next daemon (space freed, broker back) sends every event the first one accepted, in
+    order, once, and ends the open one although the full folder kept it out of the ledger."""
     broker = MosquittoBroker(tmp_path / "broker")
     fallback = tmp_path / "run" / "held-events.sqlite"
     with tmpfs(tmp_path / "state", 256) as state:
@@ -746,7 +747,13 @@ def test_events_held_in_memory_survive_a_daemon_kill_through_the_fallback_file(
             filler = fill(state)
             wait_until(lambda: bool(first.logged(HELD)), 60, "the outbox to report a full disk")
             at_fault = len(first.logged("event accepted"))
-            wait_until(lambda: len(first.logged("event accepted")) >= at_fault + 3, 60, "3 more events")
+            wait_until(
+                lambda: (
+                    len(accepted := first.logged("event accepted")) >= at_fault + 3 and accepted[-1]["phase"] == "start"
+                ),
+                60,
+                "3 more events, the last a start",
+            )
             first.kill()
             accepted = [r["event_id"] for r in first.logged("event accepted")]
             with sqlite3.connect(fallback) as db:
@@ -764,6 +771,10 @@ def test_events_held_in_memory_survive_a_daemon_kill_through_the_fallback_file(
     print(f"fallback file: {len(accepted)} accepted before the kill, {kept} kept there, {len(received)} received")
     assert received[: len(accepted)] == accepted and len(set(received)) == len(received)
     assert taken_in["events"] == kept
+    got = events(recorder.messages)
+    started = sorted(e["event_id"] for e in got if e["phase"] == "start")
+    assert sorted(e["start_event_id"] for e in got if e["phase"] == "end") == started
+    assert got[-1]["interrupted"] and got[-1]["start_event_id"] == accepted[-1]
 
 
 TAKEN_IN = "events an earlier run kept in the outbox fallback file taken in"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends
+from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, open_in_outbox
 from cabin_monitor.bus.payloads import event_payload
 from cabin_monitor.messages import Event, Phase, end_event_id
 
@@ -70,6 +70,22 @@ def test_an_interrupted_end_has_the_id_of_the_end_the_run_would_have_sent(tmp_pa
     OpenEventLedger(path).record(event("a", Phase.START))
     (end,) = interrupted_ends(OpenEventLedger(path).load(), NOW + 60)
     assert end.event_id == end_event_id("a") != end_event_id("b")
+
+
+def test_a_start_pending_in_the_outbox_without_its_end_is_open() -> None:
+    """Of the pending payloads, the starts whose end is not pending are open, oldest first; others are passed over."""
+    ids = [f"3f2b5d0e-4c41-4c8e-9c59-00000000000{i}" for i in range(3)]
+    ended = event(ids[0], Phase.START, at=NOW)
+    pending = [
+        event(ids[2], Phase.START, at=NOW + 2),
+        ended,
+        event(end_event_id(ids[0]), Phase.END, start_event_id=ids[0], at=NOW + 3),
+        event(ids[1], Phase.START, at=NOW + 1),
+    ]
+    payloads = [event_payload(e, "car-1").model_dump_json().encode() for e in pending] + [b"not an event", b"{}"]
+    opened = open_in_outbox(payloads)
+    assert [o.event_id for o in opened] == [ids[1], ids[2]]
+    assert opened[0] == OpenEvent(ids[1], "stress", "stress", "occupant-1", "driver", NOW + 1, "critical")
 
 
 def test_a_run_that_ends_its_events_leaves_nothing_to_end(tmp_path: Path) -> None:

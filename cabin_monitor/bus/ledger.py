@@ -5,7 +5,12 @@ but a crash, a watchdog kill or a power cut leaves the vehicle with a ``stress``
 The ledger (``<state_dir>/open_events.json``, replaced atomically on every start and end) remembers
 the open ones; the next start ends each with ``interrupted: true`` before any new event.
 
-``interrupted_ends`` is the pure part; ``OpenEventLedger`` the file.
+A start still waiting in the outbox whose end is not waiting there too is open as well, whatever
+the ledger says: delivery keeps the order, so its end cannot have gone out before it
+(``open_in_outbox``). That covers the starts the ledger could not note, when the state folder was
+full and the outbox's fallback file kept them.
+
+``interrupted_ends`` and ``open_in_outbox`` are the pure part; ``OpenEventLedger`` the file.
 """
 
 from __future__ import annotations
@@ -14,9 +19,13 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, get_args
 
+from pydantic import ValidationError
+
+from cabin_monitor.bus.payloads import EventPayload
 from cabin_monitor.messages import Event, Phase, Severity, end_event_id
 
 FORMAT = "cabin-monitor/open-events/1"
@@ -60,6 +69,40 @@ def interrupted_ends(open_events: Iterable[OpenEvent], wall_time_s: float) -> li
         )
         for opened in open_events
     ]
+
+
+def open_in_outbox(payloads: Iterable[bytes]) -> list[OpenEvent]:
+    """The starts among these pending event payloads whose end is not among them, oldest first.
+
+    Payloads that are not events (none are, in an outbox this daemon wrote) are passed over.
+    """
+    starts: dict[str, EventPayload] = {}
+    ended: set[str] = set()
+    for raw in payloads:
+        try:
+            event = EventPayload.model_validate_json(raw)
+        except ValidationError:
+            continue
+        if event.phase == "start":
+            starts[event.event_id] = event
+        elif event.start_event_id is not None:
+            ended.add(event.start_event_id)
+    return sorted(
+        (
+            OpenEvent(
+                start.event_id,
+                start.type,
+                start.rule,
+                start.occupant_id,
+                start.seat,
+                datetime.fromisoformat(start.ts.replace("Z", "+00:00")).timestamp(),
+                start.severity,
+            )
+            for start in starts.values()
+            if start.event_id not in ended
+        ),
+        key=lambda opened: opened.started_wall_time_s,
+    )
 
 
 class LedgerError(Exception):
