@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
-from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, open_in_outbox
+from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, left_open
 from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
 from cabin_monitor.bus.outbox import Outbox, open_outbox
 from cabin_monitor.bus.payloads import PRECEDENCE
@@ -128,10 +128,8 @@ def _log_fallback(outbox: Outbox) -> None:
 
 
 def _left_open(ledger: OpenEventLedger, outbox: Outbox) -> list[OpenEvent]:
-    """The events the previous run left open: in the ledger, or started in the outbox and not ended there.
-
-    An unreadable ledger is logged and started afresh.
-    """
+    """The events the previous run left open, by the ledger and the outbox; an unreadable ledger is logged and
+    started afresh."""
     try:
         noted = ledger.load()
     except LedgerError as exc:
@@ -139,9 +137,7 @@ def _left_open(ledger: OpenEventLedger, outbox: Outbox) -> list[OpenEvent]:
             "open-event ledger unreadable; starting a new one (events it held stay without an end)", error=str(exc)
         )
         noted = []
-    pending = open_in_outbox(item.payload for item in outbox.pending(outbox.depth()))
-    known = {opened.event_id for opened in noted}
-    return sorted(noted + [o for o in pending if o.event_id not in known], key=lambda o: o.started_wall_time_s)
+    return left_open(noted, (item.payload for item in outbox.pending(outbox.depth())))
 
 
 def _end_interrupted(sink: EventSink, left_open: list[OpenEvent]) -> None:

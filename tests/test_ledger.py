@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, open_in_outbox
+from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, left_open
 from cabin_monitor.bus.payloads import event_payload
 from cabin_monitor.messages import Event, Phase, end_event_id
 
@@ -72,20 +72,20 @@ def test_an_interrupted_end_has_the_id_of_the_end_the_run_would_have_sent(tmp_pa
     assert end.event_id == end_event_id("a") != end_event_id("b")
 
 
-def test_a_start_pending_in_the_outbox_without_its_end_is_open() -> None:
-    """Of the pending payloads, the starts whose end is not pending are open, oldest first; others are passed over."""
-    ids = [f"3f2b5d0e-4c41-4c8e-9c59-00000000000{i}" for i in range(3)]
-    ended = event(ids[0], Phase.START, at=NOW)
+def test_the_outbox_has_the_last_word_on_what_is_open() -> None:
+    """A start pending without its end is open though the ledger missed it; one whose end is pending is not, though
+    the ledger noted it; payloads that are not events are passed over; oldest first."""
+    ids = [f"3f2b5d0e-4c41-4c8e-9c59-00000000000{i}" for i in range(4)]
     pending = [
         event(ids[2], Phase.START, at=NOW + 2),
-        ended,
+        event(ids[0], Phase.START, at=NOW),
         event(end_event_id(ids[0]), Phase.END, start_event_id=ids[0], at=NOW + 3),
-        event(ids[1], Phase.START, at=NOW + 1),
+        event(end_event_id(ids[3]), Phase.END, start_event_id=ids[3], at=NOW + 4),
     ]
     payloads = [event_payload(e, "car-1").model_dump_json().encode() for e in pending] + [b"not an event", b"{}"]
-    opened = open_in_outbox(payloads)
-    assert [o.event_id for o in opened] == [ids[1], ids[2]]
-    assert opened[0] == OpenEvent(ids[1], "stress", "stress", "occupant-1", "driver", NOW + 1, "critical")
+    noted = [OpenEvent(i, "stress", "stress", "occupant-1", "driver", NOW + n, "critical") for n, i in enumerate(ids)]
+    assert left_open([noted[1], noted[3]], payloads) == [noted[1], noted[2]]
+    assert left_open([], payloads[:1]) == [noted[2]]
 
 
 def test_a_run_that_ends_its_events_leaves_nothing_to_end(tmp_path: Path) -> None:

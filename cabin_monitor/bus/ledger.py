@@ -5,12 +5,13 @@ but a crash, a watchdog kill or a power cut leaves the vehicle with a ``stress``
 The ledger (``<state_dir>/open_events.json``, replaced atomically on every start and end) remembers
 the open ones; the next start ends each with ``interrupted: true`` before any new event.
 
-A start still waiting in the outbox whose end is not waiting there too is open as well, whatever
-the ledger says: delivery keeps the order, so its end cannot have gone out before it
-(``open_in_outbox``). That covers the starts the ledger could not note, when the state folder was
-full and the outbox's fallback file kept them.
+The outbox has the last word (``left_open``): an event whose end is still waiting there is not
+open, whatever the ledger says (the crash came between the two writes), and a start waiting there
+without its end is open, whatever the ledger says (delivery keeps the order, so its end cannot have
+gone out before it; the ledger may not have noted it, when the state folder was full and the
+outbox's fallback file kept the start).
 
-``interrupted_ends`` and ``open_in_outbox`` are the pure part; ``OpenEventLedger`` the file.
+``interrupted_ends`` and ``left_open`` are the pure part; ``OpenEventLedger`` the file.
 """
 
 from __future__ import annotations
@@ -71,14 +72,17 @@ def interrupted_ends(open_events: Iterable[OpenEvent], wall_time_s: float) -> li
     ]
 
 
-def open_in_outbox(payloads: Iterable[bytes]) -> list[OpenEvent]:
-    """The starts among these pending event payloads whose end is not among them, oldest first.
+def left_open(noted: Iterable[OpenEvent], pending: Iterable[bytes]) -> list[OpenEvent]:
+    """The events a previous run left open, oldest first, from the ledger's ``noted`` and the outbox's ``pending``
+    event payloads.
 
-    Payloads that are not events (none are, in an outbox this daemon wrote) are passed over.
+    Open: a noted event whose end is not pending (an end the crash left in the outbox goes out as it is),
+    and a pending start whose end is not pending (the ledger may not have noted it). Payloads that are not
+    events (none are, in an outbox this daemon wrote) are passed over.
     """
     starts: dict[str, EventPayload] = {}
     ended: set[str] = set()
-    for raw in payloads:
+    for raw in pending:
         try:
             event = EventPayload.model_validate_json(raw)
         except ValidationError:
@@ -87,8 +91,10 @@ def open_in_outbox(payloads: Iterable[bytes]) -> list[OpenEvent]:
             starts[event.event_id] = event
         elif event.start_event_id is not None:
             ended.add(event.start_event_id)
-    return sorted(
-        (
+    found = {opened.event_id: opened for opened in noted}
+    for start in starts.values():
+        found.setdefault(
+            start.event_id,
             OpenEvent(
                 start.event_id,
                 start.type,
@@ -97,12 +103,10 @@ def open_in_outbox(payloads: Iterable[bytes]) -> list[OpenEvent]:
                 start.seat,
                 datetime.fromisoformat(start.ts.replace("Z", "+00:00")).timestamp(),
                 start.severity,
-            )
-            for start in starts.values()
-            if start.event_id not in ended
-        ),
-        key=lambda opened: opened.started_wall_time_s,
-    )
+            ),
+        )
+    still_open = [opened for event_id, opened in found.items() if event_id not in ended]
+    return sorted(still_open, key=lambda opened: opened.started_wall_time_s)
 
 
 class LedgerError(Exception):
