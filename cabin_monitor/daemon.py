@@ -140,17 +140,17 @@ def _left_open(ledger: OpenEventLedger, outbox: Outbox) -> list[OpenEvent]:
     return left_open(noted, (item.payload for item in outbox.pending(outbox.depth())))
 
 
-def _end_interrupted(sink: EventSink, left_open: list[OpenEvent]) -> None:
+def _end_interrupted(sink: EventSink, unended: list[OpenEvent]) -> None:
     """End, before anything else, each event the previous run started and never ended."""
-    if not left_open:
+    if not unended:
         return
-    ends = interrupted_ends(left_open, time.time())
+    ends = interrupted_ends(unended, time.time())
     for event in ends:
         sink.submit_event(event)
     log.warning(
         "events the previous run left open ended as interrupted",
         events=len(ends),
-        start_event_ids=[opened.event_id for opened in left_open],
+        start_event_ids=[opened.event_id for opened in unended],
     )
 
 
@@ -202,7 +202,7 @@ def build_pipeline(
             if cfg.remote_config.enabled:
                 remote = RemoteRequests(control, cfg.remote_config, cfg.vehicle_id)
             ledger = OpenEventLedger(state_dir / "open_events.json")
-            left_open = _left_open(ledger, outbox)
+            unended = _left_open(ledger, outbox)
             mqtt_sink = MqttSink(
                 cfg.mqtt,
                 cfg.vehicle_id,
@@ -210,7 +210,7 @@ def build_pipeline(
                 on_remote_request=remote.offer if remote is not None else None,
                 ledger=ledger,
             )
-            _end_interrupted(mqtt_sink, left_open)
+            _end_interrupted(mqtt_sink, unended)
             if remote is not None:
                 remote.attach(mqtt_sink)
             sink = mqtt_sink

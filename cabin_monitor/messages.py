@@ -95,9 +95,9 @@ class Phase(str, Enum):
 def end_event_id(start_event_id: str) -> str:
     """The ``event_id`` of the ``end`` of the event started by ``start_event_id``: one per start, whoever ends it.
 
-    The rules engine and the next start after a crash (``bus.ledger``) give an end the same id, so an
-    end the crash left in the outbox is not sent twice and one delivered just before the crash reaches
-    subscribers again as a duplicate of the same ``event_id``.
+    The rules engine and the next start after a crash (``bus.ledger``) give an end the same id: should
+    a crash come after an end was delivered and before the ledger noted it, the interrupted end the
+    next start sends is a duplicate of that ``event_id``, which subscribers drop.
     """
     return str(uuid.uuid5(_END_NAMESPACE, start_event_id))
 
