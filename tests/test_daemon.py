@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,6 +24,7 @@ from cabin_monitor.assets import sample_path
 from cabin_monitor.bus.ledger import OpenEventLedger
 from cabin_monitor.bus.mqtt import MqttSink
 from cabin_monitor.bus.outbox import Outbox
+from cabin_monitor.bus.payloads import utc_epoch_s
 from cabin_monitor.bus.sinks import StdoutSink
 from cabin_monitor.config import paths_set
 from cabin_monitor.daemon import Overrides, build_pipeline, load
@@ -285,9 +285,8 @@ def reopen_in_ledger(state_dir: Path, start: Mapping[str, Any]) -> None:
     before updating the ledger leaves it."""
     ledger = OpenEventLedger(state_dir / "open_events.json")
     ledger.load()
-    started_s = datetime.fromisoformat(start["ts"].replace("Z", "+00:00")).timestamp()
     fields = {key: start[key] for key in ("event_id", "type", "rule", "occupant_id", "seat", "score", "severity")}
-    ledger.record(Event(**fields, phase=Phase.START, capture_s=0.0, wall_time_s=started_s, emotions={}))
+    ledger.record(Event(**fields, phase=Phase.START, capture_s=0.0, wall_time_s=utc_epoch_s(start["ts"]), emotions={}))
 
 
 def test_events_survive_a_daemon_kill_while_the_broker_is_down(
@@ -525,7 +524,7 @@ def test_a_config_set_flood_keeps_events_and_frames_flowing(
     health = [(t, h) for t, topic, h in arrivals if topic.endswith("/health")]
 
     def delivery_s(start: float, end: float) -> list[float]:
-        return [t - iso_seconds(e["ts"]) for t, e in events.values() if start <= iso_seconds(e["ts"]) < end]
+        return [t - utc_epoch_s(e["ts"]) for t, e in events.values() if start <= utc_epoch_s(e["ts"]) < end]
 
     def fps(start: float, end: float) -> list[float]:
         return [h["pipeline"]["fps"] for t, h in health if start + 2.0 < t < end]  # past the fps window's edge
@@ -542,11 +541,6 @@ def test_a_config_set_flood_keeps_events_and_frames_flowing(
     assert accepted and accepted <= set(events)  # every accepted event arrived
     assert remote["received"] == FLOOD_REQUESTS and remote["answered"] + remote["dropped"] == FLOOD_REQUESTS
     assert remote["busy"] > 0
-
-
-def iso_seconds(ts: str) -> float:
-    """UTC epoch seconds of an ISO-8601 'Z' timestamp."""
-    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> str:

@@ -20,13 +20,12 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import ValidationError
 
-from cabin_monitor.bus.payloads import EventPayload
+from cabin_monitor.bus.payloads import EventPayload, utc_epoch_s
 from cabin_monitor.messages import Event, Phase, Severity, end_event_id
 
 FORMAT = "cabin-monitor/open-events/1"
@@ -101,7 +100,7 @@ def left_open(noted: Iterable[OpenEvent], pending: Iterable[bytes]) -> list[Open
                 start.rule,
                 start.occupant_id,
                 start.seat,
-                datetime.fromisoformat(start.ts.replace("Z", "+00:00")).timestamp(),
+                utc_epoch_s(start.ts),
                 start.severity,
             ),
         )

@@ -40,13 +40,21 @@ def utc_iso(wall_time_s: float) -> str:
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _check_utc(text: str) -> str:
+def _parse_iso(text: str) -> datetime:
     # fromisoformat accepts "Z" only from Python 3.11; the daemon supports 3.10.
     try:
-        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+        return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     except ValueError:
         raise ValueError(f"not an ISO-8601 timestamp: {text!r}") from None
-    if parsed.utcoffset() != timedelta(0):
+
+
+def utc_epoch_s(text: str) -> float:
+    """A payload's UTC timestamp back as epoch seconds (the inverse of ``utc_iso``); ``ValueError`` if unreadable."""
+    return _parse_iso(text).timestamp()
+
+
+def _check_utc(text: str) -> str:
+    if _parse_iso(text).utcoffset() != timedelta(0):
         raise ValueError(f"timestamp must be UTC ('Z' or +00:00): {text!r}")
     return text
 
