@@ -21,6 +21,9 @@ class ModelSection(_Strict):
     width: float = Field(0.25, gt=0.0, le=2.0, description="Channel multiplier; 1.0 = 64-128-256-512.")
     input_size_px: int = Field(112, ge=32, le=256, multiple_of=16, description="Square grey input side.")
     dropout: float = Field(0.4, ge=0.0, lt=1.0, description="Dropout before each FC layer.")
+    emotion_from_shape: bool = Field(
+        False, description="The emotion head also reads the stage-2 landmarks in the mean-face frame."
+    )
     class_names: tuple[str, ...] = Field(EMOTIONS_7, min_length=2, description="Output classes, in order.")
     class_map: dict[str, str] = Field(
         default_factory=dict,

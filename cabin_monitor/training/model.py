@@ -19,6 +19,7 @@ from cabin_monitor.vision.framing import FLIP_68
 
 NUM_LANDMARKS = 68
 FC_UNITS = 256
+SHAPE_UNITS = 64
 BASE_CHANNELS = (64, 128, 256, 512)
 
 
@@ -30,6 +31,7 @@ class ModelSpec:
     width: float = 1.0
     input_size: int = 112
     dropout: float = 0.4
+    emotion_from_shape: bool = False
 
     def __post_init__(self) -> None:
         if self.input_size % 16:
@@ -60,6 +62,7 @@ class ModelSpec:
             width=float(d["width"]),  # type: ignore[arg-type]
             input_size=int(d["input_size"]),  # type: ignore[call-overload]
             dropout=float(d.get("dropout", 0.4)),  # type: ignore[arg-type]
+            emotion_from_shape=bool(d.get("emotion_from_shape", False)),
         )
 
 
@@ -141,7 +144,12 @@ def invert_similarity(rot: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class EmotionalDAN(nn.Module):
-    """Two DAN stages; the emotion head reads the last stage's FC256 features."""
+    """Two DAN stages; the emotion head reads the last stage's FC256 features.
+
+    With ``spec.emotion_from_shape`` it also reads the stage-2 shape in the mean-face
+    frame (its offset from the mean shape, through a small encoder): posed expressions
+    are geometric (raised brows, widened eyes, pressed lips), and the landmarks carry them.
+    """
 
     def __init__(self, spec: ModelSpec, mean_shape: Tensor) -> None:
         super().__init__()
@@ -157,7 +165,13 @@ class EmotionalDAN(nn.Module):
         self.stage2 = DanStage(3, spec)
         half = size // 2
         self.feature_image = nn.Sequential(nn.Linear(FC_UNITS, half * half), nn.ReLU(inplace=True))
-        self.emotion_head = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(FC_UNITS, len(spec.class_names)))
+        head_in = FC_UNITS
+        if spec.emotion_from_shape:
+            self.shape_encoder = nn.Sequential(
+                nn.Linear(NUM_LANDMARKS * 2, SHAPE_UNITS, bias=False), nn.BatchNorm1d(SHAPE_UNITS), nn.ReLU(inplace=True)
+            )
+            head_in += SHAPE_UNITS
+        self.emotion_head = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(head_in, len(spec.class_names)))
         # Added to the logits of the inference graph only: the class prior put back at export
         # (prior_weight * log prior) when training balanced the logits; zeros otherwise.
         self.register_buffer("logit_bias", torch.zeros(len(spec.class_names)))
@@ -198,6 +212,14 @@ class EmotionalDAN(nn.Module):
         nearest = sq.clamp_min(0.0).sqrt()
         return (1.0 / (1.0 + nearest)).view(-1, 1, size, size)
 
+    def _head_input(self, feat2: Tensor, shape2_warped: Tensor) -> Tensor:
+        """FC256 features, plus the encoded stage-2 shape offset from the mean face where the spec asks for it."""
+        if not self.spec.emotion_from_shape:
+            return feat2
+        # Detached: the emotion loss must not bend the landmarks of faces that carry no landmark labels.
+        offset = (shape2_warped.detach() - self.mean_shape.unsqueeze(0)).flatten(1)
+        return torch.cat([feat2, self.shape_encoder(offset.to(feat2.dtype))], dim=1)
+
     def forward_all(self, image: Tensor) -> dict[str, Tensor]:
         """Run both stages; returns logits, both shapes (normalised), features and the last conv maps."""
         x = self.normalise(image.float())
@@ -220,7 +242,7 @@ class EmotionalDAN(nn.Module):
             shape2_warped = anchor_warped + delta2
             inv_rot, inv_shift = invert_similarity(rot, shift)
             shape2 = apply_similarity(inv_rot, inv_shift, shape2_warped)
-        logits = self.emotion_head(feat2)
+        logits = self.emotion_head(self._head_input(feat2, shape2_warped))
         return {
             "logits": logits,
             "shape1": shape1,

@@ -269,6 +269,7 @@ class Trainer:
             width=cfg.model.width,
             input_size=cfg.model.input_size_px,
             dropout=cfg.model.dropout,
+            emotion_from_shape=cfg.model.emotion_from_shape,
         )
         self.model = EmotionalDAN(self.spec, mean_shape).to(self.device)
         if cfg.optim.init_from:
@@ -309,9 +310,16 @@ class Trainer:
         if self.cfg.optim.train_only == "emotion_head":
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            for p in self.model.emotion_head.parameters():
+            for p in self._head_parameters():
                 p.requires_grad_(True)
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _head_parameters(self) -> list[torch.nn.Parameter]:
+        """The emotion head's weights, with the shape encoder that feeds it where there is one."""
+        params = list(self.model.emotion_head.parameters())
+        if self.spec.emotion_from_shape:
+            params += list(self.model.shape_encoder.parameters())
+        return params
 
     def _init_from(self, path: Path) -> None:
         if path.suffix == ".onnx":
@@ -320,7 +328,10 @@ class Trainer:
             state = torch.load(path, map_location=self.device, weights_only=False)
             weights = state.get("ema") or state["model"]
         own = self.model.state_dict()
-        usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+        # An export's logit bias is the class prior it was shipped with, not a weight to train from.
+        usable = {
+            k: v for k, v in weights.items() if k in own and own[k].shape == v.shape and k != "logit_bias"
+        }
         skipped = sorted(set(own) - set(usable))
         self.model.load_state_dict(usable, strict=False)
         print(f"initialised from {path}; not taken: {skipped or 'nothing'}", file=sys.stderr)
@@ -485,6 +496,8 @@ class Trainer:
             if cfg.optim.train_only == "emotion_head":
                 self.model.eval()
                 self.model.emotion_head.train()
+                if self.spec.emotion_from_shape:
+                    self.model.shape_encoder.train()
             running: dict[str, float] = {}
             t0 = time.monotonic()
             bar.start(self.epoch, len(batches), self.step_in_epoch)
