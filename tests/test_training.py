@@ -23,7 +23,7 @@ from cabin_monitor.training.config import EMOTIONS_7, AugmentSection, TrainConfi
 from cabin_monitor.training.data import load_emotion
 from cabin_monitor.training.explain import grad_cam
 from cabin_monitor.training.export import check_parity, export_run, load_checkpoint_model, load_onnx_as_torch
-from cabin_monitor.training.model import EmotionalDAN, ModelSpec, apply_similarity, fit_similarity, invert_similarity
+from cabin_monitor.training.model import EmotionalDAN, MirrorAveraged, ModelSpec, apply_similarity, fit_similarity, invert_similarity
 from cabin_monitor.training.train import Trainer, default_mean_shape, load_datasets, train, training_targets
 from cabin_monitor.vision.align import FaceAligner, grey
 from cabin_monitor.vision.detect import create_detector
@@ -143,6 +143,46 @@ def test_interrupted_training_resumes_exactly(tmp_path: Path) -> None:
     assert a["global_step"] == b["global_step"] == 6
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def shape_fed(**optim: object) -> TrainConfig:
+    """The tiny config with the emotion head reading the stage-2 shape."""
+    cfg = tiny(**optim)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"emotion_from_shape": True})})
+
+
+def test_shape_fed_head_resumes_exactly_and_exports(tmp_path: Path) -> None:
+    """With emotion_from_shape, a resumed run equals a straight one, and the export agrees with PyTorch."""
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    train(shape_fed(max_steps=4), DATA, straight, progress=False)
+    train(shape_fed(max_steps=2), DATA, resumed, progress=False)
+    train(shape_fed(max_steps=4), DATA, resumed, progress=False)
+    a = torch.load(straight / "last.pt", weights_only=False)
+    b = torch.load(resumed / "last.pt", weights_only=False)
+    assert any(key.startswith("shape_encoder.") for key in a["model"])
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    path = export_run(straight, tmp_path / "shape.onnx", mirror=True)
+    rebuilt = load_onnx_as_torch(path)
+    assert rebuilt.spec.emotion_from_shape
+    diff = check_parity(MirrorAveraged(load_checkpoint_model(straight / "best.pt")[0]).eval(), path, real_crops(64))
+    assert diff["probs"] < 1e-3
+
+
+def test_shape_fed_head_reads_the_landmarks() -> None:
+    """The shape-fed head's answer changes when only the stage-2 shape changes, and never back-propagates into it."""
+    spec = ModelSpec(class_names=EMOTIONS_7, width=0.125, input_size=64, dropout=0.0, emotion_from_shape=True)
+    model = EmotionalDAN(spec, default_mean_shape()).eval()
+    torch.nn.init.normal_(model.shape_encoder[0].weight, std=1.0)
+    feat = torch.zeros(1, 256)
+    shape = default_mean_shape().unsqueeze(0).clone().requires_grad_(True)
+    moved = shape.detach().clone()
+    moved[0, 48:68, 1] += 0.05  # the mouth drops
+    logits_a = model.emotion_head(model.head_input(feat, shape))
+    logits_b = model.emotion_head(model.head_input(feat, moved))
+    assert not torch.allclose(logits_a, logits_b)
+    logits_a.sum().backward()
+    assert shape.grad is None
 
 
 def test_resume_refuses_a_different_model(tmp_path: Path) -> None:

@@ -212,7 +212,7 @@ class EmotionalDAN(nn.Module):
         nearest = sq.clamp_min(0.0).sqrt()
         return (1.0 / (1.0 + nearest)).view(-1, 1, size, size)
 
-    def _head_input(self, feat2: Tensor, shape2_warped: Tensor) -> Tensor:
+    def head_input(self, feat2: Tensor, shape2_warped: Tensor) -> Tensor:
         """FC256 features, plus the encoded stage-2 shape offset from the mean face where the spec asks for it."""
         if not self.spec.emotion_from_shape:
             return feat2
@@ -242,7 +242,7 @@ class EmotionalDAN(nn.Module):
             shape2_warped = anchor_warped + delta2
             inv_rot, inv_shift = invert_similarity(rot, shift)
             shape2 = apply_similarity(inv_rot, inv_shift, shape2_warped)
-        logits = self.emotion_head(self._head_input(feat2, shape2_warped))
+        logits = self.emotion_head(self.head_input(feat2, shape2_warped))
         return {
             "logits": logits,
             "shape1": shape1,
