@@ -7,11 +7,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pytest
 
 from cabin_monitor.config import EMOTIONS_7, RulesConfig, merge_rules
-from cabin_monitor.messages import EmotionReading, Event, Phase, end_event_id
+from cabin_monitor.messages import Event, Observation, Phase, end_event_id
 from cabin_monitor.rules import FORGET_AFTER_S, LOST, ONSET, STRESS, RulesEngine
 
 FPS = 30.0
@@ -36,18 +35,15 @@ def probs(**weights: float) -> dict[str, float]:
 NEUTRAL = probs()
 
 
-def reading(occupant_id: str, frame_id: int, capture_s: float, emotions: Emotions) -> EmotionReading:
+def reading(occupant_id: str, frame_id: int, capture_s: float, emotions: Emotions) -> Observation:
     """One occupant's reading in one frame."""
-    return EmotionReading(
+    return Observation(
         frame_id=frame_id,
         capture_s=capture_s,
         wall_time_s=WALL0_S + capture_s,
         occupant_id=occupant_id,
         seat=SEATS.get(occupant_id),
-        box=(100.0, 100.0, 120.0, 120.0),
-        face_score=0.9,
         emotions=dict(emotions),
-        landmarks=np.zeros((68, 2), dtype=np.float32),
     )
 
 
