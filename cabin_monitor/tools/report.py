@@ -35,6 +35,7 @@ from cabin_monitor.tools.replay import check_choice, load_recordings, replay_all
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 PNG_WIDTH_PX = 1200
 PNG_HEIGHT_PX = 640
@@ -76,14 +77,15 @@ def report_command(args: Any) -> int:
 
 def draw_timeline(replay: SessionReplay, occupant_id: str, found: Sequence[Alert], path: Path) -> None:
     """One occupant's timeline, written to ``path`` as a PNG of ``PNG_WIDTH_PX`` x ``PNG_HEIGHT_PX``."""
-    span_s = replay.duration_s
-    minutes = span_s > 900
-    scale = 60.0 if minutes else 1.0
-    t0 = replay.first_s or 0.0
+    fig = timeline_figure(replay, occupant_id, found)
+    try:
+        fig.savefig(path, dpi=_DPI)
+    finally:
+        plt.close(fig)
 
-    def x(t: float) -> float:
-        return (t - t0) / scale
 
+def timeline_figure(replay: SessionReplay, occupant_id: str, found: Sequence[Alert]) -> Figure:
+    """One occupant's timeline: a panel per rule with series, then the "in view" strip (close it when done)."""
     charted = [rule for rule in replay.rule_types if rule.series]
     fig, axes = plt.subplots(
         len(charted) + 1,
@@ -95,33 +97,54 @@ def draw_timeline(replay: SessionReplay, occupant_id: str, found: Sequence[Alert
         gridspec_kw={"height_ratios": [3] * len(charted) + [1]},
         layout="constrained",
     )
-    panels = dict(zip((rule.name for rule in charted), axes[:-1, 0], strict=True))
-    ax_seen = axes[-1, 0]
     try:
-        points = [p for p in replay.trace if p.occupant_id == occupant_id]
-        for rule in charted:
-            _panel(panels[rule.name], rule, replay, points, x)
-        for start, end in replay.presence.get(occupant_id, []):
-            ax_seen.axvspan(x(start), x(end), color="#2ca02c", alpha=0.6, lw=0)
-        shades = {rule.name: rule.shade for rule in replay.rule_types}
-        for alert in found:
-            ax = panels.get(alert.type, ax_seen)
-            ax.axvspan(x(alert.start_s), x(alert.end_s), color=shades.get(alert.type, "#7f7f7f"), alpha=0.25, lw=0)
-        ax_seen.set_yticks([])
-        ax_seen.set_ylabel("in view")
-        ax_seen.set_xlim(0.0, max(span_s / scale, 1e-6))
-        ax_seen.set_xlabel("minutes since the recording started" if minutes else "seconds since the recording started")
-        for ax in panels.values():
-            ax.legend(loc="upper right", fontsize=8)
-        began = utc_iso(replay.first_wall_s) if replay.first_wall_s is not None else "?"
-        counts = ", ".join(f"{sum(a.type == r.name for a in found)} {r.short_name}" for r in replay.rule_types)
-        fig.suptitle(
-            f"{replay.vehicle_id} · session {replay.session_id[:8]} · {occupant_id} · from {began} · {counts}",
-            fontsize=11,
-        )
-        fig.savefig(path, dpi=_DPI)
-    finally:
+        _draw(fig, axes[:, 0], charted, replay, occupant_id, found)
+    except BaseException:
         plt.close(fig)
+        raise
+    return fig
+
+
+def _draw(
+    fig: Figure,
+    axes: Any,
+    charted: Sequence[Rule[Any, Any]],
+    replay: SessionReplay,
+    occupant_id: str,
+    found: Sequence[Alert],
+) -> None:
+    """Draw the panels of ``charted`` and the strip (``axes``, the strip last), the alerts and the title."""
+    span_s = replay.duration_s
+    minutes = span_s > 900
+    scale = 60.0 if minutes else 1.0
+    t0 = replay.first_s or 0.0
+
+    def x(t: float) -> float:
+        return (t - t0) / scale
+
+    panels = dict(zip((rule.name for rule in charted), axes[:-1], strict=True))
+    ax_seen = axes[-1]
+    points = [p for p in replay.trace if p.occupant_id == occupant_id]
+    for rule in charted:
+        _panel(panels[rule.name], rule, replay, points, x)
+    for start, end in replay.presence.get(occupant_id, []):
+        ax_seen.axvspan(x(start), x(end), color="#2ca02c", alpha=0.6, lw=0)
+    shades = {rule.name: rule.shade for rule in replay.rule_types}
+    for alert in found:
+        ax = panels.get(alert.type, ax_seen)
+        ax.axvspan(x(alert.start_s), x(alert.end_s), color=shades.get(alert.type, "#7f7f7f"), alpha=0.25, lw=0)
+    ax_seen.set_yticks([])
+    ax_seen.set_ylabel("in view")
+    ax_seen.set_xlim(0.0, max(span_s / scale, 1e-6))
+    ax_seen.set_xlabel("minutes since the recording started" if minutes else "seconds since the recording started")
+    for ax in panels.values():
+        ax.legend(loc="upper right", fontsize=8)
+    began = utc_iso(replay.first_wall_s) if replay.first_wall_s is not None else "?"
+    counts = ", ".join(f"{sum(a.type == r.name for a in found)} {r.short_name}" for r in replay.rule_types)
+    fig.suptitle(
+        f"{replay.vehicle_id} · session {replay.session_id[:8]} · {occupant_id} · from {began} · {counts}",
+        fontsize=11,
+    )
 
 
 def _panel(ax: Any, rule: Rule[Any, Any], replay: SessionReplay, points: Sequence[TracePoint], x: _Scale) -> None:
