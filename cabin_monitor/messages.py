@@ -127,7 +127,7 @@ class Event:
     """A rule firing for one occupant, as produced by the rules engine."""
 
     event_id: str  # UUID, shared by nothing else; an end's is ``end_event_id(start_event_id)``
-    type: str  # stress | unexpected_expression | occupant_lost
+    type: str  # the rule's name: stress | unexpected_expression | occupant_lost (``rules.RULE_NAMES``)
     phase: Phase
     rule: str  # the configured rule name
     occupant_id: str

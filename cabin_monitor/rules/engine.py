@@ -96,13 +96,16 @@ class RulesEngine:
         id_factory: Callable[[], str] = _new_event_id,
         rules: Sequence[Rule[Any, Any]] = RULES,
     ) -> None:
-        """Raise ``ClassMismatchError`` if an enabled rule names a class the model does not have.
+        """Raise ``ClassMismatchError`` if an enabled rule names a class the model does not have, and
+        ``ValueError`` if two rule types share a name.
 
         ``id_factory`` gives each ``start`` its id; an ``end``'s follows from its start's (``end_event_id``).
         ``rules`` are the rule types to run (``rules.registry.RULES``).
         """
         self._class_names = tuple(class_names)
         self._rules = tuple(rules)
+        if len({rule.name for rule in self._rules}) != len(self._rules):
+            raise ValueError(f"two rule types share a name: {[rule.name for rule in self._rules]}")
         check_classes(config, self._class_names, self._rules)
         self._config = config
         self._new_id = id_factory
@@ -180,7 +183,21 @@ class RulesEngine:
         )
 
     def _on_reading(self, observation: Observation) -> list[Event]:
+        occupant, unseen_s = self._track(observation)
         at = _Moment(observation.capture_s, observation.wall_time_s, observation.frame_id)
+        events: list[Event] = []
+        for rule in self._rules:  # every rule hears that the occupant is in view before any judges the reading
+            context = self._context(rule, occupant, at, unseen_s)
+            verdict = rule.seen(self._section(rule), occupant.states[rule.name], context)
+            events += self._apply(rule, verdict, observation.occupant_id, occupant, at)
+        for rule in self._rules:
+            context = self._context(rule, occupant, at, unseen_s)
+            verdict = rule.judge(self._section(rule), occupant.states[rule.name], context, observation)
+            events += self._apply(rule, verdict, observation.occupant_id, occupant, at)
+        return events
+
+    def _track(self, observation: Observation) -> tuple[_Occupant, float]:
+        """The observed occupant, its smoothed probabilities updated; and how long it was unseen before (0: new)."""
         occupant = self._occupants.get(observation.occupant_id)
         if occupant is None:
             occupant = _Occupant(
@@ -190,27 +207,16 @@ class RulesEngine:
                 states={rule.name: rule.new_state() for rule in self._rules},
             )
             self._occupants[observation.occupant_id] = occupant
-            unseen_s = 0.0
-        else:
-            unseen_s = observation.capture_s - occupant.last_seen_s
-            alpha = ema_alpha(unseen_s, self._config.smoothing_s)
-            occupant.smoothed = {
-                name: occupant.smoothed.get(name, p) + alpha * (p - occupant.smoothed.get(name, p))
-                for name, p in observation.emotions.items()
-            }
-            occupant.seat = observation.seat
-            occupant.last_seen_s = observation.capture_s
-        events: list[Event] = []
-        for rule in self._rules:
-            verdict = rule.seen(
-                self._section(rule), occupant.states[rule.name], self._context(rule, occupant, at, unseen_s)
-            )
-            events += self._apply(rule, verdict, observation.occupant_id, occupant, at)
-        for rule in self._rules:
-            context = self._context(rule, occupant, at, unseen_s)
-            verdict = rule.judge(self._section(rule), occupant.states[rule.name], context, observation)
-            events += self._apply(rule, verdict, observation.occupant_id, occupant, at)
-        return events
+            return occupant, 0.0
+        unseen_s = observation.capture_s - occupant.last_seen_s
+        alpha = ema_alpha(unseen_s, self._config.smoothing_s)
+        occupant.smoothed = {
+            name: occupant.smoothed.get(name, p) + alpha * (p - occupant.smoothed.get(name, p))
+            for name, p in observation.emotions.items()
+        }
+        occupant.seat = observation.seat
+        occupant.last_seen_s = observation.capture_s
+        return occupant, unseen_s
 
     def _on_unseen(self, occupant_id: str, occupant: _Occupant, at: _Moment) -> list[Event]:
         unseen_s = at.capture_s - occupant.last_seen_s
