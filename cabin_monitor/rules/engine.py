@@ -108,6 +108,7 @@ class RulesEngine:
             raise ValueError(f"two rule types share a name: {[rule.name for rule in self._rules]}")
         check_classes(config, self._class_names, self._rules)
         self._config = config
+        self._sections = self._sections_of(config)
         self._new_id = id_factory
         self._occupants: dict[str, _Occupant] = {}
 
@@ -134,11 +135,13 @@ class RulesEngine:
         """
         if not checked:
             check_classes(config, self._class_names, self._rules)
+        sections = self._sections_of(config)
         for rule in self._rules:
-            if rule.restarts(rule.section(self._config), rule.section(config)):
+            if rule.restarts(self._sections[rule.name], sections[rule.name]):
                 for occupant in self._occupants.values():
                     occupant.states[rule.name] = rule.new_state()
         self._config = config
+        self._sections = sections
 
     def update(self, observations: Sequence[Observation], now_s: float, wall_time_s: float) -> list[Event]:
         """Process one frame's observations (maybe none) taken at ``now_s``; return the events they caused."""
@@ -172,7 +175,7 @@ class RulesEngine:
     def _snapshot(self, occupant_id: str, occupant: _Occupant) -> OccupantState:
         series: dict[str, float | None] = {}
         for rule in self._rules:
-            series.update(rule.values(rule.section(self._config), occupant.states[rule.name], occupant.smoothed))
+            series.update(rule.values(self._sections[rule.name], occupant.states[rule.name], occupant.smoothed))
         return OccupantState(
             occupant_id=occupant_id,
             seat=occupant.seat,
@@ -186,13 +189,17 @@ class RulesEngine:
         occupant, unseen_s = self._track(observation)
         at = _Moment(observation.capture_s, observation.wall_time_s, observation.frame_id)
         events: list[Event] = []
+        contexts = []
         for rule in self._rules:  # every rule hears that the occupant is in view before any judges the reading
             context = self._context(rule, occupant, at, unseen_s)
-            verdict = rule.seen(self._section(rule), occupant.states[rule.name], context)
-            events += self._apply(rule, verdict, observation.occupant_id, occupant, at)
-        for rule in self._rules:
-            context = self._context(rule, occupant, at, unseen_s)
-            verdict = rule.judge(self._section(rule), occupant.states[rule.name], context, observation)
+            verdict = rule.seen(self._sections[rule.name], occupant.states[rule.name], context)
+            happened = self._apply(rule, verdict, observation.occupant_id, occupant, at)
+            if happened:  # its event opened or closed
+                context = self._context(rule, occupant, at, unseen_s)
+            contexts.append(context)
+            events += happened
+        for rule, context in zip(self._rules, contexts, strict=True):
+            verdict = rule.judge(self._sections[rule.name], occupant.states[rule.name], context, observation)
             events += self._apply(rule, verdict, observation.occupant_id, occupant, at)
         return events
 
@@ -227,7 +234,7 @@ class RulesEngine:
         events: list[Event] = []
         for rule in self._rules:
             context = self._context(rule, occupant, at, unseen_s)
-            verdict = rule.absent(self._section(rule), occupant.states[rule.name], context)
+            verdict = rule.absent(self._sections[rule.name], occupant.states[rule.name], context)
             if forget:  # whatever the rule says, everything open ends
                 verdict = Verdict(None if verdict is None else verdict.score, closes=True)
             events += self._apply(rule, verdict, occupant_id, occupant, at)
@@ -240,11 +247,12 @@ class RulesEngine:
             self._end(rule, occupant_id, occupant, at)
             for occupant_id, occupant in self._occupants.items()
             for rule in self._rules
-            if rule.name in occupant.open and not self._section(rule).enabled
+            if rule.name in occupant.open and not self._sections[rule.name].enabled
         ]
 
-    def _section(self, rule: Rule[Any, Any]) -> Any:
-        return rule.section(self._config)
+    def _sections_of(self, config: RulesConfig) -> dict[str, Any]:
+        """Each rule's section of ``config``, by rule name."""
+        return {rule.name: rule.section(config) for rule in self._rules}
 
     def _context(self, rule: Rule[Any, Any], occupant: _Occupant, at: _Moment, unseen_s: float) -> Context:
         opened = occupant.open.get(rule.name)
@@ -306,7 +314,7 @@ class RulesEngine:
             emotions=dict(occupant.smoothed),
             started_wall_time_s=None if start is None else start.started_wall_time_s,
             start_event_id=None if start is None else start.event_id,
-            severity=self._section(rule).severity,
+            severity=self._sections[rule.name].severity,
             frame_id=at.frame_id,
         )
 
