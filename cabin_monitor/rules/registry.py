@@ -1,7 +1,7 @@
 """Every rule type the engine runs, in the order their events and counts are listed.
 
 Adding a rule type: its module (a ``rules.base.Rule``), its config section (``config/rules.py``), one
-entry in ``RULES``, and its tests. May import the rule modules only.
+entry in ``RULES``, and its tests. May import ``rules.base`` and the rule modules only.
 """
 
 from __future__ import annotations
