@@ -8,6 +8,7 @@ snapshots at the end are what the runtime tells the bus about itself (the health
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
@@ -84,6 +85,25 @@ class EmotionReading:
         """The most probable class."""
         return max(self.emotions, key=lambda k: self.emotions[k])
 
+    def observation(self) -> Observation:
+        """What the rules judge of this reading."""
+        return Observation(self.frame_id, self.capture_s, self.wall_time_s, self.occupant_id, self.seat, self.emotions)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One occupant in one frame as the rules judge it: who, where, when, and the model's probabilities.
+
+    The live pipeline derives it from an ``EmotionReading``; a replay builds it from a recording.
+    """
+
+    frame_id: int
+    capture_s: float
+    wall_time_s: float
+    occupant_id: str
+    seat: str | None
+    emotions: Mapping[str, float]  # class name -> probability, model order
+
 
 class Phase(str, Enum):
     """Events open with ``start`` and close with ``end``."""
@@ -107,7 +127,7 @@ class Event:
     """A rule firing for one occupant, as produced by the rules engine."""
 
     event_id: str  # UUID, shared by nothing else; an end's is ``end_event_id(start_event_id)``
-    type: str  # stress | unexpected_expression | occupant_lost
+    type: str  # the rule's name: stress | unexpected_expression | occupant_lost (``rules.RULE_NAMES``)
     phase: Phase
     rule: str  # the configured rule name
     occupant_id: str

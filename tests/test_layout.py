@@ -39,6 +39,28 @@ def test_no_run_time_module_imports_torch_or_the_tests() -> None:
     assert offenders == {}
 
 
+def test_the_rules_engine_and_every_rule_import_no_io_module() -> None:
+    """The engine, the registry and each rule type's module import only the standard library, config, messages,
+    errors and rules."""
+    from cabin_monitor.rules import RULES
+
+    modules = {"base", "engine", "registry", *(type(rule).__module__.rpartition(".")[2] for rule in RULES)}
+    allowed = ("cabin_monitor.config", "cabin_monitor.messages", "cabin_monitor.errors", "cabin_monitor.rules")
+    offenders = {
+        name: sorted(bad)
+        for name in modules
+        if (
+            bad := {
+                m
+                for m in imports_of(PACKAGE / "rules" / f"{name}.py")
+                if m.split(".")[0] not in sys.stdlib_module_names and not m.startswith(allowed)
+            }
+        )
+    }
+    assert len(modules) >= 6
+    assert offenders == {}
+
+
 IMPORT_ALL_WITHOUT_TORCH = """
 import importlib, sys
 from importlib.abc import MetaPathFinder

@@ -12,7 +12,9 @@ import pytest
 from cabin_monitor.cli import main
 from cabin_monitor.record.files import expand, open_file, session_items, sessions
 from cabin_monitor.record.format import METADATA_KEY, RecordingMeta
-from cabin_monitor.record.replay import RulesChoice, alerts, replay_session
+from cabin_monitor.record.replay import RulesChoice, alerts, replay_session, summarize
+from cabin_monitor.rules import RULES
+from tests.support.grin_rule import GRIN, GrinRule, smiling_session
 
 Live = tuple[Path, list[dict[str, Any]]]
 NEW_IDS = ("event_id", "start_event_id")
@@ -122,3 +124,21 @@ def test_nothing_to_replay_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
     assert main(["replay", str(tmp_path / "nowhere-*.parquet")]) == 2
     err = capsys.readouterr().err
     assert "no recording files" in err and "no such file, folder or match" in err
+
+
+def test_a_new_rule_types_events_and_series_come_through_the_replay() -> None:
+    """With a test-only rule type added, the replay raises its alert, counts it and traces its series."""
+    replay = replay_session(smiling_session(), trace=True, rule_types=(*RULES, GrinRule()))
+    assert [(e.type, e.phase.value) for e in replay.events] == [(GRIN, "start"), (GRIN, "end")]
+    (alert,) = alerts(replay)
+    assert (alert.type, alert.start_s, alert.end_s) == (GRIN, 5.0, 8.0)
+    assert summarize([replay], [[alert]]).as_json()["overall"]["alerts"][GRIN] == 1
+    values = {p.capture_s: p.values for p in replay.trace}
+    assert values[6.0]["grin.score"] == pytest.approx(0.9)
+    assert values[9.0]["grin.score"] == 0.0
+    assert set(values[9.0]) == {
+        "stress.score",
+        "unexpected_expression.fast",
+        "unexpected_expression.baseline",
+        "grin.score",
+    }

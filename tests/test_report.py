@@ -6,10 +6,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import pytest
 
 from cabin_monitor.cli import main
-from cabin_monitor.tools.report import PNG_HEIGHT_PX, PNG_WIDTH_PX
+from cabin_monitor.record.replay import alerts, replay_session
+from cabin_monitor.rules import RULES
+from cabin_monitor.tools.report import PNG_HEIGHT_PX, PNG_WIDTH_PX, timeline_figure
+from tests.support.grin_rule import GrinRule, smiling_session
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -48,3 +52,18 @@ def test_report_with_stricter_rules_shows_fewer_events(
     page = (out / "index.html").read_text()
     assert "</td><td>stress</td>" not in page
     assert any(e["type"] == "stress" for e in live)
+
+
+def test_a_new_rule_type_gets_its_own_panel() -> None:
+    """A replay with a test-only rule type draws a panel for it, after the shipped rules' and before the strip."""
+    replay = replay_session(smiling_session(), trace=True, rule_types=(*RULES, GrinRule()))
+    fig = timeline_figure(replay, "occupant-1", alerts(replay))
+    try:
+        assert [ax.get_ylabel() for ax in fig.axes] == ["stress", "unexpected expression", "grin", "in view"]
+        grin = fig.axes[2]
+        assert [line.get_label() for line in grin.get_lines()] == ["grin score"]
+        assert [str(c.get_label()) for c in grin.collections] == ["enter_score", "exit_score"]
+        assert len(grin.patches) == 1  # its alert, shaded
+        assert "0 stress, 0 onset, 0 lost, 1 grin" in fig.get_suptitle()
+    finally:
+        plt.close(fig)

@@ -7,12 +7,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pytest
 
 from cabin_monitor.config import EMOTIONS_7, RulesConfig, merge_rules
-from cabin_monitor.messages import EmotionReading, Event, Phase, end_event_id
-from cabin_monitor.rules import FORGET_AFTER_S, LOST, ONSET, STRESS, RulesEngine
+from cabin_monitor.messages import Event, Observation, Phase, end_event_id
+from cabin_monitor.rules import FORGET_AFTER_S, LOST, ONSET, RULES, STRESS, ClassMismatchError, Rule, RulesEngine
+from tests.support.grin_rule import GRIN, GrinRule
 
 FPS = 30.0
 TOLERANCE_S = 2 / FPS  # a frame or two
@@ -36,25 +36,27 @@ def probs(**weights: float) -> dict[str, float]:
 NEUTRAL = probs()
 
 
-def reading(occupant_id: str, frame_id: int, capture_s: float, emotions: Emotions) -> EmotionReading:
+def reading(occupant_id: str, frame_id: int, capture_s: float, emotions: Emotions) -> Observation:
     """One occupant's reading in one frame."""
-    return EmotionReading(
+    return Observation(
         frame_id=frame_id,
         capture_s=capture_s,
         wall_time_s=WALL0_S + capture_s,
         occupant_id=occupant_id,
         seat=SEATS.get(occupant_id),
-        box=(100.0, 100.0, 120.0, 120.0),
-        face_score=0.9,
         emotions=dict(emotions),
-        landmarks=np.zeros((68, 2), dtype=np.float32),
     )
 
 
-def make_engine(rules: Mapping[str, Any] | None = None, class_names: Sequence[str] = EMOTIONS_7) -> RulesEngine:
+def make_engine(
+    rules: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] = EMOTIONS_7,
+    rule_types: Sequence[Rule[Any, Any]] = RULES,
+) -> RulesEngine:
     """An engine with deterministic event ids e1, e2, ..."""
     ids = itertools.count(1)
-    return RulesEngine(RulesConfig.model_validate(rules or {}), class_names, id_factory=lambda: f"e{next(ids)}")
+    config = RulesConfig.model_validate(rules or {})
+    return RulesEngine(config, class_names, id_factory=lambda: f"e{next(ids)}", rules=rule_types)
 
 
 class Drive:
@@ -416,3 +418,40 @@ def test_long_lost_occupant_is_forgotten() -> None:
     ]
     assert engine.occupants() == []
     assert_paired(events)
+
+
+def test_occupants_expose_each_rules_series() -> None:
+    """The snapshot carries the stress score and the onset averages by series key; a disabled stress has none."""
+    drive = Drive(make_engine(NO_SMOOTHING))
+    drive.run(1, a=probs(anger=0.5, fear=0.2))
+    (state,) = drive.engine.occupants()
+    assert state.series["stress.score"] == pytest.approx(0.7)
+    assert state.series["unexpected_expression.fast"] == pytest.approx(0.7)
+    assert state.series["unexpected_expression.baseline"] == pytest.approx(0.7)
+    drive.engine.reconfigure(merge_rules(drive.engine.config, {"stress": {"enabled": False}}))
+    assert drive.engine.occupants()[0].series["stress.score"] is None
+
+
+def test_a_new_rule_type_needs_only_its_module_and_a_registry_entry() -> None:
+    """A test-only rule listed after the shipped ones raises its events on time and exposes its series."""
+    drive = Drive(make_engine(rule_types=(*RULES, GrinRule())))
+    drive.run(5, a=NEUTRAL)
+    drive.run(3, a=probs(happiness=0.9))
+    drive.run(2, a=NEUTRAL)
+    assert drive.times(GRIN, Phase.START) == at(5.0)
+    assert drive.times(GRIN, Phase.END) == at(8.0)
+    start = next(e for e in drive.events if e.type == GRIN)
+    assert (start.rule, start.severity) == (GRIN, "info")
+    assert start.score == pytest.approx(0.9)
+    assert {e.type for e in drive.events} == {GRIN}
+    assert drive.engine.occupants()[0].series["grin.score"] == pytest.approx(0.0)
+    assert_paired(drive.events)
+
+
+def test_every_rule_type_is_asked_for_the_classes_it_needs() -> None:
+    """A model without happiness refuses an engine running the grin rule, naming rules.grin.classes."""
+    classes = ("neutral", "negative")
+    rules = {"stress": {"classes": ["negative"]}, "unexpected_expression": {"classes": ["negative"]}}
+    make_engine(rules, class_names=classes)
+    with pytest.raises(ClassMismatchError, match=r"rules\.grin\.classes has \['happiness'\]"):
+        make_engine(rules, class_names=classes, rule_types=(*RULES, GrinRule()))

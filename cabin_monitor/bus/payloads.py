@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from cabin_monitor.messages import Event, HealthSnapshot, HealthStatus, Severity
-from cabin_monitor.rules import OccupantState
+from cabin_monitor.rules import RULE_NAMES, OccupantState
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -88,7 +88,7 @@ class EventPayload(_Payload):
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: UuidText = Field(description="Unique per message; subscribers de-duplicate on it.")
     vehicle_id: str
-    type: str = Field(description="stress | unexpected_expression | occupant_lost")
+    type: str = Field(description=" | ".join(RULE_NAMES))
     phase: Literal["start", "end"]
     occupant_id: str
     seat: str | None

@@ -73,12 +73,3 @@ class RulesConfig(Strict):
     stress: StressRuleConfig = StressRuleConfig()
     unexpected_expression: UnexpectedExpressionRuleConfig = UnexpectedExpressionRuleConfig()
     occupant_lost: OccupantLostRuleConfig = OccupantLostRuleConfig()
-
-    def class_names_used(self) -> set[str]:
-        """Every emotion class name a rule refers to."""
-        used: set[str] = set()
-        if self.stress.enabled:
-            used |= set(self.stress.classes)
-        if self.unexpected_expression.enabled:
-            used |= set(self.unexpected_expression.classes)
-        return used

@@ -11,14 +11,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from cabin_monitor.config import RulesConfig, merge_rules
-from cabin_monitor.messages import EmotionReading, Event, Phase
+from cabin_monitor.messages import Event, Observation, Phase
 from cabin_monitor.record.format import Closing, Entry, FrameSample, RecordingMeta, RulesChange
-from cabin_monitor.rules import RULE_NAMES, RulesEngine
-
-_NO_LANDMARKS = np.zeros((0, 2), np.float32)  # the engine never reads landmarks, and none are recorded
+from cabin_monitor.rules import RULE_NAMES, RULES, Rule, RulesEngine
 
 
 @dataclass(frozen=True)
@@ -45,9 +41,7 @@ class TracePoint:
 
     capture_s: float
     occupant_id: str
-    stress_score: float | None
-    onset_score: float | None
-    onset_baseline: float | None
+    values: Mapping[str, float | None]  # each rule's series key (``Rule.series``) -> value; None: none yet
 
 
 @dataclass
@@ -66,6 +60,7 @@ class SessionReplay:
     presence: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # occupant -> seen spans
     rules: list[tuple[float, RulesConfig]] = field(default_factory=list)  # (from capture time, rules)
     trace: list[TracePoint] = field(default_factory=list)
+    rule_types: tuple[Rule[Any, Any], ...] = RULES  # what the engine ran: the series of ``trace`` are theirs
 
     @property
     def duration_s(self) -> float:
@@ -87,8 +82,12 @@ def replay_session(
     *,
     trace: bool = False,
     on_file: Callable[[RecordingMeta], None] | None = None,
+    rule_types: Sequence[Rule[Any, Any]] = RULES,
 ) -> SessionReplay:
-    """Run the rules over one session's ``items`` (each file's metadata, then its entries: ``files.session_items``)."""
+    """Run the rules over one session's ``items`` (each file's metadata, then its entries: ``files.session_items``).
+
+    ``rule_types``: the rule types the engine runs (``rules.registry.RULES``).
+    """
     engine: RulesEngine | None = None
     result: SessionReplay | None = None
     for item in items:
@@ -97,8 +96,8 @@ def replay_session(
                 on_file(item)
             rules = choice.resolve(item.rules)
             if engine is None or result is None:
-                engine = RulesEngine(rules, item.class_names)
-                result = SessionReplay(item.vehicle_id, item.session_id)
+                engine = RulesEngine(rules, item.class_names, rules=rule_types)
+                result = SessionReplay(item.vehicle_id, item.session_id, rule_types=engine.rules)
                 result.rules.append((float("-inf"), rules))
             elif choice.follows_recording and rules != engine.config:  # a segment between is missing
                 engine.reconfigure(rules)
@@ -122,20 +121,17 @@ def replay_session(
 
 
 def _frame(engine: RulesEngine, result: SessionReplay, frame: FrameSample, trace: bool) -> None:
-    readings = []
+    observations = []
     names = engine.class_names
     for occupant in frame.occupants:
-        readings.append(
-            EmotionReading(
+        observations.append(
+            Observation(
                 frame_id=frame.frame_id,
                 capture_s=frame.capture_s,
                 wall_time_s=frame.wall_time_s,
                 occupant_id=occupant.occupant_id,
                 seat=occupant.seat,
-                box=(0.0, 0.0, occupant.face_w_px, occupant.face_h_px),
-                face_score=occupant.face_score,
                 emotions=dict(zip(names, occupant.raw, strict=True)),
-                landmarks=_NO_LANDMARKS,
             )
         )
         spans = result.presence.setdefault(occupant.occupant_id, [])
@@ -143,7 +139,7 @@ def _frame(engine: RulesEngine, result: SessionReplay, frame: FrameSample, trace
             spans[-1] = (spans[-1][0], frame.capture_s)
         else:
             spans.append((frame.capture_s, frame.capture_s))
-    result.events += engine.update(readings, frame.capture_s, frame.wall_time_s)
+    result.events += engine.update(observations, frame.capture_s, frame.wall_time_s)
     result.live_events += frame.events
     result.frames += 1
     if result.first_s is None:
@@ -152,9 +148,7 @@ def _frame(engine: RulesEngine, result: SessionReplay, frame: FrameSample, trace
     if trace:
         seen = {o.occupant_id for o in frame.occupants}
         result.trace += [
-            TracePoint(frame.capture_s, s.occupant_id, s.stress_score, s.onset_score, s.onset_baseline)
-            for s in engine.occupants()
-            if s.occupant_id in seen
+            TracePoint(frame.capture_s, s.occupant_id, s.series) for s in engine.occupants() if s.occupant_id in seen
         ]
 
 

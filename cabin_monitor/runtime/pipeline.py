@@ -190,26 +190,31 @@ class Pipeline:
             self.stage_ms["e2e"].add((self._clock() - frame.capture_s) * 1000.0)
         for event in result.events:
             self.sink.submit_event(event)
-        if self.recorder is not None:
-            self.recorder.record_frame(result, self.processor.rules.occupants())
         now = self._clock()
+        publish_state = self._state_due(now)
+        # The engine's occupants after this frame, taken once for the recording and the state topic.
+        states = self.processor.rules.occupants() if publish_state or self.recorder is not None else []
+        if self.recorder is not None:
+            self.recorder.record_frame(result, states)
         with self._counter_lock:
             self._counters.frames_processed += 1
             self._counters.events += len(result.events)
             self._counters.last_processed_s = frame.capture_s if not self.source.paced_realtime else now
             self._fps.add(now)
-        self._maybe_publish_state(now, frame.wall_time_s)
+        if publish_state:
+            self.sink.publish_state(states, frame.wall_time_s)
         if self.on_result is not None:
             self.on_result(result)
 
     _last_state_s = -1e18
 
-    def _maybe_publish_state(self, now: float, wall: float) -> None:
+    def _state_due(self, now: float) -> bool:
+        """Whether the occupant state topic is due (``mqtt.state_interval_s``); if so, it counts as sent now."""
         interval = self.cfg.mqtt.state_interval_s
         if interval <= 0 or now - self._last_state_s < interval:
-            return
+            return False
         self._last_state_s = now
-        self.sink.publish_state(self.processor.rules.occupants(), wall)
+        return True
 
     # -- supervision ---------------------------------------------------------------
 

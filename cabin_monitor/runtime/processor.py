@@ -50,8 +50,8 @@ class FrameProcessor:
             self._crops_dir.mkdir(parents=True, exist_ok=True)
 
     def reconfigure_rules(self, rules: RulesConfig) -> None:
-        """Swap rule thresholds between frames (raises ValueError if they do not fit the model)."""
-        self.rules.reconfigure(rules)
+        """Swap rule thresholds between frames: rules in force, which ``check_classes`` accepted for this model."""
+        self.rules.reconfigure(rules, checked=True)
 
     def process(self, frame: Frame) -> FrameResult:
         """Run every stage on one frame and time each."""
@@ -95,7 +95,7 @@ class FrameProcessor:
         ]
         self.follower.observe(tracked, readings, detected, w, h)
         lap("emotion")
-        events = self.rules.update(readings, frame.capture_s, frame.wall_time_s)
+        events = self.rules.update([r.observation() for r in readings], frame.capture_s, frame.wall_time_s)
         lap("rules")
         return FrameResult(
             frame=frame,
