@@ -1,4 +1,5 @@
-"""Reading the configuration: YAML text or file, environment overrides, and one line per problem.
+"""Reading the configuration: YAML text or file, environment overrides, and every problem as a ``Problem``
+value (dotted path, message, where the value came from), printed one line each.
 
 Environment variables named ``CABIN_MONITOR__SECTION__FIELD`` override single values. The value is the
 variable's text, read by the field's type: a text field takes it as it is (``#secret`` is a password, not a
