@@ -9,14 +9,19 @@ Where things go once it runs:
   ``bus.fallback`` for what the outbox file cannot take and ``bus.ledger`` remembering open events, or
   ``bus.sinks.StdoutSink``), turned into its JSON by ``bus.payloads``;
 - a remote request: ``config/set``, ``config/get`` or ``config/reset`` -> ``bus.mqtt`` (network thread,
-  queued only) -> ``bus.remote`` (its own worker: rate-limited, validated, persisted, answered, and
-  ``rules/state`` published) -> the inference thread, between two frames;
+  queued only) -> ``bus.remote`` (its own worker: rate-limited, checked, answered, and ``rules/state``
+  published) -> ``rules.in_force`` (validated, persisted, put in force) -> the inference thread, between
+  two frames; SIGHUP -> ``rules.in_force`` (the file reloaded under the overrides) -> ``rules/state``;
 - with ``record.dir``: every input of the rules engine and every event -> ``runtime.recorder`` (its own
   thread) -> rotated Parquet files, for ``cabin-monitor replay`` and ``report``.
+
+Parts are constructed in an order that needs no back-references: the request queue, the sink that fills
+it, the worker that answers through the sink, then the pipeline that is given them all.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -35,9 +40,8 @@ import structlog
 from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, left_open
 from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
 from cabin_monitor.bus.outbox import Outbox, open_outbox
-from cabin_monitor.bus.payloads import PRECEDENCE
-from cabin_monitor.bus.remote import RemoteRequests, RulesControl, describe_overrides
-from cabin_monitor.bus.sinks import EventSink, StdoutSink
+from cabin_monitor.bus.remote import RemoteRequests, RequestQueue
+from cabin_monitor.bus.sinks import StdoutSink
 from cabin_monitor.config import (
     CameraConfig,
     Config,
@@ -49,7 +53,9 @@ from cabin_monitor.config import (
 from cabin_monitor.errors import CabinMonitorError, ConfigurationError
 from cabin_monitor.messages import FrameResult, HealthSnapshot
 from cabin_monitor.record.sink import RecordingSink
+from cabin_monitor.rules.in_force import PRECEDENCE, RulesInForce, describe_overrides
 from cabin_monitor.runtime.pipeline import Pipeline
+from cabin_monitor.runtime.ports import EventSink
 from cabin_monitor.runtime.processor import FrameProcessor
 from cabin_monitor.vision.capture import FrameSource, parse_source
 
@@ -161,80 +167,102 @@ def build_pipeline(
     on_health: Callable[[HealthSnapshot, dict[str, dict[str, float]]], None] | None = None,
     events_stream: TextIO | None = None,
     source_factory: SourceFactory = FrameSource,
+    config_path: Path | None = None,
 ) -> Pipeline:
-    """Every part of the daemon, wired: the stages, the rules control, the sink and the frame source.
+    """Every part of the daemon, wired: the stages, the rules in force, the sink and the frame source.
 
     With ``mqtt.url`` set, events go to the broker through the outbox and operators may read, change
     and reset the rules over ``config/*``; without it they are printed to ``events_stream`` (stdout).
+    SIGHUP (once ``install_signals`` has run) reloads the rules from ``config_path``.
     """
     processor = FrameProcessor(cfg)
     try:
-        state_dir = cfg.resolved_state_dir()
-        control = RulesControl(
-            cfg.rules,
-            processor.model.class_names,
-            (cfg.remote_config.override_path or state_dir / "rules_override.json") if cfg.mqtt.url else None,
-            cfg.remote_config.max_payload_bytes,
-            remembered_request_ids=cfg.remote_config.remembered_request_ids,
-            environment_paths=rule_paths_from_environment(os.environ),
-        )
-        if control.effective != cfg.rules:
-            processor.reconfigure_rules(control.effective)
+        rules = open_rules_in_force(cfg, processor)
         sink: EventSink
-        remote: RemoteRequests | None = None
+        worker: RemoteRequests | None = None
         if cfg.mqtt.url:
-            outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
-            outbox, moved = open_outbox(
-                outbox_path,
-                cfg.outbox.max_events,
-                cfg.outbox.max_age_s,
-                cfg.outbox.memory_max_events,
-                cfg.resolved_fallback_path(),
-            )
-            _log_fallback(outbox)
-            if moved is not None:
-                log.error(
-                    "outbox file damaged; moved aside, starting with an empty outbox",
-                    path=str(outbox_path),
-                    moved_to=str(moved.moved_to),
-                    reason=moved.reason,
-                )
-            if cfg.remote_config.enabled:
-                remote = RemoteRequests(control, cfg.remote_config, cfg.vehicle_id)
-            ledger = OpenEventLedger(state_dir / "open_events.json")
-            unended = _left_open(ledger, outbox)
-            mqtt_sink = MqttSink(
-                cfg.mqtt,
-                cfg.vehicle_id,
-                outbox,
-                on_remote_request=remote.offer if remote is not None else None,
-                ledger=ledger,
-            )
-            _end_interrupted(mqtt_sink, unended)
-            if remote is not None:
-                remote.attach(mqtt_sink)
-            sink = mqtt_sink
+            sink, worker = connect_broker(cfg, rules)
         else:
             sink = StdoutSink(cfg.vehicle_id, events_stream or sys.stdout)
         stop = threading.Event()
-        source = source_factory(cfg.camera, stop)
         return Pipeline(
             cfg,
             processor,
-            source,
+            source_factory(cfg.camera, stop),
             sink,
-            control,
+            rules,
             on_result=on_result,
             on_health=on_health,
             stop_event=stop,
             recorder=open_recorder(cfg, processor),
-            remote=remote,
+            remote=worker,
+            on_reload=functools.partial(reload_rules, rules, worker, config_path),
         )
     except BaseException:
         # Release the detector now: left to the garbage collector at exit, MediaPipe's
         # finaliser prints a traceback after the one-line error.
         processor.close()
         raise
+
+
+def open_rules_in_force(cfg: Config, processor: FrameProcessor) -> RulesInForce:
+    """The rules in force: the file's, its environment's, and (with a broker) the persisted overrides, which
+    the rules engine takes at once."""
+    override_path = cfg.remote_config.override_path or cfg.resolved_state_dir() / "rules_override.json"
+    rules = RulesInForce(
+        cfg.rules,
+        processor.model.class_names,
+        override_path if cfg.mqtt.url else None,
+        remembered_request_ids=cfg.remote_config.remembered_request_ids,
+        environment_paths=rule_paths_from_environment(os.environ),
+    )
+    if rules.effective != cfg.rules:
+        processor.reconfigure_rules(rules.effective)
+    return rules
+
+
+def connect_broker(cfg: Config, rules: RulesInForce) -> tuple[MqttSink, RemoteRequests | None]:
+    """The broker's sink over the outbox, with what a previous run left open ended first, and (with
+    ``remote_config.enabled``) the worker answering operators' requests: the request queue, then the
+    sink that fills it, then the worker that answers through the sink."""
+    state_dir = cfg.resolved_state_dir()
+    outbox = open_logged_outbox(cfg, state_dir)
+    requests = RequestQueue(cfg.remote_config.queue_size) if cfg.remote_config.enabled else None
+    ledger = OpenEventLedger(state_dir / "open_events.json")
+    unended = _left_open(ledger, outbox)
+    sink = MqttSink(
+        cfg.mqtt,
+        cfg.vehicle_id,
+        outbox,
+        on_remote_request=requests.offer if requests is not None else None,
+        ledger=ledger,
+    )
+    _end_interrupted(sink, unended)
+    if requests is None:
+        return sink, None
+    return sink, RemoteRequests(requests, rules, sink, cfg.remote_config, cfg.vehicle_id)
+
+
+def open_logged_outbox(cfg: Config, state_dir: Path) -> Outbox:
+    """The outbox (``outbox.path``, else in the state folder), saying what it found: a damaged file moved aside,
+    events in its fallback file."""
+    outbox_path = cfg.outbox.path or state_dir / "outbox.sqlite"
+    outbox, moved = open_outbox(
+        outbox_path,
+        cfg.outbox.max_events,
+        cfg.outbox.max_age_s,
+        cfg.outbox.memory_max_events,
+        cfg.resolved_fallback_path(),
+    )
+    _log_fallback(outbox)
+    if moved is not None:
+        log.error(
+            "outbox file damaged; moved aside, starting with an empty outbox",
+            path=str(outbox_path),
+            moved_to=str(moved.moved_to),
+            reason=moved.reason,
+        )
+    return outbox
 
 
 def open_recorder(cfg: Config, processor: FrameProcessor) -> RecordingSink | None:
@@ -292,14 +320,13 @@ def check(cfg: Config) -> list[str]:
     return problems
 
 
-def reload_rules(pipeline: Pipeline, config_path: Path | None) -> None:
+def reload_rules(rules: RulesInForce, worker: RemoteRequests | None, config_path: Path | None) -> None:
     """SIGHUP's work, run by the supervising loop (never inside the signal handler)."""
     if config_path is None:
         log.warning("SIGHUP ignored: no configuration file to reload")
         return
     try:
-        rules = load_config(config_path).rules
-        overrides = pipeline.rules_control.reload_base(rules)
+        in_force = rules.reload(load_config(config_path).rules)
     except (ConfigError, ValueError) as exc:
         log.error("SIGHUP reload refused; rules unchanged", error=str(exc))
         return
@@ -307,15 +334,15 @@ def reload_rules(pipeline: Pipeline, config_path: Path | None) -> None:
     log.info(
         "rules reloaded from the configuration file",
         path=str(config_path),
-        remote_overrides_still_win=describe_overrides(overrides),
+        remote_overrides_still_win=describe_overrides(in_force.overrides),
         precedence=PRECEDENCE,
     )
-    if pipeline.remote is not None:
-        pipeline.remote.publish_state("reload")
+    if worker is not None:
+        worker.publish_state("reload", in_force)
 
 
-def install_signals(pipeline: Pipeline, config_path: Path | None) -> None:
-    """SIGTERM and SIGINT stop the pipeline; SIGHUP reloads the rules from ``config_path``."""
+def install_signals(pipeline: Pipeline) -> None:
+    """SIGTERM and SIGINT stop the pipeline; SIGHUP asks it for its reload (``build_pipeline``'s ``config_path``)."""
 
     # Handlers only set flags: they run on the main thread between any two bytecodes,
     # possibly while it holds a logging or rules lock.
@@ -325,7 +352,6 @@ def install_signals(pipeline: Pipeline, config_path: Path | None) -> None:
     def on_reload(_signum: int, _frame: FrameType | None) -> None:
         pipeline.request_reload()
 
-    pipeline.on_reload = lambda: reload_rules(pipeline, config_path)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
@@ -354,8 +380,9 @@ def run(cfg: Config, config_path: Path | None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     exporter = start_metrics(cfg)
     try:
-        pipeline = build_pipeline(cfg, on_health=exporter.update if exporter is not None else None)
-        install_signals(pipeline, config_path)
+        on_health = exporter.update if exporter is not None else None
+        pipeline = build_pipeline(cfg, on_health=on_health, config_path=config_path)
+        install_signals(pipeline)
         return pipeline.run()
     finally:
         if exporter is not None:
@@ -382,5 +409,5 @@ def run_demo(cfg: Config, on_result: Callable[[FrameResult], None]) -> int:
     """The daemon without a broker (events on stdout), each processed frame also given to ``on_result``."""
     cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"url": None})})
     pipeline = build_pipeline(cfg, on_result=on_result)
-    install_signals(pipeline, None)
+    install_signals(pipeline)
     return pipeline.run()

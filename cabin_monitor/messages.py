@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Literal
 
@@ -20,6 +21,12 @@ FloatArray = npt.NDArray[np.float32]
 ImageArray = npt.NDArray[np.uint8]
 Severity = Literal["info", "warning", "critical"]  # lowest first: a full outbox drops the lowest first
 _END_NAMESPACE = uuid.UUID("5b0e7c1e-3f7a-4a43-9c2e-6d1f0b8e2a47")
+
+
+def utc_iso(wall_time_s: float) -> str:
+    """UTC epoch seconds as ISO-8601 with millisecond precision and a ``Z``: ``2024-05-01T12:00:00.250Z``."""
+    when = datetime.fromtimestamp(wall_time_s, tz=timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +216,7 @@ class SinkStats:
 
 
 HealthStatus = Literal["ok", "degraded", "error"]
-RemoteAction = Literal["set", "get", "reset"]
+RemoteAction = Literal["set", "get", "reset"]  # config/<action>: the request topics
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,12 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from cabin_monitor.config import (
     Config,
     ConfigError,
+    Problem,
     RulesConfig,
     apply_env_overrides,
     load_config,
@@ -22,6 +24,7 @@ from cabin_monitor.config import (
     parse_config_text,
     parse_mqtt_url,
     paths_set,
+    validation_problems,
 )
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "cabin-monitor.example.yaml"
@@ -83,6 +86,28 @@ def test_duplicate_keys_are_errors() -> None:
             "rules:\n  stress: {sustain_s: 3}\nvehicle_id: a\nrules:\n  stress: {sustain_s: 9}\n", environ={}
         )
     assert "line 4, column 1: duplicate key 'rules' (first at line 1)" in err.value.problems[0]
+
+
+def test_validation_problems_carry_the_path_apart_from_where_the_value_came_from() -> None:
+    """Each problem has its dotted path and message as values; the file's line and a variable's name are kept
+    apart, and the text line of check-config is made from them."""
+    text = "rules:\n  stress:\n    sustian_s: 3\n    enter_score: 2\n"
+    environ = {"CABIN_MONITOR__RULES__SMOOTHING_S": "-1"}
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(text, environ=environ)
+    assert "rules.stress.sustian_s (line 3): unknown key (not a setting here; check the spelling)" in err.value.problems
+    with pytest.raises(ValidationError) as invalid:
+        RulesConfig.model_validate({"stress": {"enter_score": 2, "sustian_s": 3}, "smoothing_s": -1})
+    problems = validation_problems(invalid.value)
+    assert {(p.path, p.location) for p in problems} == {
+        ("stress.enter_score", None),
+        ("stress.sustian_s", None),
+        ("smoothing_s", None),
+    }
+    typo = next(p for p in problems if p.path == "stress.sustian_s")
+    assert typo.under("rules.") == Problem("rules.stress.sustian_s", typo.message)
+    assert Problem("a.b", "bad", "line 4").line() == "a.b (line 4): bad"
+    assert any("CABIN_MONITOR__RULES__SMOOTHING_S" in line for line in err.value.problems)
 
 
 def test_an_alias_bomb_is_refused_at_once() -> None:

@@ -140,3 +140,17 @@ def test_the_wheel_holds_no_test_helpers(tmp_path: Path) -> None:
     assert not [n for n in names if n.startswith("tests/") or "/tests/" in n]
     helpers = ("class MosquittoBroker", "class DaemonProcess", "def make_test_pki", "class ScriptedCamera")
     assert not [n for n, text in sources.items() if any(h in text for h in helpers)]
+
+
+def test_the_rules_and_the_pipeline_import_no_bus_module() -> None:
+    """rules/ names no bus, vision or runtime module; the pipeline and its ports name no bus module."""
+    outside = ("cabin_monitor.bus", "cabin_monitor.vision", "cabin_monitor.runtime")
+    offenders = {
+        str(path.relative_to(REPO)): sorted(bad)
+        for path in sorted((PACKAGE / "rules").glob("*.py"))
+        if (bad := {m for m in imports_of(path) if m.startswith(outside)})
+    }
+    for path in (PACKAGE / "runtime" / "pipeline.py", PACKAGE / "runtime" / "ports.py"):
+        if bad := {m for m in imports_of(path) if m.startswith("cabin_monitor.bus")}:
+            offenders[str(path.relative_to(REPO))] = sorted(bad)
+    assert offenders == {}

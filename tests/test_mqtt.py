@@ -26,10 +26,11 @@ from structlog.testing import capture_logs
 from cabin_monitor.bus.mqtt import MqttSink, TlsSetupError
 from cabin_monitor.bus.outbox import Outbox
 from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
-from cabin_monitor.bus.remote import RemoteRequests, RulesControl
+from cabin_monitor.bus.remote import RemoteRequests, RequestQueue
 from cabin_monitor.config import EMOTIONS_7, MqttConfig, RemoteConfigConfig, RulesConfig, TlsConfig
 from cabin_monitor.messages import CameraState, Event, RemoteRequest
 from cabin_monitor.rules import OccupantState
+from cabin_monitor.rules.in_force import RulesInForce
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage, free_port
 from tests.support.helpers import capturing_logger, make_event, make_health, wait_until
 from tests.support.mounts import fill, pin_wal, tmpfs
@@ -298,15 +299,19 @@ def retained_payload(broker: MosquittoBroker, topic: str) -> bytes:
     return next(m.payload for m in messages if m.retain)
 
 
-def remote_stack(url: str, outbox: Outbox, state_dir: Path, **settings: Any) -> tuple[MqttSink, RemoteRequests]:
-    """The daemon's remote-control parts, as build_pipeline wires them: a file-backed control, its worker, a sink."""
-    control = RulesControl(RulesConfig(), EMOTIONS_7, state_dir / "rules_override.json")
-    remote = RemoteRequests(control, RemoteConfigConfig(**settings), "car-1")
-    sink = MqttSink(MqttConfig(url=url, **FAST), "car-1", outbox, on_remote_request=remote.offer)
-    remote.attach(sink)
+def remote_stack(
+    url: str, outbox: Outbox, state_dir: Path, **settings: Any
+) -> tuple[MqttSink, RemoteRequests, RulesInForce]:
+    """The daemon's remote-control parts, as build_pipeline wires them: file-backed rules in force, the request
+    queue, the sink that fills it, the worker that answers through the sink."""
+    rules = RulesInForce(RulesConfig(), EMOTIONS_7, state_dir / "rules_override.json")
+    remote_config = RemoteConfigConfig(**settings)
+    requests = RequestQueue(remote_config.queue_size)
+    sink = MqttSink(MqttConfig(url=url, **FAST), "car-1", outbox, on_remote_request=requests.offer)
+    remote = RemoteRequests(requests, rules, sink, remote_config, "car-1")
     remote.start()
     sink.start()
-    return sink, remote
+    return sink, remote, rules
 
 
 def results(messages: list[RecordedMessage]) -> list[dict[str, Any]]:
@@ -318,7 +323,7 @@ def test_a_retained_config_set_never_undoes_a_later_change(
     persistent_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path
 ) -> None:
     """A retained set, then a later set, then a reconnect: the replay is refused; the later value stays."""
-    sink, remote = remote_stack(persistent_broker.url, outbox, tmp_path)
+    sink, remote, rules = remote_stack(persistent_broker.url, outbox, tmp_path)
     wait_until(lambda: sink.stats().connected, what="connected")
     with MqttRecorder(persistent_broker.url, [f"{BASE}/config/result", f"{BASE}/rules/state"]) as recorder:
         first = {"request_id": "first", "rules": {"stress": {"sustain_s": 7}}}
@@ -331,7 +336,7 @@ def test_a_retained_config_set_never_undoes_a_later_change(
         answers = list({json.dumps(a): a for a in results(recorder.messages)}.values())  # QoS 1: maybe twice
         assert [(a["request_id"], a["ok"]) for a in answers] == [("first", True), ("later", True), ("first", False)]
         assert answers[2]["errors"][0]["path"] == "(retained)"
-        assert remote.control.effective.stress.sustain_s == 8
+        assert rules.effective.stress.sustain_s == 8
         state = json.loads(retained_payload(persistent_broker, f"{BASE}/rules/state"))
         assert (state["cause"], state["request_id"], state["rules"]["stress"]["sustain_s"]) == (
             "config/set",
@@ -345,7 +350,7 @@ def test_a_retained_config_set_never_undoes_a_later_change(
 
 def test_get_and_reset_over_the_broker(mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path) -> None:
     """config/get answers the rules with their sources; config/reset drops the overrides and updates rules/state."""
-    sink, remote = remote_stack(mqtt_broker.url, outbox, tmp_path)
+    sink, remote, _ = remote_stack(mqtt_broker.url, outbox, tmp_path)
     wait_until(lambda: sink.stats().connected, what="connected")
     assert json.loads(retained_payload(mqtt_broker, f"{BASE}/rules/state"))["cause"] == "start"
     with MqttRecorder(mqtt_broker.url, [f"{BASE}/config/result"], clean_session=True) as recorder:
@@ -370,7 +375,7 @@ def test_get_and_reset_over_the_broker(mqtt_broker: MosquittoBroker, outbox: Out
 
 def test_every_request_gets_one_answer(mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path) -> None:
     """Bad bytes, bad JSON, a lone-surrogate id, a bool for a number and a good change: one answer each, in order."""
-    sink, remote = remote_stack(mqtt_broker.url, outbox, tmp_path)
+    sink, remote, rules = remote_stack(mqtt_broker.url, outbox, tmp_path)
     wait_until(lambda: sink.stats().connected, what="connected")
     requests = [
         b"\xff\xfe",
@@ -390,7 +395,7 @@ def test_every_request_gets_one_answer(mqtt_broker: MosquittoBroker, outbox: Out
     assert answers[2]["errors"][0]["path"] == "request_id"
     assert answers[3]["errors"][0]["path"] == "rules.stress.sustain_s"
     assert "at most 16384" in answers[4]["errors"][0]["message"]
-    assert remote.stats().answered == len(requests) and remote.control.effective.stress.sustain_s == 2
+    assert remote.stats().answered == len(requests) and rules.effective.stress.sustain_s == 2
     remote.stop()
     sink.stop(flush_timeout_s=1.0)
 
@@ -406,7 +411,7 @@ def test_a_config_set_flood_never_holds_up_events(mqtt_broker: MosquittoBroker, 
     Prints the event delivery latency (submit to arrival) during the flood; with -s and
     CABIN_MONITOR_FLOOD_REQUESTS=2000 CABIN_MONITOR_FLOOD_S=30 it is the README's figure.
     """
-    sink, remote = remote_stack(mqtt_broker.url, outbox, tmp_path)
+    sink, remote, rules = remote_stack(mqtt_broker.url, outbox, tmp_path)
     wait_until(lambda: sink.stats().connected, what="connected")
     submitted: dict[str, float] = {}
     arrived: dict[str, float] = {}
@@ -462,7 +467,7 @@ def test_a_config_set_flood_never_holds_up_events(mqtt_broker: MosquittoBroker, 
         f"answered {stats.answered} (busy {stats.busy}), dropped {stats.dropped}"
     )
     assert stats.received == FLOOD_REQUESTS and stats.busy > 0
-    assert remote.control.effective.stress.cooldown_s in {30 + n % 7 for n in range(FLOOD_REQUESTS)}
+    assert rules.effective.stress.cooldown_s in {30 + n % 7 for n in range(FLOOD_REQUESTS)}
 
 
 def test_tls_mutual_authentication(tmp_path: Path, outbox: Outbox) -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 from cabin_monitor.assets import sample_path
 from cabin_monitor.bus.mqtt import MqttSink
 from cabin_monitor.bus.outbox import Outbox
-from cabin_monitor.bus.remote import RulesControl
-from cabin_monitor.bus.sinks import EventSink, StdoutSink
+from cabin_monitor.bus.sinks import StdoutSink
 from cabin_monitor.config import CameraConfig, Config, MqttConfig, TrackerConfig
 from cabin_monitor.messages import Face, Frame, FrameResult
+from cabin_monitor.rules.in_force import RulesInForce
 from cabin_monitor.runtime.pipeline import EXIT_OK, EXIT_STAGE_FAILED, Pipeline
+from cabin_monitor.runtime.ports import EventSink
 from cabin_monitor.runtime.processor import FrameProcessor
 from cabin_monitor.vision.capture import FrameSource, SourceSpec
 from tests.support.broker import MosquittoBroker, MqttRecorder
@@ -29,7 +30,7 @@ def make_pipeline(cfg: Config, sink: EventSink, opener: object = None, **kwargs:
     stop = threading.Event()
     processor = FrameProcessor(cfg)
     source = FrameSource(cfg.camera, stop, opener=opener) if opener else FrameSource(cfg.camera, stop)  # type: ignore[arg-type]
-    control = RulesControl(cfg.rules, processor.model.class_names, None)
+    control = RulesInForce(cfg.rules, processor.model.class_names, None)
     return Pipeline(cfg, processor, source, sink, control, stop_event=stop, **kwargs)  # type: ignore[arg-type]
 
 
@@ -100,7 +101,7 @@ def test_a_crashed_stage_stops_the_daemon_with_a_failure_code(tmp_path: Path) ->
     source = FrameSource(cfg.camera, stop)
     with (tmp_path / "events.jsonl").open("w") as events:
         sink = StdoutSink(cfg.vehicle_id, events)
-        control = RulesControl(cfg.rules, processor.model.class_names, None)
+        control = RulesInForce(cfg.rules, processor.model.class_names, None)
         pipeline = Pipeline(cfg, processor, source, sink, control, stop_event=stop)
         assert pipeline.run() == EXIT_STAGE_FAILED
     assert "detector backend crashed" in (pipeline.failure or "")

@@ -27,10 +27,10 @@ import yaml
 
 from cabin_monitor.assets import sample_path
 from cabin_monitor.bus.payloads import health_payload
-from cabin_monitor.bus.remote import RulesControl
 from cabin_monitor.bus.sinks import StdoutSink
 from cabin_monitor.config import CameraConfig, Config, PipelineConfig
 from cabin_monitor.messages import CameraState, Face, Frame
+from cabin_monitor.rules.in_force import RulesInForce
 from cabin_monitor.runtime.pipeline import Pipeline
 from cabin_monitor.runtime.processor import FrameProcessor
 from cabin_monitor.runtime.sdnotify import SystemdNotifier
@@ -469,7 +469,7 @@ def in_process_pipeline(
     stop = threading.Event()
     processor = FrameProcessor(cfg, detector=detector)
     source = FrameSource(cfg.camera, stop, opener=opener)
-    control = RulesControl(cfg.rules, processor.model.class_names, None)
+    control = RulesInForce(cfg.rules, processor.model.class_names, None)
     sink = StdoutSink(cfg.vehicle_id, io.StringIO())
     return Pipeline(cfg, processor, source, sink, control, SystemdNotifier(notify.address), stop_event=stop)
 

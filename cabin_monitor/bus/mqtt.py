@@ -48,6 +48,7 @@ from structlog.typing import FilteringBoundLogger
 from cabin_monitor.bus.ledger import LedgerError, OpenEventLedger
 from cabin_monitor.bus.outbox import DroppedEvent, Outbox, OutboxItem
 from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
+from cabin_monitor.bus.remote import request_topics
 from cabin_monitor.config import MqttConfig, TlsConfig, parse_mqtt_url
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
 from cabin_monitor.messages import Event, HealthSnapshot, Phase, Refusal, RemoteAction, RemoteRequest, SinkStats
@@ -114,7 +115,7 @@ class MqttSink:
     the last will), ``events``, ``occupants/<occupant_id>/state``, ``health``, and, when
     ``on_remote_request`` is given, ``config/set``, ``config/get`` and ``config/reset`` in,
     ``config/result`` and the retained ``rules/state`` out. ``on_remote_request`` runs on the MQTT
-    network thread and must only queue the request (``RemoteRequests.offer``); answers come back
+    network thread and must only queue the request (``RequestQueue.offer``); answers come back
     through ``publish_config_result``, the rules state through ``publish_rules_state``.
     """
 
@@ -151,9 +152,7 @@ class MqttSink:
         self.config_set_topic = f"{base}/config/set"
         self.config_result_topic = f"{base}/config/result"
         self.rules_state_topic = f"{base}/rules/state"
-        self._request_topics: dict[str, RemoteAction] = {
-            f"{base}/config/{action}": action for action in ("set", "get", "reset")
-        }
+        self._request_topics: dict[str, RemoteAction] = request_topics(base)
         self._rules_state: bytes | None = None  # guarded by _health_lock, sent like health
         self._rules_state_dirty = False
         self._state_topic_prefix = f"{base}/occupants"

@@ -23,21 +23,18 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from cabin_monitor.messages import Event, HealthSnapshot, HealthStatus, Severity
+from cabin_monitor.messages import Event, HealthSnapshot, HealthStatus, RemoteAction, Severity
+from cabin_monitor.messages import utc_iso as utc_iso  # re-exported: every payload timestamp is made by it
 from cabin_monitor.rules import RULE_NAMES, OccupantState
+from cabin_monitor.rules.in_force import PRECEDENCE as PRECEDENCE
+from cabin_monitor.rules.in_force import RuleSource
 
 SCHEMA_VERSION: Literal[1] = 1
-
-
-def utc_iso(wall_time_s: float) -> str:
-    """UTC epoch seconds as ISO-8601 with millisecond precision and a ``Z``: ``2024-05-01T12:00:00.250Z``."""
-    when = datetime.fromtimestamp(wall_time_s, tz=timezone.utc)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _parse_iso(text: str) -> datetime:
@@ -242,16 +239,6 @@ class ConfigRequestPayload(_Payload):
     )
 
 
-ConfigAction = Literal["set", "get", "reset"]
-RuleSource = Literal["default", "file", "environment", "remote"]
-# The one rule between the configuration file and operators' overrides, stated in every answer,
-# in rules/state and in the SIGHUP log line.
-PRECEDENCE = (
-    "remote overrides (config/set) are layered on top of the configuration file's rules and win over it, "
-    "also after SIGHUP and restarts, until config/reset drops them"
-)
-
-
 class ConfigProblem(_Payload):
     """One problem with a config request."""
 
@@ -274,7 +261,7 @@ class ConfigResultPayload(_Payload):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     ts: UtcTimestamp
-    action: ConfigAction = Field("set", description="What was asked: the topic the request came on.")
+    action: RemoteAction = Field("set", description="What was asked: the topic the request came on.")
     request_id: str | None = None
     ok: bool
     errors: list[ConfigProblem] = Field(default_factory=list)
@@ -302,7 +289,7 @@ class ConfigResultPayload(_Payload):
         wall_time_s: float,
         request_id: str | None = None,
         path: str = "(payload)",
-        action: ConfigAction = "set",
+        action: RemoteAction = "set",
     ) -> ConfigResultPayload:
         """A refusal with a single error."""
         return cls(

@@ -1,4 +1,4 @@
-"""Where the pipeline's output goes: the ``EventSink`` interface, and ``StdoutSink`` for runs without a broker.
+"""``StdoutSink``, where the pipeline's output goes in runs without a broker (``runtime.ports.EventSink``).
 
 The pipeline hands a sink plain messages (events, the rules engine's occupant states, health
 snapshots); the sink turns them into payloads with ``bus.payloads`` and delivers them.
@@ -10,33 +10,11 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Protocol, TextIO
+from typing import TextIO
 
 from cabin_monitor.bus.payloads import event_payload
 from cabin_monitor.messages import Event, HealthSnapshot, SinkStats
 from cabin_monitor.rules import OccupantState
-
-
-class EventSink(Protocol):
-    """Where events, occupant states and health go."""
-
-    def start(self) -> None:
-        """Begin delivering (connect in the background)."""
-
-    def submit_event(self, event: Event) -> None:
-        """Queue an event for delivery; durable once this returns (for sinks with an outbox)."""
-
-    def publish_state(self, occupants: Sequence[OccupantState], wall_time_s: float) -> None:
-        """Best effort, QoS 0: dropped while offline."""
-
-    def publish_health(self, health: HealthSnapshot) -> None:
-        """Retained, QoS 1; only the latest is kept while offline."""
-
-    def stop(self, flush_timeout_s: float) -> None:
-        """Deliver pending events for up to ``flush_timeout_s``, then shut down cleanly."""
-
-    def stats(self) -> SinkStats:
-        """Counters for the health payload."""
 
 
 class StdoutSink:

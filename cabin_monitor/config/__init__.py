@@ -13,6 +13,7 @@ from cabin_monitor.config.emotion import EmotionConfig
 from cabin_monitor.config.loader import (
     ENV_PREFIX,
     ConfigError,
+    Problem,
     apply_env_overrides,
     deep_merge,
     describe_errors,
@@ -21,6 +22,7 @@ from cabin_monitor.config.loader import (
     parse_config_text,
     paths_set,
     rule_paths_from_environment,
+    validation_problems,
 )
 from cabin_monitor.config.logs import LoggingConfig
 from cabin_monitor.config.metrics import MetricsConfig
@@ -58,6 +60,7 @@ __all__ = [
     "OutboxConfig",
     "PipelineConfig",
     "PrivacyConfig",
+    "Problem",
     "RecordConfig",
     "RemoteConfigConfig",
     "RulesConfig",
@@ -76,4 +79,5 @@ __all__ = [
     "parse_mqtt_url",
     "paths_set",
     "rule_paths_from_environment",
+    "validation_problems",
 ]

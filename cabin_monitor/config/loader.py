@@ -1,4 +1,5 @@
-"""Reading the configuration: YAML text or file, environment overrides, and one line per problem.
+"""Reading the configuration: YAML text or file, environment overrides, and every problem as a ``Problem``
+value (dotted path, message, where the value came from), printed one line each.
 
 Environment variables named ``CABIN_MONITOR__SECTION__FIELD`` override single values. The value is the
 variable's text, read by the field's type: a text field takes it as it is (``#secret`` is a password, not a
@@ -15,6 +16,7 @@ import os
 import re
 import types
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin
 
@@ -125,12 +127,34 @@ def _yaml_lines(text: str) -> dict[tuple[str | int, ...], int]:
     return lines
 
 
-def describe_errors(
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One problem with a configuration value: the dotted ``path`` of its key and what is wrong with it.
+
+    ``location`` says where the value came from for a reader of the file (``line 4``, ``from the environment
+    variable CABIN_MONITOR__A__B``); it is not part of the path.
+    """
+
+    path: str
+    message: str
+    location: str | None = None
+
+    def under(self, prefix: str) -> Problem:
+        """The same problem with ``prefix`` in front of its path (``rules.`` for a rules patch)."""
+        return replace(self, path=prefix + self.path)
+
+    def line(self) -> str:
+        """``path.to.field (line N): message``, as ``check-config`` prints it."""
+        where = f" ({self.location})" if self.location else ""
+        return f"{self.path}{where}: {self.message}"
+
+
+def validation_problems(
     exc: ValidationError,
     lines: Mapping[tuple[str | int, ...], int] | None = None,
     env_names: Mapping[tuple[str, ...], str] | None = None,
-) -> list[str]:
-    """One readable line per validation error: ``path.to.field (line N): message``.
+) -> list[Problem]:
+    """One problem per validation error, with its dotted path and, where known, its YAML line.
 
     A value set by an environment variable is blamed on that variable (``env_names``), not on the file.
     """
@@ -138,20 +162,29 @@ def describe_errors(
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
         path = ".".join(str(p) for p in loc) or "(top level)"
-        where = ""
+        location = None
         env = next((name for key, name in (env_names or {}).items() if loc[: len(key)] == key), None)
         if env is not None:
-            where = f" (from the environment variable {env})"
+            location = f"from the environment variable {env}"
         elif lines:
             for n in range(len(loc), -1, -1):
                 if loc[:n] in lines:
-                    where = f" (line {lines[loc[:n]]})"
+                    location = f"line {lines[loc[:n]]}"
                     break
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not a setting here; check the spelling)"
-        out.append(f"{path}{where}: {msg}")
+        out.append(Problem(path, msg, location))
     return out
+
+
+def describe_errors(
+    exc: ValidationError,
+    lines: Mapping[tuple[str | int, ...], int] | None = None,
+    env_names: Mapping[tuple[str, ...], str] | None = None,
+) -> list[str]:
+    """One readable line per validation error: ``path.to.field (line N): message`` (``Problem.line``)."""
+    return [problem.line() for problem in validation_problems(exc, lines, env_names)]
 
 
 def env_override_names(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:

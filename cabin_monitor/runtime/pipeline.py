@@ -7,6 +7,9 @@ camera call stops the pings), logs throughput and latency, publishes health, and
 stops everything on a signal, at end of file, or when a stage thread dies (exit
 code 1, so systemd restarts the service; a setup error such as a video file
 without frames exits 2, which systemd does not restart).
+
+The sink, the rules in force, the request worker and SIGHUP's work are injected (``runtime.ports``):
+the runtime imports no bus module.
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ from dataclasses import dataclass
 
 import structlog
 
-from cabin_monitor.bus.remote import RemoteRequests, RulesControl
-from cabin_monitor.bus.sinks import EventSink
 from cabin_monitor.config import Config
 from cabin_monitor.errors import CabinMonitorError
 from cabin_monitor.messages import CameraState, Frame, FrameResult, HealthSnapshot
 from cabin_monitor.metrics import LatencyWindow, RateWindow
 from cabin_monitor.record.sink import RecordingSink
+from cabin_monitor.rules.in_force import RulesInForce
 from cabin_monitor.runtime import cpu
 from cabin_monitor.runtime.mailbox import LatestMailbox
+from cabin_monitor.runtime.ports import EventSink, RequestWorker
 from cabin_monitor.runtime.processor import STAGES, FrameProcessor
 from cabin_monitor.runtime.sdnotify import SystemdNotifier
 from cabin_monitor.vision.capture import FrameSource, SourceEnded
@@ -54,7 +57,7 @@ class Pipeline:
         processor: FrameProcessor,
         source: FrameSource,
         sink: EventSink,
-        rules_control: RulesControl,
+        rules: RulesInForce,
         notifier: SystemdNotifier | None = None,
         on_result: Callable[[FrameResult], None] | None = None,
         on_health: Callable[[HealthSnapshot, dict[str, dict[str, float]]], None] | None = None,
@@ -62,13 +65,14 @@ class Pipeline:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         recorder: RecordingSink | None = None,
-        remote: RemoteRequests | None = None,
+        remote: RequestWorker | None = None,
+        on_reload: Callable[[], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.processor = processor
         self.source = source
         self.sink = sink
-        self.rules_control = rules_control
+        self.rules_in_force = rules  # changes reach the engine between two frames
         self.remote = remote  # operators' requests over the broker, answered by a worker of their own
         self.notifier = notifier or SystemdNotifier()
         self.on_result = on_result
@@ -90,7 +94,7 @@ class Pipeline:
         self._fps = RateWindow()
         self._stop_reason: str | None = None
         self._reload_requested = threading.Event()
-        self.on_reload: Callable[[], None] | None = None
+        self.on_reload = on_reload  # SIGHUP's work, run by the supervising loop
 
     # -- control -----------------------------------------------------------------
 
@@ -148,7 +152,7 @@ class Pipeline:
         try:
             while True:
                 self._inference_alive_s = self._clock()
-                pending = self.rules_control.take_pending()
+                pending = self.rules_in_force.take_pending()
                 if pending is not None:
                     self.processor.reconfigure_rules(pending)
                     log.info("rules reconfigured")

@@ -20,7 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from cabin_monitor.bus.payloads import event_payload, utc_iso
-from cabin_monitor.config import deep_merge, describe_errors, load_config
+from cabin_monitor.config import deep_merge, load_config, validation_problems
 from cabin_monitor.errors import ConfigurationError
 from cabin_monitor.record.files import (
     RecordingError,
@@ -80,7 +80,7 @@ def check_choice(choice: RulesChoice, recorded: RecordingMeta, label: str) -> No
     try:
         choice.resolve(recorded.rules)
     except ValidationError as exc:
-        lines = [f"rules.{line}" for line in describe_errors(exc)]
+        lines = [problem.under("rules.").line() for problem in validation_problems(exc)]
         raise ConfigurationError(f"{label}: the rules are invalid\n  " + "\n  ".join(lines)) from None
 
 
