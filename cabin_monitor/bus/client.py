@@ -31,6 +31,7 @@ from cabin_monitor.errors import ConfigurationError, RuntimeFault
 
 CONNECT_TIMEOUT_S = 5.0  # TCP connect, TLS handshake, and again for the CONNACK
 OFFLINE_TIMEOUT_S = 2.0  # wait for the PUBACK of the 'offline' status on stop
+STOP_S = CONNECT_TIMEOUT_S + OFFLINE_TIMEOUT_S  # the longest ``run`` takes to return once stop is set
 IDLE_EVERY_S = 1.0  # how often ``idle`` runs while waiting to reconnect
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 

@@ -1,19 +1,13 @@
 """The broker's sink: events through a durable outbox, occupant states, health, and operators' requests.
 
-``MqttSink`` composes the parts of delivery, each in its own module: ``bus.intake`` writes every event
-to the ``Outbox`` (in step with the open-event ledger) before ``submit_event`` returns; ``bus.sender``
-sends outbox rows in order, a window at a time, and removes each only on the broker's PUBACK, so
-delivery is at-least-once across lost connections, broker restarts and daemon crashes (subscribers
-de-duplicate on ``event_id``), holding back the rest after a refusal; ``bus.client`` owns the
-connection (paho, TLS, reconnecting with jittered exponential backoff); ``bus.retained`` keeps the
-latest health and rules state; ``bus.outbox_watch`` logs the outbox's condition and retries its writes
-while its file cannot be written (the outbox then holds events in memory, and they are sent like rows).
-
-One sender thread owns the connection. It only transports: payloads come from ``bus.payloads``;
-``config/set``, ``config/get`` and ``config/reset`` requests are handed, as bytes with their retain flag,
-to a queue (``bus.remote``) whose worker answers them through ``publish_config_result`` and
-``publish_rules_state``. The network thread never waits for a request to be handled, so event
-acknowledgements never queue behind requests.
+``MqttSink`` composes the parts of delivery: ``bus.intake`` (each event into the outbox, durable before
+``submit_event`` returns, in step with the open-event ledger), ``bus.sender`` (outbox rows out in order,
+removed on the broker's PUBACK: at-least-once, held back after a refusal), ``bus.client`` (the connection,
+paho behind it), ``bus.retained`` (the latest health and rules state) and ``bus.outbox_watch`` (the
+outbox's condition in the log). One sender thread owns the connection. ``config/set``, ``config/get``
+and ``config/reset`` requests are handed, as bytes with their retain flag, to a queue (``bus.remote``)
+whose worker answers through ``publish_config_result`` and ``publish_rules_state``: the network thread
+never waits for a request, so acknowledgements never queue behind one.
 
 Imports the ``bus`` modules above, ``config``, ``messages`` and ``rules`` (``OccupantState``).
 """
@@ -29,13 +23,7 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from cabin_monitor.bus.backoff import Backoff
-from cabin_monitor.bus.client import (
-    CONNECT_TIMEOUT_S,
-    OFFLINE_TIMEOUT_S,
-    BrokerClient,
-    TlsSetupError,
-    build_ssl_context,
-)
+from cabin_monitor.bus.client import STOP_S, BrokerClient, TlsSetupError, build_ssl_context
 from cabin_monitor.bus.intake import EventIntake
 from cabin_monitor.bus.ledger import OpenEventLedger
 from cabin_monitor.bus.outbox import Outbox
@@ -171,7 +159,7 @@ class MqttSink:
         self._stop.set()
         self._client.interrupt()
         self._wake.set()
-        thread.join(CONNECT_TIMEOUT_S + OFFLINE_TIMEOUT_S + 2 * WAKE_S)
+        thread.join(STOP_S + 2 * WAKE_S)
         if thread.is_alive():
             self._log.warning("mqtt sender did not stop in time")
 
