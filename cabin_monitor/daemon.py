@@ -143,7 +143,7 @@ def _left_open(ledger: OpenEventLedger, outbox: Outbox) -> list[OpenEvent]:
             "open-event ledger unreadable; starting a new one (events it held stay without an end)", error=str(exc)
         )
         noted = []
-    return left_open(noted, (item.payload for item in outbox.pending(outbox.depth())))
+    return left_open(noted, outbox.pending(outbox.depth()))
 
 
 def _end_interrupted(sink: EventSink, unended: list[OpenEvent]) -> None:

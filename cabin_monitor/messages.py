@@ -186,6 +186,14 @@ class CaptureStats:
     source: str = ""
 
 
+class OutboxState(str, Enum):
+    """Whether the outbox file takes writes, as reported in health; not ``ok``: new events wait in memory."""
+
+    OK = "ok"
+    DISK_FULL = "disk_full"
+    UNWRITABLE = "unwritable"
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """An event the broker refused (an MQTT 5 PUBACK with a failure reason code)."""
@@ -206,7 +214,7 @@ class SinkStats:
     dropped_total: int
     dropped_by_reason: dict[str, int]
     published_total: int  # events delivered (acknowledged by the broker, or printed)
-    outbox_state: str = "ok"  # ok | disk_full | unwritable (events wait in memory)
+    outbox_state: OutboxState = OutboxState.OK
     outbox_memory_depth: int = 0
     outbox_memory_unkept: int = 0  # of those, events no fallback file keeps (lost if the process ends now)
     outbox_error: str | None = None  # why the outbox file cannot be written
@@ -268,7 +276,7 @@ class HealthSnapshot:
         if (
             self.camera.state in (CameraState.STALLED, CameraState.REOPENING)
             or (self.broker_required and not self.sink.connected)
-            or self.sink.outbox_state != "ok"
+            or self.sink.outbox_state != OutboxState.OK
             or self.sink.refusing
         ):
             return "degraded"

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from cabin_monitor.bus.facts import EventFacts
 from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, left_open
+from cabin_monitor.bus.outbox import Outbox
 from cabin_monitor.bus.payloads import event_payload
 from cabin_monitor.messages import Event, Phase, end_event_id
 
 NOW = 1_700_000_000.0
+DATA = Path(__file__).parent / "data"
+TOPIC = "cabin/car-1/events"
+FOREVER_S = 1e10  # the stored events are from 2023: never expire them here
+IDS = [f"3f2b5d0e-4c41-4c8e-9c59-00000000000{i}" for i in range(4)]
+# What the ledger notes of the starts of IDS, at NOW + their index.
+NOTED = [OpenEvent(i, "stress", "stress", "occupant-1", "driver", NOW + n, "critical") for n, i in enumerate(IDS)]
 
 
 def event(event_id: str, phase: Phase, start_event_id: str | None = None, at: float = NOW) -> Event:
@@ -72,20 +81,35 @@ def test_an_interrupted_end_has_the_id_of_the_end_the_run_would_have_sent(tmp_pa
     assert end.event_id == end_event_id("a") != end_event_id("b")
 
 
-def test_the_outbox_has_the_last_word_on_what_is_open() -> None:
+def test_the_outbox_has_the_last_word_on_what_is_open(tmp_path: Path) -> None:
     """A start pending without its end is open though the ledger missed it; one whose end is pending is not, though
     the ledger noted it; payloads that are not events are passed over; oldest first."""
-    ids = [f"3f2b5d0e-4c41-4c8e-9c59-00000000000{i}" for i in range(4)]
     pending = [
-        event(ids[2], Phase.START, at=NOW + 2),
-        event(ids[0], Phase.START, at=NOW),
-        event(end_event_id(ids[0]), Phase.END, start_event_id=ids[0], at=NOW + 3),
-        event(end_event_id(ids[3]), Phase.END, start_event_id=ids[3], at=NOW + 4),
+        event(IDS[2], Phase.START, at=NOW + 2),
+        event(IDS[0], Phase.START, at=NOW),
+        event(end_event_id(IDS[0]), Phase.END, start_event_id=IDS[0], at=NOW + 3),
+        event(end_event_id(IDS[3]), Phase.END, start_event_id=IDS[3], at=NOW + 4),
     ]
-    payloads = [event_payload(e, "car-1").model_dump_json().encode() for e in pending] + [b"not an event", b"{}"]
-    noted = [OpenEvent(i, "stress", "stress", "occupant-1", "driver", NOW + n, "critical") for n, i in enumerate(ids)]
-    assert left_open([noted[1], noted[3]], payloads) == [noted[1], noted[2]]
-    assert left_open([], payloads[:1]) == [noted[2]]
+    with Outbox(tmp_path / "outbox.sqlite", max_age_s=FOREVER_S) as outbox:
+        for e in pending:
+            payload = event_payload(e, "car-1").model_dump_json().encode()
+            outbox.put(e.event_id, TOPIC, payload, e.severity, e.wall_time_s, EventFacts.of(e))
+        outbox.put("not-an-event", TOPIC, b"not an event", "info", NOW + 5)
+        items = outbox.pending(10)
+    assert left_open([NOTED[1], NOTED[3]], items) == [NOTED[1], NOTED[2]]
+    assert left_open([], items[:1]) == [NOTED[2]]
+
+
+def test_left_open_reads_outbox_files_written_before_the_facts_were_kept(tmp_path: Path) -> None:
+    """An outbox and a fallback file written without facts columns give the same events left open."""
+    path, fallback = tmp_path / "outbox.sqlite", tmp_path / "fallback.sqlite"
+    shutil.copyfile(DATA / "outbox-without-facts.sqlite", path)
+    shutil.copyfile(DATA / "outbox-fallback-without-facts.sqlite", fallback)
+    with Outbox(path, max_age_s=FOREVER_S, fallback=fallback) as outbox:
+        assert outbox.restored_from_fallback == 1
+        assert left_open([NOTED[0], NOTED[3]], outbox.pending(10)) == [NOTED[1], NOTED[2]]
+    with Outbox(path, max_age_s=FOREVER_S) as reopened:  # the start the fallback file held is now a row with facts
+        assert left_open([], reopened.pending(10)) == [NOTED[1], NOTED[2]]
 
 
 def test_a_run_that_ends_its_events_leaves_nothing_to_end(tmp_path: Path) -> None:

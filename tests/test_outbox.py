@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import stat
 import threading
 import time
@@ -12,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cabin_monitor.bus.facts import EventFacts
 from cabin_monitor.bus.fallback import FallbackFile, KeptEvent
 from cabin_monitor.bus.outbox import (
     SEVERITY_RANK,
@@ -21,9 +24,14 @@ from cabin_monitor.bus.outbox import (
     OutboxNotWritableError,
     open_outbox,
 )
+from cabin_monitor.bus.payloads import event_payload
+from cabin_monitor.messages import Event, Phase
+from tests.support.helpers import make_event
 from tests.support.mounts import fill, pin_wal, read_only_bind, remount, tmpfs
 
 NOW = time.time()
+DATA = Path(__file__).parent / "data"
+FOREVER_S = 1e10  # the events stored in DATA are from 2023: never expire them here
 
 
 def put(outbox: Outbox, event_id: str, severity: str = "warning", created_wall_s: float = NOW) -> list[str]:
@@ -518,3 +526,73 @@ def test_events_held_in_memory_are_kept_in_the_fallback_file_and_survive_the_pro
                 assert kept_ids(held_path) == [] and ids(restarted) == expected
         with Outbox(state / "outbox.sqlite", fallback=held_path) as reopened:
             assert reopened.restored_from_fallback == 0 and ids(reopened) == expected
+
+
+def put_event(outbox: Outbox, event: Event) -> None:
+    """Put an event as the sink does: its payload with its facts."""
+    payload = event_payload(event, "car-1").model_dump_json().encode()
+    outbox.put(event.event_id, "cabin/car-1/events", payload, event.severity, event.wall_time_s, EventFacts.of(event))
+
+
+def test_events_keep_their_facts_on_disk_across_a_reopen_and_through_the_fallback_file(tmp_path: Path) -> None:
+    """Each item carries the facts it was put with: from the file, after reopening, and restored from a fallback."""
+    start, end = make_event(Phase.START), make_event(Phase.END)
+    path, held = tmp_path / "outbox.sqlite", tmp_path / "run" / "held-events.sqlite"
+    with Outbox(path) as outbox:
+        put_event(outbox, start)
+        put(outbox, "not-an-event")
+    kept = make_event(Phase.START, type="fatigue", seat=None)
+    fallback = FallbackFile(held)
+    fallback.add(KeptEvent(kept.event_id, "cabin/car-1/events", b"{}", 1, NOW, EventFacts.of(kept)))
+    fallback.close()
+    with Outbox(path, fallback=held) as outbox:
+        put_event(outbox, end)
+        facts = {item.event_id: item.facts for item in outbox.pending(10)}
+    assert facts == {
+        start.event_id: EventFacts.of(start),
+        "not-an-event": None,
+        kept.event_id: EventFacts.of(kept),
+        end.event_id: EventFacts.of(end),
+    }
+    assert facts[end.event_id] == EventFacts("stress", Phase.END, "stress", "occupant-1", "driver", end.start_event_id)
+
+
+def test_an_outbox_file_written_without_facts_columns_gets_them_and_its_rows_facts_from_their_payloads(
+    tmp_path: Path,
+) -> None:
+    """A file of the outbox before facts were kept opens with its rows in order, their facts read from their
+    payloads, and takes new events with their facts."""
+    path = tmp_path / "outbox.sqlite"
+    shutil.copyfile(DATA / "outbox-without-facts.sqlite", path)
+    with Outbox(path, max_age_s=FOREVER_S) as outbox:
+        items = outbox.pending(10)
+        added = make_event(Phase.START)
+        put_event(outbox, added)
+        assert outbox.pending(1, after_row_id=items[-1].row_id)[0].facts == EventFacts.of(added)
+    assert [i.facts.phase if i.facts else None for i in items] == [Phase.START, Phase.START, Phase.END, Phase.END, None]
+    assert items[2].facts == EventFacts("stress", Phase.END, "stress", "occupant-1", "driver", items[1].event_id)
+    with sqlite3.connect(path) as db:
+        stored = db.execute("SELECT type, phase, start_event_id FROM outbox ORDER BY row_id").fetchall()
+    assert stored[0] == (None, None, None) and stored[-1] == ("stress", "start", None)
+
+
+def test_an_outbox_file_without_facts_columns_on_a_full_disk_opens_as_before(tmp_path: Path) -> None:
+    """When the columns cannot be added (no space left) the file opens, its facts come from the payloads, new
+    events wait in memory; the next open with space adds the columns."""
+    with tmpfs(tmp_path / "state", 256) as state:
+        path = state / "outbox.sqlite"
+        shutil.copyfile(DATA / "outbox-without-facts.sqlite", path)
+        # A WAL left by the process before (as after a crash): without one, no version opens a file there.
+        with pin_wal(path):
+            filler = fill(state)
+            with Outbox(path, max_age_s=FOREVER_S) as outbox:
+                assert [i.facts is not None for i in outbox.pending(10)] == [True, True, True, True, False]
+                added = make_event(Phase.START)
+                put_event(outbox, added)
+                assert state_of(outbox) == "disk_full" and outbox.memory_event_ids == [added.event_id]
+                assert outbox.pending(10)[-1].facts == EventFacts.of(added)
+        filler.unlink()
+        with Outbox(path, max_age_s=FOREVER_S) as reopened:
+            assert len(reopened.pending(10)) == 5
+        with sqlite3.connect(path) as db:
+            assert "start_event_id" in {row[1] for row in db.execute("PRAGMA table_info(outbox)")}

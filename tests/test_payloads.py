@@ -25,7 +25,7 @@ from cabin_monitor.bus.payloads import (
     state_payloads,
     utc_iso,
 )
-from cabin_monitor.messages import CameraState, Event, Phase, Refusal, RemoteStats
+from cabin_monitor.messages import CameraState, Event, OutboxState, Phase, Refusal, RemoteStats
 from cabin_monitor.rules import OccupantState
 from tests.support import helpers
 from tests.support.helpers import make_health
@@ -203,7 +203,7 @@ def test_health_status_follows_stage_failures_the_camera_and_the_broker() -> Non
         (replace(healthy, sink=offline), "degraded", None),
         (replace(healthy, sink=offline, broker_required=False), "ok", None),
         (
-            replace(healthy, sink=replace(healthy.sink, outbox_state="disk_full", outbox_memory_depth=3)),
+            replace(healthy, sink=replace(healthy.sink, outbox_state=OutboxState.DISK_FULL, outbox_memory_depth=3)),
             "degraded",
             None,
         ),
@@ -305,7 +305,7 @@ def test_health_reports_the_last_refusal_and_the_outbox_state() -> None:
     refusal = Refusal("6f1c0f4e-2f6a-4c55-9d55-2b8f9f0f7a10", "Not authorized", 0x87, 1_700_000_000.25)
     sink = replace(
         make_health().sink,
-        outbox_state="disk_full",
+        outbox_state=OutboxState.DISK_FULL,
         outbox_memory_depth=4,
         outbox_memory_unkept=1,
         outbox_depth=9,

@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.messages import CameraState, CaptureStats, RemoteStats
+from cabin_monitor.messages import CameraState, CaptureStats, OutboxState, RemoteStats
 from cabin_monitor.runtime.prometheus import MetricsError, PrometheusExporter
 from tests.support.broker import free_port
 from tests.support.daemon import DaemonProcess
@@ -56,7 +56,7 @@ def test_refusals_remote_requests_and_the_outbox_state_become_metrics() -> None:
     healthy = make_health()
     full_disk = replace(
         healthy.sink,
-        outbox_state="disk_full",
+        outbox_state=OutboxState.DISK_FULL,
         outbox_depth=5,
         outbox_memory_depth=4,
         outbox_memory_unkept=1,

@@ -23,7 +23,14 @@ from cabin_monitor.training.config import EMOTIONS_7, AugmentSection, TrainConfi
 from cabin_monitor.training.data import load_emotion
 from cabin_monitor.training.explain import grad_cam
 from cabin_monitor.training.export import check_parity, export_run, load_checkpoint_model, load_onnx_as_torch
-from cabin_monitor.training.model import EmotionalDAN, MirrorAveraged, ModelSpec, apply_similarity, fit_similarity, invert_similarity
+from cabin_monitor.training.model import (
+    EmotionalDAN,
+    MirrorAveraged,
+    ModelSpec,
+    apply_similarity,
+    fit_similarity,
+    invert_similarity,
+)
 from cabin_monitor.training.train import Trainer, default_mean_shape, load_datasets, train, training_targets
 from cabin_monitor.vision.align import FaceAligner, grey
 from cabin_monitor.vision.detect import create_detector

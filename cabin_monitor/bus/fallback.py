@@ -7,6 +7,11 @@ or is restarted meanwhile does not lose them. Under systemd the default place is
 reboot). The next ``Outbox`` to open moves what it finds here into the outbox file, in the order the
 events were accepted, before any new event. An event leaves this file when it is acknowledged,
 written to the outbox file, dropped or expired.
+
+Each event keeps its ``EventFacts`` beside its bytes, as in the outbox file; a file written before
+they had columns gets them (NULL in its rows) when opened.
+
+Imports ``bus.facts``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from cabin_monitor.bus.facts import COLUMNS as FACT_COLUMNS
+from cabin_monitor.bus.facts import NO_FACTS, EventFacts
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS held (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- acceptance order
@@ -23,9 +31,16 @@ CREATE TABLE IF NOT EXISTS held (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     severity INTEGER NOT NULL,
-    created_wall_s REAL NOT NULL
+    created_wall_s REAL NOT NULL,
+    type TEXT,
+    phase TEXT,
+    rule TEXT,
+    occupant_id TEXT,
+    seat TEXT,
+    start_event_id TEXT
 );
 """
+_COLUMNS = f"event_id, topic, payload, severity, created_wall_s, {', '.join(FACT_COLUMNS)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +52,7 @@ class KeptEvent:
     payload: bytes
     rank: int  # severity rank, as in the outbox
     created_wall_s: float
+    facts: EventFacts | None = None  # None: not an event, or kept by a daemon that did not keep facts
 
 
 class FallbackFile:
@@ -58,16 +74,19 @@ class FallbackFile:
             # RAM filesystem it lives on does not survive a power cut anyway.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            present = {row[1] for row in self._db.execute("PRAGMA table_info(held)").fetchall()}
+            for column in FACT_COLUMNS:
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE held ADD COLUMN {column} TEXT")
         except sqlite3.Error:
             self._db.close()
             raise
 
     def add(self, event: KeptEvent) -> None:
         """Keep ``event`` (a no-op when it is kept already)."""
-        self._db.execute(
-            "INSERT OR IGNORE INTO held (event_id, topic, payload, severity, created_wall_s) VALUES (?, ?, ?, ?, ?)",
-            (event.event_id, event.topic, event.payload, event.rank, event.created_wall_s),
-        )
+        values: tuple[object, ...] = (event.event_id, event.topic, event.payload, event.rank, event.created_wall_s)
+        values += NO_FACTS if event.facts is None else event.facts.columns()
+        self._db.execute(f"INSERT OR IGNORE INTO held ({_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values)
 
     def remove(self, event_id: str) -> None:
         """Forget ``event_id`` (a no-op when it is not kept)."""
@@ -75,10 +94,8 @@ class FallbackFile:
 
     def events(self) -> list[KeptEvent]:
         """Every kept event, in the order they were accepted."""
-        rows = self._db.execute(
-            "SELECT event_id, topic, payload, severity, created_wall_s FROM held ORDER BY seq"
-        ).fetchall()
-        return [KeptEvent(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM held ORDER BY seq").fetchall()
+        return [KeptEvent(r[0], r[1], bytes(r[2]), r[3], r[4], EventFacts.from_columns(r[5:])) for r in rows]
 
     def close(self) -> None:
         """Close the file; what it keeps stays for the next start."""

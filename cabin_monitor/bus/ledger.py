@@ -11,7 +11,10 @@ without its end is open, whatever the ledger says (delivery keeps the order, so 
 gone out before it; the ledger may not have noted it, when the state folder was full and the
 outbox's fallback file kept the start).
 
-``interrupted_ends`` and ``left_open`` are the pure part; ``OpenEventLedger`` the file.
+``interrupted_ends`` and ``left_open`` are the pure part; ``OpenEventLedger`` the file. Where a
+submitted event enters the ledger, relative to the outbox, is ``bus.intake``'s business.
+
+Imports ``bus.outbox`` (its items' facts) and ``messages``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-from pydantic import ValidationError
-
-from cabin_monitor.bus.payloads import EventPayload, utc_epoch_s
+from cabin_monitor.bus.outbox import OutboxItem
 from cabin_monitor.messages import Event, Phase, Severity, end_event_id
 
 FORMAT = "cabin-monitor/open-events/1"
@@ -71,39 +72,36 @@ def interrupted_ends(open_events: Iterable[OpenEvent], wall_time_s: float) -> li
     ]
 
 
-def left_open(noted: Iterable[OpenEvent], pending: Iterable[bytes]) -> list[OpenEvent]:
+def left_open(noted: Iterable[OpenEvent], pending: Iterable[OutboxItem]) -> list[OpenEvent]:
     """The events a previous run left open, oldest first, from the ledger's ``noted`` and the outbox's ``pending``
-    event payloads.
+    events.
 
     Open: a noted event whose end is not pending (an end the crash left in the outbox goes out as it is),
-    and a pending start whose end is not pending (the ledger may not have noted it). Payloads that are not
+    and a pending start whose end is not pending (the ledger may not have noted it). Items that are not
     events (none are, in an outbox this daemon wrote) are passed over.
     """
-    starts: dict[str, EventPayload] = {}
-    ended: set[str] = set()
-    for raw in pending:
-        try:
-            event = EventPayload.model_validate_json(raw)
-        except ValidationError:
-            continue
-        if event.phase == "start":
-            starts[event.event_id] = event
-        elif event.start_event_id is not None:
-            ended.add(event.start_event_id)
     found = {opened.event_id: opened for opened in noted}
-    for start in starts.values():
-        found.setdefault(
-            start.event_id,
-            OpenEvent(
-                start.event_id,
-                start.type,
-                start.rule,
-                start.occupant_id,
-                start.seat,
-                utc_epoch_s(start.ts),
-                start.severity,
-            ),
-        )
+    ended: set[str] = set()
+    for item in pending:
+        facts = item.facts
+        if facts is None:
+            continue
+        if facts.phase is Phase.START:
+            # A start is submitted with its own wall time as the outbox's creation time.
+            found.setdefault(
+                item.event_id,
+                OpenEvent(
+                    item.event_id,
+                    facts.type,
+                    facts.rule,
+                    facts.occupant_id,
+                    facts.seat,
+                    item.created_wall_s,
+                    item.severity,
+                ),
+            )
+        elif facts.start_event_id is not None:
+            ended.add(facts.start_event_id)
     still_open = [opened for event_id, opened in found.items() if event_id not in ended]
     return sorted(still_open, key=lambda opened: opened.started_wall_time_s)
 

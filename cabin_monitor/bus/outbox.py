@@ -18,6 +18,12 @@ fails is remembered and retried, and the row is not sent again meanwhile.
 ``state`` says which of these applies. With a ``fallback`` file (``cabin_monitor/bus/fallback.py``)
 each event held in memory is also kept there, so it survives the process, and the next outbox to
 open writes what a previous process left there before anything else.
+
+Beside its bytes each event keeps its ``EventFacts`` (``bus.facts``) in columns of their own. Rows
+written before those columns existed have them NULL; their facts are read from the payload when
+handed out.
+
+Owns the outbox file; imports ``bus.fallback``, ``bus.facts``, ``messages`` and ``errors``.
 """
 
 from __future__ import annotations
@@ -30,16 +36,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
+from cabin_monitor.bus.facts import COLUMNS as _FACT_COLUMNS
+from cabin_monitor.bus.facts import NO_FACTS, EventFacts, facts_of_payload
 from cabin_monitor.bus.fallback import FallbackFile, KeptEvent
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
-from cabin_monitor.messages import Severity
+from cabin_monitor.messages import OutboxState, Severity
 
 SEVERITY_RANK = {name: rank for rank, name in enumerate(get_args(Severity))}
-SEVERITY_NAME = {rank: name for name, rank in SEVERITY_RANK.items()}
+SEVERITY_NAME: dict[int, Severity] = {rank: name for name, rank in SEVERITY_RANK.items()}
 DropReason = Literal["full", "expired", "memory_full"]
-OutboxState = Literal["ok", "disk_full", "unwritable"]
+# Adding nullable columns leaves the file readable by a daemon that does not know them (its queries
+# name their columns), so it is no new schema version: a rolled-back daemon keeps its pending events.
 SCHEMA_VERSION = 1
 
 # Primary SQLite result codes (the low byte of an extended code).
@@ -62,11 +71,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     severity INTEGER NOT NULL,
-    created_wall_s REAL NOT NULL
+    created_wall_s REAL NOT NULL,
+    type TEXT,
+    phase TEXT,
+    rule TEXT,
+    occupant_id TEXT,
+    seat TEXT,
+    start_event_id TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_eviction ON outbox (severity, row_id);
 CREATE INDEX IF NOT EXISTS outbox_age ON outbox (created_wall_s);
 """
+# The facts' columns are added to files written before they existed; NULL in those files' rows.
+_BASE_COLUMNS = "row_id, event_id, topic, payload, severity, created_wall_s"
+_ROW_COLUMNS = f"{_BASE_COLUMNS}, {', '.join(_FACT_COLUMNS)}"
+# What a file that could not be given the facts' columns is read with.
+_ROW_COLUMNS_WITHOUT_FACTS = f"{_BASE_COLUMNS}, {', '.join('NULL' for _ in _FACT_COLUMNS)}"
 
 
 class OutboxError(RuntimeFault):
@@ -93,14 +113,15 @@ class OutboxNotWritableError(OutboxError):
 
 @dataclass(frozen=True, slots=True)
 class OutboxItem:
-    """One pending event: the exact bytes to publish and where."""
+    """One pending event: the exact bytes to publish and where, and what they say."""
 
     row_id: int  # increases with acceptance order, on disk and in memory
     event_id: str
     topic: str
     payload: bytes
-    severity: str
+    severity: Severity
     created_wall_s: float
+    facts: EventFacts | None = None  # None: a payload that is not an event
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +144,7 @@ class _HeldEvent:
     payload: bytes
     rank: int
     created_wall_s: float
+    facts: EventFacts | None
 
 
 class Outbox:
@@ -156,6 +178,7 @@ class Outbox:
         # The last row id given out, on disk or in memory: ids are given here, not by SQLite, so that an
         # event held in memory gets one after every row on disk and keeps it once written.
         self._last_row_id = 0
+        self._has_fact_columns = True  # False for an older file that could not be given them
         self._db = self._open()
         self._fallback: FallbackFile | None = None
         self._fallback_error: str | None = None
@@ -174,7 +197,14 @@ class Outbox:
         """Take in, oldest first, the events an earlier process kept in the fallback file."""
         self._kept = {event.event_id for event in left}
         for event in left:
-            self.put(event.event_id, event.topic, event.payload, SEVERITY_NAME[event.rank], event.created_wall_s)
+            self.put(
+                event.event_id,
+                event.topic,
+                event.payload,
+                SEVERITY_NAME[event.rank],
+                event.created_wall_s,
+                event.facts or facts_of_payload(event.payload),
+            )
             with self._lock:
                 if not any(held.event_id == event.event_id for held in self._memory):
                     self._forget_kept_locked(event.event_id)
@@ -205,6 +235,7 @@ class Outbox:
             if version not in (0, SCHEMA_VERSION):
                 raise OutboxContentError(self.path, f"written by a newer cabin-monitor (schema {version})")
             db.executescript(_SCHEMA)
+            self._has_fact_columns = _add_fact_columns(db)
             if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._last_row_id = db.execute(
@@ -224,7 +255,13 @@ class Outbox:
         return db
 
     def put(
-        self, event_id: str, topic: str, payload: bytes, severity: str, created_wall_s: float
+        self,
+        event_id: str,
+        topic: str,
+        payload: bytes,
+        severity: str,
+        created_wall_s: float,
+        facts: EventFacts | None = None,
     ) -> list[DroppedEvent]:
         """Store an event (a no-op if ``event_id`` is already held); returns the events dropped to make room.
 
@@ -237,7 +274,7 @@ class Outbox:
             if any(held.event_id == event_id for held in self._memory):
                 return []
             self._last_row_id += 1
-            event = _HeldEvent(self._last_row_id, event_id, topic, payload, rank, created_wall_s)
+            event = _HeldEvent(self._last_row_id, event_id, topic, payload, rank, created_wall_s, facts)
             dropped = self._retry_locked(probe=False)  # with nothing held, this event's own insert is the probe
             if not self._memory:
                 try:
@@ -272,11 +309,18 @@ class Outbox:
                 dropped += evicted
                 refused = None if fits else "full"
             if refused is None:
-                self._db.execute(
-                    "INSERT INTO outbox (row_id, event_id, topic, payload, severity, created_wall_s) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (event.row_id, event.event_id, event.topic, event.payload, event.rank, event.created_wall_s),
+                values: tuple[object, ...] = (
+                    event.row_id,
+                    event.event_id,
+                    event.topic,
+                    event.payload,
+                    event.rank,
+                    event.created_wall_s,
                 )
+                if self._has_fact_columns:
+                    values += NO_FACTS if event.facts is None else event.facts.columns()
+                columns = _ROW_COLUMNS if self._has_fact_columns else _BASE_COLUMNS
+                self._db.execute(f"INSERT INTO outbox ({columns}) VALUES ({', '.join('?' * len(values))})", values)
             else:
                 dropped.append(DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, refused))
         return dropped
@@ -312,7 +356,9 @@ class Outbox:
         if self._fallback is None or event.event_id in self._kept:
             return
         try:
-            self._fallback.add(KeptEvent(event.event_id, event.topic, event.payload, event.rank, event.created_wall_s))
+            self._fallback.add(
+                KeptEvent(event.event_id, event.topic, event.payload, event.rank, event.created_wall_s, event.facts)
+            )
         except (OSError, sqlite3.Error) as exc:
             self._fallback_error = f"{self._fallback.path}: {exc}"
             return
@@ -386,15 +432,11 @@ class Outbox:
         """Up to ``limit`` events with ``row_id > after_row_id``, oldest first: those on disk, then those in memory."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT row_id, event_id, topic, payload, severity, created_wall_s FROM outbox "
+                f"SELECT {_ROW_COLUMNS if self._has_fact_columns else _ROW_COLUMNS_WITHOUT_FACTS} FROM outbox "
                 "WHERE row_id > ? ORDER BY row_id LIMIT ?",
                 (after_row_id, limit + len(self._undeleted)),
             ).fetchall()
-            items = [
-                OutboxItem(r[0], r[1], r[2], bytes(r[3]), SEVERITY_NAME[r[4]], r[5])
-                for r in rows
-                if r[0] not in self._undeleted
-            ][:limit]
+            items = [_row_item(r) for r in rows if r[0] not in self._undeleted][:limit]
             for held in self._memory:
                 if len(items) >= limit:
                     break
@@ -474,12 +516,14 @@ class Outbox:
 
     @property
     def state(self) -> OutboxState:
-        """``ok``; ``disk_full`` or ``unwritable`` from a failed write until a write works again."""
+        """``OK``; ``DISK_FULL`` or ``UNWRITABLE`` from a failed write until a write works again."""
         with self._lock:
             fault = self._write_fault
         if fault is None:
-            return "ok"
-        return "disk_full" if _primary_code(fault) == _SQLITE_FULL or "disk is full" in str(fault) else "unwritable"
+            return OutboxState.OK
+        if _primary_code(fault) == _SQLITE_FULL or "disk is full" in str(fault):
+            return OutboxState.DISK_FULL
+        return OutboxState.UNWRITABLE
 
     @property
     def write_error(self) -> str | None:
@@ -558,8 +602,47 @@ def _dropped(event: _HeldEvent, reason: DropReason) -> DroppedEvent:
 
 def _item(event: _HeldEvent) -> OutboxItem:
     return OutboxItem(
-        event.row_id, event.event_id, event.topic, event.payload, SEVERITY_NAME[event.rank], event.created_wall_s
+        event.row_id,
+        event.event_id,
+        event.topic,
+        event.payload,
+        SEVERITY_NAME[event.rank],
+        event.created_wall_s,
+        event.facts,
     )
+
+
+def _row_item(row: tuple[Any, ...]) -> OutboxItem:
+    """The item of a row selected as ``_ROW_COLUMNS``."""
+    payload = bytes(row[3])
+    # NULL facts: a row written before they had columns (or not an event).
+    facts = EventFacts.from_columns(row[6:]) or facts_of_payload(payload)
+    return OutboxItem(row[0], row[1], row[2], payload, SEVERITY_NAME[row[4]], row[5], facts)
+
+
+def _add_fact_columns(db: sqlite3.Connection) -> bool:
+    """Give a file written before the facts had columns those columns (NULL in its rows), in one transaction;
+    False when it cannot be written now.
+
+    Such a file (full disk, read-only) opens as before and gets them at a later start: until then its
+    rows' facts, and those of events written meanwhile, are read from their payloads.
+    """
+    present = {row[1] for row in db.execute("PRAGMA table_info(outbox)").fetchall()}
+    missing = [column for column in _FACT_COLUMNS if column not in present]
+    if not missing:
+        return True
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for column in missing:
+            db.execute(f"ALTER TABLE outbox ADD COLUMN {column} TEXT")
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        if not _is_write_fault(exc):
+            raise
+        return False
+    return True
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:

@@ -28,7 +28,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from cabin_monitor.messages import Event, HealthSnapshot, HealthStatus, RemoteAction, Severity
+from cabin_monitor.messages import (
+    CameraState,
+    Event,
+    HealthSnapshot,
+    HealthStatus,
+    OutboxState,
+    RemoteAction,
+    Severity,
+)
 from cabin_monitor.messages import utc_iso as utc_iso  # re-exported: every payload timestamp is made by it
 from cabin_monitor.rules import RULE_NAMES, OccupantState
 from cabin_monitor.rules.in_force import PRECEDENCE as PRECEDENCE
@@ -130,7 +138,7 @@ class OccupantStatePayload(_Payload):
 class CameraHealth(_Payload):
     """The frame source."""
 
-    state: Literal["starting", "streaming", "stalled", "reopening", "ended", "failed"]
+    state: CameraState
     source: str
     fps: float
     frames: int
@@ -159,7 +167,7 @@ class ModelHealth(_Payload):
 class OutboxHealth(_Payload):
     """The durable event queue."""
 
-    state: Literal["ok", "disk_full", "unwritable"] = Field(
+    state: OutboxState = Field(
         description="ok; disk_full or unwritable while the file cannot be written and events wait in memory."
     )
     depth: int = Field(description="Events waiting for the broker, on disk and in memory.")
@@ -369,7 +377,7 @@ def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
         ts=utc_iso(health.wall_time_s),
         status=health.status,
         camera=CameraHealth(
-            state=cam.state.value,  # type: ignore[arg-type]
+            state=cam.state,
             source=cam.source,
             fps=health.camera_fps,
             frames=cam.frames,
@@ -389,7 +397,7 @@ def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
             provider_in_use=health.provider_in_use,
         ),
         outbox=OutboxHealth(
-            state=sink.outbox_state,  # type: ignore[arg-type]
+            state=sink.outbox_state,
             depth=sink.outbox_depth,
             memory_depth=sink.outbox_memory_depth,
             memory_unkept=sink.outbox_memory_unkept,

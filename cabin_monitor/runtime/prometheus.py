@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any, get_args
+from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cabin_monitor.bus.outbox import OutboxState
 from cabin_monitor.errors import RuntimeFault
-from cabin_monitor.messages import CameraState, HealthSnapshot
+from cabin_monitor.messages import CameraState, HealthSnapshot, OutboxState
 
 PREFIX = "cabin_monitor"
 STATUSES = ("ok", "degraded", "error")
@@ -59,8 +58,8 @@ def metric_families(health: HealthSnapshot, latency_ms: Mapping[str, Mapping[str
         "1 for the outbox's current state (not ok: new events wait in memory)",
         labels=["state"],
     )
-    for name in get_args(OutboxState):
-        outbox_state.add_metric([name], 1.0 if health.sink.outbox_state == name else 0.0)
+    for kind in OutboxState:
+        outbox_state.add_metric([kind.value], 1.0 if health.sink.outbox_state == kind else 0.0)
     model = GaugeMetricFamily(f"{PREFIX}_model_info", "The emotion model and its provider", labels=["path", "provider"])
     model.add_metric([health.model_path, health.provider_in_use], 1.0)
     remote: list[Metric] = []

@@ -70,9 +70,9 @@ def quantizable_nodes(model: onnx.ModelProto, keep_first_conv: bool) -> list[str
         in_stage = "/stage1/" in node.name or "/stage2/" in node.name
         if not in_stage:
             continue
-        if node.op_type == "Conv" and not (keep_first_conv and "/features.0/" in node.name):
-            names.append(node.name)
-        elif node.op_type in ("MatMul", "Gemm") and "/fc/" in node.name:
+        if (node.op_type == "Conv" and not (keep_first_conv and "/features.0/" in node.name)) or (
+            node.op_type in ("MatMul", "Gemm") and "/fc/" in node.name
+        ):
             names.append(node.name)
     return names
 

@@ -329,9 +329,7 @@ class Trainer:
             weights = state.get("ema") or state["model"]
         own = self.model.state_dict()
         # An export's logit bias is the class prior it was shipped with, not a weight to train from.
-        usable = {
-            k: v for k, v in weights.items() if k in own and own[k].shape == v.shape and k != "logit_bias"
-        }
+        usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape and k != "logit_bias"}
         skipped = sorted(set(own) - set(usable))
         self.model.load_state_dict(usable, strict=False)
         print(f"initialised from {path}; not taken: {skipped or 'nothing'}", file=sys.stderr)
