@@ -180,7 +180,9 @@ def test_shape_fed_head_reads_the_landmarks() -> None:
     """The shape-fed head's answer changes when only the stage-2 shape changes, and never back-propagates into it."""
     spec = ModelSpec(class_names=EMOTIONS_7, width=0.125, input_size=64, dropout=0.0, emotion_from_shape=True)
     model = EmotionalDAN(spec, default_mean_shape()).eval()
-    torch.nn.init.normal_(model.shape_encoder[0].weight, std=1.0)
+    encoder = model.shape_encoder[0]
+    assert isinstance(encoder, torch.nn.Linear)
+    torch.nn.init.normal_(encoder.weight, std=1.0)
     feat = torch.zeros(1, 256)
     shape = default_mean_shape().unsqueeze(0).clone().requires_grad_(True)
     moved = shape.detach().clone()

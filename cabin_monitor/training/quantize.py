@@ -154,4 +154,4 @@ def pick_faces(images: np.ndarray, count: int, seed: int, exclude: Sequence[int]
     """``count`` faces drawn without replacement, never one of ``exclude``."""
     allowed = np.setdiff1d(np.arange(len(images)), np.asarray(exclude, dtype=np.int64))
     chosen = np.random.default_rng(seed).choice(allowed, size=min(count, len(allowed)), replace=False)
-    return images[np.sort(chosen)]
+    return np.asarray(images[np.sort(chosen)])
