@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH=START:STOP:STEP",
-        help="replay at every value of a rule (e.g. rules.stress.enter_score=0.5:0.9:0.05); twice for a grid",
+        help="replay at every value of a rule (e.g. rules.stress.enter_score=0.5:0.9:0.05), reading the "
+        "recordings once; alerts per vehicle-hour per value instead of events; twice for a grid",
     )
     rp.add_argument(
         "--target-rate",

@@ -33,23 +33,36 @@ def replay_on_dask(
     on_done: Callable[[Session], None] | None = None,
 ) -> list[list[Outcome]]:
     """Every session under every choice, as tasks: ``result[session][choice]``, sessions in the given order."""
-    with _client(scheduler, workers) as client:
-        futures = client.map(
-            replay_unit, list(sessions), choices=list(choices), events=events, keep_alerts=keep_alerts, pure=False
-        )
-        position = {future.key: i for i, future in enumerate(futures)}
-        results: list[list[Outcome] | None] = [None] * len(futures)
-        for future in as_completed(futures):
-            i = position[future.key]
-            results[i] = future.result()
-            future.release()
-            if on_done is not None:
-                on_done(sessions[i])
+    with cluster_client(scheduler, workers) as client:
+        return replay_with(client, sessions, choices, events=events, keep_alerts=keep_alerts, on_done=on_done)
+
+
+def replay_with(
+    client: Client,
+    sessions: Sequence[Session],
+    choices: Sequence[RulesChoice],
+    *,
+    events: bool = False,
+    keep_alerts: bool = False,
+    on_done: Callable[[Session], None] | None = None,
+) -> list[list[Outcome]]:
+    """``replay_on_dask`` on the cluster of ``client``."""
+    futures = client.map(
+        replay_unit, list(sessions), choices=list(choices), events=events, keep_alerts=keep_alerts, pure=False
+    )
+    position = {future.key: i for i, future in enumerate(futures)}
+    results: list[list[Outcome] | None] = [None] * len(futures)
+    for future in as_completed(futures):
+        i = position[future.key]
+        results[i] = future.result()
+        future.release()
+        if on_done is not None:
+            on_done(sessions[i])
     return [r for r in results if r is not None]
 
 
 @contextlib.contextmanager
-def _client(scheduler: str | None, workers: int | None) -> Iterator[Client]:
+def cluster_client(scheduler: str | None, workers: int | None) -> Iterator[Client]:
     """A client of the scheduler at ``scheduler``, or of a local cluster of ``workers`` processes."""
     if scheduler is not None:
         try:
@@ -63,7 +76,7 @@ def _client(scheduler: str | None, workers: int | None) -> Iterator[Client]:
         n_workers=workers or 1,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",  # any free port: no clash with another cluster on this machine
         silence_logs=logging.ERROR,
     )
     with cluster, Client(cluster) as client:

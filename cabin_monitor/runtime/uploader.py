@@ -100,6 +100,7 @@ class Uploader:
     def _run(self) -> None:
         failures_in_row = 0
         while not self._stop.is_set():
+            self._wake.clear()  # a file finished from here on is picked up by the next pass, without waiting
             try:
                 self.upload_pending()
                 failures_in_row = 0
@@ -109,7 +110,6 @@ class Uploader:
                 self.failures += 1
                 wait_s = self._policy.backoff_s(failures_in_row, self._draw())
                 log.warning("recording upload failed; retrying", error=repr(exc), retry_in_s=round(wait_s, 1))
-            self._wake.clear()
             self._sleep(wait_s, wakeable=failures_in_row == 0)
 
     def _sleep(self, wait_s: float, wakeable: bool) -> None:

@@ -3,7 +3,9 @@
 Events go to stdout one JSON line each, exactly as the daemon publishes them (``bus.payloads``);
 the summary (alerts per hour and time in alert, per vehicle, per occupant and overall) goes to
 stderr, so ``replay ... > events.jsonl`` keeps the two apart. ``--compare`` prints, instead of the
-events, one JSON line per alert that only one rule set raises.
+events, one JSON line per alert that only one rule set raises; ``--sweep`` the alert rate per swept value.
+Each session is one work unit (``record.whatif``), run here or, with ``--scheduler``/``--workers``, on
+Dask (``fleet.whatif``, imported only then); the summary is the same either way.
 """
 
 from __future__ import annotations
@@ -150,7 +152,9 @@ def replay_command(args: Any, out: TextIO | None = None, err: TextIO | None = No
     outcomes = run_units(loaded, choices, args, events=events, keep_alerts=args.compare, err=err)
     elapsed_s = time.perf_counter() - started
     summaries = [fold(o[i].summary for o in outcomes) for i in range(len(choices))]
-    swept = sweep.SweepResult(points, summaries[-len(points) :], sweep.judged_rules(axes), args.target_rate)
+    swept = sweep.SweepResult(
+        points, summaries[len(choices) - len(points) :], sweep.judged_rules(axes), args.target_rate
+    )
     if args.compare:
         changes = compare([a for o in outcomes for a in o[0].alerts], [a for o in outcomes for a in o[1].alerts])
         for change in changes:

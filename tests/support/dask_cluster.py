@@ -34,7 +34,7 @@ def dask_cluster(folder: Path, workers: int) -> Iterator[str]:
         address = _wait_for_address(scheduler_file, processes[0])
         processes += [
             subprocess.Popen(
-                [str(DASK), "worker", address, "--nthreads", "1", "--nworkers", "1", *common],
+                [str(DASK), "worker", address, "--nthreads", "1", "--no-nanny", *common],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=(folder / f"worker-{n}.log").open("w"),
