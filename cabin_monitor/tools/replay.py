@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -49,6 +50,8 @@ from cabin_monitor.record.whatif import Outcome, fold, replay_unit
 from cabin_monitor.rules import RULE_NAMES
 from cabin_monitor.tools import sweep
 from cabin_monitor.tools.progress import Progress
+
+OPEN_THREADS = 16  # recording files whose metadata is read at once
 
 
 def parse_sets(items: Sequence[str], option: str = "--set") -> dict[str, Any]:
@@ -99,12 +102,15 @@ class Loaded:
 def load_recordings(patterns: Sequence[str], err: TextIO) -> Loaded:
     """Open every file named; an unusable one is skipped with a warning, none usable is an error."""
     found, skipped = [], []
-    for path in expand(patterns):
-        try:
-            found.append(open_file(path))
-        except RecordingError as exc:
-            skipped.append(str(exc))
-            print(f"cabin-monitor: skipped {exc}", file=err)
+    # Only the footers are read, and from a store each is a round trip: several at a time.
+    with ThreadPoolExecutor(OPEN_THREADS) as pool:
+        opened = list(pool.map(_open_or_error, expand(patterns)))
+    for item in opened:
+        if isinstance(item, RecordingFile):
+            found.append(item)
+        else:
+            skipped.append(str(item))
+            print(f"cabin-monitor: skipped {item}", file=err)
     if not found:
         raise RecordingError("no usable recording among " + ", ".join(patterns))
     grouped = sessions(found)
@@ -116,6 +122,13 @@ def load_recordings(patterns: Sequence[str], err: TextIO) -> Loaded:
                 file=err,
             )
     return Loaded(found, grouped, skipped)
+
+
+def _open_or_error(path: Path | str) -> RecordingFile | RecordingError:
+    try:
+        return open_file(path)
+    except RecordingError as exc:
+        return exc
 
 
 def replay_all(
