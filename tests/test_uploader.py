@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cabin_monitor.config import RecordConfig
+from cabin_monitor.config import Config, RecordConfig
+from cabin_monitor.daemon import open_uploader
+from cabin_monitor.errors import ConfigurationError
 from cabin_monitor.record.policy import FileInfo
 from cabin_monitor.record.upload import Throttle, UploadPolicy
 from cabin_monitor.runtime.recorder import Recorder
@@ -177,3 +179,12 @@ def test_upload_settings_are_checked_and_the_daemon_loads_no_fsspec_without_them
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def test_the_daemon_uploads_under_its_vehicle_id_and_refuses_a_store_it_cannot_reach(tmp_path: Path) -> None:
+    """record.upload_url gives an uploader into <url>/<vehicle_id>; an unknown scheme is a configuration error."""
+    uploader = open_uploader(Config(vehicle_id="car-5", record=upload_config(tmp_path, f"file://{tmp_path}/store")))
+    assert uploader is not None and uploader.target == f"{tmp_path}/store/car-5"
+    assert open_uploader(Config(record=RecordConfig(dir=tmp_path))) is None
+    with pytest.raises(ConfigurationError, match=r"record\.upload_url nosuchstore://bucket"):
+        open_uploader(Config(record=upload_config(tmp_path, "nosuchstore://bucket")))
