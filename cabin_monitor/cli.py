@@ -363,6 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="--compare: a rule of set B, over the recording's own rules or --config-b (repeatable)",
     )
+    rp.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="PATH=START:STOP:STEP",
+        help="replay at every value of a rule (e.g. rules.stress.enter_score=0.5:0.9:0.05), reading the "
+        "recordings once; alerts per vehicle-hour per value instead of events; twice for a grid",
+    )
+    rp.add_argument(
+        "--target-rate",
+        type=float,
+        metavar="R",
+        help="--sweep: name the value giving at most R alerts per vehicle-hour, and the command rolling it out",
+    )
+    rp.add_argument(
+        "--scheduler", metavar="ADDRESS", help="run on the Dask cluster of this scheduler (tcp://HOST:8786)"
+    )
+    rp.add_argument("--workers", type=int, metavar="N", help="run on a local Dask cluster of N worker processes")
     rp.set_defaults(func=cmd_replay)
 
     rr = sub.add_parser(

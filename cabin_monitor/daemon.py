@@ -61,6 +61,7 @@ from cabin_monitor.vision.capture import FrameSource, parse_source
 
 if TYPE_CHECKING:
     from cabin_monitor.runtime.prometheus import PrometheusExporter
+    from cabin_monitor.runtime.uploader import Uploader
 
 log = structlog.get_logger("cabin_monitor.daemon")
 
@@ -292,7 +293,16 @@ def open_recorder(cfg: Config, processor: FrameProcessor) -> RecordingSink | Non
         opened_wall_time_s=0.0,
         software_version=_software_version(),
     )
-    return Recorder(cfg.record, meta)
+    return Recorder(cfg.record, meta, uploader=open_uploader(cfg))
+
+
+def open_uploader(cfg: Config) -> Uploader | None:
+    """The uploader of ``record.upload_url`` (None when unset); fsspec is loaded only then."""
+    if cfg.record.upload_url is None:
+        return None
+    from cabin_monitor.runtime.uploader import Uploader
+
+    return Uploader(cfg.record, cfg.vehicle_id)
 
 
 def _software_version() -> str:

@@ -36,6 +36,38 @@ class RecordConfig(Strict):
         4096, ge=16, le=1_000_000, description="Rows buffered in memory before they are written out together."
     )
 
+    upload_url: str | None = Field(
+        None,
+        description=(
+            "Where finished recording files are uploaded, under <vehicle_id>/, as an fsspec URL "
+            "(s3://bucket/recordings, gs://..., file:///mnt/share; the store's fsspec package, e.g. s3fs, "
+            "installed); each is deleted from dir once its upload is verified. null = files stay in dir."
+        ),
+    )
+    upload_max_bytes_per_s: float = Field(
+        1_000_000.0, gt=0, description="Bandwidth the uploader may use, uploading and verifying together (bytes/s)."
+    )
+    upload_chunk_bytes: int = Field(
+        262_144, ge=4096, le=64 * 1024 * 1024, description="Bytes sent per write; a stop is noticed between writes."
+    )
+    upload_retry_min_s: float = Field(
+        2.0, gt=0, le=3600, description="First wait after a failed upload; it doubles per failure (with jitter)..."
+    )
+    upload_retry_max_s: float = Field(300.0, gt=0, le=86400, description="...up to this.")
+    upload_poll_s: float = Field(
+        10.0, gt=0, le=3600, description="How often the folder is looked at for finished files to upload."
+    )
+
+    @model_validator(mode="after")
+    def _upload_needs_dir(self) -> RecordConfig:
+        if self.upload_url is not None and self.dir is None:
+            raise ValueError("upload_url uploads the files of dir: set dir too")
+        if self.upload_url is not None and "://" not in self.upload_url:
+            raise ValueError(f"upload_url {self.upload_url!r}: expected a URL such as s3://bucket/recordings")
+        if self.upload_retry_min_s > self.upload_retry_max_s:
+            raise ValueError("upload_retry_min_s must not exceed upload_retry_max_s")
+        return self
+
     @model_validator(mode="after")
     def _file_fits_cap(self) -> RecordConfig:
         # The cap keeps room for the file being written, so it must hold at least one closed file too.

@@ -1,11 +1,17 @@
-"""Recordings on disk read back: files, folders and globs to sessions, a session to its entries in order."""
+"""Recordings read back: files, folders and globs to sessions, a session to its entries in order.
+
+Local paths are read directly; a URL (``s3://``, ``gs://``, ``file://``, ...) goes through fsspec, imported
+only when a URL is given.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +30,7 @@ class RecordingError(ConfigurationError):
 class RecordingFile:
     """One recording file and what it says about itself."""
 
-    path: Path
+    path: Path | str  # a local path, or a URL
     meta: RecordingMeta
     rows: int
 
@@ -48,10 +54,18 @@ class Session:
         return [n for n in range(min(have), max(have)) if n not in have]
 
 
-def expand(patterns: Sequence[str]) -> list[Path]:
-    """Every recording file named by ``patterns``: files, folders (searched recursively) and globs."""
-    found: list[Path] = []
+def is_url(pattern: str) -> bool:
+    """Whether ``pattern`` names a place through fsspec (``scheme://...``) rather than a local path."""
+    return "://" in pattern
+
+
+def expand(patterns: Sequence[str]) -> list[Path | str]:
+    """Every recording file named by ``patterns``: files, folders (searched recursively) and globs, local or URLs."""
+    found: list[Path | str] = []
     for pattern in patterns:
+        if is_url(pattern):
+            found += _expand_url(pattern)
+            continue
         path = Path(pattern)
         if path.is_dir():
             found += sorted(path.rglob("*" + SUFFIX))
@@ -63,16 +77,50 @@ def expand(patterns: Sequence[str]) -> list[Path]:
                 raise RecordingError(f"{pattern}: no such file, folder or match")
             for match in matches:
                 found += sorted(match.rglob("*" + SUFFIX)) if match.is_dir() else [match]
-    unique = list(dict.fromkeys(p.resolve() for p in found))
+    unique = list(dict.fromkeys(p.resolve() if isinstance(p, Path) else p for p in found))
     if not unique:
         raise RecordingError(f"no recording files (*{SUFFIX}) in {', '.join(patterns)}")
     return unique
 
 
-def open_file(path: Path) -> RecordingFile:
+def _expand_url(pattern: str) -> list[Path | str]:
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError:
+        raise RecordingError(f"{pattern}: a URL needs fsspec: pip install 'cabin-monitor[fleet]'") from None
+    try:
+        fs, root = url_to_fs(pattern)
+        if fs.isdir(root):
+            matches = [root]
+        elif fs.isfile(root):
+            return [pattern]
+        else:
+            matches = sorted(fs.glob(root))
+        found: list[Path | str] = []
+        for match in matches:
+            inner = sorted(p for p in fs.find(match) if p.endswith(SUFFIX)) if fs.isdir(match) else [match]
+            found += [fs.unstrip_protocol(p) for p in inner]
+    except (OSError, ValueError) as exc:
+        raise RecordingError(f"{pattern}: cannot list ({exc})") from None
+    if not found and not matches:
+        raise RecordingError(f"{pattern}: no such file, folder or match")
+    return found
+
+
+def _readable(path: Path | str) -> Any:
+    """What pyarrow reads: the path itself, or an open fsspec file (a context manager either way)."""
+    if isinstance(path, Path):
+        return contextlib.nullcontext(path)
+    import fsspec
+
+    return fsspec.open(path, "rb")
+
+
+def open_file(path: Path | str) -> RecordingFile:
     """A recording file's metadata; ``RecordingError`` if it is not a readable recording."""
     try:
-        metadata = pq.read_metadata(path)
+        with _readable(path) as source:
+            metadata = pq.read_metadata(source)
     except (OSError, pa.ArrowException) as exc:
         raise RecordingError(f"{path}: not a readable Parquet file ({exc})") from None
     raw = (metadata.metadata or {}).get(METADATA_KEY)
@@ -100,7 +148,8 @@ def sessions(files: Sequence[RecordingFile]) -> list[Session]:
 def read_entries(recording: RecordingFile) -> Iterator[Entry]:
     """The entries of one file, in order; ``RecordingError`` if its rows cannot be read."""
     try:
-        table = pq.read_table(recording.path)
+        with _readable(recording.path) as source:
+            table = pq.read_table(source)
     except (OSError, pa.ArrowException) as exc:
         raise RecordingError(f"{recording.path}: rows unreadable ({exc})") from None
     try:

@@ -37,6 +37,7 @@ from cabin_monitor.record.format import (
 )
 from cabin_monitor.record.policy import MB, FileInfo, RotationPolicy
 from cabin_monitor.rules import OccupantState
+from cabin_monitor.runtime.uploader import Uploader
 
 log = structlog.get_logger("cabin_monitor.runtime.recorder")
 
@@ -66,8 +67,10 @@ class Recorder:
         meta: RecordingMeta,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        uploader: Uploader | None = None,
     ) -> None:
-        """``meta``: the session's description (its ``segment`` and ``opened_wall_time_s`` are set per file)."""
+        """``meta``: the session's description (its ``segment`` and ``opened_wall_time_s`` are set per file);
+        ``uploader``: sends the finished files away (started and stopped with the recorder)."""
         if cfg.dir is None:
             raise ValueError("Recorder needs record.dir")
         self.folder = cfg.dir
@@ -87,6 +90,7 @@ class Recorder:
         self._file_rows = 0
         self._retry_at_s: float | None = None  # after a write error: no new file before this
         self._thread: threading.Thread | None = None
+        self._uploader = uploader
         self.dropped_frames = 0  # not queued: the writer was behind (counted by the inference thread)
         self.lost_rows = 0  # queued but never written: write errors
         self.files_written = 0
@@ -131,6 +135,8 @@ class Recorder:
         self._enforce_cap()
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._thread.start()
+        if self._uploader is not None:
+            self._uploader.start()
         log.info("recording", folder=str(self.folder), session_id=self._meta.session_id)
 
     def stop(self, timeout_s: float) -> None:
@@ -144,6 +150,8 @@ class Recorder:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.error("recorder did not stop in time", timeout_s=timeout_s)
+        if self._uploader is not None:
+            self._uploader.stop(timeout_s)
         log.info(
             "recording stopped",
             files=self.files_written,
@@ -271,6 +279,8 @@ class Recorder:
         self.files_written += 1
         log.info("recording file closed", path=str(final), rows=self._file_rows, bytes=final.stat().st_size)
         self._enforce_cap()
+        if self._uploader is not None:
+            self._uploader.wake()
 
     def _abandon_file(self) -> None:
         writer, partial = self._writer, self._partial

@@ -3,15 +3,19 @@
 Events go to stdout one JSON line each, exactly as the daemon publishes them (``bus.payloads``);
 the summary (alerts per hour and time in alert, per vehicle, per occupant and overall) goes to
 stderr, so ``replay ... > events.jsonl`` keeps the two apart. ``--compare`` prints, instead of the
-events, one JSON line per alert that only one rule set raises.
+events, one JSON line per alert that only one rule set raises; ``--sweep`` the alert rate per swept value.
+Each session is one work unit (``record.whatif``), run here or, with ``--scheduler``/``--workers``, on
+Dask (``fleet.whatif``, imported only then); the summary is the same either way.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,7 +23,7 @@ from typing import Any, TextIO
 import yaml
 from pydantic import ValidationError
 
-from cabin_monitor.bus.payloads import event_payload, utc_iso
+from cabin_monitor.bus.payloads import utc_iso
 from cabin_monitor.config import deep_merge, load_config, validation_problems
 from cabin_monitor.errors import ConfigurationError
 from cabin_monitor.record.files import (
@@ -39,13 +43,15 @@ from cabin_monitor.record.replay import (
     SessionReplay,
     Summary,
     Tally,
-    alerts,
     compare,
     replay_session,
-    summarize,
 )
+from cabin_monitor.record.whatif import Outcome, fold, replay_unit
 from cabin_monitor.rules import RULE_NAMES
+from cabin_monitor.tools import sweep
 from cabin_monitor.tools.progress import Progress
+
+OPEN_THREADS = 16  # recording files whose metadata is read at once
 
 
 def parse_sets(items: Sequence[str], option: str = "--set") -> dict[str, Any]:
@@ -96,12 +102,15 @@ class Loaded:
 def load_recordings(patterns: Sequence[str], err: TextIO) -> Loaded:
     """Open every file named; an unusable one is skipped with a warning, none usable is an error."""
     found, skipped = [], []
-    for path in expand(patterns):
-        try:
-            found.append(open_file(path))
-        except RecordingError as exc:
-            skipped.append(str(exc))
-            print(f"cabin-monitor: skipped {exc}", file=err)
+    # Only the footers are read, and from a store each is a round trip: several at a time.
+    with ThreadPoolExecutor(OPEN_THREADS) as pool:
+        opened = list(pool.map(_open_or_error, expand(patterns)))
+    for item in opened:
+        if isinstance(item, RecordingFile):
+            found.append(item)
+        else:
+            skipped.append(str(item))
+            print(f"cabin-monitor: skipped {item}", file=err)
     if not found:
         raise RecordingError("no usable recording among " + ", ".join(patterns))
     grouped = sessions(found)
@@ -113,6 +122,13 @@ def load_recordings(patterns: Sequence[str], err: TextIO) -> Loaded:
                 file=err,
             )
     return Loaded(found, grouped, skipped)
+
+
+def _open_or_error(path: Path | str) -> RecordingFile | RecordingError:
+    try:
+        return open_file(path)
+    except RecordingError as exc:
+        return exc
 
 
 def replay_all(
@@ -132,30 +148,33 @@ def replay_command(args: Any, out: TextIO | None = None, err: TextIO | None = No
     """The ``replay`` sub-command."""
     out = out or sys.stdout
     err = err or sys.stderr
-    if (args.config_b or args.set_b) and not args.compare:
-        raise ConfigurationError("--config-b and --set-b describe the second rule set of --compare")
-    if args.compare and not (args.config_b or args.set_b):
-        raise ConfigurationError("--compare needs the second rule set: --set-b KEY=VALUE ... and/or --config-b FILE")
+    check_options(args)
     choices = [rules_choice(args.config, args.set)]
     if args.compare:
         choices.append(rules_choice(args.config_b, args.set_b, "--set-b"))
+    axes = [sweep.parse_axis(text) for text in args.sweep]
+    points = sweep.grid(axes) if axes else []
+    choices += sweep.choices(choices[0], points)
     loaded = load_recordings(args.recordings, err)
-    for label, choice in zip(("rule set A", "rule set B"), choices, strict=False):
+    labels = ["rule set A", "rule set B"] if args.compare else ["the rules"]
+    labels += [f"--sweep {p.label()}" for p in points]
+    for label, choice in zip(labels, choices, strict=True):
         check_choice(choice, loaded.sessions[0].files[0].meta, label)
     started = time.perf_counter()
-    with Progress("replay", sum(len(s.files) for s in loaded.sessions), stream=err) as progress:
-        results = replay_all(loaded, choices, progress)
+    events = not (args.compare or args.no_events or points)
+    outcomes = run_units(loaded, choices, args, events=events, keep_alerts=args.compare, err=err)
     elapsed_s = time.perf_counter() - started
-    found = [[alerts(r) for r in side] for side in results]
-    summaries = [summarize(side, side_alerts) for side, side_alerts in zip(results, found, strict=True)]
+    summaries = [fold(o[i].summary for o in outcomes) for i in range(len(choices))]
+    swept = sweep.SweepResult(
+        points, summaries[len(choices) - len(points) :], sweep.judged_rules(axes), args.target_rate
+    )
     if args.compare:
-        changes = compare([a for s in found[0] for a in s], [a for s in found[1] for a in s])
+        changes = compare([a for o in outcomes for a in o[0].alerts], [a for o in outcomes for a in o[1].alerts])
         for change in changes:
             out.write(json.dumps(change_json(change)) + "\n")
-    elif not args.no_events:
-        for replay in results[0]:
-            for event in replay.events:
-                out.write(event_payload(event, replay.vehicle_id).model_dump_json() + "\n")
+    elif events:
+        for outcome in outcomes:
+            out.writelines(line + "\n" for line in outcome[0].events)
     out.flush()
     recorded_s = summaries[0].overall.seconds
     speed = f", {recorded_s / elapsed_s:.0f}x real time" if elapsed_s > 0 and recorded_s > 0 else ""
@@ -172,6 +191,10 @@ def replay_command(args: Any, out: TextIO | None = None, err: TextIO | None = No
             f"{sum(c.change == 'removed' for c in changes)} removed by rule set B",
             file=err,
         )
+    elif points:
+        print(swept.table(), file=err)
+        if (verdict := swept.verdict()) is not None:
+            print(verdict, file=err)
     else:
         print(summary_table(summaries[0]), file=err)
     if args.summary_json:
@@ -179,8 +202,53 @@ def replay_command(args: Any, out: TextIO | None = None, err: TextIO | None = No
         if args.compare:
             document["b"] = summaries[1].as_json()
             document["changes"] = [change_json(c) for c in changes]
+        if points:
+            document |= swept.as_json()
         Path(args.summary_json).write_text(json.dumps(document, indent=2) + "\n")
     return 0
+
+
+def check_options(args: Any) -> None:
+    """Refuse options that do not go together."""
+    if (args.config_b or args.set_b) and not args.compare:
+        raise ConfigurationError("--config-b and --set-b describe the second rule set of --compare")
+    if args.compare and not (args.config_b or args.set_b):
+        raise ConfigurationError("--compare needs the second rule set: --set-b KEY=VALUE ... and/or --config-b FILE")
+    if args.sweep and args.compare:
+        raise ConfigurationError("--sweep and --compare do not go together: sweep over the rules of A")
+    if args.target_rate is not None and not args.sweep:
+        raise ConfigurationError("--target-rate chooses among the values of --sweep")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigurationError("--workers needs at least 1")
+    if args.scheduler and args.workers:
+        raise ConfigurationError("--scheduler (a running cluster) or --workers N (a local one), not both")
+
+
+def run_units(
+    loaded: Loaded, choices: Sequence[RulesChoice], args: Any, *, events: bool, keep_alerts: bool, err: TextIO
+) -> list[list[Outcome]]:
+    """Each session under each choice, ``result[session][choice]``: in this process, or on Dask when
+    ``--scheduler`` or ``--workers`` is given."""
+    with Progress("replay", sum(len(s.files) for s in loaded.sessions), stream=err) as progress:
+        if args.scheduler or args.workers:
+            if importlib.util.find_spec("distributed") is None:
+                raise ConfigurationError("--scheduler and --workers need Dask: pip install 'cabin-monitor[fleet]'")
+            from cabin_monitor.fleet.whatif import replay_on_dask
+
+            return replay_on_dask(
+                loaded.sessions,
+                choices,
+                scheduler=args.scheduler,
+                workers=args.workers,
+                events=events,
+                keep_alerts=keep_alerts,
+                on_done=lambda session: progress.advance(len(session.files)),
+            )
+        outcomes = []
+        for session in loaded.sessions:
+            outcomes.append(replay_unit(session, choices, events=events, keep_alerts=keep_alerts))
+            progress.advance(len(session.files))
+        return outcomes
 
 
 def change_json(change: AlertChange) -> dict[str, Any]:
