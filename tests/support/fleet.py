@@ -1,0 +1,174 @@
+"""The fleet side under test: a PostgreSQL database per test, the fleet broker with the repo's ACL, ingest processes.
+
+``fresh_database`` creates a uniquely named database on the PostgreSQL server at ``CABIN_FLEET_TEST_PG``
+(default ``postgresql://postgres@127.0.0.1:5432/postgres``) and drops it afterwards; ``pg_server_dsn``
+says why no server can be reached, for a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+from psycopg import sql
+
+from cabin_monitor.bus.payloads import EventPayload, utc_iso
+from cabin_monitor.config import parse_mqtt_url
+from tests.support.broker import MosquittoBroker
+
+REPO = Path(__file__).resolve().parent.parent.parent
+FLEET_ACL = REPO / "deploy" / "mosquitto" / "acl"
+SERVER_DSN = os.environ.get("CABIN_FLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PASSWORD = "secret"  # every test account's
+
+
+def pg_unreachable_reason() -> str | None:
+    """Why the test PostgreSQL server cannot be used, or None when it can."""
+    try:
+        with psycopg.connect(SERVER_DSN, connect_timeout=3):
+            return None
+    except psycopg.OperationalError as exc:
+        return f"no PostgreSQL server at {SERVER_DSN} ({str(exc).strip()[:200]}); set CABIN_FLEET_TEST_PG"
+
+
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, empty database (DSN) dropped on exit, with any session still connected to it."""
+    name = f"cabin_fleet_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(SERVER_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base, _, _ = SERVER_DSN.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(SERVER_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def query(dsn: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The rows of one statement."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(statement.encode(), params).fetchall()
+
+
+def fleet_broker(directory: Path, vehicles: list[str], *, persistence: bool = True) -> MosquittoBroker:
+    """The fleet broker (not started): password accounts for the vehicles and the fleet identities, the repo's ACL."""
+    accounts = {name: PASSWORD for name in (*vehicles, "fleet-ingest", "fleet-rollout", "fleet-operator")}
+    return MosquittoBroker(directory, persistence=persistence, passwords=accounts, acl=FLEET_ACL.read_text())
+
+
+def account_url(broker_url: str, account: str) -> str:
+    """``mqtt://account:secret@host:port`` for a broker's plain listener."""
+    host, port, _ = parse_mqtt_url(broker_url)
+    return f"mqtt://{account}:{PASSWORD}@{host}:{port}"
+
+
+def event_json(
+    vehicle_id: str, *, event_id: str | None = None, ts_s: float | None = None, rule: str = "stress"
+) -> bytes:
+    """A valid ``start`` event payload, as the daemon writes it."""
+    payload = EventPayload(
+        event_id=event_id or str(uuid.uuid4()),
+        vehicle_id=vehicle_id,
+        type=rule,
+        phase="start",
+        occupant_id="occupant-1",
+        seat="driver",
+        ts=utc_iso(time.time() if ts_s is None else ts_s),
+        score=0.8,
+        emotions={"anger": 0.6, "neutral": 0.4},
+        rule=rule,
+        severity="warning",
+        frame_id=1,
+    )
+    return payload.model_dump_json().encode()
+
+
+class Publisher:
+    """An MQTT 5 client logged in as one account that publishes at QoS 1 and waits for each PUBACK."""
+
+    def __init__(self, broker_url: str, account: str, *, client_id: str | None = None) -> None:
+        host, port, _ = parse_mqtt_url(broker_url)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id or f"pub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+        )
+        self.client.username_pw_set(account, PASSWORD)
+        self._connected = threading.Event()
+        self.client.on_connect = lambda *_a: self._connected.set()
+        self.client.connect(host, port, keepalive=10)
+        self.client.loop_start()
+        if not self._connected.wait(10):
+            raise TimeoutError(f"{account} could not connect to {broker_url}")
+
+    def publish(self, topic: str, payload: bytes, timeout_s: float = 10.0) -> int:
+        """Publish at QoS 1 and wait for the PUBACK; its reason code (0: accepted, 135: not authorized)."""
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout_s)
+        return int(info.rc)
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FleetCommand:
+    """``python -m cabin_monitor fleet ARGS`` as a child process, output in a file."""
+
+    def __init__(self, directory: Path, args: list[str], env: Mapping[str, str] | None = None) -> None:
+        self.log_path = directory / f"fleet-{args[0]}-{time.monotonic_ns()}.log"
+        environment = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cabin_monitor", "fleet", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=environment,
+            )
+
+    def output(self) -> str:
+        """What it printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        """The exit code; AssertionError (with its output) when it runs longer than ``timeout_s``."""
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"fleet command still running after {timeout_s} s:\n{self.output()[-3000:]}") from None
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait for the exit code."""
+        self.proc.terminate()
+        return self.wait(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL: nothing committed or acknowledged after this."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def ingest(directory: Path, broker_url: str, dsn: str, client_id: str, *extra: str) -> FleetCommand:
+    """``fleet ingest`` logged in as fleet-ingest with a fixed client id."""
+    url = account_url(broker_url, "fleet-ingest")
+    return FleetCommand(directory, ["ingest", "--broker", url, "--db", dsn, "--client-id", client_id, *extra])
