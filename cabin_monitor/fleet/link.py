@@ -65,7 +65,7 @@ def make_client(address: BrokerAddress, client_id: str) -> mqtt.Client:
             keyfile=None if address.key_file is None else str(address.key_file),
             tls_version=ssl.PROTOCOL_TLS_CLIENT,
         )
-    client.reconnect_delay_set(1, 10)
+    client.reconnect_delay_set(1, 2)  # back before the vehicles' bridges (5 s and more)
     return client
 
 

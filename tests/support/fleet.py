@@ -26,6 +26,7 @@ from psycopg import sql
 from cabin_monitor.bus.payloads import EventPayload, utc_iso
 from cabin_monitor.config import parse_mqtt_url
 from tests.support.broker import MosquittoBroker
+from tests.support.pki import TestPki
 
 REPO = Path(__file__).resolve().parent.parent.parent
 FLEET_ACL = REPO / "deploy" / "mosquitto" / "acl"
@@ -62,10 +63,11 @@ def query(dsn: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[
         return conn.execute(statement.encode(), params).fetchall()
 
 
-def fleet_broker(directory: Path, vehicles: list[str], *, persistence: bool = True) -> MosquittoBroker:
-    """The fleet broker (not started): password accounts for the vehicles and the fleet identities, the repo's ACL."""
+def fleet_broker(directory: Path, vehicles: list[str], *, pki: TestPki | None = None) -> MosquittoBroker:
+    """The fleet broker (not started, persistent): password accounts for the vehicles and the fleet identities,
+    the repo's ACL, and with ``pki`` a TLS listener too."""
     accounts = {name: PASSWORD for name in (*vehicles, "fleet-ingest", "fleet-rollout", "fleet-operator")}
-    return MosquittoBroker(directory, persistence=persistence, passwords=accounts, acl=FLEET_ACL.read_text())
+    return MosquittoBroker(directory, persistence=True, pki=pki, passwords=accounts, acl=FLEET_ACL.read_text())
 
 
 def account_url(broker_url: str, account: str) -> str:
@@ -106,16 +108,26 @@ class Publisher:
         self.client.username_pw_set(account, PASSWORD)
         self._connected = threading.Event()
         self.client.on_connect = lambda *_a: self._connected.set()
+        self._acks: dict[int, int] = {}
+        self._acked = threading.Condition()
+        self.client.on_publish = self._on_publish
         self.client.connect(host, port, keepalive=10)
         self.client.loop_start()
         if not self._connected.wait(10):
             raise TimeoutError(f"{account} could not connect to {broker_url}")
 
+    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, reason: Any, _p: object) -> None:
+        with self._acked:
+            self._acks[mid] = int(reason.value)
+            self._acked.notify_all()
+
     def publish(self, topic: str, payload: bytes, timeout_s: float = 10.0) -> int:
         """Publish at QoS 1 and wait for the PUBACK; its reason code (0: accepted, 135: not authorized)."""
-        info = self.client.publish(topic, payload, qos=1)
-        info.wait_for_publish(timeout_s)
-        return int(info.rc)
+        with self._acked:
+            info = self.client.publish(topic, payload, qos=1)
+            if not self._acked.wait_for(lambda: info.mid in self._acks, timeout_s):
+                raise TimeoutError(f"no PUBACK for {topic} within {timeout_s} s")
+            return self._acks.pop(info.mid)
 
     def close(self) -> None:
         """Disconnect."""
@@ -172,3 +184,31 @@ def ingest(directory: Path, broker_url: str, dsn: str, client_id: str, *extra: s
     """``fleet ingest`` logged in as fleet-ingest with a fixed client id."""
     url = account_url(broker_url, "fleet-ingest")
     return FleetCommand(directory, ["ingest", "--broker", url, "--db", dsn, "--client-id", client_id, *extra])
+
+
+BRIDGE_SCRIPT = REPO / "deploy" / "mosquitto" / "bridge.sh"
+
+
+class BridgedVehicleBroker(MosquittoBroker):
+    """A vehicle's local Mosquitto (plain, anonymous, persistent) with the repo's bridge to a fleet broker.
+
+    The bridge section is what ``deploy/mosquitto/bridge.sh`` renders for ``vehicle_id``, logging in over
+    TLS with the vehicle's password.
+    """
+
+    def __init__(self, directory: Path, fleet: MosquittoBroker, vehicle_id: str) -> None:
+        super().__init__(directory, persistence=True)
+        if fleet.pki is None:
+            raise ValueError("the fleet broker needs a TLS listener (pki=...)")
+        password_file = directory / "bridge-password"
+        password_file.write_text(PASSWORD + "\n")
+        command = [
+            "sh", str(BRIDGE_SCRIPT), "--fleet", fleet.tls_url, "--vehicle-id", vehicle_id,
+            "--ca", str(fleet.pki.ca_file), "--password-file", str(password_file),
+        ]  # fmt: skip
+        self.bridge_text = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30).stdout
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        with self.config_file.open("a") as config:
+            config.write(self.bridge_text)
