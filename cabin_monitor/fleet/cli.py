@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import secrets
 import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,86 @@ def add_fleet_parser(sub: Any) -> None:
     ing.add_argument("--batch-size", type=int, default=500, help="messages per transaction (default: %(default)s)")
     ing.add_argument("--prefix", default="cabin", help="topic prefix (default: %(default)s)")
     ing.set_defaults(fleet_func=_cmd_ingest)
+
+    ro = cmds.add_parser(
+        "rollout",
+        help="change rules on a canary group, then in waves, aborting and restoring on refusals or alert rates",
+        description="'fleet rollout [options]' starts a roll-out; 'fleet rollout status ID --db DSN' shows one.",
+    )
+    ro.add_argument("status", nargs="*", metavar="status ID", help="show roll-out ID instead of starting one")
+    _db_option(ro)
+    ro.add_argument("--broker", help="fleet broker, mqtt[s]://[user[:password]@]host[:port] (the rollout identity)")
+    ro.add_argument("--ca-file", type=Path, help="CA certificate of an mqtts:// broker")
+    ro.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS)")
+    ro.add_argument("--key-file", type=Path, help="client key (mutual TLS)")
+    who = ro.add_mutually_exclusive_group()
+    who.add_argument("--vehicles", type=Path, help="file of vehicle ids, one a line (# comments)")
+    who.add_argument("--all", action="store_true", help="every vehicle with health in the store")
+    ro.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="rules change, e.g. stress.sustain_s=5 (JSON value)",
+    )
+    ro.add_argument("--id", dest="rollout_id", help="roll-out id (default: r-<UTC time>-<random>)")
+    ro.add_argument("--canary", default="10%", help="canary share of the vehicles (default: %(default)s)")
+    ro.add_argument("--waves", type=int, default=3, help="waves after the canary (default: %(default)s)")
+    ro.add_argument("--wait", default="10m", help="observe the canary this long: 90s, 10m, 2h (default: %(default)s)")
+    ro.add_argument("--answer-timeout", default="60s", help="a vehicle silent this long counts as no answer")
+    ro.add_argument("--max-per-minute", type=float, default=60.0, help="requests per minute at most")
+    ro.add_argument(
+        "--abort-if-rate-above",
+        type=float,
+        metavar="X",
+        help="abort when the canary's alert rate is above X times its own before and the rest's",
+    )
+    ro.add_argument(
+        "--rate-floor", type=float, default=0.1, help="alerts per vehicle-hour the comparison never goes under"
+    )
+    ro.add_argument(
+        "--max-failures-percent", type=float, metavar="P", help="abort when more than P %% refused or gave no answer..."
+    )
+    ro.add_argument("--min-answered", type=int, default=10, metavar="N", help="...once at least N have answered")
+    ro.add_argument("--prefix", default="cabin", help="topic prefix (default: %(default)s)")
+    ro.set_defaults(fleet_func=_cmd_rollout)
+
+    ra = cmds.add_parser("rates", help="alerts per vehicle-hour, top vehicles, rules that differ from the fleet's")
+    _db_option(ra)
+    ra.add_argument("--since", default="7d", help="window up to now: 90m, 12h, 7d (default: %(default)s)")
+    ra.add_argument("--by", choices=("vehicle", "rule", "day"), default="vehicle", help="grouping (default: vehicle)")
+    ra.add_argument("--top", type=int, default=10, help="top vehicles listed (default: %(default)s)")
+    ra.add_argument("--json", action="store_true", help="print JSON")
+    ra.set_defaults(fleet_func=_cmd_rates)
+
+
+def parse_duration_s(text: str) -> float:
+    """``90s``, ``10m``, ``2h``, ``7d`` (or plain seconds) as seconds; ``ValueError`` otherwise."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1.0)
+    value = float(number) * unit
+    if not value >= 0:
+        raise ValueError(f"not a duration: {text!r}")
+    return value
+
+
+def parse_changes(assignments: list[str]) -> dict[str, Any]:
+    """``stress.sustain_s=5`` ... as a nested rules mapping; values are JSON (bare words are strings)."""
+    changes: dict[str, Any] = {}
+    for item in assignments:
+        path, sep, raw = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--set wants PATH=VALUE, not {item!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, leaf = path.removeprefix("rules.").split(".")
+        node = changes
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return changes
 
 
 def _db_option(p: argparse.ArgumentParser) -> None:
@@ -78,6 +161,81 @@ def _stop_on_signals() -> threading.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def _read_vehicles(args: argparse.Namespace, pool: Any) -> list[str]:
+    if args.vehicles is not None:
+        lines = (line.split("#", 1)[0].strip() for line in args.vehicles.read_text().splitlines())
+        return [line for line in lines if line]
+    with pool.connection() as conn:
+        return [r[0] for r in conn.execute("SELECT vehicle_id FROM health_latest ORDER BY vehicle_id")]
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from cabin_monitor.fleet.db import open_pool
+    from cabin_monitor.fleet.rollout import Phase, Plan
+    from cabin_monitor.fleet.rollout_run import RolloutRunner, status_text
+
+    if args.status:
+        if len(args.status) != 2 or args.status[0] != "status":
+            return _usage("give 'status ID', or no positional argument to start a roll-out")
+        with open_pool(args.db, max_size=1) as pool:
+            text = status_text(pool, args.status[1])
+        if text is None:
+            return _usage(f"no roll-out {args.status[1]!r}")
+        print(text)
+        return EXIT_OK
+    if args.broker is None or not args.set or not (args.vehicles or args.all):
+        return _usage("a roll-out needs --broker, --vehicles FILE or --all, and at least one --set PATH=VALUE")
+    try:
+        plan = Plan(
+            changes=parse_changes(args.set),
+            canary_percent=float(args.canary.rstrip("%")),
+            waves=args.waves,
+            wait_s=parse_duration_s(args.wait),
+            answer_timeout_s=parse_duration_s(args.answer_timeout),
+            max_per_minute=args.max_per_minute,
+            abort_rate_ratio=args.abort_if_rate_above,
+            rate_floor_per_hour=args.rate_floor,
+            max_failures_percent=args.max_failures_percent,
+            min_answered=args.min_answered,
+        )
+    except ValueError as exc:
+        return _usage(str(exc))
+    rollout_id = args.rollout_id or f"r-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(2)}"
+    stop = _stop_on_signals()
+    with open_pool(args.db, max_size=2) as pool:
+        vehicles = _read_vehicles(args, pool)
+        if not vehicles:
+            return _usage("no vehicles to roll out to")
+        print(f"rollout {rollout_id}: {len(vehicles)} vehicles", flush=True)
+        runner = RolloutRunner(_address(args), pool, rollout_id, plan, vehicles, args.prefix)
+        phase = runner.run(stop)
+        print(status_text(pool, rollout_id), flush=True)
+    return EXIT_OK if phase == Phase.DONE else EXIT_FAILED
+
+
+def _cmd_rates(args: argparse.Namespace) -> int:
+    from datetime import datetime, timedelta, timezone
+
+    import psycopg
+
+    from cabin_monitor.fleet.rates import format_report, report
+
+    try:
+        since_s = parse_duration_s(args.since)
+    except ValueError as exc:
+        return _usage(str(exc))
+    end = datetime.now(timezone.utc)
+    with psycopg.connect(args.db) as conn:
+        data = report(conn, end - timedelta(seconds=since_s), end, args.by, args.top)
+    print(json.dumps(data, indent=2) if args.json else format_report(data))
+    return EXIT_OK
+
+
+def _usage(message: str) -> int:
+    print(f"cabin-monitor fleet: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:

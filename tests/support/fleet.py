@@ -23,8 +23,19 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg import sql
 
-from cabin_monitor.bus.payloads import EventPayload, utc_iso
-from cabin_monitor.config import parse_mqtt_url
+from cabin_monitor.bus.payloads import (
+    CameraHealth,
+    EventPayload,
+    HealthPayload,
+    ModelHealth,
+    MqttHealth,
+    OutboxHealth,
+    PipelineHealth,
+    utc_iso,
+)
+from cabin_monitor.bus.remote import RulesControl
+from cabin_monitor.config import EMOTIONS_7, RulesConfig, parse_mqtt_url
+from cabin_monitor.messages import RemoteRequest
 from tests.support.broker import MosquittoBroker
 from tests.support.pki import TestPki
 
@@ -212,3 +223,81 @@ class BridgedVehicleBroker(MosquittoBroker):
         super()._write_config()
         with self.config_file.open("a") as config:
             config.write(self.bridge_text)
+
+
+class SimulatedVehicle:
+    """A vehicle on the fleet broker that answers config requests with the daemon's own ``RulesControl``.
+
+    It publishes ``rules/state`` at start and on every change, ``health`` every ``health_interval_s``, and a
+    ``stress`` start event every ``stress.sustain_s`` of the rules in force, so its alert rate follows the
+    rules an operator sets.
+    """
+
+    def __init__(self, broker_url: str, vehicle_id: str, base: RulesConfig, health_interval_s: float = 0.5) -> None:
+        self.vehicle_id = vehicle_id
+        self.control = RulesControl(base, EMOTIONS_7, None)
+        self.health_interval_s = health_interval_s
+        self._stop = threading.Event()
+        self.publisher = Publisher(broker_url, vehicle_id, client_id=vehicle_id)
+        client = self.publisher.client
+        client.on_message = self._on_request
+        client.subscribe([(f"cabin/{vehicle_id}/config/{a}", 1) for a in ("set", "get", "reset")])
+        self._publish_state("start", None)
+        self._thread = threading.Thread(target=self._run, name=f"sim-{vehicle_id}", daemon=True)
+        self._thread.start()
+
+    def _on_request(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        action = msg.topic.rsplit("/", 1)[1]
+        request = RemoteRequest(action, bytes(msg.payload), retained=bool(msg.retain), received_s=time.monotonic())  # type: ignore[arg-type]
+        answer = self.control.handle(request)
+        # From paho's network thread: publish without waiting for the PUBACK, which this thread delivers.
+        self.publisher.client.publish(f"cabin/{self.vehicle_id}/config/result", answer.model_dump_json(), qos=1)
+        if answer.ok and action != "get":
+            self.publisher.client.publish(
+                f"cabin/{self.vehicle_id}/rules/state",
+                self.control.state(self.vehicle_id, f"config/{action}", answer.request_id).model_dump_json(),  # type: ignore[arg-type]
+                qos=1,
+                retain=True,
+            )
+
+    def _publish_state(self, cause: str, request_id: str | None) -> None:
+        state = self.control.state(self.vehicle_id, cause, request_id)  # type: ignore[arg-type]
+        self.publisher.client.publish(
+            f"cabin/{self.vehicle_id}/rules/state", state.model_dump_json(), qos=1, retain=True
+        )
+
+    def _run(self) -> None:
+        next_health = next_alert = time.monotonic()
+        while not self._stop.wait(0.02):
+            now = time.monotonic()
+            if now >= next_health:
+                next_health = now + self.health_interval_s
+                self.publisher.client.publish(f"cabin/{self.vehicle_id}/health", health_json(self.vehicle_id), qos=1)
+            if now >= next_alert:
+                next_alert = now + float(self.control.effective.stress.sustain_s)
+                self.publisher.client.publish(f"cabin/{self.vehicle_id}/events", event_json(self.vehicle_id), qos=1)
+
+    def overrides(self) -> dict[str, Any]:
+        """Path -> value of every remote override in force."""
+        return {o.path: o.remote for o in self.control.overrides()}
+
+    def close(self) -> None:
+        """Stop publishing and disconnect."""
+        self._stop.set()
+        self._thread.join(5)
+        self.publisher.close()
+
+
+def health_json(vehicle_id: str) -> bytes:
+    """A valid health payload of a vehicle doing well."""
+    payload = HealthPayload(
+        vehicle_id=vehicle_id,
+        ts=utc_iso(time.time()),
+        status="ok",
+        camera=CameraHealth(state="streaming", source="0", fps=30.0, frames=1, corrupt_frames=0, reopen_count=0),
+        pipeline=PipelineHealth(fps=30.0, frames_processed=1, dropped_frames=0, stale_frames=0),
+        model=ModelHealth(path="m.onnx", providers_requested=["CPUExecutionProvider"], provider_in_use="CPU"),
+        outbox=OutboxHealth(state="ok", depth=0, memory_depth=0, dropped_total=0, dropped_by_reason={}),
+        mqtt=MqttHealth(connected=True, reconnects=0, refused_events=0),
+    )
+    return payload.model_dump_json().encode()
