@@ -34,12 +34,12 @@ from tests.support.fleet import event_json  # noqa: E402
 
 
 class FleetBroker(MosquittoBroker):
-    """The test broker with the fleet broker's unbounded per-session queue (see deploy/mosquitto/mosquitto.conf)."""
+    """The test broker with the fleet broker's deep per-session queue (see deploy/mosquitto/mosquitto.conf)."""
 
     def _write_config(self) -> None:
         super()._write_config()
         with self.config_file.open("a") as config:
-            config.write("max_queued_messages 0\n")
+            config.write("max_queued_messages 1000000\n")
 
 
 def publish(port: int, vehicles: list[str], count: int, start_at: float) -> float:
