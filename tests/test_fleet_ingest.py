@@ -118,7 +118,7 @@ def test_a_resent_end_with_a_later_time_is_still_stored_once(tmp_path: Path, bro
 def test_bad_payloads_go_to_quarantine_with_their_reason_and_the_stream_goes_on(
     tmp_path: Path, broker: MosquittoBroker, dsn: str
 ) -> None:
-    """Not UTF-8, bad JSON, not an object, unknown schema version, foreign vehicle_id, invalid: each quarantined."""
+    """Each kind of bad payload (and one PostgreSQL refuses) is quarantined with its reason; later events are stored."""
     good = json.loads(event_json("car-1"))
     bad = {
         "not_utf8": b"\xff\xfe{",
@@ -127,6 +127,9 @@ def test_bad_payloads_go_to_quarantine_with_their_reason_and_the_stream_goes_on(
         "unknown_schema_version": json.dumps({**good, "schema_version": 2}).encode(),
         "vehicle_mismatch": json.dumps({**good, "vehicle_id": "car-2"}).encode(),
         "invalid_payload": json.dumps({**good, "phase": "middle"}).encode(),
+        "implausible_time": json.dumps({**good, "ts": "1970-01-01T00:00:00.000Z"}).encode(),
+        # Valid JSON and a valid payload, but PostgreSQL's jsonb takes no lone surrogate.
+        "refused_by_store": json.dumps({**good, "occupant_id": "\ud800"}).encode(),
     }
     worker = ingest(tmp_path, broker.url, dsn, "ingest-a")
     last = str(uuid.uuid4())

@@ -28,13 +28,19 @@ def add_fleet_parser(sub: Any) -> None:
     fleet = sub.add_parser("fleet", help="fleet operators: event store, ingest, rule roll-outs, alert rates")
     fleet.set_defaults(func=_fleet_main)
     cmds = fleet.add_subparsers(dest="fleet_command", required=True)
+    for add in (_add_db, _add_ingest, _add_rollout, _add_rates):
+        add(cmds)
 
+
+def _add_db(cmds: Any) -> None:
     db = cmds.add_parser("db", help="the fleet store's schema")
     db_cmds = db.add_subparsers(dest="db_command", required=True)
     up = db_cmds.add_parser("upgrade", help="create or migrate the schema (safe to run again)")
     _db_option(up)
     up.set_defaults(fleet_func=_cmd_db_upgrade)
 
+
+def _add_ingest(cmds: Any) -> None:
     ing = cmds.add_parser("ingest", help="take every vehicle's messages from the fleet broker into the store")
     _broker_options(ing)
     _db_option(ing)
@@ -47,6 +53,8 @@ def add_fleet_parser(sub: Any) -> None:
     ing.add_argument("--prefix", default="cabin", help="topic prefix (default: %(default)s)")
     ing.set_defaults(fleet_func=_cmd_ingest)
 
+
+def _add_rollout(cmds: Any) -> None:
     ro = cmds.add_parser(
         "rollout",
         help="change rules on a canary group, then in waves, aborting and restoring on refusals or alert rates",
@@ -54,10 +62,7 @@ def add_fleet_parser(sub: Any) -> None:
     )
     ro.add_argument("status", nargs="*", metavar="status ID", help="show roll-out ID instead of starting one")
     _db_option(ro)
-    ro.add_argument("--broker", help="fleet broker, mqtt[s]://[user[:password]@]host[:port] (the rollout identity)")
-    ro.add_argument("--ca-file", type=Path, help="CA certificate of an mqtts:// broker")
-    ro.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS)")
-    ro.add_argument("--key-file", type=Path, help="client key (mutual TLS)")
+    _broker_options(ro, required=False)
     who = ro.add_mutually_exclusive_group()
     who.add_argument("--vehicles", type=Path, help="file of vehicle ids, one a line (# comments)")
     who.add_argument("--all", action="store_true", help="every vehicle with health in the store")
@@ -90,6 +95,8 @@ def add_fleet_parser(sub: Any) -> None:
     ro.add_argument("--prefix", default="cabin", help="topic prefix (default: %(default)s)")
     ro.set_defaults(fleet_func=_cmd_rollout)
 
+
+def _add_rates(cmds: Any) -> None:
     ra = cmds.add_parser("rates", help="alerts per vehicle-hour, top vehicles, rules that differ from the fleet's")
     _db_option(ra)
     ra.add_argument("--since", default="7d", help="window up to now: 90m, 12h, 7d (default: %(default)s)")
@@ -132,8 +139,8 @@ def _db_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", required=True, help="PostgreSQL connection string, e.g. postgresql://fleet@db/fleet")
 
 
-def _broker_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", required=True, help="fleet broker, mqtt[s]://[user[:password]@]host[:port]")
+def _broker_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--broker", required=required, help="fleet broker, mqtt[s]://[user[:password]@]host[:port]")
     p.add_argument("--ca-file", type=Path, help="CA certificate of an mqtts:// broker")
     p.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS)")
     p.add_argument("--key-file", type=Path, help="client key (mutual TLS)")
@@ -208,6 +215,8 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
         vehicles = _read_vehicles(args, pool)
         if not vehicles:
             return _usage("no vehicles to roll out to")
+        if status_text(pool, rollout_id) is not None:
+            return _usage(f"roll-out {rollout_id!r} exists already (see: fleet rollout status {rollout_id})")
         print(f"rollout {rollout_id}: {len(vehicles)} vehicles", flush=True)
         runner = RolloutRunner(_address(args), pool, rollout_id, plan, vehicles, args.prefix)
         phase = runner.run(stop)

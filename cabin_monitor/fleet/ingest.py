@@ -136,7 +136,7 @@ class Ingest:
         while True:
             try:
                 with self._pool.connection() as conn:
-                    counts = write_records(conn, records, self._partitions)
+                    counts = write_records(conn, records, self._partitions, self._settings.prefix)
                 break
             except psycopg.OperationalError as exc:
                 log.warning("fleet store unreachable; batch kept, not acknowledged", error=str(exc), batch=len(batch))

@@ -36,6 +36,7 @@ class Reason(str, enum.Enum):
     VEHICLE_MISMATCH = "vehicle_mismatch"
     INVALID_PAYLOAD = "invalid_payload"
     UNKNOWN_TOPIC = "unknown_topic"
+    IMPLAUSIBLE_TIME = "implausible_time"
     REFUSED_BY_STORE = "refused_by_store"
 
 
@@ -104,6 +105,7 @@ JSON_TOPICS: dict[str, type[BaseModel]] = {
     "config/result": ConfigResultPayload,
 }
 STATUS_TOPIC = "status"
+EVENT_YEARS = (2000, 2200)  # an event's ts must fall in [first, last) year
 STATUS_VALUES = frozenset({"online", "offline"})
 
 
@@ -165,12 +167,17 @@ def _classify_json(topic: str, payload: bytes, text: str, vehicle_id: str, model
         parsed = model.model_validate(data)
     except ValidationError as exc:
         return Quarantined(topic, payload, Reason.INVALID_PAYLOAD, _short_errors(exc))
-    return _record(parsed, vehicle_id, text)
+    record = _record(parsed, vehicle_id, text)
+    return Quarantined(topic, payload, record.reason, record.detail) if isinstance(record, Quarantined) else record
 
 
 def _record(parsed: BaseModel, vehicle_id: str, text: str) -> Record:
     if isinstance(parsed, EventPayload):
-        return EventRecord(parsed, utc_datetime(parsed.ts), text)
+        ts = utc_datetime(parsed.ts)
+        if not EVENT_YEARS[0] <= ts.year < EVENT_YEARS[1]:
+            # Each month of events is a partition: a clock gone wild would make one per message.
+            return Quarantined("", text.encode(), Reason.IMPLAUSIBLE_TIME, f"ts {parsed.ts} outside {EVENT_YEARS}")
+        return EventRecord(parsed, ts, text)
     if isinstance(parsed, HealthPayload):
         return HealthRecord(parsed, utc_datetime(parsed.ts), text)
     if isinstance(parsed, RulesStatePayload):

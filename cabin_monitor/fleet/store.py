@@ -106,7 +106,7 @@ class PartitionCache:
 
 
 def write_records(
-    conn: psycopg.Connection[object], records: Sequence[Record], partitions: PartitionCache
+    conn: psycopg.Connection[object], records: Sequence[Record], partitions: PartitionCache, prefix: str = "cabin"
 ) -> WriteCounts:
     """Store ``records`` in one transaction (committed on return); a record PostgreSQL refuses is quarantined."""
     partitions.ensure(conn, [r.ts for r in records if isinstance(r, EventRecord)])
@@ -122,14 +122,30 @@ def write_records(
                 with conn.transaction():
                     counts.add(_write(conn, [record]))
             except psycopg.DataError as exc:
-                counts.add(_write(conn, [_refused(record, exc)]))
+                counts.add(_write(conn, [_refused(record, exc, prefix)]))
     return counts
 
 
-def _refused(record: Record, exc: psycopg.DataError) -> Quarantined:
-    text = getattr(record, "json_text", "")
-    vehicle = getattr(record, "vehicle_id", None) or getattr(getattr(record, "payload", None), "vehicle_id", "?")
-    return Quarantined(f"cabin/{vehicle}/{type(record).__name__}", text.encode(), Reason.REFUSED_BY_STORE, str(exc))
+_TOPIC_SUFFIX = {
+    EventRecord: "events",
+    HealthRecord: "health",
+    RulesStateRecord: "rules/state",
+    ConfigResultRecord: "config/result",
+    StatusRecord: "status",
+}
+
+
+def _refused(record: Record, exc: psycopg.DataError, prefix: str) -> Quarantined:
+    if isinstance(record, Quarantined):
+        raise exc  # the quarantine row itself was refused: nothing is left to fall back on
+    if isinstance(record, StatusRecord):
+        vehicle, raw = record.vehicle_id, record.status.encode()
+    elif isinstance(record, ConfigResultRecord):
+        vehicle, raw = record.vehicle_id, record.json_text.encode()
+    else:
+        vehicle, raw = record.payload.vehicle_id, record.json_text.encode()
+    topic = f"{prefix}/{vehicle}/{_TOPIC_SUFFIX[type(record)]}"
+    return Quarantined(topic, raw, Reason.REFUSED_BY_STORE, str(exc).strip())
 
 
 def _write(conn: psycopg.Connection[object], records: Sequence[Record]) -> WriteCounts:
