@@ -150,10 +150,20 @@ def _fleet_main(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("psycopg") is None:
         print("cabin-monitor: 'fleet' needs the fleet extra: pip install 'cabin-monitor[fleet]'", file=sys.stderr)
         return EXIT_FAILED
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
     from cabin_monitor.logs import configure_logging
 
     configure_logging("info", "auto")
-    code: int = args.fleet_func(args)
+    try:
+        code: int = args.fleet_func(args)
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        print(f"cabin-monitor fleet: the store cannot be reached: {str(exc).strip()}", file=sys.stderr)
+        return EXIT_FAILED
+    except (TimeoutError, ValueError, OSError) as exc:
+        print(f"cabin-monitor fleet: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return code
 
 
