@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cabin_monitor.bus.remote import RulesControl
+from cabin_monitor.config import EMOTIONS_7, RulesConfig
 from cabin_monitor.fleet.db import applied_versions, upgrade
 from tests.support.broker import MosquittoBroker
 from tests.support.fleet import (
@@ -42,6 +44,11 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """The fleet broker with persistence, password accounts and the repo's ACL."""
     with fleet_broker(tmp_path / "fleet-broker", VEHICLES) as b:
         yield b
+
+
+def rules_state_json(vehicle_id: str) -> bytes:
+    """The retained rules/state a daemon publishes at start, made by the daemon's own RulesControl."""
+    return RulesControl(RulesConfig(), EMOTIONS_7, None).state(vehicle_id, "start").model_dump_json().encode()
 
 
 def event_count(dsn: str) -> int:
@@ -118,7 +125,7 @@ def test_a_resent_end_with_a_later_time_is_still_stored_once(tmp_path: Path, bro
 def test_bad_payloads_go_to_quarantine_with_their_reason_and_the_stream_goes_on(
     tmp_path: Path, broker: MosquittoBroker, dsn: str
 ) -> None:
-    """Each kind of bad payload (and one PostgreSQL refuses) is quarantined with its reason; later events are stored."""
+    """Each kind of bad payload (and one PostgreSQL refuses) is quarantined with its reason; the rest is stored."""
     good = json.loads(event_json("car-1"))
     bad = {
         "not_utf8": b"\xff\xfe{",
@@ -131,6 +138,10 @@ def test_bad_payloads_go_to_quarantine_with_their_reason_and_the_stream_goes_on(
         # Valid JSON and a valid payload, but PostgreSQL's jsonb takes no lone surrogate.
         "refused_by_store": json.dumps({**good, "occupant_id": "\ud800"}).encode(),
     }
+    with Publisher(broker.url, "car-1") as car:  # before ingest ever subscribed: retained only
+        car.client.publish("cabin/car-1/rules/state", rules_state_json("car-1"), qos=1, retain=True).wait_for_publish(
+            10
+        )
     worker = ingest(tmp_path, broker.url, dsn, "ingest-a")
     last = str(uuid.uuid4())
     with Publisher(broker.url, "car-1") as car:
@@ -148,3 +159,4 @@ def test_bad_payloads_go_to_quarantine_with_their_reason_and_the_stream_goes_on(
     assert [r[2] for r in rows if r[0] == "cabin/car-1/health"] == ["invalid_payload"]
     assert query(dsn, "SELECT status FROM vehicle_status WHERE vehicle_id = 'car-1'") == [("online",)]
     assert event_count(dsn) == 1
+    assert query(dsn, "SELECT vehicle_id, cause FROM rules_state") == [("car-1", "start")]

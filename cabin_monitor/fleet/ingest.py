@@ -1,12 +1,14 @@
 """``fleet ingest``: every vehicle's messages from the fleet broker into PostgreSQL, exactly once.
 
-An MQTT 5 shared subscription (``$share/<group>/cabin/+/events`` and the other topics of ``records``)
-spreads the fleet over any number of ingest processes. Acknowledgement is manual: a message's PUBACK goes
-out only after the transaction holding it has committed, so a process killed before that gets its messages
-again (here, or in a group member) and the store's ``event_id`` key makes the second copy a no-op:
-at-least-once from the vehicles, exactly once in the store. Acknowledgements follow the order of arrival
-(as MQTT requires) and belong to one connection: those of messages received before a reconnect are
-dropped, the broker sends those messages again.
+MQTT 5 shared subscriptions (``$share/<group>/cabin/+/events``, ``health``, ``config/result``) spread the
+fleet over any number of ingest processes; each also subscribes to the retained ``rules/state`` and ``status``
+itself, so the values vehicles published before it started arrive too.
+
+Acknowledgement is manual: a message's PUBACK goes out only after the transaction holding it has committed,
+so a process killed before that gets its messages again (here, or in a group member) and the store's
+``event_id`` key makes the second copy a no-op: at-least-once from the vehicles, exactly once in the store.
+Acknowledgements follow the order of arrival (as MQTT requires) and belong to one connection: those of
+messages received before a reconnect are dropped, the broker sends those messages again.
 """
 
 from __future__ import annotations
@@ -76,8 +78,7 @@ class Ingest:
             log.warning("fleet broker refused the connection", broker=str(self._address), reason=str(reason))
             return
         self._generation += 1
-        shared = [(f"$share/{self._settings.group}/{t}", 1) for t in subscription_topics(self._settings.prefix)]
-        client.subscribe(shared)
+        client.subscribe([(t, 1) for t in subscription_topics(self._settings.group, self._settings.prefix)])
         log.info(
             "connected to the fleet broker",
             broker=str(self._address),

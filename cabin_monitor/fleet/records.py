@@ -109,9 +109,15 @@ EVENT_YEARS = (2000, 2200)  # an event's ts must fall in [first, last) year
 STATUS_VALUES = frozenset({"online", "offline"})
 
 
-def subscription_topics(prefix: str = "cabin") -> list[str]:
-    """Every topic filter the store takes in, for one vehicle wildcard."""
-    return [f"{prefix}/+/{suffix}" for suffix in (*JSON_TOPICS, STATUS_TOPIC)]
+# Retained, rare, and kept as the latest per vehicle: every ingest process subscribes to these itself (a shared
+# subscription gets no retained messages, so the rules in force before ingest started would never arrive).
+RETAINED_SUFFIXES = ("rules/state", STATUS_TOPIC)
+
+
+def subscription_topics(group: str, prefix: str = "cabin") -> list[str]:
+    """Every topic filter the store takes in: shared in ``group``, but the retained latest-value topics."""
+    suffixes = (*JSON_TOPICS, STATUS_TOPIC)
+    return [f"{prefix}/+/{s}" if s in RETAINED_SUFFIXES else f"$share/{group}/{prefix}/+/{s}" for s in suffixes]
 
 
 def utc_datetime(text: str) -> datetime:
