@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -82,7 +83,7 @@ def send_events(car: Publisher, vehicle: str, n: int, sent: set[str]) -> None:
 def test_every_event_is_stored_once_across_an_ingest_kill_and_a_broker_restart(
     tmp_path: Path, broker: MosquittoBroker, dsn: str
 ) -> None:
-    """Each event sent twice, ingest SIGKILLed mid-stream and restarted, the broker restarted: each stored once."""
+    """Each event sent twice; ingest SIGKILLed, the broker restarted, ingest SIGTERMed mid-stream: each stored once."""
     sent: set[str] = set()
     worker = ingest(tmp_path, broker.url, dsn, "ingest-a", "--batch-size", "50")
     wait_until(lambda: connections(worker) == 1, 30, "ingest connected")
@@ -97,7 +98,15 @@ def test_every_event_is_stored_once_across_an_ingest_kill_and_a_broker_restart(
     broker.restart()  # with messages in flight to ingest, unacknowledged
     wait_until(lambda: connections(worker) == 2, 30, "ingest reconnected")
     with Publisher(broker.url, "car-3") as car3:
-        send_events(car3, "car-3", 30, sent)
+        sending = threading.Thread(target=send_events, args=(car3, "car-3", 150, sent))
+        sending.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert worker.terminate() == 0, worker.output()  # SIGTERM mid-stream: commit, acknowledge, exit
+        assert time.monotonic() - started < 10
+        sending.join(30)
+    worker = ingest(tmp_path, broker.url, dsn, "ingest-a", "--batch-size", "50")
+    wait_until(lambda: connections(worker) == 1, 30, "ingest connected after SIGTERM")
     wait_until(lambda: event_count(dsn) >= len(sent), 60, f"{len(sent)} events stored")
     time.sleep(1.0)  # room for a late duplicate to show up
     assert worker.terminate() == 0, worker.output()

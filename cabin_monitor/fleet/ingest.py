@@ -101,29 +101,32 @@ class Ingest:
         connect(self._client, self._address, receive_maximum=max(2 * self._settings.batch_size, 20))
         self._client.loop_start()
         next_stats = time.monotonic() + STATS_INTERVAL_S
-        code = 0
+        ok = True
         try:
-            while True:
-                batch = self._take(stop)
-                if batch and not self._commit(batch, stop):
-                    code = 1
-                    break
+            while ok and not stop.is_set():
+                batch = self._take(self._settings.batch_size, self._settings.batch_wait_s)
+                ok = not batch or self._commit(batch, stop)
                 if time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + STATS_INTERVAL_S
                     self._log_totals("ingest totals")
-                if stop.is_set() and self._inbox.empty():
-                    break
+            # Stopping: what has arrived so far is committed and acknowledged; later messages (the
+            # connection is still up) wait on the broker for the next run.
+            left = self._inbox.qsize()
+            while ok and left > 0:
+                batch = self._take(min(left, self._settings.batch_size), 0.0)
+                left -= len(batch)
+                ok = not batch or self._commit(batch, stop)
         finally:
             self._client.disconnect()
             self._client.loop_stop()
             self._log_totals("ingest stopped")
-        return code
+        return 0 if ok else 1
 
-    def _take(self, stop: threading.Event) -> list[Inbound]:
-        """Up to ``batch_size`` messages: waits ``batch_wait_s`` at most for the first and for the rest."""
+    def _take(self, size: int, wait_s: float) -> list[Inbound]:
+        """Up to ``size`` messages, waiting ``wait_s`` at most for all of them."""
         batch: list[Inbound] = []
-        deadline = time.monotonic() + self._settings.batch_wait_s
-        while len(batch) < self._settings.batch_size:
+        deadline = time.monotonic() + wait_s
+        while len(batch) < size:
             left = deadline - time.monotonic()
             try:
                 batch.append(self._inbox.get(timeout=left) if left > 0 else self._inbox.get_nowait())
