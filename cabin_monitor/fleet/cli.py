@@ -28,7 +28,7 @@ def add_fleet_parser(sub: Any) -> None:
     fleet = sub.add_parser("fleet", help="fleet operators: event store, ingest, rule roll-outs, alert rates")
     fleet.set_defaults(func=_fleet_main)
     cmds = fleet.add_subparsers(dest="fleet_command", required=True)
-    for add in (_add_db, _add_ingest, _add_rollout, _add_rates):
+    for add in (_add_db, _add_ingest, _add_rollout, _add_rates, _add_report):
         add(cmds)
 
 
@@ -104,6 +104,15 @@ def _add_rates(cmds: Any) -> None:
     ra.add_argument("--top", type=int, default=10, help="top vehicles listed (default: %(default)s)")
     ra.add_argument("--json", action="store_true", help="print JSON")
     ra.set_defaults(fleet_func=_cmd_rates)
+
+
+def _add_report(cmds: Any) -> None:
+    rp = cmds.add_parser("report", help="the alert rates as an HTML page with plots")
+    _db_option(rp)
+    rp.add_argument("--out", type=Path, required=True, help="folder for index.html and plotly.min.js")
+    rp.add_argument("--since", default="7d", help="window up to now: 90m, 12h, 7d (default: %(default)s)")
+    rp.add_argument("--top", type=int, default=20, help="top vehicles plotted (default: %(default)s)")
+    rp.set_defaults(fleet_func=_cmd_report)
 
 
 def parse_duration_s(text: str) -> float:
@@ -249,6 +258,24 @@ def _cmd_rates(args: argparse.Namespace) -> int:
     with psycopg.connect(args.db) as conn:
         data = report(conn, end - timedelta(seconds=since_s), end, args.by, args.top)
     print(json.dumps(data, indent=2) if args.json else format_report(data))
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from datetime import datetime, timedelta, timezone
+
+    import psycopg
+
+    from cabin_monitor.fleet.report import write_report
+
+    try:
+        since_s = parse_duration_s(args.since)
+    except ValueError as exc:
+        return _usage(str(exc))
+    end = datetime.now(timezone.utc)
+    with psycopg.connect(args.db) as conn:
+        path = write_report(conn, args.out, end - timedelta(seconds=since_s), end, args.top)
+    print(path)
     return EXIT_OK
 
 
