@@ -1,7 +1,7 @@
 """The fleet's MQTT 5 connection: a broker URL with its credentials, and a paho client made from it.
 
 ``mqtt://user:password@host:port`` (``mqtts://`` for TLS; ``ca_file``, ``cert_file`` and ``key_file`` for
-a private CA and client certificates). Every fleet client speaks MQTT 5 with a persistent session
+a private CA and client certificates). Every fleet client speaks MQTT 5; ingest keeps a persistent session
 (``clean_start`` false and a session expiry), so what the broker holds for it survives a restart of
 either side.
 """
@@ -69,9 +69,12 @@ def make_client(address: BrokerAddress, client_id: str) -> mqtt.Client:
     return client
 
 
-def connect(client: mqtt.Client, address: BrokerAddress, *, receive_maximum: int = 100) -> None:
-    """Start connecting (persistent session, ``receive_maximum`` unacknowledged messages in flight at most)."""
+def connect(
+    client: mqtt.Client, address: BrokerAddress, *, receive_maximum: int = 100, persistent: bool = True
+) -> None:
+    """Start connecting, ``receive_maximum`` unacknowledged messages in flight at most; ``persistent``: the
+    broker keeps the session (and queues for it) for ``SESSION_EXPIRY_S`` while it is away."""
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = SESSION_EXPIRY_S
+    props.SessionExpiryInterval = SESSION_EXPIRY_S if persistent else 0
     props.ReceiveMaximum = receive_maximum
-    client.connect_async(address.host, address.port, keepalive=15, clean_start=False, properties=props)
+    client.connect_async(address.host, address.port, keepalive=15, clean_start=not persistent, properties=props)

@@ -100,7 +100,7 @@ class RolloutRunner:
     def run(self, stop: threading.Event) -> Phase:
         """Until done or aborted (or ``stop``): the final phase."""
         self._create()
-        connect(self._client, self._address)
+        connect(self._client, self._address, persistent=False)  # nothing to keep once it has ended
         self._client.loop_start()
         try:
             if not self._subscribed.wait(30):
