@@ -143,7 +143,7 @@ class Ingest:
                     counts = write_records(conn, records, self._partitions, self._settings.prefix)
                 break
             except psycopg.OperationalError as exc:
-                log.warning("fleet store unreachable; batch kept, not acknowledged", error=str(exc), batch=len(batch))
+                log.warning("batch not committed; kept unacknowledged, tried again", error=str(exc), batch=len(batch))
                 if stop.wait(DB_RETRY_S):
                     return False
         self.totals.add(counts)

@@ -156,12 +156,14 @@ def _write(conn: psycopg.Connection[object], records: Sequence[Record]) -> Write
             events.setdefault(r.payload.event_id, r)
     counts.events_duplicate = sum(isinstance(r, EventRecord) for r in records) - len(events)
     if events:
-        cur = conn.execute(_INSERT_EVENTS, _event_columns(list(events.values())))
+        # Rows in key order, here and below: ingest processes writing the same rows lock them in one order,
+        # so they wait for each other instead of deadlocking.
+        cur = conn.execute(_INSERT_EVENTS, _event_columns([events[k] for k in sorted(events)]))
         counts.events_new = cur.rowcount
         counts.events_duplicate += len(events) - cur.rowcount
     with conn.cursor() as cur:
         counts.other += _write_health(cur, [r for r in records if isinstance(r, HealthRecord)])
-        rules = _latest_rules([r for r in records if isinstance(r, RulesStateRecord)])
+        rules = sorted(_latest_rules([r for r in records if isinstance(r, RulesStateRecord)]), key=_vehicle)
         cur.executemany(
             _UPSERT_RULES,
             [(r.payload.vehicle_id, r.ts, r.payload.cause, r.payload.request_id, r.json_text) for r in rules],
@@ -175,7 +177,7 @@ def _write(conn: psycopg.Connection[object], records: Sequence[Record]) -> Write
             ],
         )
         statuses = {r.vehicle_id: r.status for r in records if isinstance(r, StatusRecord)}
-        cur.executemany(_UPSERT_STATUS, list(statuses.items()))
+        cur.executemany(_UPSERT_STATUS, sorted(statuses.items()))
         bad = [r for r in records if isinstance(r, Quarantined)]
         cur.executemany(_INSERT_QUARANTINE, [(q.topic, q.payload, q.reason.value, q.detail) for q in bad])
     counts.other += len(rules) + len(results) + len(statuses)
@@ -183,6 +185,10 @@ def _write(conn: psycopg.Connection[object], records: Sequence[Record]) -> Write
     for q in bad:
         counts.quarantined_by_reason[q.reason.value] = counts.quarantined_by_reason.get(q.reason.value, 0) + 1
     return counts
+
+
+def _vehicle(record: RulesStateRecord) -> str:
+    return record.payload.vehicle_id
 
 
 def _latest_rules(records: Sequence[RulesStateRecord]) -> list[RulesStateRecord]:
@@ -218,9 +224,9 @@ def _write_health(cur: psycopg.Cursor[object], health: Sequence[HealthRecord]) -
         if vehicle not in latest or latest[vehicle].ts <= h.ts:
             latest[vehicle] = h
         hourly.setdefault((vehicle, h.ts.replace(minute=0, second=0, microsecond=0)), []).append(h)
-    cur.executemany(_UPSERT_HEALTH, [(v, h.ts, h.payload.status, h.json_text) for v, h in latest.items()])
+    cur.executemany(_UPSERT_HEALTH, [(v, h.ts, h.payload.status, h.json_text) for v, h in sorted(latest.items())])
     rows = []
-    for (vehicle, hour), group in hourly.items():
+    for (vehicle, hour), group in sorted(hourly.items()):
         worst = max((h.payload.status for h in group), key=("ok", "degraded", "error").index)
         rows.append((vehicle, hour, min(h.ts for h in group), max(h.ts for h in group), len(group), worst))
     cur.executemany(_UPSERT_HEALTH_HOURLY, rows)
