@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cabin_monitor.errors import CabinMonitorError, ConfigurationError, RuntimeFault
+from cabin_monitor.fleet.cli import add_fleet_parser
 
 if TYPE_CHECKING:
     from cabin_monitor.daemon import Overrides
@@ -462,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--mean-by-class", metavar="NPZ", help="average map per emotion over a labelled .npz")
     xp.add_argument("--limit", type=int, default=2000, help="images used from the .npz for --mean-by-class")
     xp.set_defaults(func=cmd_explain)
+
+    add_fleet_parser(sub)
     return p
 
 

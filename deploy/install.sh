@@ -19,12 +19,17 @@ PYTHON=${PYTHON:-python3}
 usage() {
     cat <<EOF
 usage: deploy/install.sh [--destdir DIR] [--extra cpu|gpu] [--record] [--wheel PATH | --source DIR]
+                         [--bridge URL --vehicle-id ID]
 
   --destdir DIR   install below DIR (an image root); default: this machine, as root
   --extra NAME    onnxruntime build: cpu (default) or gpu (onnxruntime-gpu: CUDA/TensorRT)
   --record        also install what record.dir needs (pyarrow), for vehicles that record
   --wheel PATH    install this cabin-monitor wheel
   --source DIR    build cabin-monitor from this source tree (default: $REPO)
+  --bridge URL    bridge the vehicle's local Mosquitto to the fleet broker at URL
+                  (mqtts://host:port): /etc/mosquitto/conf.d/cabin-fleet-bridge.conf,
+                  logging in with /etc/mosquitto/certs/ID.crt and ID.key (CA: ca.crt)
+  --vehicle-id ID the vehicle's id (its certificate's CN), needed with --bridge
 
 The unit, sysusers.d/tmpfiles.d files and example config come from the checkout
 this script is in. Environment: PYTHON (default python3) makes the venv; PIP_*
@@ -42,17 +47,21 @@ extra=cpu
 record=
 wheel=
 source=
+bridge=
+vehicle_id=
 while [ $# -gt 0 ]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
         --record) record=,record; shift ;;
-        --destdir | --extra | --wheel | --source)
+        --destdir | --extra | --wheel | --source | --bridge | --vehicle-id)
             if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see --help)"; fi
             case $1 in
                 --destdir) destdir=$2 ;;
                 --extra) extra=$2 ;;
                 --wheel) wheel=$2 ;;
                 --source) source=$2 ;;
+                --bridge) bridge=$2 ;;
+                --vehicle-id) vehicle_id=$2 ;;
             esac
             shift 2
             ;;
@@ -65,6 +74,7 @@ case $extra in
     *) die "--extra must be cpu or gpu, not '$extra'" ;;
 esac
 [ -z "$wheel" ] || [ -z "$source" ] || die "give --wheel or --source, not both"
+[ -z "$bridge" ] || [ -n "$vehicle_id" ] || die "--bridge needs --vehicle-id ID"
 if [ -n "$wheel" ]; then
     case $wheel in *.whl) ;; *) die "--wheel wants a .whl file: $wheel" ;; esac
     [ -f "$wheel" ] || die "no such wheel: $wheel"
@@ -148,6 +158,17 @@ fi
 # The configuration must load with the new version before it replaces the old.
 "$build/bin/python" -m cabin_monitor check-config "$config" \
     || die "$config does not load with this version (problems above); the installed venv is unchanged"
+
+if [ -n "$bridge" ]; then
+    certs=/etc/mosquitto/certs
+    install -d "$destdir/etc/mosquitto/conf.d"
+    sh "$REPO/deploy/mosquitto/bridge.sh" --fleet "$bridge" --vehicle-id "$vehicle_id" \
+        --ca "$certs/ca.crt" --cert "$certs/$vehicle_id.crt" --key "$certs/$vehicle_id.key" \
+        >"$work/bridge.conf" || die "cannot write the bridge configuration (see above)"
+    install -m 0644 "$work/bridge.conf" "$destdir/etc/mosquitto/conf.d/cabin-fleet-bridge.conf"
+    echo "bridge: $destdir/etc/mosquitto/conf.d/cabin-fleet-bridge.conf (to $bridge as $vehicle_id;" \
+        "put ca.crt, $vehicle_id.crt and $vehicle_id.key in $certs)"
+fi
 
 if [ -d "$root_venv" ]; then
     rm -rf "$root_venv.previous"

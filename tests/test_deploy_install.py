@@ -27,6 +27,8 @@ UNIT = "usr/lib/systemd/system/cabin-monitor.service"
 SYSUSERS = "usr/lib/sysusers.d/cabin-monitor.conf"
 TMPFILES = "usr/lib/tmpfiles.d/cabin-monitor.conf"
 CONFIG = "etc/cabin-monitor/cabin-monitor.yaml"
+BRIDGE = "etc/mosquitto/conf.d/cabin-fleet-bridge.conf"
+BRIDGE_URL = "mqtts://fleet.example:8883"
 INSTALL_TIMEOUT_S = 900.0  # dependency wheels from a cold pip cache on a busy 2-core machine
 
 
@@ -64,7 +66,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     (earlier / "EARLIER").write_text("the venv an update replaces\n")
     # Under a strict umask, as on hardened build machines: the script must not depend on it.
     command = ["sh", "-c", 'umask 077 && exec "$@"', "sh", str(SCRIPT), "--destdir", str(root), "--extra", "cpu"]
-    command.append("--record")
+    command += ["--record", "--bridge", BRIDGE_URL, "--vehicle-id", "car-17"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, env=script_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     yield Installed(root, proc.stdout + proc.stderr)
@@ -118,6 +120,17 @@ def test_install_lays_out_unit_user_folders_and_config(installed: Installed) -> 
     assert not (root / "etc" / "systemd").exists()
     assert "running systemd-sysusers" not in installed.output and "daemon-reload" not in installed.output
     assert f"systemctl --root={root} enable cabin-monitor.service" in installed.output
+
+
+@pytest.mark.slow
+def test_bridge_to_the_fleet_broker_is_rendered_for_the_vehicle(installed: Installed) -> None:
+    """--bridge writes the bridge for car-17 (0644): its own topics out, its config requests in, its certificate."""
+    text = (installed.root / BRIDGE).read_text()
+    assert mode(installed.root / BRIDGE) == 0o644
+    assert "address fleet.example:8883\n" in text and "remote_clientid car-17\n" in text
+    assert "topic cabin/car-17/events out 1\n" in text and "topic cabin/car-17/config/set in 1\n" in text
+    assert "bridge_certfile /etc/mosquitto/certs/car-17.crt\n" in text and "@" not in text
+    assert "cleansession false\n" in text and "bridge_protocol_version mqttv50\n" in text
 
 
 @pytest.mark.slow

@@ -1,0 +1,226 @@
+"""``fleet rollout``: the I/O around ``fleet.rollout.Rollout``: MQTT requests and answers, rates and steps in the store.
+
+Requests go to ``cabin/<vehicle>/config/set`` (QoS 1, not retained) with request ids ``<rollout>/set/<vehicle>``;
+answers come from ``cabin/+/config/result``. A restore sends back the values the changed paths had in the
+vehicle's last ``rules/state`` before the roll-out, or ``config/reset`` when it had no override then (or no
+``rules/state`` is stored).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from cabin_monitor.fleet.link import BrokerAddress, connect, make_client
+from cabin_monitor.fleet.rates import alert_rate
+from cabin_monitor.fleet.records import ConfigResultRecord, classify
+from cabin_monitor.fleet.rollout import MeasureRates, Phase, Plan, Rollout, Send
+
+log = structlog.get_logger("cabin_monitor.fleet.rollout")
+TICK_S = 0.2
+Answer = tuple[str, str | None, bool, list[dict[str, Any]]]
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted path -> value of a nested mapping."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """The nested mapping of dotted paths."""
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return nested
+
+
+def restore_request(changes: dict[str, Any], previous: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """(action, payload without request_id) that undoes ``changes`` on a vehicle whose rules/state was ``previous``."""
+    if previous is None or not previous.get("overrides"):
+        return "reset", {}
+    rules = flatten(previous["rules"])
+    return "set", {"rules": nest({path: rules[path] for path in flatten(changes) if path in rules})}
+
+
+class RolloutRunner:
+    """Publishes what the state machine asks, feeds it answers and rates, stores every step; one roll-out."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        pool: ConnectionPool,
+        rollout_id: str,
+        plan: Plan,
+        vehicles: Sequence[str],
+        prefix: str = "cabin",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._pool = pool
+        self._prefix = prefix
+        self._clock = clock
+        self._address = address
+        self.machine = Rollout(rollout_id, plan, vehicles, clock())
+        self._answers: queue.Queue[Answer] = queue.Queue()
+        self._subscribed = threading.Event()
+        self._client = make_client(address, f"rollout-{rollout_id}"[:64])
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.on_message = self._on_message
+        self._previous: dict[str, dict[str, Any] | None] = {}
+
+    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
+        if reason.is_failure:
+            log.warning("fleet broker refused the connection", reason=str(reason))
+            return
+        client.subscribe(f"{self._prefix}/+/config/result", qos=1)
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        record = classify(msg.topic, bytes(msg.payload), self._prefix)
+        if isinstance(record, ConfigResultRecord):
+            errors = [e.model_dump() for e in record.payload.errors]
+            self._answers.put((record.vehicle_id, record.payload.request_id, record.payload.ok, errors))
+
+    def run(self, stop: threading.Event) -> Phase:
+        """Until done or aborted (or ``stop``): the final phase."""
+        self._create()
+        connect(self._client, self._address, persistent=False)  # nothing to keep once it has ended
+        self._client.loop_start()
+        try:
+            if not self._subscribed.wait(30):
+                raise TimeoutError(f"could not subscribe to config/result on {self._address}")
+            while self.machine.phase not in (Phase.DONE, Phase.ABORTED) and not stop.is_set():
+                self._step()
+                stop.wait(TICK_S)
+            self._store()
+        finally:
+            self._client.disconnect()
+            self._client.loop_stop()
+        return self.machine.phase
+
+    def _step(self) -> None:
+        now = self._clock()
+        while not self._answers.empty():
+            vehicle, request_id, ok, errors = self._answers.get_nowait()
+            self.machine.answer(vehicle, request_id, ok, errors, now)
+        for action in self.machine.tick(now):
+            if isinstance(action, Send):
+                self._send(action)
+            else:
+                self._measure(action, now)
+        self._store()
+
+    def _send(self, send: Send) -> None:
+        if send.kind == "set":
+            action, body = "set", {"rules": self.machine.plan.changes}
+        else:
+            action, body = restore_request(self.machine.plan.changes, self._previous.get(send.vehicle_id))
+        payload = json.dumps({"schema_version": 1, "request_id": send.request_id, **body})
+        self._client.publish(f"{self._prefix}/{send.vehicle_id}/config/{action}", payload, qos=1)
+        log.info("request sent", vehicle_id=send.vehicle_id, request_id=send.request_id, action=action)
+
+    def _measure(self, m: MeasureRates, now: float) -> None:
+        with self._pool.connection() as conn:
+            before = alert_rate(conn, m.canary, *m.before)
+            after = alert_rate(conn, m.canary, *m.after)
+            rest = alert_rate(conn, m.rest, *m.after)
+        self.machine.rates(before, after, rest, now)
+
+    # -- the store --
+
+    def _create(self) -> None:
+        machine = self.machine
+        with self._pool.connection() as conn, conn.transaction():
+            rows = conn.execute(
+                "SELECT vehicle_id, payload FROM rules_state WHERE vehicle_id = ANY(%s)", (list(machine.vehicles),)
+            ).fetchall()
+            self._previous = {v: None for v in machine.vehicles} | {r[0]: r[1] for r in rows}
+            conn.execute(
+                "INSERT INTO rollouts (rollout_id, state, changes, plan) VALUES (%s, %s, %s, %s)",
+                (machine.rollout_id, machine.phase.value, Jsonb(machine.plan.changes), Jsonb(asdict(machine.plan))),
+            )
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO rollout_vehicles (rollout_id, vehicle_id, wave, state, previous) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    [
+                        (machine.rollout_id, v, p.wave, p.state.value, Jsonb(self._previous[v]))
+                        for v, p in machine.vehicles.items()
+                    ],
+                )
+
+    def _store(self) -> None:
+        changed, steps = self.machine.take_changes()
+        if not changed and not steps:
+            return
+        rid = self.machine.rollout_id
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE rollout_vehicles SET wave = %s, state = %s, request_id = %s, errors = %s, "
+                "sent_at = to_timestamp(%s), answered_at = to_timestamp(%s) WHERE rollout_id = %s AND vehicle_id = %s",
+                [
+                    (p.wave, p.state.value, p.request_id, Jsonb(p.errors), p.sent_s, p.answered_s, rid, v)
+                    for v in changed
+                    if (p := self.machine.vehicles[v])
+                ],
+            )
+            cur.executemany(
+                "INSERT INTO rollout_steps (rollout_id, step, detail) VALUES (%s, %s, %s)",
+                [(rid, name, Jsonb(detail)) for name, detail in steps],
+            )
+            cur.execute(
+                "UPDATE rollouts SET state = %s, updated_at = now() WHERE rollout_id = %s",
+                (self.machine.phase.value, rid),
+            )
+        for name, detail in steps:
+            log.info(f"rollout {name}", rollout_id=rid, **{k: v for k, v in detail.items() if k != "groups"})
+
+
+def status_text(pool: ConnectionPool, rollout_id: str) -> str | None:
+    """``fleet rollout status``: the roll-out, its vehicles per wave and state, and its steps; None if unknown."""
+    with pool.connection() as conn:
+        head = conn.execute(
+            "SELECT state, created_at, updated_at, changes, plan FROM rollouts WHERE rollout_id = %s", (rollout_id,)
+        ).fetchone()
+        if head is None:
+            return None
+        counts = conn.execute(
+            "SELECT wave, state, count(*) FROM rollout_vehicles WHERE rollout_id = %s GROUP BY 1, 2 ORDER BY 1, 2",
+            (rollout_id,),
+        ).fetchall()
+        refused = conn.execute(
+            "SELECT vehicle_id, errors FROM rollout_vehicles WHERE rollout_id = %s AND state IN ('refused', "
+            "'restore_failed') ORDER BY vehicle_id",
+            (rollout_id,),
+        ).fetchall()
+        steps = conn.execute(
+            "SELECT at, step, detail FROM rollout_steps WHERE rollout_id = %s ORDER BY id", (rollout_id,)
+        ).fetchall()
+    state, created, updated, changes, plan = head
+    lines = [
+        f"rollout {rollout_id}: {state} (started {created:%Y-%m-%d %H:%M:%S}, last change {updated:%H:%M:%S})",
+        f"changes: {json.dumps(changes)}",
+        f"plan: {json.dumps({k: v for k, v in plan.items() if k != 'changes'})}",
+        "vehicles:",
+    ]
+    lines += [f"  wave {wave:>2}  {st:<15} {n}" for wave, st, n in counts]
+    lines += [f"  {v}: {json.dumps(errors)}" for v, errors in refused]
+    lines.append("steps:")
+    lines += [f"  {at:%H:%M:%S} {step}: {json.dumps(detail)}" for at, step, detail in steps]
+    return "\n".join(lines)

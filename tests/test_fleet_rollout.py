@@ -1,0 +1,92 @@
+"""fleet rollout end to end: ten vehicles answering with the daemon's RulesControl, ingest, PostgreSQL, the CLI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cabin_monitor.config import RulesConfig
+from cabin_monitor.fleet.db import upgrade
+from tests.support.broker import MosquittoBroker
+from tests.support.fleet import (
+    FleetCommand,
+    SimulatedVehicle,
+    account_url,
+    fleet_broker,
+    fresh_database,
+    ingest,
+    pg_unreachable_reason,
+    query,
+)
+from tests.support.helpers import wait_until
+
+pytestmark = pytest.mark.skipif(pg_unreachable_reason() is not None, reason=str(pg_unreachable_reason()))
+
+VEHICLES = [f"car-{i}" for i in range(10)]
+WAIT_S = 4.0
+# A stress start every sustain_s: 2 alerts per second per vehicle before any change.
+BASE = RulesConfig.model_validate({"stress": {"sustain_s": 0.5}})
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, str, list[SimulatedVehicle]]]:
+    """Fleet broker, a fresh store fed by one ingest process, and ten vehicles reporting for WAIT_S already."""
+    with fresh_database() as dsn, fleet_broker(tmp_path / "fleet", VEHICLES) as broker:
+        upgrade(dsn)
+        worker = ingest(tmp_path, broker.url, dsn, "ingest-a")
+        wait_until(lambda: "connected to the fleet broker" in worker.output(), 30, "ingest connected")
+        cars = [SimulatedVehicle(broker.url, v, BASE) for v in VEHICLES]
+        try:
+            seen = "SELECT count(*) FROM rules_state"
+            wait_until(lambda: query(dsn, seen)[0][0] == len(VEHICLES), 30, "every vehicle's rules stored")
+            time.sleep(WAIT_S + 0.5)  # a 'before' window for the canary
+            yield broker, dsn, cars
+        finally:
+            for car in cars:
+                car.close()
+            worker.terminate()
+
+
+def rollout(tmp_path: Path, broker: MosquittoBroker, dsn: str, rollout_id: str, *options: str) -> FleetCommand:
+    """``fleet rollout`` over every vehicle in the store as the rollout identity: 10 % canary, 3 waves."""
+    url = account_url(broker.url, "fleet-rollout")
+    args = ["rollout", "--broker", url, "--db", dsn, "--all", "--id", rollout_id, "--canary", "10%", "--waves", "3"]
+    args += ["--wait", f"{WAIT_S}s", "--answer-timeout", "5s", "--max-per-minute", "600", *options]
+    return FleetCommand(tmp_path, args)
+
+
+def test_canary_then_waves_then_done(
+    tmp_path: Path, fleet: tuple[MosquittoBroker, str, list[SimulatedVehicle]]
+) -> None:
+    """A change that leaves alert rates alone reaches every vehicle: canary, wait, three waves, done, all stored."""
+    broker, dsn, cars = fleet
+    command = rollout(tmp_path, broker, dsn, "ok-1", "--set", "stress.cooldown_s=45", "--abort-if-rate-above", "3")
+    assert command.wait(90) == 0, command.output()
+    assert all(car.overrides() == {"stress.cooldown_s": 45.0} for car in cars)
+    states = query(dsn, "SELECT state, count(*) FROM rollout_vehicles WHERE rollout_id = 'ok-1' GROUP BY 1")
+    assert states == [("applied", 10)]
+    steps = [r[0] for r in query(dsn, "SELECT step FROM rollout_steps WHERE rollout_id = 'ok-1' ORDER BY id")]
+    assert steps[:4] == ["planned", "wave answered", "observing canary", "rates"] and steps[-1] == "done"
+    assert steps.count("wave started") == 3
+    status = FleetCommand(tmp_path, ["rollout", "status", "ok-1", "--db", dsn])
+    assert status.wait(60) == 0
+    assert "rollout ok-1: done" in status.output() and "applied" in status.output()
+
+
+def test_canary_alerting_far_more_aborts_and_is_restored(
+    tmp_path: Path, fleet: tuple[MosquittoBroker, str, list[SimulatedVehicle]]
+) -> None:
+    """A change that makes the canary alert ten times as often: abort after the wait, canary reset, nobody else."""
+    broker, dsn, cars = fleet
+    command = rollout(tmp_path, broker, dsn, "bad-1", "--set", "stress.sustain_s=0.05", "--abort-if-rate-above", "3")
+    assert command.wait(90) == 1, command.output()
+    assert "rollout bad-1: aborted" in command.output()
+    assert [car.overrides() for car in cars] == [{}] * 10
+    rows = query(dsn, "SELECT vehicle_id, state FROM rollout_vehicles WHERE rollout_id = 'bad-1' ORDER BY vehicle_id")
+    assert rows == [("car-0", "restored")] + [(v, "waiting") for v in VEHICLES[1:]]
+    (detail,) = [r[0] for r in query(dsn, "SELECT detail FROM rollout_steps WHERE step = 'rates'")]
+    assert detail["decision"] == "abort"
+    assert detail["canary_after"]["per_hour"] > 3 * detail["canary_before"]["per_hour"]
