@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cabin_monitor.bus.remote import RulesControl
-from cabin_monitor.config import EMOTIONS_7, RulesConfig
+from cabin_monitor.config import RulesConfig
 from cabin_monitor.fleet.db import applied_versions, upgrade
 from tests.support.broker import MosquittoBroker
 from tests.support.fleet import (
@@ -26,6 +25,7 @@ from tests.support.fleet import (
     query,
 )
 from tests.support.helpers import wait_until
+from tests.support.vehicle_rules import VehicleRules
 
 pytestmark = pytest.mark.skipif(pg_unreachable_reason() is not None, reason=str(pg_unreachable_reason()))
 
@@ -48,8 +48,8 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 
 def rules_state_json(vehicle_id: str) -> bytes:
-    """The retained rules/state a daemon publishes at start, made by the daemon's own RulesControl."""
-    return RulesControl(RulesConfig(), EMOTIONS_7, None).state(vehicle_id, "start").model_dump_json().encode()
+    """The retained rules/state a daemon publishes at start, made by the daemon's own request handling."""
+    return VehicleRules(RulesConfig()).state(vehicle_id, "start").model_dump_json().encode()
 
 
 def event_count(dsn: str) -> int:

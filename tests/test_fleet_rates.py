@@ -12,20 +12,20 @@ from typing import Any
 import psycopg
 import pytest
 
-from cabin_monitor.bus.remote import RulesControl
-from cabin_monitor.config import EMOTIONS_7, RulesConfig
+from cabin_monitor.config import RulesConfig
 from cabin_monitor.fleet.db import upgrade
 from cabin_monitor.fleet.records import classify
 from cabin_monitor.fleet.store import PartitionCache, write_records
 from cabin_monitor.messages import RemoteRequest
 from tests.support.fleet import FleetCommand, event_json, fresh_database, health_json, pg_unreachable_reason
+from tests.support.vehicle_rules import VehicleRules
 
 pytestmark = pytest.mark.skipif(pg_unreachable_reason() is not None, reason=str(pg_unreachable_reason()))
 
 
 def rules_state(vehicle_id: str, change: dict[str, Any] | None) -> bytes:
     """The rules/state a daemon publishes after ``change`` (a config/set rules mapping), or at start."""
-    control = RulesControl(RulesConfig(), EMOTIONS_7, None)
+    control = VehicleRules(RulesConfig())
     if change is not None:
         request = RemoteRequest("set", json.dumps({"rules": change}).encode(), retained=False, received_s=0.0)
         assert control.handle(request).ok

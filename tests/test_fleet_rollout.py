@@ -1,4 +1,4 @@
-"""fleet rollout end to end: ten vehicles answering with the daemon's RulesControl, ingest, PostgreSQL, the CLI."""
+"""fleet rollout end to end: ten vehicles answering as the daemon does, ingest, PostgreSQL, the CLI."""
 
 from __future__ import annotations
 

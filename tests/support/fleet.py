@@ -33,11 +33,11 @@ from cabin_monitor.bus.payloads import (
     PipelineHealth,
     utc_iso,
 )
-from cabin_monitor.bus.remote import RulesControl
-from cabin_monitor.config import EMOTIONS_7, RulesConfig, parse_mqtt_url
+from cabin_monitor.config import RulesConfig, parse_mqtt_url
 from cabin_monitor.messages import RemoteRequest
 from tests.support.broker import MosquittoBroker
 from tests.support.pki import TestPki
+from tests.support.vehicle_rules import VehicleRules
 
 REPO = Path(__file__).resolve().parent.parent.parent
 FLEET_ACL = REPO / "deploy" / "mosquitto" / "acl"
@@ -226,7 +226,7 @@ class BridgedVehicleBroker(MosquittoBroker):
 
 
 class SimulatedVehicle:
-    """A vehicle on the fleet broker that answers config requests with the daemon's own ``RulesControl``.
+    """A vehicle on the fleet broker that answers config requests as the daemon does (``VehicleRules``).
 
     It publishes ``rules/state`` at start and on every change, ``health`` every ``health_interval_s``, and a
     ``stress`` start event every ``stress.sustain_s`` of the rules in force, so its alert rate follows the
@@ -235,7 +235,7 @@ class SimulatedVehicle:
 
     def __init__(self, broker_url: str, vehicle_id: str, base: RulesConfig, health_interval_s: float = 0.5) -> None:
         self.vehicle_id = vehicle_id
-        self.control = RulesControl(base, EMOTIONS_7, None)
+        self.control = VehicleRules(base)
         self.health_interval_s = health_interval_s
         self._stop = threading.Event()
         self.publisher = Publisher(broker_url, vehicle_id, client_id=vehicle_id)
@@ -279,7 +279,7 @@ class SimulatedVehicle:
 
     def overrides(self) -> dict[str, Any]:
         """Path -> value of every remote override in force."""
-        return {o.path: o.remote for o in self.control.overrides()}
+        return self.control.overrides()
 
     def close(self) -> None:
         """Stop publishing and disconnect."""
