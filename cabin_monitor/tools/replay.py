@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,7 +31,7 @@ from cabin_monitor.record.files import (
     session_items,
     sessions,
 )
-from cabin_monitor.record.format import Entry, RecordingMeta
+from cabin_monitor.record.format import Entry, RecordingMeta, entry_rows
 from cabin_monitor.record.replay import (
     Alert,
     AlertChange,
@@ -115,17 +115,29 @@ def load_recordings(patterns: Sequence[str], err: TextIO) -> Loaded:
     return Loaded(found, grouped, skipped)
 
 
+def replay_rows(loaded: Loaded, choices: int = 1) -> int:
+    """The rows ``replay_all`` counts on its progress bar: every row once per rule set."""
+    return choices * sum(s.rows for s in loaded.sessions)
+
+
 def replay_all(
     loaded: Loaded, choices: Sequence[RulesChoice], progress: Progress, trace: bool = False
 ) -> list[list[SessionReplay]]:
-    """Each session replayed under each choice: ``result[choice][session]``."""
+    """Each session replayed under each choice: ``result[choice][session]``; ``progress`` counts rows replayed."""
     results: list[list[SessionReplay]] = [[] for _ in choices]
     for session in loaded.sessions:
         items: list[RecordingMeta | Entry] = list(session_items(session))
         for i, choice in enumerate(choices):
-            results[i].append(replay_session(items, choice, trace=trace))
-        progress.advance(len(session.files))
+            results[i].append(replay_session(_counted(items, progress), choice, trace=trace))
     return results
+
+
+def _counted(items: Iterable[RecordingMeta | Entry], progress: Progress) -> Iterator[RecordingMeta | Entry]:
+    """``items``, counting each entry's rows on ``progress`` once it has been replayed."""
+    for item in items:
+        yield item
+        if not isinstance(item, RecordingMeta):
+            progress.advance(entry_rows(item))
 
 
 def replay_command(args: Any, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -143,7 +155,7 @@ def replay_command(args: Any, out: TextIO | None = None, err: TextIO | None = No
     for label, choice in zip(("rule set A", "rule set B"), choices, strict=False):
         check_choice(choice, loaded.sessions[0].files[0].meta, label)
     started = time.perf_counter()
-    with Progress("replay", sum(len(s.files) for s in loaded.sessions), stream=err) as progress:
+    with Progress("replay", replay_rows(loaded, len(choices)), stream=err) as progress:
         results = replay_all(loaded, choices, progress)
     elapsed_s = time.perf_counter() - started
     found = [[alerts(r) for r in side] for side in results]
