@@ -94,7 +94,7 @@ def test_a_new_rule_type_gets_its_own_panel() -> None:
         assert [ax.get_ylabel() for ax in fig.axes] == ["stress", "unexpected expression", "grin", "in view"]
         grin = fig.axes[2]
         assert [line.get_label() for line in grin.get_lines()] == ["grin score"]
-        assert [str(c.get_label()) for c in grin.collections] == ["enter_score", "exit_score"]
+        assert [str(c.get_label()) for c in grin.collections] == ["enter_score = 0.8", "exit_score = 0.5"]
         assert len(grin.patches) == 1  # its alert, shaded
         assert "0 stress, 0 onset, 0 lost, 1 grin" in fig.get_suptitle()
     finally:

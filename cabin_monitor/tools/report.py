@@ -146,7 +146,8 @@ def _draw(
     ax_seen.set_yticks([])
     ax_seen.set_ylabel("in view")
     ax_seen.set_xlim(0.0, max(span_s / scale, 1e-6))
-    ax_seen.set_xlabel("minutes since the recording started" if minutes else "seconds since the recording started")
+    unit = "minutes" if minutes else "seconds"
+    ax_seen.set_xlabel(f"{unit} since the recording started (recording clock)")
     for ax in panels.values():
         ax.legend(loc="upper right", fontsize=8)
     began = utc_iso(replay.first_wall_s) if replay.first_wall_s is not None else "?"
@@ -186,8 +187,9 @@ def _threshold(ax: Any, replay: SessionReplay, x: _Scale, rule: Rule[Any, Any], 
     if replay.first_s is None or replay.last_s is None:
         return
     color, style = _THRESHOLD_STYLE[threshold.opens]
-    label = threshold.field
     changes: list[tuple[float, RulesConfig]] = replay.rules
+    values = {rule.threshold(rules, threshold) for _, rules in changes}
+    label = f"{threshold.field} = {values.pop():g}" if len(values) == 1 else threshold.field
     for i, (since, rules) in enumerate(changes):
         start = max(since, replay.first_s)
         end = changes[i + 1][0] if i + 1 < len(changes) else replay.last_s

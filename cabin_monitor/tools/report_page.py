@@ -196,7 +196,7 @@ def _session_section(view: SessionView, number: int) -> list[str]:
             )
         )
     parts.append(
-        "<table class='events'><tr><th>at (s)</th><th>type</th><th>phase</th><th>occupant</th><th>seat</th>"
+        "<div class='events'><table><tr><th>at (s)</th><th>type</th><th>phase</th><th>occupant</th><th>seat</th>"
         "<th>score</th><th>severity</th><th>frame</th><th>wall clock (UTC)</th></tr>"
     )
     windows = event_windows(replay.events, view.alerts)
@@ -210,7 +210,7 @@ def _session_section(view: SessionView, number: int) -> list[str]:
             f"<td>{esc(event.seat or '')}</td><td>{event.score:.3f}</td><td>{event.severity}</td>"
             f"<td>{event.frame_id}</td><td>{utc_iso(event.wall_time_s)}</td></tr>"
         )
-    parts.append("</table>")
+    parts.append("</table></div>")
     return parts
 
 
@@ -385,6 +385,7 @@ _CSS = (
     "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
     "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}"
     "tr.changed td{background:#fff3b0;font-weight:bold}"
+    "div.events{max-height:40vh;overflow:auto;display:inline-block}div.events table{margin:0}"
     "tr.event{cursor:pointer}tr.event:hover td{background:#eef4ff}tr.event.shown td{background:#d6e4ff}"
 )
 
@@ -404,7 +405,7 @@ _SCRIPT = f"""
     }});
     document.querySelectorAll('tr.event.shown').forEach(function (r) {{ r.classList.remove('shown'); }});
     row.classList.add('shown');
-    plot.scrollIntoView({{block: 'center'}});
+    plot.scrollIntoView({{block: 'nearest'}});
     return Plotly.relayout(plot, update);
   }}
   document.querySelectorAll('tr.event').forEach(function (row) {{
