@@ -128,7 +128,8 @@ def _rules_section(sessions: Sequence[SessionView], rules_source: str) -> list[s
         names = ", ".join(f"{v.replay.vehicle_id} · {v.replay.session_id[:8]}" for v in members)
         parts.append(
             f"<div class='rules'><p>{html.escape(names)}: "
-            f"{len(changed)} values differ from the recording's own rules"
+            + ("1 value differs" if len(changed) == 1 else f"{len(changed)} values differ")
+            + " from the recording's own rules"
             + (": " + ", ".join(f"<code>{html.escape(k)}</code>" for k in changed) if changed else "")
             + f"</p><details{' open' if changed else ''}><summary>all {len(in_force)} values</summary>"
             "<table><tr><th>rule</th><th>in force</th><th>recording's own</th></tr>"
