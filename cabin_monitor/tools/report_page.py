@@ -9,7 +9,8 @@ Every time on the page, axes, event table and windows, is seconds since the reco
 on the recording's clock (``capture_s``: for a video file its own media clock); UTC wall-clock
 times are given beside them for reference.
 
-May import ``config``, ``messages``, ``record``, ``rules`` and plotly; writes no file.
+May import ``config``, ``messages``, ``record``, ``rules``, ``bus.payloads`` (UTC times as events give them)
+and plotly; writes no file.
 """
 
 from __future__ import annotations
