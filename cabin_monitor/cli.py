@@ -178,7 +178,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    if (code := _need("pyarrow", "report") or _need("matplotlib", "report")) is not None:
+    if (code := _need("pyarrow", "report") or _need("matplotlib", "report") or _need("plotly", "report")) is not None:
         return code
     from cabin_monitor.tools.report import report_command
 
@@ -385,10 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_replay)
 
     rr = sub.add_parser(
-        "report", help="timeline pictures (PNG) and one HTML page of recordings: scores, thresholds, events"
+        "report",
+        help="timeline pictures (PNG) and one interactive HTML page of recordings: scores, rules in force, events",
     )
     rr.add_argument("recordings", nargs="+", metavar="RECORDING", help="recording files, folders or globs")
-    rr.add_argument("--out", required=True, help="folder for the PNGs and index.html")
+    rr.add_argument("--out", required=True, help="folder for the PNGs and index.html (self-contained, works offline)")
     _add_rules_options(rr)
     rr.set_defaults(func=cmd_report)
 

@@ -32,3 +32,26 @@ def test_without_a_total_the_bar_counts() -> None:
     bar = Progress("bench", None, stream, tty=True)
     bar.advance(3)
     assert "bench 3" in stream.getvalue()
+
+
+def test_the_bar_tells_the_time_left_at_the_rate_so_far() -> None:
+    """A quarter done in 10 s: 0:30 left; the finished bar shows no time left."""
+    now = [100.0]
+    stream = io.StringIO()
+    bar = Progress("report", 400, stream, tty=True, clock=lambda: now[0])
+    now[0] = 110.0
+    bar.advance(100)
+    assert stream.getvalue().endswith("report  25% 100/400  0:30 left\x1b[K")
+    assert bar.left_s(110.0) == 30.0
+    now[0] = 140.0
+    bar.advance(300)
+    assert stream.getvalue().endswith("report 100% 400/400\x1b[K")
+
+
+def test_no_time_left_is_guessed_before_a_hundredth_is_done() -> None:
+    """After 1 of 1000 items the bar shows the count alone."""
+    stream = io.StringIO()
+    bar = Progress("replay", 1000, stream, tty=True)
+    bar.advance()
+    assert bar.left_s(1e9) is None
+    assert "left" not in stream.getvalue()

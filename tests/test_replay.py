@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from cabin_monitor.record.files import expand, open_file, session_items, session
 from cabin_monitor.record.format import METADATA_KEY, RecordingMeta
 from cabin_monitor.record.replay import RulesChoice, alerts, replay_session, summarize
 from cabin_monitor.rules import RULES
+from cabin_monitor.tools.progress import Progress
+from cabin_monitor.tools.replay import load_recordings, replay_all, replay_rows
 from tests.support.grin_rule import GRIN, GrinRule, smiling_session
 
 Live = tuple[Path, list[dict[str, Any]]]
@@ -140,5 +143,19 @@ def test_a_new_rule_types_events_and_series_come_through_the_replay() -> None:
         "stress.score",
         "unexpected_expression.fast",
         "unexpected_expression.baseline",
+        "unexpected_expression.rise_level",
         "grin.score",
     }
+
+
+def test_the_progress_bar_counts_every_row_of_the_recording(live_recording: Live) -> None:
+    """Replaying one file, the bar counts its rows (as Parquet counts them) up to 100 %, once per rule set."""
+    loaded = load_recordings([str(live_recording[0])], io.StringIO())
+    (path,) = expand([str(live_recording[0])])
+    rows = pq.read_metadata(path).num_rows
+    assert replay_rows(loaded, 2) == 2 * rows
+    stream = io.StringIO()
+    with Progress("replay", replay_rows(loaded, 2), stream, tty=True) as bar:
+        replay_all(loaded, [RulesChoice(), RulesChoice(patch={"stress": {"enter_score": 0.9}})], bar)
+        assert bar.done == 2 * rows
+    assert f"replay 100% {2 * rows}/{2 * rows}" in stream.getvalue()

@@ -86,6 +86,15 @@ class Closing:
 Entry = FrameSample | RulesChange | Closing
 
 
+def entry_rows(entry: Entry) -> int:
+    """The rows ``entry`` takes in a recording table (as many as ``RowBuffer.add`` writes for it)."""
+    if isinstance(entry, FrameSample):
+        return max(1, len(entry.occupants)) + len(entry.events)
+    if isinstance(entry, RulesChange):
+        return 1
+    return 1 + len(entry.events)
+
+
 @dataclass(frozen=True, slots=True)
 class RecordingMeta:
     """What a recording file says about itself (Parquet key-value metadata under ``METADATA_KEY``)."""

@@ -69,6 +69,7 @@ class Series:
     key: str  # "<rule>.<value>", e.g. "stress.score"
     label: str  # legend text
     color: str  # line colour in the timelines
+    dashed: bool = False  # a level the score is compared with (drawn dashed), not a score
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,8 @@ class OnsetRule(Rule[UnexpectedExpressionRuleConfig, OnsetState]):
     series = (
         Series("unexpected_expression.fast", "fast average", "#9467bd"),
         Series("unexpected_expression.baseline", "baseline", "#555555"),
+        # The fast average opens an event only above this (and above min_score).
+        Series("unexpected_expression.rise_level", "baseline + min_rise", "#8c564b", dashed=True),
     )
     thresholds = (Threshold("min_score", opens=True), Threshold("exit_score", opens=False))
 
@@ -101,11 +103,12 @@ class OnsetRule(Rule[UnexpectedExpressionRuleConfig, OnsetState]):
     def values(
         self, section: UnexpectedExpressionRuleConfig, state: OnsetState, smoothed: Mapping[str, float]
     ) -> dict[str, float | None]:
-        """The fast average and the baseline; None while there is no history."""
+        """The fast average, the baseline and the level the rise must reach; None while there is no history."""
         history = state.history
         return {
             "unexpected_expression.fast": None if history is None else history.fast,
             "unexpected_expression.baseline": None if history is None else history.baseline,
+            "unexpected_expression.rise_level": None if history is None else history.baseline + section.min_rise,
         }
 
 

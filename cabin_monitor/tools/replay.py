@@ -14,7 +14,7 @@ import importlib.util
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from cabin_monitor.record.files import (
     session_items,
     sessions,
 )
-from cabin_monitor.record.format import Entry, RecordingMeta
+from cabin_monitor.record.format import Entry, RecordingMeta, entry_rows
 from cabin_monitor.record.replay import (
     Alert,
     AlertChange,
@@ -131,17 +131,29 @@ def _open_or_error(path: Path | str) -> RecordingFile | RecordingError:
         return exc
 
 
+def replay_rows(loaded: Loaded, choices: int = 1) -> int:
+    """The rows ``replay_all`` counts on its progress bar: every row once per rule set."""
+    return choices * sum(s.rows for s in loaded.sessions)
+
+
 def replay_all(
     loaded: Loaded, choices: Sequence[RulesChoice], progress: Progress, trace: bool = False
 ) -> list[list[SessionReplay]]:
-    """Each session replayed under each choice: ``result[choice][session]``."""
+    """Each session replayed under each choice: ``result[choice][session]``; ``progress`` counts rows replayed."""
     results: list[list[SessionReplay]] = [[] for _ in choices]
     for session in loaded.sessions:
         items: list[RecordingMeta | Entry] = list(session_items(session))
         for i, choice in enumerate(choices):
-            results[i].append(replay_session(items, choice, trace=trace))
-        progress.advance(len(session.files))
+            results[i].append(replay_session(_counted(items, progress), choice, trace=trace))
     return results
+
+
+def _counted(items: Iterable[RecordingMeta | Entry], progress: Progress) -> Iterator[RecordingMeta | Entry]:
+    """``items``, counting each entry's rows on ``progress`` once it has been replayed."""
+    for item in items:
+        yield item
+        if not isinstance(item, RecordingMeta):
+            progress.advance(entry_rows(item))
 
 
 def replay_command(args: Any, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -229,7 +241,7 @@ def run_units(
 ) -> list[list[Outcome]]:
     """Each session under each choice, ``result[session][choice]``: in this process, or on Dask when
     ``--scheduler`` or ``--workers`` is given."""
-    with Progress("replay", sum(len(s.files) for s in loaded.sessions), stream=err) as progress:
+    with Progress("replay", replay_rows(loaded, len(choices)), stream=err) as progress:
         if args.scheduler or args.workers:
             if importlib.util.find_spec("distributed") is None:
                 raise ConfigurationError("--scheduler and --workers need Dask: pip install 'cabin-monitor[fleet]'")
@@ -242,12 +254,12 @@ def run_units(
                 workers=args.workers,
                 events=events,
                 keep_alerts=keep_alerts,
-                on_done=lambda session: progress.advance(len(session.files)),
+                on_done=lambda session: progress.advance(session.rows * len(choices)),
             )
         outcomes = []
         for session in loaded.sessions:
             outcomes.append(replay_unit(session, choices, events=events, keep_alerts=keep_alerts))
-            progress.advance(len(session.files))
+            progress.advance(session.rows * len(choices))
         return outcomes
 
 

@@ -1,4 +1,4 @@
-"""``cabin-monitor report``: a timeline picture per occupant of each recording, and one HTML page with them all.
+"""``cabin-monitor report``: a timeline picture per occupant of each recording, and one interactive HTML page.
 
 Each timeline (PNG, always ``PNG_WIDTH_PX`` x ``PNG_HEIGHT_PX``) shows, over the time since the
 recording started (media time for a video file), one panel per rule that exposes series
@@ -10,14 +10,13 @@ without series. With the shipped rules that is the stress score with ``enter_sco
 ``exit_score``; and ``occupant_lost`` on the strip.
 
 The scores are those of a replay with the chosen rules (the recording's own by default), so a
-picture shows what a threshold change would do. ``index.html`` holds the pictures inline, the
-summary table and every event, and needs no other file.
+picture shows what a threshold change would do. ``index.html`` (``tools.report_page``) draws the same
+timelines zoomable, with the summary table, the rules in force and every event, and needs no other
+file. Pictures and page run on the recording's clock.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,10 +27,11 @@ import matplotlib
 from cabin_monitor.bus.payloads import utc_iso
 from cabin_monitor.config import RulesConfig
 from cabin_monitor.errors import ConfigurationError
-from cabin_monitor.record.replay import Alert, SessionReplay, Summary, TracePoint, alerts, summarize
-from cabin_monitor.rules import RULE_NAMES, Rule, Threshold
+from cabin_monitor.record.replay import Alert, RulesChoice, SessionReplay, TracePoint, alerts, summarize
+from cabin_monitor.rules import Rule, Threshold
 from cabin_monitor.tools.progress import Progress
-from cabin_monitor.tools.replay import check_choice, load_recordings, replay_all, rules_choice
+from cabin_monitor.tools.replay import check_choice, load_recordings, replay_all, replay_rows, rules_choice
+from cabin_monitor.tools.report_page import SessionView, page
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
@@ -56,7 +56,7 @@ def report_command(args: Any) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigurationError(f"report: cannot create {out}: {exc.strerror or exc}") from None
-    with Progress("report", sum(len(s.files) for s in loaded.sessions), stream=err) as progress:
+    with Progress("report", replay_rows(loaded), stream=err) as progress:
         replays = replay_all(loaded, [choice], progress, trace=True)[0]
     found = [alerts(r) for r in replays]
     pictures: list[list[Path]] = []
@@ -69,10 +69,20 @@ def report_command(args: Any) -> int:
                 drawn.append(path)
                 progress.advance()
             pictures.append(drawn)
-    page = out / "index.html"
-    page.write_text(html_page(replays, found, pictures, summarize(replays, found)), encoding="utf-8")
-    print(f"report: {sum(len(p) for p in pictures)} timelines and {page}", file=err)
+    views = [
+        SessionView(replay, session_alerts, session.files[0].meta.rules)
+        for replay, session_alerts, session in zip(replays, found, loaded.sessions, strict=True)
+    ]
+    index = out / "index.html"
+    index.write_text(page(views, summarize(replays, found), rules_source(choice, args.config, args.set)), "utf-8")
+    print(f"report: {sum(len(p) for p in pictures)} timelines and {index}", file=err)
     return 0
+
+
+def rules_source(choice: RulesChoice, config: str | None, sets: Sequence[str]) -> str:
+    """Where the rules in force come from, in words."""
+    base = f"the rules of {config}" if config else "each recording's own rules (changes made while recording included)"
+    return base + (", with " + ", ".join(f"--set {item}" for item in sets) if choice.patch else "") + "."
 
 
 def draw_timeline(replay: SessionReplay, occupant_id: str, found: Sequence[Alert], path: Path) -> None:
@@ -136,7 +146,8 @@ def _draw(
     ax_seen.set_yticks([])
     ax_seen.set_ylabel("in view")
     ax_seen.set_xlim(0.0, max(span_s / scale, 1e-6))
-    ax_seen.set_xlabel("minutes since the recording started" if minutes else "seconds since the recording started")
+    unit = "minutes" if minutes else "seconds"
+    ax_seen.set_xlabel(f"{unit} since the recording started (recording clock)")
     for ax in panels.values():
         ax.legend(loc="upper right", fontsize=8)
     began = utc_iso(replay.first_wall_s) if replay.first_wall_s is not None else "?"
@@ -153,7 +164,12 @@ def _panel(ax: Any, rule: Rule[Any, Any], replay: SessionReplay, points: Sequenc
     for series in rule.series:
         width = 1.2 if series is rule.series[0] else 1.0  # the first is the rule's score
         ax.plot(
-            times, [_nan(p.values.get(series.key)) for p in points], color=series.color, lw=width, label=series.label
+            times,
+            [_nan(p.values.get(series.key)) for p in points],
+            color=series.color,
+            lw=width,
+            ls="-." if series.dashed else "-",
+            label=series.label,
         )
     for threshold in rule.thresholds:
         _threshold(ax, replay, x, rule, threshold)
@@ -171,8 +187,9 @@ def _threshold(ax: Any, replay: SessionReplay, x: _Scale, rule: Rule[Any, Any], 
     if replay.first_s is None or replay.last_s is None:
         return
     color, style = _THRESHOLD_STYLE[threshold.opens]
-    label = threshold.field
     changes: list[tuple[float, RulesConfig]] = replay.rules
+    values = {rule.threshold(rules, threshold) for _, rules in changes}
+    label = f"{threshold.field} = {values.pop():g}" if len(values) == 1 else threshold.field
     for i, (since, rules) in enumerate(changes):
         start = max(since, replay.first_s)
         end = changes[i + 1][0] if i + 1 < len(changes) else replay.last_s
@@ -186,56 +203,3 @@ def _threshold(ax: Any, replay: SessionReplay, x: _Scale, rule: Rule[Any, Any], 
                 lw=1.0,
                 label=label if i == 0 else None,
             )
-
-
-def html_page(
-    replays: Sequence[SessionReplay],
-    found: Sequence[Sequence[Alert]],
-    pictures: Sequence[Sequence[Path]],
-    summary: Summary,
-) -> str:
-    """The self-contained report page: the summary table, then per recording its timelines and every event."""
-    esc = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>cabin-monitor report</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}"
-        "img{max-width:100%}</style></head><body>",
-        "<h1>cabin-monitor report</h1>",
-        f"<p>{summary.sessions} recordings, {len(summary.vehicles)} vehicles, "
-        f"{summary.overall.seconds / 3600:.2f} h of readings, {summary.frames} frames.</p>",
-        "<h2>Summary</h2><table><tr><th>scope</th><th>hours</th>",
-        *(f"<th>{esc(rule)}: alerts</th><th>per hour</th><th>time in alert (s)</th>" for rule in RULE_NAMES),
-        "</tr>",
-    ]
-    scopes = [("all", summary.overall), *sorted(summary.vehicles.items())]
-    scopes += [(f"{v} / {o}", t) for (v, o), t in sorted(summary.occupants.items())]
-    for name, tally in scopes:
-        cells = "".join(
-            f"<td>{tally.count[r]}</td><td>{tally.per_hour(r):.2f}</td><td>{tally.alert_s[r]:.1f}</td>"
-            for r in RULE_NAMES
-        )
-        parts.append(f"<tr><td>{esc(name)}</td><td>{tally.seconds / 3600:.2f}</td>{cells}</tr>")
-    parts.append("</table>")
-    for replay, session_alerts, drawn in zip(replays, found, pictures, strict=True):
-        start = utc_iso(replay.first_wall_s) if replay.first_wall_s is not None else "?"
-        parts.append(
-            f"<h2>{esc(replay.vehicle_id)} · session {esc(replay.session_id)}</h2>"
-            f"<p>from {start}, {replay.duration_s:.1f} s, {replay.frames} frames, {len(session_alerts)} alerts</p>"
-        )
-        for path in drawn:
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-            parts.append(f"<p><img alt='{esc(path.name)}' src='data:image/png;base64,{data}'></p>")
-        parts.append(
-            "<table><tr><th>time (UTC)</th><th>type</th><th>phase</th><th>occupant</th><th>seat</th>"
-            "<th>score</th><th>severity</th><th>frame</th></tr>"
-        )
-        for event in replay.events:
-            parts.append(
-                f"<tr><td>{utc_iso(event.wall_time_s)}</td><td>{esc(event.type)}</td><td>{event.phase.value}</td>"
-                f"<td>{esc(event.occupant_id)}</td><td>{esc(event.seat or '')}</td><td>{event.score:.3f}</td>"
-                f"<td>{event.severity}</td><td>{event.frame_id}</td></tr>"
-            )
-        parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
