@@ -39,6 +39,19 @@ def test_no_run_time_module_imports_torch_or_the_tests() -> None:
     assert offenders == {}
 
 
+def test_only_the_command_line_reaches_into_training() -> None:
+    """Outside training/, only cli.py (its train, export and explain sub-commands) imports training; scripts never."""
+    scripts = sorted((REPO / "scripts").glob("*.py"))
+    assert scripts
+    offenders = {
+        str(path.relative_to(REPO)): sorted(bad)
+        for path in [*RUNTIME_FILES, *scripts]
+        if path != PACKAGE / "cli.py"
+        and (bad := {m for m in imports_of(path) if m.startswith("cabin_monitor.training")})
+    }
+    assert offenders == {}
+
+
 IMPORT_ALL_WITHOUT_TORCH = """
 import importlib, sys
 from importlib.abc import MetaPathFinder

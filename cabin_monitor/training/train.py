@@ -32,9 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cabin_monitor.training.augment import augment_batch
-from cabin_monitor.training.config import TrainConfig
-from cabin_monitor.training.data import (
+from cabin_monitor.datasets import (
     EmotionSet,
     LandmarkSet,
     load_emotion,
@@ -43,6 +41,8 @@ from cabin_monitor.training.data import (
     subset_emotion,
     subset_landmarks,
 )
+from cabin_monitor.training.augment import augment_batch
+from cabin_monitor.training.config import TrainConfig
 from cabin_monitor.training.export import load_onnx_as_torch
 from cabin_monitor.training.model import EmotionalDAN, ModelSpec
 from cabin_monitor.vision.framing import OUTER_EYE_CORNERS
@@ -329,9 +329,7 @@ class Trainer:
             weights = state.get("ema") or state["model"]
         own = self.model.state_dict()
         # An export's logit bias is the class prior it was shipped with, not a weight to train from.
-        usable = {
-            k: v for k, v in weights.items() if k in own and own[k].shape == v.shape and k != "logit_bias"
-        }
+        usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape and k != "logit_bias"}
         skipped = sorted(set(own) - set(usable))
         self.model.load_state_dict(usable, strict=False)
         print(f"initialised from {path}; not taken: {skipped or 'nothing'}", file=sys.stderr)
