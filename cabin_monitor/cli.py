@@ -11,7 +11,8 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -272,17 +273,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every sub-command."""
-    p = argparse.ArgumentParser(prog="cabin-monitor", description="The ``cabin-monitor`` command line.")
-    p.add_argument(
-        "--version",
-        action=_VersionAction,
-        help="print the version, the bundled model's version, onnxruntime's version and providers, and exit",
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run the monitoring daemon")
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
     run.add_argument("--source", help="camera index, /dev/videoN, video file, rtsp:// URL or gst:PIPELINE")
     run.add_argument("--mqtt-url", help="broker, mqtt://host:port (overrides the file)")
@@ -290,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--loop", action="store_true", help="replay a video file when it ends")
     run.add_argument("--fast", action="store_true", help="process every frame of a video file as fast as possible")
     run.add_argument("--record", metavar="DIR", help="record what the rules engine sees into DIR (record.dir)")
-    run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="run on the bundled sample video; events to stdout, annotated video to a file")
+
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
     demo.add_argument("--source", help="video file instead of the bundled sample")
     demo.add_argument("--model", help="emotion ONNX model instead of the bundled one")
@@ -301,9 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--video-fps", type=float, default=None, help="frame rate of the written video (default: the source's)"
     )
-    demo.set_defaults(func=cmd_demo)
 
-    an = sub.add_parser("analyze", help="read faces and emotions in still images")
+
+def _analyze_arguments(an: argparse.ArgumentParser) -> None:
     an.add_argument("images", nargs="+", help="image files")
     an.add_argument("--json", action="store_true", help="one JSON object per image")
     an.add_argument("--assume-face", action="store_true", help="the whole image is one pre-cropped face")
@@ -316,17 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--range", choices=["short", "full"], default="full", help="BlazeFace model range")
     an.add_argument("--min-score", type=float, default=0.6, help="minimum detection score")
-    an.set_defaults(func=cmd_analyze)
 
-    cc = sub.add_parser("check-config", help="validate a configuration file")
+
+def _check_config_arguments(cc: argparse.ArgumentParser) -> None:
     cc.add_argument("file")
-    cc.set_defaults(func=cmd_check_config)
 
-    sc = sub.add_parser("schema", help="print the JSON schemas of the MQTT payloads")
+
+def _schema_arguments(sc: argparse.ArgumentParser) -> None:
     sc.add_argument("--out", help="write one <name>.schema.json per payload into this folder")
-    sc.set_defaults(func=cmd_schema)
 
-    be = sub.add_parser("bench", help="measure fps and per-stage latency on a video, CPU provider by default")
+
+def _bench_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--source", default="sample", help="video file (default: the bundled sample)")
     be.add_argument("--config", help="YAML configuration file")
     be.add_argument("--model", help="emotion ONNX model")
@@ -340,12 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tensorrt", "cuda", "cpu"],
         help="execution provider, in order of preference (repeatable; default: cpu)",
     )
-    be.set_defaults(func=cmd_bench)
 
-    rp = sub.add_parser(
-        "replay",
-        help="run the rules over recordings (run --record): events as JSON lines on stdout, alert rates on stderr",
-    )
+
+def _replay_arguments(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("recordings", nargs="+", metavar="RECORDING", help="recording files, folders or globs")
     _add_rules_options(rp)
     rp.add_argument("--no-events", action="store_true", help="print only the summary")
@@ -363,17 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="--compare: a rule of set B, over the recording's own rules or --config-b (repeatable)",
     )
-    rp.set_defaults(func=cmd_replay)
 
-    rr = sub.add_parser(
-        "report", help="timeline pictures (PNG) and one HTML page of recordings: scores, thresholds, events"
-    )
+
+def _report_arguments(rr: argparse.ArgumentParser) -> None:
     rr.add_argument("recordings", nargs="+", metavar="RECORDING", help="recording files, folders or globs")
     rr.add_argument("--out", required=True, help="folder for the PNGs and index.html")
     _add_rules_options(rr)
-    rr.set_defaults(func=cmd_report)
 
-    tr = sub.add_parser("train", help="train EmotionalDAN (needs the train extra)")
+
+def _train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--config", required=True, help="training YAML (see models/configs/)")
     tr.add_argument("--data", required=True, help="folder holding the data files named in the config")
     tr.add_argument("--out", help="run folder; an existing run there is resumed (required unless benchmarking)")
@@ -386,11 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="time N training steps and print faces/s and the share of data, forward and backward; trains nothing",
     )
-    tr.set_defaults(func=cmd_train)
 
-    ex = sub.add_parser(
-        "export", help="export a trained run to ONNX, or re-export an exported model (needs the train extra)"
-    )
+
+def _export_arguments(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("source", help="run folder, or an exported .onnx model to write again (e.g. mirror-averaged)")
     ex.add_argument("--out", required=True, help="ONNX file to write")
     ex.add_argument("--checkpoint", default="best.pt", help="checkpoint in the run folder (run folders only)")
@@ -406,9 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read each face and its mirror image and average the answers (twice the model time)",
     )
-    ex.set_defaults(func=cmd_export)
 
-    ev = sub.add_parser("evaluate", help="accuracy, confusion matrix and landmark NME of an ONNX model")
+
+def _evaluate_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--model", required=True, help="EmotionalDAN ONNX model")
     ev.add_argument("--data", required=True, help=".npz file (emotion labels or 68-point landmarks)")
     ev.add_argument("--peer", help="peer emotion model (mini-Xception ONNX) to compare on the same images")
@@ -425,11 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="landmark data: score only the 15%% held out from training (by photo)",
     )
-    ev.set_defaults(func=cmd_evaluate)
 
-    xp = sub.add_parser(
-        "explain", help="class-activation heat maps (HiResCAM) of the emotion decision (needs the train extra)"
-    )
+
+def _explain_arguments(xp: argparse.ArgumentParser) -> None:
     xp.add_argument("images", nargs="*", help="face images (pre-cropped, or found with the detector)")
     xp.add_argument("--model", default=None, help="EmotionalDAN ONNX model (default: the bundled one)")
     xp.add_argument("--out", required=True, help="folder for the heat-map PNGs")
@@ -443,7 +425,79 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--assume-face", action="store_true", help="the images are pre-cropped faces")
     xp.add_argument("--mean-by-class", metavar="NPZ", help="average map per emotion over a labelled .npz")
     xp.add_argument("--limit", type=int, default=2000, help="images used from the .npz for --mean-by-class")
-    xp.set_defaults(func=cmd_explain)
+
+
+@dataclass(frozen=True)
+class SubCommand:
+    """One sub-command: its name, one-line help, its arguments and the function that runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS = (
+    SubCommand("run", "run the monitoring daemon", _run_arguments, cmd_run),
+    SubCommand(
+        "demo",
+        "run on the bundled sample video; events to stdout, annotated video to a file",
+        _demo_arguments,
+        cmd_demo,
+    ),
+    SubCommand("analyze", "read faces and emotions in still images", _analyze_arguments, cmd_analyze),
+    SubCommand("check-config", "validate a configuration file", _check_config_arguments, cmd_check_config),
+    SubCommand("schema", "print the JSON schemas of the MQTT payloads", _schema_arguments, cmd_schema),
+    SubCommand(
+        "bench",
+        "measure fps and per-stage latency on a video, CPU provider by default",
+        _bench_arguments,
+        cmd_bench,
+    ),
+    SubCommand(
+        "replay",
+        "run the rules over recordings (run --record): events as JSON lines on stdout, alert rates on stderr",
+        _replay_arguments,
+        cmd_replay,
+    ),
+    SubCommand(
+        "report",
+        "timeline pictures (PNG) and one HTML page of recordings: scores, thresholds, events",
+        _report_arguments,
+        cmd_report,
+    ),
+    SubCommand("train", "train EmotionalDAN (needs the train extra)", _train_arguments, cmd_train),
+    SubCommand(
+        "export",
+        "export a trained run to ONNX, or re-export an exported model (needs the train extra)",
+        _export_arguments,
+        cmd_export,
+    ),
+    SubCommand(
+        "evaluate", "accuracy, confusion matrix and landmark NME of an ONNX model", _evaluate_arguments, cmd_evaluate
+    ),
+    SubCommand(
+        "explain",
+        "class-activation heat maps (HiResCAM) of the emotion decision (needs the train extra)",
+        _explain_arguments,
+        cmd_explain,
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command in ``SUBCOMMANDS``."""
+    p = argparse.ArgumentParser(prog="cabin-monitor", description="The ``cabin-monitor`` command line.")
+    p.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version, the bundled model's version, onnxruntime's version and providers, and exit",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in SUBCOMMANDS:
+        parser = sub.add_parser(command.name, help=command.help)
+        command.add_arguments(parser)
+        parser.set_defaults(func=command.handler)
     return p
 
 

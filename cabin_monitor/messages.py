@@ -169,6 +169,10 @@ class Refusal:
     wall_time_s: float  # UTC epoch seconds of the PUBACK
 
 
+# What the outbox can take: "ok", or not, and then new events wait in memory.
+OutboxState = Literal["ok", "disk_full", "unwritable"]
+
+
 @dataclass(frozen=True, slots=True)
 class SinkStats:
     """What a sink reports for the health payload."""

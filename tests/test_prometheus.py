@@ -8,13 +8,16 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cabin_monitor import messages
 from cabin_monitor.assets import sample_path
+from cabin_monitor.bus import outbox
 from cabin_monitor.messages import CameraState, CaptureStats, RemoteStats
 from cabin_monitor.runtime.prometheus import MetricsError, PrometheusExporter
 from tests.support.broker import free_port
@@ -83,6 +86,11 @@ def test_refusals_remote_requests_and_the_outbox_state_become_metrics() -> None:
     without = samples(generate_latest(exporter.registry).decode())
     assert not [name for name, _ in without if name.startswith("cabin_monitor_remote_")]
     assert without[("cabin_monitor_outbox_state", (("state", "ok"),))] == 1
+
+
+def test_every_state_the_outbox_reports_has_its_gauge() -> None:
+    """The outbox states the metrics know (from messages) are the ones the outbox can be in."""
+    assert get_args(messages.OutboxState) == get_args(outbox.OutboxState)
 
 
 def test_a_taken_port_is_a_clear_error() -> None:

@@ -168,7 +168,9 @@ class EmotionalDAN(nn.Module):
         head_in = FC_UNITS
         if spec.emotion_from_shape:
             self.shape_encoder = nn.Sequential(
-                nn.Linear(NUM_LANDMARKS * 2, SHAPE_UNITS, bias=False), nn.BatchNorm1d(SHAPE_UNITS), nn.ReLU(inplace=True)
+                nn.Linear(NUM_LANDMARKS * 2, SHAPE_UNITS, bias=False),
+                nn.BatchNorm1d(SHAPE_UNITS),
+                nn.ReLU(inplace=True),
             )
             head_in += SHAPE_UNITS
         self.emotion_head = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(head_in, len(spec.class_names)))
