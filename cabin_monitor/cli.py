@@ -128,18 +128,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(Path(args.file))
-        configure_logging("warning", "auto")
-        problems = daemon.check(cfg)
     except ConfigError as exc:
-        problems = exc.problems
+        return _report_problems(args.file, exc.problems, EXIT_CONFIG)
+    configure_logging("warning", "auto")
+    problems = daemon.check(cfg)
     if problems:
-        # The command's answer rather than a failure to run: every problem, and exit code 1.
-        print(f"{args.file}: {len(problems)} problem(s)", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
+        return _report_problems(args.file, problems, 1)
     print(f"{args.file}: OK (vehicle {cfg.vehicle_id}, source {cfg.camera.source}, detector {cfg.detector.type})")
     return 0
+
+
+def _report_problems(file: str, problems: list[str], code: int) -> int:
+    """The command's answer: every problem, one line each, and the exit code ``run`` would give."""
+    print(f"{file}: {len(problems)} problem(s)", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return code
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

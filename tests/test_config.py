@@ -89,8 +89,79 @@ def test_an_alias_bomb_is_refused_at_once() -> None:
     """A kilobyte of nested YAML aliases (gigabytes once expanded) is refused without being expanded."""
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
-    with pytest.raises(ConfigError, match="more than 64 aliases"):
+    with pytest.raises(ConfigError, match="refused"):
         parse_config_text("\n".join(lines) + "\n", environ={})
+
+
+def bomb(levels: int, fan_out: int, under: str = "tracker: {seats: *a%d}") -> str:
+    """Nested aliases: each level a list of ``fan_out`` aliases to the one before, used ``under`` a setting."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * fan_out)}]" for i in range(1, levels + 1)]
+    return "\n".join([*lines, under % levels]) + "\n"
+
+
+@pytest.mark.parametrize(("levels", "fan_out"), [(7, 9), (12, 2), (21, 3)])
+def test_an_alias_bomb_within_the_alias_limit_is_refused_unexpanded(levels: int, fan_out: int) -> None:
+    """Fewer than 64 aliases that would expand to millions of values are refused by their expanded size."""
+    text = bomb(levels, fan_out)
+    assert len(text) < 1000 and text.count("*") <= 64
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(text, environ={})
+    (problem,) = err.value.problems
+    assert "more than 20000 values once aliases are expanded: refused" in problem
+
+
+def test_a_small_alias_tree_still_loads_and_names_its_lines() -> None:
+    """Aliases within the bounds still work, and a problem inside one is reported with a line."""
+    ok = "zone: &front [0, 0, 0.5, 1]\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(
+            ok + "tracker: {seats: [{name: driver, zone: *front}, {name: x, zone: *front}]}\n", environ={}
+        )
+    assert err.value.problems == ["zone (line 1): unknown key (not a setting here; check the spelling)"]
+    cfg = parse_config_text("tracker: {seats: [{name: a, zone: &z [0, 0, 0.5, 1]}, {name: b, zone: *z}]}\n", environ={})
+    assert [s.zone for s in cfg.tracker.seats] == [(0, 0, 0.5, 1)] * 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("camera: " + "[" * 5000 + "\n", "not valid YAML"),
+        ("camera: " + "[" * 40 + "]" * 40 + "\n", "nested more than 32 levels deep: refused"),
+        ("a: &a [b, *a]\n", "alias *a inside the node it names: refused"),
+    ],
+)
+def test_deep_nesting_and_self_reference_are_one_problem(text: str, expected: str) -> None:
+    """Thousands of brackets or an alias inside its own anchor give one problem, not a RecursionError."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(text, environ={})
+    (problem,) = err.value.problems
+    assert expected in problem
+
+
+def test_a_deeply_nested_environment_value_is_one_problem() -> None:
+    """100,000 brackets in a JSON override, and 40 well-formed levels, are refused naming the variable."""
+    for text in ("[" * 100_000, "[" * 40 + "]" * 40):
+        with pytest.raises(ConfigError) as err:
+            parse_config_text("", environ={"CABIN_MONITOR__EMOTION__PROVIDERS": text})
+        (problem,) = err.value.problems
+        assert "CABIN_MONITOR__EMOTION__PROVIDERS" in problem and "refused" in problem, problem
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_hostile_files_stop_both_commands_with_one_line_and_exit_code_2(tmp_path: Path, command: str) -> None:
+    """A 63-alias bomb and 5,000 brackets: check-config and run exit 2 with one problem line, no traceback."""
+    for text in (bomb(7, 9), "camera: " + "[" * 5000 + "\n"):
+        path = tmp_path / "cabin-monitor.yaml"
+        path.write_text(text)
+        args = [command, str(path)] if command == "check-config" else [command, "--config", str(path)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "cabin_monitor", *args], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        problems = [line for line in proc.stderr.splitlines() if line.startswith("  ")]
+        assert len(problems) == 1 and "not valid YAML" in problems[0], proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_an_oversized_file_is_refused() -> None:
@@ -270,7 +341,7 @@ def test_seat_zones_are_checked() -> None:
 
 
 def test_check_config_command_exit_codes(tmp_path: Path) -> None:
-    """check-config exits 0 on a good file and 1 with one line per problem on a bad one."""
+    """check-config exits 0 on a good file and, like run, 2 with one line per problem on a bad one."""
     good = subprocess.run(
         [sys.executable, "-m", "cabin_monitor", "check-config", str(EXAMPLE)], capture_output=True, text=True
     )
@@ -280,7 +351,7 @@ def test_check_config_command_exit_codes(tmp_path: Path) -> None:
     bad = subprocess.run(
         [sys.executable, "-m", "cabin_monitor", "check-config", str(bad_file)], capture_output=True, text=True
     )
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert "camera.sorce (line 2)" in bad.stderr
     assert "emotion.providers.0 (line 4)" in bad.stderr
 
