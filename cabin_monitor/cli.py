@@ -57,12 +57,13 @@ def _overrides(args: argparse.Namespace, *, fast: bool = False) -> Overrides:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cabin_monitor import daemon
+    from cabin_monitor import daemon, preflight
     from cabin_monitor.logs import configure_logging
 
     config_path = _config_path(args)
     cfg = daemon.load(config_path, _overrides(args))
     configure_logging(cfg.logging.level, cfg.logging.format)
+    preflight.refuse_early(cfg)
     return daemon.run(cfg, config_path)
 
 
@@ -122,7 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from cabin_monitor import daemon
+    from cabin_monitor import preflight
     from cabin_monitor.config import ConfigError, load_config
     from cabin_monitor.logs import configure_logging
 
@@ -131,9 +132,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _report_problems(args.file, exc.problems, EXIT_CONFIG)
     configure_logging("warning", "auto")
-    problems = daemon.check(cfg)
+    problems = preflight.problems(cfg)
     if problems:
-        return _report_problems(args.file, problems, 1)
+        # run stops at the first problem, with its exit code.
+        return _report_problems(args.file, [str(p) for p in problems], problems[0].exit_code)
     print(f"{args.file}: OK (vehicle {cfg.vehicle_id}, source {cfg.camera.source}, detector {cfg.detector.type})")
     return 0
 

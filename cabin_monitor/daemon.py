@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import structlog
 
 from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, left_open
-from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
+from cabin_monitor.bus.mqtt import MqttSink
 from cabin_monitor.bus.outbox import Outbox, open_outbox
 from cabin_monitor.bus.payloads import PRECEDENCE
 from cabin_monitor.bus.remote import RemoteRequests, RulesControl, describe_overrides
@@ -46,7 +46,7 @@ from cabin_monitor.config import (
     parse_mqtt_url,
     rule_paths_from_environment,
 )
-from cabin_monitor.errors import CabinMonitorError, ConfigurationError
+from cabin_monitor.errors import ConfigurationError
 from cabin_monitor.messages import FrameResult, HealthSnapshot
 from cabin_monitor.record.sink import RecordingSink
 from cabin_monitor.runtime.pipeline import Pipeline
@@ -272,24 +272,6 @@ def _software_version() -> str:
         return version("cabin-monitor")
     except PackageNotFoundError:
         return "unknown"
-
-
-def check(cfg: Config) -> list[str]:
-    """What ``run`` would refuse before opening the camera: the models load, the rules fit the model's
-    classes, the TLS files are usable. One line per problem; empty when ``run`` would start."""
-    problems: list[str] = []
-    try:
-        FrameProcessor(cfg).close()
-    except CabinMonitorError as exc:
-        problems.append(str(exc))
-    if cfg.mqtt.url:
-        _, _, url_tls = parse_mqtt_url(cfg.mqtt.url)
-        if url_tls or cfg.mqtt.tls is not None:
-            try:
-                build_ssl_context(cfg.mqtt.tls)
-            except CabinMonitorError as exc:
-                problems.append(str(exc))
-    return problems
 
 
 def reload_rules(pipeline: Pipeline, config_path: Path | None) -> None:

@@ -17,8 +17,10 @@ from cabin_monitor.cli import main
 from cabin_monitor.config import DetectorConfig
 from cabin_monitor.messages import Frame
 from cabin_monitor.vision.align import keypoints_to_crop
+from cabin_monitor.vision.capture import gstreamer_support
 from cabin_monitor.vision.detect import create_detector
 from cabin_monitor.vision.framing import invert_affine
+from tests.support.cli import run_cli
 
 
 def cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -185,3 +187,56 @@ def test_start_up_errors_are_one_line_without_tracebacks(tmp_path: Path) -> None
         assert proc.returncode == code, (args, proc.stderr[-1500:])
         lines = [line for line in proc.stderr.splitlines() if line.startswith("cabin-monitor:")]
         assert len(lines) == 1 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, args
+
+
+def problem_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The problems a failed check-config or run named: check-config's indented lines, run's one line."""
+    lines = proc.stderr.splitlines()
+    return [line.strip() for line in lines if line.startswith("  ")] or [
+        line.removeprefix("cabin-monitor: ") for line in lines if line.startswith("cabin-monitor: ")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "missing", "expected"),
+    [
+        ("metrics:\n  enabled: true\n", "prometheus_client", "metrics.enabled needs prometheus-client"),
+        ("record:\n  dir: rec\n", "pyarrow", "record.dir needs pyarrow"),
+    ],
+)
+def test_check_config_and_run_refuse_a_missing_extra_alike(
+    tmp_path: Path, text: str, missing: str, expected: str
+) -> None:
+    """Where the configuration needs an extra that is not installed, check-config and run both refuse it
+    with the same line naming the extra and the install.sh option, and exit 2."""
+    path = tmp_path / "cabin-monitor.yaml"
+    path.write_text("vehicle_id: car-1\n" + text)
+    check = run_cli("check-config", str(path), without=[missing])
+    run = run_cli("run", "--config", str(path), without=[missing])
+    assert (check.returncode, run.returncode) == (2, 2), check.stderr + run.stderr
+    assert problem_lines(check) == problem_lines(run), check.stderr + run.stderr
+    (line,) = problem_lines(check)
+    extra = expected.split(".")[0]
+    assert line.startswith(expected) and f"--extras {extra}" in line, line
+    assert not (tmp_path / "rec").exists()
+
+
+def test_gstreamer_support_is_read_from_the_build_information() -> None:
+    """`GStreamer: YES (1.20.3)` means support; `NO`, or no such line, means none."""
+    assert gstreamer_support("  Video I/O:\n    GStreamer:                   YES (1.20.3)\n")
+    assert not gstreamer_support("  Video I/O:\n    GStreamer:                   NO\n")
+    assert not gstreamer_support("  Video I/O:\n    FFMPEG:                      YES\n")
+
+
+@pytest.mark.skipif(gstreamer_support(), reason="this OpenCV has GStreamer: gst: sources can work here")
+def test_a_gstreamer_source_without_gstreamer_is_refused_at_once(tmp_path: Path) -> None:
+    """Without GStreamer in OpenCV, check-config and run refuse a gst: source at once (exit 2, naming what
+    to install) instead of run retrying for ever."""
+    path = tmp_path / "cabin-monitor.yaml"
+    path.write_text('vehicle_id: car-1\ncamera:\n  source: "gst:videotestsrc ! videoconvert ! appsink"\n')
+    check = run_cli("check-config", str(path))
+    run = run_cli("run", "--config", str(path), timeout_s=60)
+    assert (check.returncode, run.returncode) == (2, 2), check.stderr + run.stderr
+    assert problem_lines(check) == problem_lines(run)
+    (line,) = problem_lines(check)
+    assert "needs OpenCV built with GStreamer" in line and "deploy/jetson.md" in line, line

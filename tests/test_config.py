@@ -12,6 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cabin_monitor.assets import SAMPLE_VIDEO
 from cabin_monitor.config import (
     Config,
     ConfigError,
@@ -391,21 +392,32 @@ def test_arbitrary_bytes_never_crash_the_loader(tmp_path_factory: pytest.TempPat
         assert exc.problems
 
 
+TLS_CASE = "mqtt: {url: mqtts://bus:8883, tls: {ca_file: /nonexistent/ca.crt}}\n"
+
+
 def test_check_config_runs_the_checks_run_runs(tmp_path: Path) -> None:
-    """check-config refuses a missing model, rules naming classes the model lacks, and an unreadable TLS file."""
+    """check-config refuses a missing model, rules naming classes the model lacks, and an unreadable TLS file,
+    with the exit code run gives for the first problem (which run stops at)."""
     cases = {
         "emotion:\n  model_path: /nonexistent/model.onnx\n": "emotion model not found: /nonexistent/model.onnx",
         "rules:\n  stress:\n    classes: [sadnes]\n": "rules.stress.classes has ['sadnes']",
-        "mqtt:\n  url: mqtts://bus:8883\n  tls:\n    ca_file: /nonexistent/ca.crt\n": "cannot read /nonexistent/ca.crt",
+        f"camera: {{source: {SAMPLE_VIDEO}}}\n" + TLS_CASE: "cannot read /nonexistent/ca.crt",
     }
     for text, expected in cases.items():
         path = tmp_path / "cabin-monitor.yaml"
         path.write_text("vehicle_id: car-1\n" + text)
-        proc = subprocess.run(
+        check = subprocess.run(
             [sys.executable, "-m", "cabin_monitor", "check-config", str(path)], capture_output=True, text=True
         )
-        assert proc.returncode == 1 and expected in proc.stderr, (text, proc.stderr[-1500:])
-        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+        run = subprocess.run(
+            [sys.executable, "-m", "cabin_monitor", "run", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert check.returncode == run.returncode != 0, (text, check.stderr[-1500:], run.stderr[-1500:])
+        assert expected in check.stderr and expected in run.stderr, (text, check.stderr[-1500:])
+        assert "Traceback" not in check.stderr and "Exception ignored" not in check.stderr
 
 
 def test_relative_paths_in_a_file_mean_beside_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

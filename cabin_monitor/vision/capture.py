@@ -96,6 +96,47 @@ def parse_source(text: str) -> SourceSpec:
     return SourceSpec("file", value)
 
 
+def gstreamer_support(build_information: str | None = None) -> bool:
+    """Whether this OpenCV can open GStreamer pipelines (its build information says ``GStreamer: YES``);
+    the pip wheels of OpenCV are built without GStreamer."""
+    text = cv2.getBuildInformation() if build_information is None else build_information
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "GStreamer":
+            return value.strip().upper().startswith("YES")
+    return False
+
+
+def check_source(source: str) -> SourceSpec:
+    """The parsed source, or ``SourceSetupError`` where it cannot work whatever happens later: a
+    GStreamer pipeline without GStreamer in OpenCV, a video file that is missing or is no regular file."""
+    spec = parse_source(source)
+    if spec.kind == "gstreamer" and not gstreamer_support():
+        raise SourceSetupError(
+            "camera.source gst:... needs OpenCV built with GStreamer, and this one is not (the pip wheels never "
+            "are): use the system's OpenCV (python3-opencv; on a Jetson, JetPack's), see deploy/jetson.md"
+        )
+    if spec.kind == "file":
+        path = Path(str(spec.target))
+        if not path.exists():
+            raise SourceSetupError(f"video file not found: {path}")
+        if not path.is_file():
+            raise SourceSetupError(f"camera.source {path} is {_what_it_is(path)}, not a video file")
+    return spec
+
+
+def _what_it_is(path: Path) -> str:
+    if path.is_fifo():
+        return "a named pipe (FIFO), which blocks until a writer opens it"
+    if path.is_dir():
+        return "a folder"
+    if path.is_socket():
+        return "a socket"
+    if path.is_char_device() or path.is_block_device():
+        return "a device (give /dev/videoN for a V4L2 camera)"
+    return "not a regular file"
+
+
 def open_capture(spec: SourceSpec, cfg: CameraConfig) -> Capture:
     """Open ``spec`` with the OpenCV backend that suits it."""
     if spec.kind == "camera":
@@ -172,9 +213,7 @@ class FrameSource:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
-        self.spec = parse_source(cfg.source)
-        if self.spec.kind == "file" and not Path(str(self.spec.target)).is_file():
-            raise SourceSetupError(f"video file not found: {self.spec.target}")
+        self.spec = check_source(cfg.source)
         self._stop = stop
         self._opener = opener
         self._clock = clock
