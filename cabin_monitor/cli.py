@@ -124,7 +124,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from cabin_monitor import preflight
-    from cabin_monitor.config import ConfigError, load_config
+    from cabin_monitor.config import ConfigError, load_config, redacted
     from cabin_monitor.logs import configure_logging
 
     try:
@@ -136,7 +136,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if problems:
         # run stops at the first problem, with its exit code.
         return _report_problems(args.file, [str(p) for p in problems], problems[0].exit_code)
-    print(f"{args.file}: OK (vehicle {cfg.vehicle_id}, source {cfg.camera.source}, detector {cfg.detector.type})")
+    source = redacted(cfg.camera.source)
+    print(f"{args.file}: OK (vehicle {cfg.vehicle_id}, source {source}, detector {cfg.detector.type})")
     return 0
 
 

@@ -493,3 +493,18 @@ def test_fps_follows_the_delivery_pace() -> None:
         source.read()
         now[0] += 1 / 30
     assert source.delivered_fps() == pytest.approx(30.0, rel=1e-3)
+
+
+def test_a_stream_password_never_reaches_the_health_or_the_logs() -> None:
+    """An rtsp:// source with a password is shown (health, logs) with *** in its place."""
+    stop = threading.Event()
+
+    def refuse(spec: SourceSpec, cfg: CameraConfig) -> Capture:
+        stop.set()  # one failed open, then the source stops retrying
+        raise OSError("connection refused")
+
+    source = FrameSource(CameraConfig(source="rtsp://admin:hunter2@cam.local/stream"), stop, opener=refuse)
+    with capture_logs() as logs, pytest.raises(SourceEnded):
+        source.read()
+    assert source.stats().source == "rtsp://admin:***@cam.local/stream"
+    assert logs and "hunter2" not in repr(logs)

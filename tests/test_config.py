@@ -23,6 +23,7 @@ from cabin_monitor.config import (
     parse_config_text,
     parse_mqtt_url,
     paths_set,
+    redacted,
 )
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "cabin-monitor.example.yaml"
@@ -484,3 +485,64 @@ def test_the_outbox_fallback_file_is_the_setting_else_systemds_runtime_folder_el
     assert Config().resolved_fallback_path() == Path("/run/cabin-monitor/held-events.sqlite")
     chosen = tmp_path / "held.sqlite"
     assert Config.model_validate({"outbox": {"fallback_path": str(chosen)}}).resolved_fallback_path() == chosen
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("mqtt://car-a:hunter2@bus:1883", "mqtt://car-a:***@bus:1883"),
+        ("rtsp://admin:p@ss:w@cam.local/stream", "rtsp://admin:***@cam.local/stream"),
+        ("car-a:hunter2@bus:1883", "car-a:***@bus:1883"),
+        ("mqtt://car-a@bus:1883", "mqtt://car-a@bus:1883"),
+        ("mqtt://bus:1883", "mqtt://bus:1883"),
+        ("rtsp://cam.local/a:b@c", "rtsp://cam.local/a:b@c"),
+    ],
+)
+def test_redacted_hides_the_password_of_a_url(url: str, shown: str) -> None:
+    """A URL's password becomes *** (user and host stay, for the operator); a URL without one is unchanged."""
+    assert redacted(url) == shown
+
+
+@pytest.mark.parametrize("url", ["mqtt://car-a:hunter2@bus:1883", "mqtts://car-a@bus", "tcp://car-a:hunter2@bus"])
+def test_credentials_in_the_broker_url_are_refused_naming_the_settings(url: str) -> None:
+    """User info in mqtt.url (which was read as part of the host) is refused, pointing at mqtt.username and
+    mqtt.password, and the message never repeats the password."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(f"mqtt:\n  url: {url}\n", environ={})
+    (problem,) = err.value.problems
+    assert problem.startswith("mqtt.url (line 2): MQTT URL must not carry credentials")
+    assert "mqtt.username and mqtt.password" in problem and "hunter2" not in problem
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_no_command_shows_a_broker_password(tmp_path: Path, command: str) -> None:
+    """check-config and run (file, environment or --mqtt-url) refuse credentials in the URL with exit code 2
+    and never print the password."""
+    path = tmp_path / "cabin-monitor.yaml"
+    path.write_text("vehicle_id: car-a\nmqtt:\n  url: mqtt://car-a:hunter2@bus:1883\n")
+    args = [command, str(path)] if command == "check-config" else [command, "--config", str(path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CABIN_MONITOR")}
+    runs = [subprocess.run([sys.executable, "-m", "cabin_monitor", *args], capture_output=True, text=True, timeout=120)]
+    if command == "run":
+        url = "mqtt://car-a:hunter2@bus:1883"
+        runs.append(
+            subprocess.run(
+                [sys.executable, "-m", "cabin_monitor", "run", "--mqtt-url", url, "--vehicle-id", "car-a"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
+        )
+        runs.append(
+            subprocess.run(
+                [sys.executable, "-m", "cabin_monitor", "run", "--vehicle-id", "car-a"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env | {"CABIN_MONITOR__MQTT__URL": url},
+            )
+        )
+    for proc in runs:
+        assert proc.returncode == 2, proc.stderr[-1500:]
+        assert "mqtt.username and mqtt.password" in proc.stderr and "hunter2" not in proc.stderr + proc.stdout

@@ -40,6 +40,7 @@ from cabin_monitor.config.rules import (
     UnexpectedExpressionRuleConfig,
 )
 from cabin_monitor.config.tracker import SeatZone, TrackerConfig
+from cabin_monitor.config.urls import redacted
 
 __all__ = [
     "EMOTIONS_7",
@@ -75,5 +76,6 @@ __all__ = [
     "parse_config_text",
     "parse_mqtt_url",
     "paths_set",
+    "redacted",
     "rule_paths_from_environment",
 ]

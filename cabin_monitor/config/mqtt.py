@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from cabin_monitor.config.base import Strict
+from cabin_monitor.config.urls import has_user_info, redacted
 
 
 class TlsConfig(Strict):
@@ -69,10 +70,19 @@ class MqttConfig(Strict):
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
-    """Split ``mqtt://host:port`` / ``mqtts://host:port`` into (host, port, tls)."""
+    """Split ``mqtt://host:port`` / ``mqtts://host:port`` into (host, port, tls).
+
+    Credentials in the URL are refused (they would be read as part of the host, and shown wherever the URL
+    is): they go in ``mqtt.username`` and ``mqtt.password``. No message repeats a password.
+    """
+    if has_user_info(url):
+        raise ValueError(
+            f"MQTT URL must not carry credentials ({redacted(url)!r}): set mqtt.username and mqtt.password "
+            "(CABIN_MONITOR__MQTT__PASSWORD) instead"
+        )
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ValueError(f"MQTT URL must look like mqtt://host:port or mqtts://host:port, got {url!r}")
+        raise ValueError(f"MQTT URL must look like mqtt://host:port or mqtts://host:port, got {redacted(url)!r}")
     tls = scheme in ("mqtts", "ssl")
     rest = rest.rstrip("/")
     host, colon, port_text = rest.rpartition(":")
@@ -80,7 +90,7 @@ def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
         host, port_text = rest, ""
     host = host.strip("[]")
     if not host:
-        raise ValueError(f"MQTT URL has no host: {url!r}")
+        raise ValueError(f"MQTT URL has no host: {redacted(url)!r}")
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise ValueError(f"MQTT URL port must be 1..65535, got {port_text!r}")

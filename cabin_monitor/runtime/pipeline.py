@@ -324,11 +324,11 @@ class Pipeline:
         self._threads = [capture, inference]
         for t in self._threads:
             t.start()
-        self.notifier.ready(f"watching {self.cfg.camera.source}")
+        self.notifier.ready(f"watching {self.source.shown_source}")
         log.info(
             "ready",
             vehicle_id=self.cfg.vehicle_id,
-            source=self.cfg.camera.source,
+            source=self.source.shown_source,
             model=str(self.processor.model.info.path),
             provider=self.processor.model.provider_in_use,
         )
@@ -364,7 +364,7 @@ class Pipeline:
                 self.source.mark_stalled(f"no frame for {silent_s:.1f} s")
         camera_state = self.source.stats().state
         if camera_state != ticks.last_camera_state:
-            self.notifier.status(f"camera {camera_state.value}: {self.cfg.camera.source}")
+            self.notifier.status(f"camera {camera_state.value}: {self.source.shown_source}")
             ticks.last_camera_state = camera_state
 
     def _log_stats_when_due(self, now: float, ticks: _Supervision) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import structlog
 
 from cabin_monitor.assets import SAMPLE_VIDEO
-from cabin_monitor.config import CameraConfig
+from cabin_monitor.config import CameraConfig, redacted
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
 from cabin_monitor.messages import CameraState, CaptureStats, Frame, ImageArray
 from cabin_monitor.metrics import RateWindow
@@ -220,7 +220,8 @@ class FrameSource:
         self._wall = wall_clock
         self._cap: Capture | None = None
         self._next_id = 0
-        self._stats = CaptureStats(source=str(cfg.source))
+        self.shown_source = redacted(cfg.source)  # for logs and health: never a password from an rtsp:// URL
+        self._stats = CaptureStats(source=self.shown_source)
         self._backoff_s = cfg.reopen_initial_s
         self._lock = threading.Lock()
         # File timing: media time is mapped onto the monotonic clock from the first frame.
@@ -307,7 +308,7 @@ class FrameSource:
                     self._backoff_s = self.cfg.reopen_initial_s
                 fps = cap.get(cv2.CAP_PROP_FPS)
                 self._file_fps = fps if self.is_file and 1.0 <= fps <= 240.0 else (30.0 if self.is_file else 0.0)
-                log.info("source opened", source=self.cfg.source, kind=self.spec.kind, attempt=attempt)
+                log.info("source opened", source=self.shown_source, kind=self.spec.kind, attempt=attempt)
                 return
             if cap is not None:
                 cap.release()
@@ -316,12 +317,14 @@ class FrameSource:
                 raise SourceSetupError(f"video file {self.spec.target}: {error}")
             wait = self._next_wait_s()
             self._update(state=CameraState.REOPENING, last_error=error)
-            log.warning("source unavailable, retrying", source=self.cfg.source, error=error, retry_in_s=round(wait, 2))
+            log.warning(
+                "source unavailable, retrying", source=self.shown_source, error=error, retry_in_s=round(wait, 2)
+            )
             self._wait(wait)
         raise SourceEnded("stopping")
 
     def _reopen(self, reason: str) -> None:
-        log.warning("reopening source", source=self.cfg.source, reason=reason)
+        log.warning("reopening source", source=self.shown_source, reason=reason)
         self.release()
         with self._lock:
             self._stats = replace(
@@ -349,7 +352,7 @@ class FrameSource:
                 ok, image = self._cap.read()
             except Exception as exc:  # a backend error is a failed read, not a crash
                 ok, image = False, None
-                log.warning("read raised", source=self.cfg.source, error=str(exc))
+                log.warning("read raised", source=self.shown_source, error=str(exc))
             self._beat()
             if not ok:
                 if not self.is_file:
@@ -436,7 +439,7 @@ class FrameSource:
             self._short_file_noted = True
             log.warning(
                 "video file ended before its declared length (truncated?)",
-                source=self.cfg.source,
+                source=self.shown_source,
                 frames_read=read,
                 frames_declared=declared,
             )
@@ -461,7 +464,7 @@ class FrameSource:
             wait = self._next_wait_s()
             log.warning(
                 "looped video file gave no frame; reopening it",
-                source=self.cfg.source,
+                source=self.shown_source,
                 empty_passes=self._empty_passes,
                 max_empty_passes=MAX_EMPTY_PASSES,
                 corrupt_frames=self._pass_corrupt,
@@ -478,7 +481,7 @@ class FrameSource:
         if not self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
             self.release()
             self._open()
-        log.info("looping video file", source=self.cfg.source)
+        log.info("looping video file", source=self.shown_source)
 
     def _fail_empty_file(self, why: str) -> NoReturn:
         self._update(state=CameraState.FAILED, last_error=why)
