@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,7 +318,7 @@ def _analyze_arguments(an: argparse.ArgumentParser) -> None:
 
 
 def _check_config_arguments(cc: argparse.ArgumentParser) -> None:
-    cc.add_argument("file")
+    cc.add_argument("file", help="the YAML configuration file")
 
 
 def _schema_arguments(sc: argparse.ArgumentParser) -> None:
@@ -434,60 +435,137 @@ def _explain_arguments(xp: argparse.ArgumentParser) -> None:
     xp.add_argument("--limit", type=int, default=2000, help="images used from the .npz for --mean-by-class")
 
 
+EXIT_CODES_RUN = (
+    "0 stopped (SIGTERM) or the video file ended; 1 a fault a restart may cure (systemd restarts it); "
+    "2 a setup error: configuration, model, source, state folder"
+)
+EXIT_CODES_TOOL = "0 done; 1 a fault while running or a missing extra; 2 bad arguments or configuration"
+
+
 @dataclass(frozen=True)
 class SubCommand:
-    """One sub-command: its name, one-line help, its arguments and the function that runs it."""
+    """One sub-command: its name, one-line help, what it does, an example, its exit codes, its arguments and
+    the function that runs it."""
 
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     handler: Callable[[argparse.Namespace], int]
+    description: str
+    example: str
+    exit_codes: str = EXIT_CODES_TOOL
+
+    def epilog(self) -> str:
+        codes = "\n".join(f"  {line.strip()}" for line in self.exit_codes.split(";"))
+        return f"example:\n  {self.example}\n\nexit codes:\n{codes}"
 
 
 SUBCOMMANDS = (
-    SubCommand("run", "run the monitoring daemon", _run_arguments, cmd_run),
+    SubCommand(
+        "run",
+        "run the monitoring daemon",
+        _run_arguments,
+        cmd_run,
+        "Watch the cabin through the configured camera and send events, state and health over MQTT (or print "
+        "events as JSON lines without a broker). SIGTERM drains and stops; SIGHUP reloads the rules.",
+        "cabin-monitor run --config /etc/cabin-monitor/cabin-monitor.yaml --source /dev/video0",
+        EXIT_CODES_RUN,
+    ),
     SubCommand(
         "demo",
         "run on the bundled sample video; events to stdout, annotated video to a file",
         _demo_arguments,
         cmd_demo,
+        "Run the whole pipeline on a video file (the bundled sample by default) without a broker: events as "
+        "JSON lines on stdout, and a video with boxes, landmarks and emotion bars.",
+        "cabin-monitor demo --source cabin.mp4 --out annotated.mp4",
+        EXIT_CODES_RUN,
     ),
-    SubCommand("analyze", "read faces and emotions in still images", _analyze_arguments, cmd_analyze),
-    SubCommand("check-config", "validate a configuration file", _check_config_arguments, cmd_check_config),
-    SubCommand("schema", "print the JSON schemas of the MQTT payloads", _schema_arguments, cmd_schema),
+    SubCommand(
+        "analyze",
+        "read faces and emotions in still images",
+        _analyze_arguments,
+        cmd_analyze,
+        "Find the faces in each image and read their emotions; one line (or JSON object) per image.",
+        "cabin-monitor analyze --json photo1.jpg photo2.jpg",
+    ),
+    SubCommand(
+        "check-config",
+        "validate a configuration file",
+        _check_config_arguments,
+        cmd_check_config,
+        "Report every problem of a configuration file with its YAML path and line, and what run checks before "
+        "the camera: vehicle settings, the extras the file needs, the source, models, rule classes, TLS files.",
+        "cabin-monitor check-config /etc/cabin-monitor/cabin-monitor.yaml",
+        "0 run would start; 1 or 2 the exit code run would give for the first problem (2 a setup error)",
+    ),
+    SubCommand(
+        "schema",
+        "print the JSON schemas of the MQTT payloads",
+        _schema_arguments,
+        cmd_schema,
+        "Print the JSON schema of every MQTT payload, or write one file each.",
+        "cabin-monitor schema --out schemas/",
+    ),
     SubCommand(
         "bench",
         "measure fps and per-stage latency on a video, CPU provider by default",
         _bench_arguments,
         cmd_bench,
+        "Run the threaded pipeline on a video as fast as it goes and at the file's own frame rate, and report "
+        "throughput, per-stage latency, frame-to-reading latency and CPU share; or time the model alone.",
+        "cabin-monitor bench --source cabin5.mp4 --config five-seats.yaml --json",
     ),
     SubCommand(
         "replay",
         "run the rules over recordings (run --record): events as JSON lines on stdout, alert rates on stderr",
         _replay_arguments,
         cmd_replay,
+        "Run the rules engine over recordings of what it saw, with their own rules or changed ones, and compare "
+        "two rule sets.",
+        "cabin-monitor replay rec/ --set rules.stress.enter_score=0.7 --no-events",
     ),
     SubCommand(
         "report",
         "timeline pictures (PNG) and one HTML page of recordings: scores, thresholds, events",
         _report_arguments,
         cmd_report,
+        "Draw each recording's scores, thresholds and events over time, and one HTML page of them all.",
+        "cabin-monitor report rec/ --out report/",
     ),
-    SubCommand("train", "train EmotionalDAN (needs the train extra)", _train_arguments, cmd_train),
+    SubCommand(
+        "train",
+        "train EmotionalDAN (needs the train extra)",
+        _train_arguments,
+        cmd_train,
+        "Train the emotion and landmark network from a training configuration; an existing run folder resumes.",
+        "cabin-monitor train --config models/configs/emotionaldan-7.yaml --data ../shared/data --out runs/r1",
+        "0 done; 1 a fault or a missing extra; 2 bad arguments or training configuration; 130 interrupted "
+        "(checkpointed: the same command resumes)",
+    ),
     SubCommand(
         "export",
         "export a trained run to ONNX, or re-export an exported model (needs the train extra)",
         _export_arguments,
         cmd_export,
+        "Write a trained run (or an exported model, e.g. mirror-averaged) as the ONNX model the daemon reads.",
+        "cabin-monitor export runs/r1 --out models/emotionaldan-7.onnx --mirror-average",
     ),
     SubCommand(
-        "evaluate", "accuracy, confusion matrix and landmark NME of an ONNX model", _evaluate_arguments, cmd_evaluate
+        "evaluate",
+        "accuracy, confusion matrix and landmark NME of an ONNX model",
+        _evaluate_arguments,
+        cmd_evaluate,
+        "Score an exported model on labelled faces: accuracy and confusion matrix, or landmark NME.",
+        "cabin-monitor evaluate --model models/emotionaldan-7.onnx --data ../shared/data/fer2013_val.npz",
     ),
     SubCommand(
         "explain",
         "class-activation heat maps (HiResCAM) of the emotion decision (needs the train extra)",
         _explain_arguments,
         cmd_explain,
+        "Draw where in the face the emotion decision looks, per image or averaged per emotion.",
+        "cabin-monitor explain face.jpg --out maps/",
     ),
 )
 
@@ -502,7 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     for command in SUBCOMMANDS:
-        parser = sub.add_parser(command.name, help=command.help)
+        parser = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=textwrap.fill(command.description, 100),
+            epilog=command.epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         command.add_arguments(parser)
         parser.set_defaults(func=command.handler)
     return p

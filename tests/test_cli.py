@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.cli import main
+from cabin_monitor.cli import SUBCOMMANDS, main
 from cabin_monitor.config import DetectorConfig
 from cabin_monitor.messages import Frame
 from cabin_monitor.vision.align import keypoints_to_crop
@@ -240,3 +240,15 @@ def test_a_gstreamer_source_without_gstreamer_is_refused_at_once(tmp_path: Path)
     assert problem_lines(check) == problem_lines(run)
     (line,) = problem_lines(check)
     assert "needs OpenCV built with GStreamer" in line and "deploy/jetson.md" in line, line
+
+
+def test_every_sub_command_help_has_a_description_an_example_and_its_exit_codes() -> None:
+    """`cabin-monitor X --help` says what X does, shows an example command and lists its exit codes."""
+    for command in SUBCOMMANDS:
+        proc = cli(command.name, "--help")
+        assert proc.returncode == 0, proc.stderr
+        text = proc.stdout
+        assert command.description.split()[0] in text.split("\n\n")[1], (command.name, text)
+        assert f"example:\n  cabin-monitor {command.name} " in text, (command.name, text)
+        exit_codes = text.split("exit codes:\n")[1]
+        assert exit_codes.startswith("  0 ") and "\n  1" in exit_codes and "2 " in exit_codes, (command.name, text)

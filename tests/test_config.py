@@ -546,3 +546,44 @@ def test_no_command_shows_a_broker_password(tmp_path: Path, command: str) -> Non
     for proc in runs:
         assert proc.returncode == 2, proc.stderr[-1500:]
         assert "mqtt.username and mqtt.password" in proc.stderr and "hunter2" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [
+        ("//", "empty topic level"),
+        ("fleet//cabin", "empty topic level"),
+        ("/cabin", "empty topic level"),
+        ("cabin/", "empty topic level"),
+        ("cabin/+", "wildcard"),
+        ("cabin/#", "wildcard"),
+        ("cab in", "letters, digits"),
+    ],
+)
+def test_a_topic_prefix_with_empty_levels_or_wildcards_is_refused(prefix: str, message: str) -> None:
+    """mqtt.topic_prefix must be topic levels joined by '/': none empty, no wildcard."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(f'mqtt:\n  topic_prefix: "{prefix}"\n', environ={})
+    (problem,) = err.value.problems
+    assert problem.startswith("mqtt.topic_prefix (line 2):") and message in problem, problem
+    assert parse_config_text("mqtt:\n  topic_prefix: fleet/cabin-2\n", environ={}).mqtt.topic_prefix == "fleet/cabin-2"
+
+
+def test_a_relative_video_file_source_means_beside_the_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`camera.source: clips/cabin.mp4` is the file beside the configuration, like every other path; cameras,
+    URLs, pipelines, 'sample' and a source from the environment stay as written."""
+    folder = tmp_path / "etc"
+    path = folder / "cabin-monitor.yaml"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    for source in ("clips/cabin.mp4", "cabin.mp4"):
+        path.write_text(f"camera:\n  source: {source}\n")
+        assert load_config(path, environ={}).camera.source == str(folder / source)
+    for source in ("0", "/dev/video2", "rtsp://cam/stream", "gst: videotestsrc ! appsink", "sample", "/abs/x.mp4"):
+        path.write_text(f'camera:\n  source: "{source}"\n')
+        assert load_config(path, environ={}).camera.source == source
+    path.write_text("camera:\n  source: clips/cabin.mp4\n")
+    from_env = load_config(path, environ={"CABIN_MONITOR__CAMERA__SOURCE": "other.mp4"})
+    assert from_env.camera.source == "other.mp4"

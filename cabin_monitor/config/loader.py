@@ -21,6 +21,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from cabin_monitor.config.camera import source_kind
 from cabin_monitor.config.root import Config
 from cabin_monitor.config.rules import RulesConfig
 from cabin_monitor.errors import ConfigurationError
@@ -375,6 +376,13 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
 
 # A bare file name here that is no file beside the configuration names a bundled model.
 _BUNDLED_NAMES = frozenset({"emotion.model_path"})
+# Text settings that may name a file (beside a camera, a URL or a pipeline).
+_FILE_TEXTS = frozenset({"camera.source"})
+
+
+def _relative_file(source: str) -> bool:
+    """Whether a ``camera.source`` names a video file by a relative path ('sample' is the bundled video)."""
+    return source_kind(source) == "file" and source.strip() != "sample" and not Path(source.strip()).is_absolute()
 
 
 def _paths_relative_to(model: M, folder: Path, skip: set[str], prefix: str = "") -> M:
@@ -394,6 +402,8 @@ def _paths_relative_to(model: M, folder: Path, skip: set[str], prefix: str = "")
             bare = len(value.parts) == 1 and not (folder / value).exists()
             if not (key in _BUNDLED_NAMES and bare):
                 update[name] = folder / value
+        elif key in _FILE_TEXTS and isinstance(value, str) and _relative_file(value):
+            update[name] = str(folder / value.strip())
     return model.model_copy(update=update) if update else model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,9 @@ class TlsConfig(Strict):
         return self
 
 
+_TOPIC_LEVELS = re.compile(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*")
+
+
 class MqttConfig(Strict):
     """Vehicle bus connection; with no url, events are printed to stdout as JSON lines."""
 
@@ -35,7 +39,9 @@ class MqttConfig(Strict):
     password: SecretStr | None = None
     tls: TlsConfig | None = None
     topic_prefix: str = Field(
-        "cabin", pattern=r"^[A-Za-z0-9_\-/]+$", description="Topics are <prefix>/<vehicle_id>/..."
+        "cabin",
+        description="Topics are <prefix>/<vehicle_id>/...; one or more topic levels separated by '/', none "
+        "empty, no wildcard (+, #).",
     )
     keepalive_s: int = Field(30, ge=5, le=3600)
     state_interval_s: float = Field(1.0, ge=0, le=3600, description="Occupant state publish period; 0 = off.")
@@ -54,6 +60,17 @@ class MqttConfig(Strict):
     def _protocol_as_text(cls, v: Any) -> Any:
         # YAML reads `protocol: 5` as a number.
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_levels(cls, v: str) -> str:
+        if "+" in v or "#" in v:
+            raise ValueError(f"{v!r} holds an MQTT wildcard (+ or #): a topic to publish on cannot")
+        if any(not level for level in v.split("/")):
+            raise ValueError(f"{v!r} has an empty topic level: no leading, trailing or doubled '/'")
+        if not _TOPIC_LEVELS.fullmatch(v):
+            raise ValueError(f"{v!r}: topic levels are letters, digits, '_' and '-', separated by '/'")
+        return v
 
     @field_validator("url")
     @classmethod

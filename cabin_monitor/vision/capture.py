@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, NoReturn, Protocol, cast
+from typing import NoReturn, Protocol, cast
 
 import cv2
 import numpy as np
@@ -33,12 +33,12 @@ import structlog
 
 from cabin_monitor.assets import SAMPLE_VIDEO
 from cabin_monitor.config import CameraConfig, redacted
+from cabin_monitor.config.camera import SourceKind, source_kind
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
 from cabin_monitor.messages import CameraState, CaptureStats, Frame, ImageArray
 from cabin_monitor.metrics import RateWindow
 
 log = structlog.get_logger("cabin_monitor.vision.capture")
-SourceKind = Literal["camera", "file", "stream", "gstreamer"]
 # A looped file whose passes give no frame this many times in a row holds nothing to play.
 MAX_EMPTY_PASSES = 3
 # Waits (reopen backoff, file pacing) wake this often to show that the capture thread is alive.
@@ -81,19 +81,16 @@ class Capture(Protocol):
 def parse_source(text: str) -> SourceSpec:
     """Classify a source string: camera index or device, URL, GStreamer pipeline, or file."""
     value = text.strip()
-    if not value:
+    kind = source_kind(value)
+    if kind is None:
         raise SourceSetupError("camera.source is empty")
     if value == "sample":
         return SourceSpec("file", str(SAMPLE_VIDEO))
-    if value.isdigit():
+    if kind == "camera" and value.isdigit():
         return SourceSpec("camera", int(value))
-    if value.startswith("/dev/"):
-        return SourceSpec("camera", value)
-    if value.startswith("gst:"):
+    if kind == "gstreamer":
         return SourceSpec("gstreamer", value[4:].strip())
-    if "://" in value:
-        return SourceSpec("stream", value)
-    return SourceSpec("file", value)
+    return SourceSpec(kind, value)
 
 
 def gstreamer_support(build_information: str | None = None) -> bool:
