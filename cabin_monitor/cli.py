@@ -65,6 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = daemon.load(config_path, _overrides(args))
     configure_logging(cfg.logging.level, cfg.logging.format)
     preflight.refuse_early(cfg)
+    preflight.prepare_state_folder(cfg)
     return daemon.run(cfg, config_path)
 
 

@@ -31,6 +31,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
+from pydantic import ValidationError
 
 from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, left_open
 from cabin_monitor.bus.mqtt import MqttSink
@@ -42,6 +43,7 @@ from cabin_monitor.config import (
     CameraConfig,
     Config,
     ConfigError,
+    describe_errors,
     load_config,
     parse_mqtt_url,
     rule_paths_from_environment,
@@ -106,6 +108,9 @@ def load(config_path: Path | None, overrides: Overrides = Overrides()) -> Config
         # Re-validate so overrides from the command line obey the same rules as the file; only the values
         # given go in, so the configuration still tells them from its defaults (rules/state's sources).
         return Config.model_validate(cfg.model_copy(update=update).model_dump(exclude_unset=True))
+    except ValidationError as exc:
+        # The file was valid: what fails now came from the command line. One line, as every start-up error.
+        raise ConfigurationError("command line: " + "; ".join(describe_errors(exc))) from None
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
 

@@ -102,3 +102,19 @@ def refuse_early(cfg: Config) -> None:
     found = problems(cfg, quick_only=True)
     if found:
         raise found[0]
+
+
+def prepare_state_folder(cfg: Config) -> None:
+    """With a broker, create the state folder (outbox, open events, overrides) readable by the daemon's user
+    alone (0700) where it does not exist yet; systemd makes it itself (``StateDirectory=``, its own mode).
+    An existing folder is left as it is."""
+    if not cfg.mqtt.url:
+        return
+    folder = cfg.resolved_state_dir()
+    if folder.exists():
+        return
+    try:
+        folder.mkdir(mode=0o700, parents=True)
+        folder.chmod(0o700)  # mkdir's mode passes through the umask
+    except OSError as exc:
+        raise ConfigurationError(f"state folder {folder}: cannot create it: {exc.strerror or exc}") from None

@@ -252,3 +252,11 @@ def test_every_sub_command_help_has_a_description_an_example_and_its_exit_codes(
         assert f"example:\n  cabin-monitor {command.name} " in text, (command.name, text)
         exit_codes = text.split("exit codes:\n")[1]
         assert exit_codes.startswith("  0 ") and "\n  1" in exit_codes and "2 " in exit_codes, (command.name, text)
+
+
+def test_an_invalid_vehicle_id_from_the_command_line_is_one_line() -> None:
+    """`run --vehicle-id 'car 17/x'` ends with one line naming the setting, exit code 2, no pydantic dump."""
+    proc = cli("run", "--vehicle-id", "car 17/x")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("cabin-monitor: command line: vehicle_id: String should match pattern")
+    assert proc.stderr.count("\n") == 1 and "errors.pydantic.dev" not in proc.stderr, proc.stderr
