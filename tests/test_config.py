@@ -587,3 +587,32 @@ def test_a_relative_video_file_source_means_beside_the_configuration(
     path.write_text("camera:\n  source: clips/cabin.mp4\n")
     from_env = load_config(path, environ={"CABIN_MONITOR__CAMERA__SOURCE": "other.mp4"})
     assert from_env.camera.source == "other.mp4"
+
+
+def test_a_single_underscore_variable_is_warned_about_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """CABIN_MONITOR_MQTT_URL (one underscore) is not read: the first load warns once, naming the variable
+    that would set it; variables naming no setting (CABIN_MONITOR_MODELS_DIR) are not warned about."""
+    environ = {"CABIN_MONITOR_MQTT_URL": "mqtt://bus:1883", "CABIN_MONITOR_MODELS_DIR": "/opt/models"}
+    for _ in range(2):
+        assert parse_config_text("", environ=environ).mqtt.url is None
+    err = capsys.readouterr().err
+    expected = (
+        "cabin-monitor: warning: CABIN_MONITOR_MQTT_URL is ignored: settings are read from CABIN_MONITOR__MQTT__URL\n"
+    )
+    assert err == expected
+
+
+def test_check_config_warns_of_a_single_underscore_variable(tmp_path: Path) -> None:
+    """check-config shows the warning for a variable that sets nothing, and still passes a good file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CABIN_MONITOR")}
+    env["CABIN_MONITOR_RULES_STRESS_SUSTAIN_S"] = "5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "check-config", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("CABIN_MONITOR_RULES_STRESS_SUSTAIN_S is ignored") == 1
+    assert "CABIN_MONITOR__RULES__STRESS__SUSTAIN_S" in proc.stderr

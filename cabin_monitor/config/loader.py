@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -337,8 +338,46 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+_SINGLE_PREFIX = "CABIN_MONITOR_"
+_WARNED: set[str] = set()  # variables already warned about in this process
+
+
+def misspelt_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """Variables like ``CABIN_MONITOR_MQTT_URL`` (one underscore), which name a setting but are not read, each
+    with the name that would set it (``CABIN_MONITOR__MQTT__URL``)."""
+    out = {}
+    for name in environ:
+        if name.startswith(_SINGLE_PREFIX) and not name.startswith(ENV_PREFIX):
+            path = _setting_path(Config, name[len(_SINGLE_PREFIX) :].lower())
+            if path is not None:
+                out[name] = ENV_PREFIX + "__".join(p.upper() for p in path)
+    return out
+
+
+def _setting_path(model: type[BaseModel], words: str) -> list[str] | None:
+    """The setting that ``words`` (field names joined by single underscores) names under ``model``, if any."""
+    for name, field in model.model_fields.items():
+        if words == name:
+            return [name]
+        members = _non_null(field.annotation)
+        nested = members[0] if len(members) == 1 else None
+        if words.startswith(name + "_") and isinstance(nested, type) and issubclass(nested, BaseModel):
+            rest = _setting_path(nested, words[len(name) + 1 :])
+            if rest is not None:
+                return [name, *rest]
+    return None
+
+
+def _warn_misspelt(environ: Mapping[str, str]) -> None:
+    for name, meant in sorted(misspelt_variables(environ).items()):
+        if name not in _WARNED:
+            _WARNED.add(name)
+            print(f"cabin-monitor: warning: {name} is ignored: settings are read from {meant}", file=sys.stderr)
+
+
 def parse_config_text(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
-    """Parse and validate YAML text; raises ``ConfigError`` listing every problem."""
+    """Parse and validate YAML text; raises ``ConfigError`` listing every problem. Warns once (stderr) of each
+    variable that names a setting with single underscores, which is never read."""
     try:
         raw = _load_yaml(text)
     except yaml.YAMLError as exc:
@@ -348,6 +387,7 @@ def parse_config_text(text: str, source: str = "<config>", environ: Mapping[str,
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of sections, got {type(raw).__name__}"])
     environ = os.environ if environ is None else environ
+    _warn_misspelt(environ)
     raw, problems = _with_env_overrides(raw, environ)
     try:
         cfg = Config.model_validate(raw)
