@@ -132,7 +132,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(Path(args.file))
     except ConfigError as exc:
-        return _report_problems(args.file, exc.problems, EXIT_CONFIG)
+        configure_logging("warning", "auto")
+        every = [*exc.problems, *preflight.rule_class_problems(Path(args.file))]
+        return _report_problems(args.file, every, EXIT_CONFIG)
     configure_logging("warning", "auto")
     problems = preflight.problems(cfg)
     if problems:

@@ -12,13 +12,16 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from cabin_monitor.bus.mqtt import build_ssl_context
-from cabin_monitor.config import Config, parse_mqtt_url
+from cabin_monitor.config import Config, parse_mqtt_url, partial_config
 from cabin_monitor.daemon import require_vehicle_settings
 from cabin_monitor.errors import CabinMonitorError, ConfigurationError
+from cabin_monitor.rules import check_classes
 from cabin_monitor.runtime.processor import FrameProcessor
 from cabin_monitor.vision.capture import check_source
+from cabin_monitor.vision.emotion import EmotionModel
 
 
 @dataclass(frozen=True)
@@ -118,3 +121,17 @@ def prepare_state_folder(cfg: Config) -> None:
         folder.chmod(0o700)  # mkdir's mode passes through the umask
     except OSError as exc:
         raise ConfigurationError(f"state folder {folder}: cannot create it: {exc.strerror or exc}") from None
+
+
+def rule_class_problems(path: Path) -> list[str]:
+    """The rules' class names checked against the model's for a file that does not validate as a whole, so
+    that check-config lists them with the other problems in one pass (empty where the rules or emotion
+    sections are themselves invalid: their problems are listed already)."""
+    cfg = partial_config(path, ("rules", "emotion"))
+    if cfg is None:
+        return []
+    try:
+        check_classes(cfg.rules, EmotionModel(cfg.emotion).class_names)
+    except CabinMonitorError as exc:  # ClassMismatchError, or a model that does not load
+        return [str(exc)]
+    return []

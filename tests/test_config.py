@@ -616,3 +616,15 @@ def test_check_config_warns_of_a_single_underscore_variable(tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("CABIN_MONITOR_RULES_STRESS_SUSTAIN_S is ignored") == 1
     assert "CABIN_MONITOR__RULES__STRESS__SUSTAIN_S" in proc.stderr
+
+
+def test_check_config_lists_rule_class_names_with_the_other_problems(tmp_path: Path) -> None:
+    """A misspelt key and a rule naming a class the model lacks are both reported in one pass (exit 2)."""
+    path = tmp_path / "cabin-monitor.yaml"
+    path.write_text("vehicle_id: car-1\ncamera:\n  sorce: 0\nrules:\n  stress:\n    classes: [sadnes]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "check-config", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "2 problem(s)" in proc.stderr and "camera.sorce (line 3): unknown key" in proc.stderr
+    assert "rules.stress.classes has ['sadnes']" in proc.stderr, proc.stderr

@@ -19,6 +19,7 @@ from cabin_monitor.config.loader import (
     load_config,
     merge_rules,
     parse_config_text,
+    partial_config,
     paths_set,
     rule_paths_from_environment,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "merge_rules",
     "parse_config_text",
     "parse_mqtt_url",
+    "partial_config",
     "paths_set",
     "redacted",
     "rule_paths_from_environment",

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin
 
@@ -410,6 +410,26 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         raise ConfigError(str(path), ["the file is not UTF-8 text"]) from None
     environ = os.environ if environ is None else environ
     cfg = parse_config_text(text, str(path), environ)
+    from_env = {".".join(key) for key in env_override_names(environ)}
+    return _paths_relative_to(cfg, path.resolve().parent, from_env)
+
+
+def partial_config(path: Path, sections: Collection[str], environ: Mapping[str, str] | None = None) -> Config | None:
+    """Only ``sections`` of the file, with their environment overrides, validated and with relative paths read
+    beside the file; None where the file cannot be read or those sections do not validate on their own (then
+    ``load_config`` lists why). For checks that can run while other sections of the file are still wrong."""
+    try:
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    environ = os.environ if environ is None else environ
+    raw, _ = _with_env_overrides(raw, environ)
+    try:
+        cfg = Config.model_validate({key: raw[key] for key in sections if key in raw})
+    except ValidationError:
+        return None
     from_env = {".".join(key) for key in env_override_names(environ)}
     return _paths_relative_to(cfg, path.resolve().parent, from_env)
 
