@@ -11,7 +11,9 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,12 +59,14 @@ def _overrides(args: argparse.Namespace, *, fast: bool = False) -> Overrides:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cabin_monitor import daemon
+    from cabin_monitor import daemon, preflight
     from cabin_monitor.logs import configure_logging
 
     config_path = _config_path(args)
     cfg = daemon.load(config_path, _overrides(args))
     configure_logging(cfg.logging.level, cfg.logging.format)
+    preflight.refuse_early(cfg)
+    preflight.prepare_state_folder(cfg)
     return daemon.run(cfg, config_path)
 
 
@@ -122,24 +126,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from cabin_monitor import daemon
-    from cabin_monitor.config import ConfigError, load_config
+    from cabin_monitor import preflight
+    from cabin_monitor.config import ConfigError, load_config, redacted
     from cabin_monitor.logs import configure_logging
 
     try:
         cfg = load_config(Path(args.file))
-        configure_logging("warning", "auto")
-        problems = daemon.check(cfg)
     except ConfigError as exc:
-        problems = exc.problems
+        configure_logging("warning", "auto")
+        every = [*exc.problems, *preflight.rule_class_problems(Path(args.file))]
+        return _report_problems(args.file, every, EXIT_CONFIG)
+    configure_logging("warning", "auto")
+    problems = preflight.problems(cfg)
     if problems:
-        # The command's answer rather than a failure to run: every problem, and exit code 1.
-        print(f"{args.file}: {len(problems)} problem(s)", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
-    print(f"{args.file}: OK (vehicle {cfg.vehicle_id}, source {cfg.camera.source}, detector {cfg.detector.type})")
+        # run stops at the first problem, with its exit code.
+        return _report_problems(args.file, [str(p) for p in problems], problems[0].exit_code)
+    source = redacted(cfg.camera.source)
+    print(f"{args.file}: OK (vehicle {cfg.vehicle_id}, source {source}, detector {cfg.detector.type})")
     return 0
+
+
+def _report_problems(file: str, problems: list[str], code: int) -> int:
+    """The command's answer: every problem, one line each, and the exit code ``run`` would give."""
+    print(f"{file}: {len(problems)} problem(s)", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return code
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -273,17 +285,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every sub-command."""
-    p = argparse.ArgumentParser(prog="cabin-monitor", description="The ``cabin-monitor`` command line.")
-    p.add_argument(
-        "--version",
-        action=_VersionAction,
-        help="print the version, the bundled model's version, onnxruntime's version and providers, and exit",
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run the monitoring daemon")
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
     run.add_argument("--source", help="camera index, /dev/videoN, video file, rtsp:// URL or gst:PIPELINE")
     run.add_argument("--mqtt-url", help="broker, mqtt://host:port (overrides the file)")
@@ -291,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--loop", action="store_true", help="replay a video file when it ends")
     run.add_argument("--fast", action="store_true", help="process every frame of a video file as fast as possible")
     run.add_argument("--record", metavar="DIR", help="record what the rules engine sees into DIR (record.dir)")
-    run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="run on the bundled sample video; events to stdout, annotated video to a file")
+
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
     demo.add_argument("--source", help="video file instead of the bundled sample")
     demo.add_argument("--model", help="emotion ONNX model instead of the bundled one")
@@ -302,9 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--video-fps", type=float, default=None, help="frame rate of the written video (default: the source's)"
     )
-    demo.set_defaults(func=cmd_demo)
 
-    an = sub.add_parser("analyze", help="read faces and emotions in still images")
+
+def _analyze_arguments(an: argparse.ArgumentParser) -> None:
     an.add_argument("images", nargs="+", help="image files")
     an.add_argument("--json", action="store_true", help="one JSON object per image")
     an.add_argument("--assume-face", action="store_true", help="the whole image is one pre-cropped face")
@@ -317,17 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--range", choices=["short", "full"], default="full", help="BlazeFace model range")
     an.add_argument("--min-score", type=float, default=0.6, help="minimum detection score")
-    an.set_defaults(func=cmd_analyze)
 
-    cc = sub.add_parser("check-config", help="validate a configuration file")
-    cc.add_argument("file")
-    cc.set_defaults(func=cmd_check_config)
 
-    sc = sub.add_parser("schema", help="print the JSON schemas of the MQTT payloads")
+def _check_config_arguments(cc: argparse.ArgumentParser) -> None:
+    cc.add_argument("file", help="the YAML configuration file")
+
+
+def _schema_arguments(sc: argparse.ArgumentParser) -> None:
     sc.add_argument("--out", help="write one <name>.schema.json per payload into this folder")
-    sc.set_defaults(func=cmd_schema)
 
-    be = sub.add_parser("bench", help="measure fps and per-stage latency on a video, CPU provider by default")
+
+def _bench_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--source", default="sample", help="video file (default: the bundled sample)")
     be.add_argument("--config", help="YAML configuration file")
     be.add_argument("--model", help="emotion ONNX model")
@@ -341,12 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tensorrt", "cuda", "cpu"],
         help="execution provider, in order of preference (repeatable; default: cpu)",
     )
-    be.set_defaults(func=cmd_bench)
 
-    rp = sub.add_parser(
-        "replay",
-        help="run the rules over recordings (run --record): events as JSON lines on stdout, alert rates on stderr",
-    )
+
+def _replay_arguments(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("recordings", nargs="+", metavar="RECORDING", help="recording files, folders or globs")
     _add_rules_options(rp)
     rp.add_argument("--no-events", action="store_true", help="print only the summary")
@@ -382,18 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheduler", metavar="ADDRESS", help="run on the Dask cluster of this scheduler (tcp://HOST:8786)"
     )
     rp.add_argument("--workers", type=int, metavar="N", help="run on a local Dask cluster of N worker processes")
-    rp.set_defaults(func=cmd_replay)
 
-    rr = sub.add_parser(
-        "report",
-        help="timeline pictures (PNG) and one interactive HTML page of recordings: scores, rules in force, events",
-    )
+
+def _report_arguments(rr: argparse.ArgumentParser) -> None:
     rr.add_argument("recordings", nargs="+", metavar="RECORDING", help="recording files, folders or globs")
     rr.add_argument("--out", required=True, help="folder for the PNGs and index.html (self-contained, works offline)")
     _add_rules_options(rr)
-    rr.set_defaults(func=cmd_report)
 
-    tr = sub.add_parser("train", help="train EmotionalDAN (needs the train extra)")
+
+def _train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--config", required=True, help="training YAML (see models/configs/)")
     tr.add_argument("--data", required=True, help="folder holding the data files named in the config")
     tr.add_argument("--out", help="run folder; an existing run there is resumed (required unless benchmarking)")
@@ -406,11 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="time N training steps and print faces/s and the share of data, forward and backward; trains nothing",
     )
-    tr.set_defaults(func=cmd_train)
 
-    ex = sub.add_parser(
-        "export", help="export a trained run to ONNX, or re-export an exported model (needs the train extra)"
-    )
+
+def _export_arguments(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("source", help="run folder, or an exported .onnx model to write again (e.g. mirror-averaged)")
     ex.add_argument("--out", required=True, help="ONNX file to write")
     ex.add_argument("--checkpoint", default="best.pt", help="checkpoint in the run folder (run folders only)")
@@ -426,9 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read each face and its mirror image and average the answers (twice the model time)",
     )
-    ex.set_defaults(func=cmd_export)
 
-    ev = sub.add_parser("evaluate", help="accuracy, confusion matrix and landmark NME of an ONNX model")
+
+def _evaluate_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--model", required=True, help="EmotionalDAN ONNX model")
     ev.add_argument("--data", required=True, help=".npz file (emotion labels or 68-point landmarks)")
     ev.add_argument("--peer", help="peer emotion model (mini-Xception ONNX) to compare on the same images")
@@ -445,11 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="landmark data: score only the 15%% held out from training (by photo)",
     )
-    ev.set_defaults(func=cmd_evaluate)
 
-    xp = sub.add_parser(
-        "explain", help="class-activation heat maps (HiResCAM) of the emotion decision (needs the train extra)"
-    )
+
+def _explain_arguments(xp: argparse.ArgumentParser) -> None:
     xp.add_argument("images", nargs="*", help="face images (pre-cropped, or found with the detector)")
     xp.add_argument("--model", default=None, help="EmotionalDAN ONNX model (default: the bundled one)")
     xp.add_argument("--out", required=True, help="folder for the heat-map PNGs")
@@ -463,8 +455,163 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--assume-face", action="store_true", help="the images are pre-cropped faces")
     xp.add_argument("--mean-by-class", metavar="NPZ", help="average map per emotion over a labelled .npz")
     xp.add_argument("--limit", type=int, default=2000, help="images used from the .npz for --mean-by-class")
-    xp.set_defaults(func=cmd_explain)
 
+
+EXIT_CODES_RUN = (
+    "0 stopped (SIGTERM) or the video file ended; 1 a fault a restart may cure (systemd restarts it); "
+    "2 a setup error: configuration, model, source, state folder"
+)
+EXIT_CODES_TOOL = "0 done; 1 a fault while running or a missing extra; 2 bad arguments or configuration"
+
+
+@dataclass(frozen=True)
+class SubCommand:
+    """One sub-command: its name, one-line help, what it does, an example, its exit codes, its arguments and
+    the function that runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+    description: str
+    example: str
+    exit_codes: str = EXIT_CODES_TOOL
+
+    def epilog(self) -> str:
+        codes = "\n".join(f"  {line.strip()}" for line in self.exit_codes.split(";"))
+        return f"example:\n  {self.example}\n\nexit codes:\n{codes}"
+
+
+SUBCOMMANDS = (
+    SubCommand(
+        "run",
+        "run the monitoring daemon",
+        _run_arguments,
+        cmd_run,
+        "Watch the cabin through the configured camera and send events, state and health over MQTT (or print "
+        "events as JSON lines without a broker). SIGTERM drains and stops; SIGHUP reloads the rules.",
+        "cabin-monitor run --config /etc/cabin-monitor/cabin-monitor.yaml --source /dev/video0",
+        EXIT_CODES_RUN,
+    ),
+    SubCommand(
+        "demo",
+        "run on the bundled sample video; events to stdout, annotated video to a file",
+        _demo_arguments,
+        cmd_demo,
+        "Run the whole pipeline on a video file (the bundled sample by default) without a broker: events as "
+        "JSON lines on stdout, and a video with boxes, landmarks and emotion bars.",
+        "cabin-monitor demo --source cabin.mp4 --out annotated.mp4",
+        EXIT_CODES_RUN,
+    ),
+    SubCommand(
+        "analyze",
+        "read faces and emotions in still images",
+        _analyze_arguments,
+        cmd_analyze,
+        "Find the faces in each image and read their emotions; one line (or JSON object) per image.",
+        "cabin-monitor analyze --json photo1.jpg photo2.jpg",
+    ),
+    SubCommand(
+        "check-config",
+        "validate a configuration file",
+        _check_config_arguments,
+        cmd_check_config,
+        "Report every problem of a configuration file with its YAML path and line, and what run checks before "
+        "the camera: vehicle settings, the extras the file needs, the source, models, rule classes, TLS files.",
+        "cabin-monitor check-config /etc/cabin-monitor/cabin-monitor.yaml",
+        "0 run would start; 1 or 2 the exit code run would give for the first problem (2 a setup error)",
+    ),
+    SubCommand(
+        "schema",
+        "print the JSON schemas of the MQTT payloads",
+        _schema_arguments,
+        cmd_schema,
+        "Print the JSON schema of every MQTT payload, or write one file each.",
+        "cabin-monitor schema --out schemas/",
+    ),
+    SubCommand(
+        "bench",
+        "measure fps and per-stage latency on a video, CPU provider by default",
+        _bench_arguments,
+        cmd_bench,
+        "Run the threaded pipeline on a video as fast as it goes and at the file's own frame rate, and report "
+        "throughput, per-stage latency, frame-to-reading latency and CPU share; or time the model alone.",
+        "cabin-monitor bench --source cabin5.mp4 --config five-seats.yaml --json",
+    ),
+    SubCommand(
+        "replay",
+        "run the rules over recordings (run --record): events as JSON lines on stdout, alert rates on stderr",
+        _replay_arguments,
+        cmd_replay,
+        "Run the rules engine over recordings of what it saw, with their own rules or changed ones; compare "
+        "two rule sets, sweep a threshold, or run on a Dask cluster.",
+        "cabin-monitor replay rec/ --set rules.stress.enter_score=0.7 --no-events",
+    ),
+    SubCommand(
+        "report",
+        "timeline pictures (PNG) and one interactive HTML page of recordings: scores, rules in force, events",
+        _report_arguments,
+        cmd_report,
+        "Draw each recording's scores, thresholds and events over time, and one self-contained interactive HTML "
+        "page of them all, with the rules in force.",
+        "cabin-monitor report rec/ --out report/",
+    ),
+    SubCommand(
+        "train",
+        "train EmotionalDAN (needs the train extra)",
+        _train_arguments,
+        cmd_train,
+        "Train the emotion and landmark network from a training configuration; an existing run folder resumes.",
+        "cabin-monitor train --config models/configs/emotionaldan-7.yaml --data ../shared/data --out runs/r1",
+        "0 done; 1 a fault or a missing extra; 2 bad arguments or training configuration; 130 interrupted "
+        "(checkpointed: the same command resumes)",
+    ),
+    SubCommand(
+        "export",
+        "export a trained run to ONNX, or re-export an exported model (needs the train extra)",
+        _export_arguments,
+        cmd_export,
+        "Write a trained run (or an exported model, e.g. mirror-averaged) as the ONNX model the daemon reads.",
+        "cabin-monitor export runs/r1 --out models/emotionaldan-7.onnx --mirror-average",
+    ),
+    SubCommand(
+        "evaluate",
+        "accuracy, confusion matrix and landmark NME of an ONNX model",
+        _evaluate_arguments,
+        cmd_evaluate,
+        "Score an exported model on labelled faces: accuracy and confusion matrix, or landmark NME.",
+        "cabin-monitor evaluate --model models/emotionaldan-7.onnx --data ../shared/data/fer2013_val.npz",
+    ),
+    SubCommand(
+        "explain",
+        "class-activation heat maps (HiResCAM) of the emotion decision (needs the train extra)",
+        _explain_arguments,
+        cmd_explain,
+        "Draw where in the face the emotion decision looks, per image or averaged per emotion.",
+        "cabin-monitor explain face.jpg --out maps/",
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command in ``SUBCOMMANDS``."""
+    p = argparse.ArgumentParser(prog="cabin-monitor", description="The ``cabin-monitor`` command line.")
+    p.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version, the bundled model's version, onnxruntime's version and providers, and exit",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in SUBCOMMANDS:
+        parser = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=textwrap.fill(command.description, 100),
+            epilog=command.epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(parser)
+        parser.set_defaults(func=command.handler)
     add_fleet_parser(sub)
     return p
 

@@ -36,9 +36,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
+from pydantic import ValidationError
 
 from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, left_open
-from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
+from cabin_monitor.bus.mqtt import MqttSink
 from cabin_monitor.bus.outbox import Outbox, open_outbox
 from cabin_monitor.bus.remote import RemoteRequests, RequestQueue
 from cabin_monitor.bus.sinks import StdoutSink
@@ -46,11 +47,12 @@ from cabin_monitor.config import (
     CameraConfig,
     Config,
     ConfigError,
+    describe_errors,
     load_config,
     parse_mqtt_url,
     rule_paths_from_environment,
 )
-from cabin_monitor.errors import CabinMonitorError, ConfigurationError
+from cabin_monitor.errors import ConfigurationError
 from cabin_monitor.messages import FrameResult, HealthSnapshot
 from cabin_monitor.record.sink import RecordingSink
 from cabin_monitor.rules.in_force import PRECEDENCE, RulesInForce, describe_overrides
@@ -113,6 +115,9 @@ def load(config_path: Path | None, overrides: Overrides = Overrides()) -> Config
         # Re-validate so overrides from the command line obey the same rules as the file; only the values
         # given go in, so the configuration still tells them from its defaults (rules/state's sources).
         return Config.model_validate(cfg.model_copy(update=update).model_dump(exclude_unset=True))
+    except ValidationError as exc:
+        # The file was valid: what fails now came from the command line. One line, as every start-up error.
+        raise ConfigurationError("command line: " + "; ".join(describe_errors(exc))) from None
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
 
@@ -310,24 +315,6 @@ def _software_version() -> str:
         return version("cabin-monitor")
     except PackageNotFoundError:
         return "unknown"
-
-
-def check(cfg: Config) -> list[str]:
-    """What ``run`` would refuse before opening the camera: the models load, the rules fit the model's
-    classes, the TLS files are usable. One line per problem; empty when ``run`` would start."""
-    problems: list[str] = []
-    try:
-        FrameProcessor(cfg).close()
-    except CabinMonitorError as exc:
-        problems.append(str(exc))
-    if cfg.mqtt.url:
-        _, _, url_tls = parse_mqtt_url(cfg.mqtt.url)
-        if url_tls or cfg.mqtt.tls is not None:
-            try:
-                build_ssl_context(cfg.mqtt.tls)
-            except CabinMonitorError as exc:
-                problems.append(str(exc))
-    return problems
 
 
 def reload_rules(rules: RulesInForce, worker: RemoteRequests | None, config_path: Path | None) -> None:

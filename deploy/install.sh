@@ -18,12 +18,14 @@ PYTHON=${PYTHON:-python3}
 
 usage() {
     cat <<EOF
-usage: deploy/install.sh [--destdir DIR] [--extra cpu|gpu] [--record] [--wheel PATH | --source DIR]
+usage: deploy/install.sh [--destdir DIR] [--extra cpu|gpu] [--extras LIST] [--record] [--wheel PATH | --source DIR]
                          [--bridge URL --vehicle-id ID]
 
   --destdir DIR   install below DIR (an image root); default: this machine, as root
   --extra NAME    onnxruntime build: cpu (default) or gpu (onnxruntime-gpu: CUDA/TensorRT)
-  --record        also install what record.dir needs (pyarrow), for vehicles that record
+  --extras LIST   also install these extras of the package, comma-separated, e.g. metrics,record
+                  (metrics: prometheus-client for metrics.enabled; record: pyarrow for record.dir)
+  --record        the same as --extras record
   --wheel PATH    install this cabin-monitor wheel
   --source DIR    build cabin-monitor from this source tree (default: $REPO)
   --bridge URL    bridge the vehicle's local Mosquitto to the fleet broker at URL
@@ -44,7 +46,7 @@ die() {
 
 destdir=${DESTDIR:-}
 extra=cpu
-record=
+extras=
 wheel=
 source=
 bridge=
@@ -52,12 +54,13 @@ vehicle_id=
 while [ $# -gt 0 ]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        --record) record=,record; shift ;;
-        --destdir | --extra | --wheel | --source | --bridge | --vehicle-id)
+        --record) extras=$extras,record; shift ;;
+        --destdir | --extra | --extras | --wheel | --source | --bridge | --vehicle-id)
             if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see --help)"; fi
             case $1 in
                 --destdir) destdir=$2 ;;
                 --extra) extra=$2 ;;
+                --extras) extras=$extras,$2 ;;
                 --wheel) wheel=$2 ;;
                 --source) source=$2 ;;
                 --bridge) bridge=$2 ;;
@@ -73,6 +76,17 @@ case $extra in
     cpu | gpu) ;;
     *) die "--extra must be cpu or gpu, not '$extra'" ;;
 esac
+set -f  # the names are split on commas, never expanded as file patterns
+old_ifs=$IFS
+IFS=,
+for name in $extras; do
+    case $name in
+        cpu | gpu) die "--extras: give the onnxruntime build with --extra $name" ;;
+        *[!a-z0-9_-]*) die "--extras: not an extra name: '$name'" ;;
+    esac
+done
+IFS=$old_ifs
+set +f
 [ -z "$wheel" ] || [ -z "$source" ] || die "give --wheel or --source, not both"
 [ -z "$bridge" ] || [ -n "$vehicle_id" ] || die "--bridge needs --vehicle-id ID"
 if [ -n "$wheel" ]; then
@@ -105,10 +119,12 @@ work=$(mktemp -d)
 trap 'rm -rf "$work" "$build"' EXIT  # $build is gone once swapped in; after a failure it is removed
 trap 'exit 130' INT TERM HUP
 mkdir -p "$destdir$PREFIX"
-echo "venv: $root_venv (cabin-monitor[$extra$record], $("$PYTHON" --version 2>&1))"
+# Each extra once, in the order given.
+extras=$(printf '%s\n' "$extras" | tr ',' '\n' | awk 'NF && !seen[$0]++ { printf ",%s", $0 }')
+echo "venv: $root_venv (cabin-monitor[$extra$extras], $("$PYTHON" --version 2>&1))"
 "$PYTHON" -m venv "$build"
 if [ -n "$wheel" ]; then
-    requirement="${wheel}[$extra$record]"
+    requirement="${wheel}[$extra$extras]"
 else
     # From a clean copy of the tree: setuptools packs whatever is in an old build/
     # folder, modules since deleted included.
@@ -120,9 +136,19 @@ else
         tar -C "$source" --exclude=./build --exclude=./dist --exclude=./.venv --exclude='*.egg-info' -cf - . \
             | tar -C "$work/src" -xf -
     fi
-    requirement="$work/src[$extra$record]"
+    requirement="$work/src[$extra$extras]"
 fi
 "$build/bin/python" -m pip install --quiet --no-compile "$requirement"
+# pip only warns about an extra the package does not have.
+unknown=$("$build/bin/python" - "$extras" <<'PY'
+import sys
+from importlib.metadata import metadata
+
+known = set(metadata("cabin-monitor").get_all("Provides-Extra") or [])
+print(" ".join(name for name in sys.argv[1].split(",") if name and name not in known))
+PY
+)
+[ -z "$unknown" ] || die "--extras: cabin-monitor has no extra $unknown; the installed venv is unchanged"
 
 for file in "$build"/bin/* "$build/pyvenv.cfg"; do
     if [ -f "$file" ] && [ ! -L "$file" ] && grep -qF "$build" "$file"; then

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from cabin_monitor.config import NEGATIVE_7, EmotionConfig
+from cabin_monitor.datasets import load_emotion_npz
 from cabin_monitor.tools.evaluate import infer_all
-from cabin_monitor.training.data import load_emotion_npz
 from cabin_monitor.vision.emotion import EmotionModel
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)

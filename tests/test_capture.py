@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -64,6 +65,18 @@ def test_a_missing_video_file_is_refused_up_front() -> None:
     """A file source that does not exist raises SourceError naming it."""
     with pytest.raises(SourceError, match="not found"):
         FrameSource(CameraConfig(source="/no/such/clip.mp4"), threading.Event())
+
+
+def test_a_fifo_or_a_folder_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """A named pipe (FIFO, which would block until a writer came) or a folder given as the source is refused
+    at once, saying what it is, with exit code 2; not reported as a missing file."""
+    fifo = tmp_path / "frames.fifo"
+    os.mkfifo(fifo)
+    for path, what in ((fifo, "is a named pipe (FIFO)"), (tmp_path, "is a folder")):
+        with pytest.raises(SourceSetupError) as err:
+            FrameSource(CameraConfig(source=str(path)), threading.Event())
+        assert f"camera.source {path} {what}" in str(err.value) and "not found" not in str(err.value)
+        assert err.value.exit_code == 2
 
 
 def test_file_is_read_to_the_end_on_the_file_clock() -> None:
@@ -480,3 +493,18 @@ def test_fps_follows_the_delivery_pace() -> None:
         source.read()
         now[0] += 1 / 30
     assert source.delivered_fps() == pytest.approx(30.0, rel=1e-3)
+
+
+def test_a_stream_password_never_reaches_the_health_or_the_logs() -> None:
+    """An rtsp:// source with a password is shown (health, logs) with *** in its place."""
+    stop = threading.Event()
+
+    def refuse(spec: SourceSpec, cfg: CameraConfig) -> Capture:
+        stop.set()  # one failed open, then the source stops retrying
+        raise OSError("connection refused")
+
+    source = FrameSource(CameraConfig(source="rtsp://admin:hunter2@cam.local/stream"), stop, opener=refuse)
+    with capture_logs() as logs, pytest.raises(SourceEnded):
+        source.read()
+    assert source.stats().source == "rtsp://admin:***@cam.local/stream"
+    assert logs and "hunter2" not in repr(logs)

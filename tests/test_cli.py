@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.cli import main
+from cabin_monitor.cli import SUBCOMMANDS, main
 from cabin_monitor.config import DetectorConfig
 from cabin_monitor.messages import Frame
 from cabin_monitor.vision.align import keypoints_to_crop
+from cabin_monitor.vision.capture import gstreamer_support
 from cabin_monitor.vision.detect import create_detector
 from cabin_monitor.vision.framing import invert_affine
+from tests.support.cli import run_cli
 
 
 def cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -185,3 +187,76 @@ def test_start_up_errors_are_one_line_without_tracebacks(tmp_path: Path) -> None
         assert proc.returncode == code, (args, proc.stderr[-1500:])
         lines = [line for line in proc.stderr.splitlines() if line.startswith("cabin-monitor:")]
         assert len(lines) == 1 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, args
+
+
+def problem_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The problems a failed check-config or run named: check-config's indented lines, run's one line."""
+    lines = proc.stderr.splitlines()
+    return [line.strip() for line in lines if line.startswith("  ")] or [
+        line.removeprefix("cabin-monitor: ") for line in lines if line.startswith("cabin-monitor: ")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "missing", "expected"),
+    [
+        ("metrics:\n  enabled: true\n", "prometheus_client", "metrics.enabled needs prometheus-client"),
+        ("record:\n  dir: rec\n", "pyarrow", "record.dir needs pyarrow"),
+    ],
+)
+def test_check_config_and_run_refuse_a_missing_extra_alike(
+    tmp_path: Path, text: str, missing: str, expected: str
+) -> None:
+    """Where the configuration needs an extra that is not installed, check-config and run both refuse it
+    with the same line naming the extra and the install.sh option, and exit 2."""
+    path = tmp_path / "cabin-monitor.yaml"
+    path.write_text("vehicle_id: car-1\n" + text)
+    check = run_cli("check-config", str(path), without=[missing])
+    run = run_cli("run", "--config", str(path), without=[missing])
+    assert (check.returncode, run.returncode) == (2, 2), check.stderr + run.stderr
+    assert problem_lines(check) == problem_lines(run), check.stderr + run.stderr
+    (line,) = problem_lines(check)
+    extra = expected.split(".")[0]
+    assert line.startswith(expected) and f"--extras {extra}" in line, line
+    assert not (tmp_path / "rec").exists()
+
+
+def test_gstreamer_support_is_read_from_the_build_information() -> None:
+    """`GStreamer: YES (1.20.3)` means support; `NO`, or no such line, means none."""
+    assert gstreamer_support("  Video I/O:\n    GStreamer:                   YES (1.20.3)\n")
+    assert not gstreamer_support("  Video I/O:\n    GStreamer:                   NO\n")
+    assert not gstreamer_support("  Video I/O:\n    FFMPEG:                      YES\n")
+
+
+@pytest.mark.skipif(gstreamer_support(), reason="this OpenCV has GStreamer: gst: sources can work here")
+def test_a_gstreamer_source_without_gstreamer_is_refused_at_once(tmp_path: Path) -> None:
+    """Without GStreamer in OpenCV, check-config and run refuse a gst: source at once (exit 2, naming what
+    to install) instead of run retrying for ever."""
+    path = tmp_path / "cabin-monitor.yaml"
+    path.write_text('vehicle_id: car-1\ncamera:\n  source: "gst:videotestsrc ! videoconvert ! appsink"\n')
+    check = run_cli("check-config", str(path))
+    run = run_cli("run", "--config", str(path), timeout_s=60)
+    assert (check.returncode, run.returncode) == (2, 2), check.stderr + run.stderr
+    assert problem_lines(check) == problem_lines(run)
+    (line,) = problem_lines(check)
+    assert "needs OpenCV built with GStreamer" in line and "deploy/jetson.md" in line, line
+
+
+def test_every_sub_command_help_has_a_description_an_example_and_its_exit_codes() -> None:
+    """`cabin-monitor X --help` says what X does, shows an example command and lists its exit codes."""
+    for command in SUBCOMMANDS:
+        proc = cli(command.name, "--help")
+        assert proc.returncode == 0, proc.stderr
+        text = proc.stdout
+        assert command.description.split()[0] in text.split("\n\n")[1], (command.name, text)
+        assert f"example:\n  cabin-monitor {command.name} " in text, (command.name, text)
+        exit_codes = text.split("exit codes:\n")[1]
+        assert exit_codes.startswith("  0 ") and "\n  1" in exit_codes and "2 " in exit_codes, (command.name, text)
+
+
+def test_an_invalid_vehicle_id_from_the_command_line_is_one_line() -> None:
+    """`run --vehicle-id 'car 17/x'` ends with one line naming the setting, exit code 2, no pydantic dump."""
+    proc = cli("run", "--vehicle-id", "car 17/x")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("cabin-monitor: command line: vehicle_id: String should match pattern")
+    assert proc.stderr.count("\n") == 1 and "errors.pydantic.dev" not in proc.stderr, proc.stderr

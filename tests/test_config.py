@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from cabin_monitor.assets import SAMPLE_VIDEO
 from cabin_monitor.config import (
     Config,
     ConfigError,
@@ -24,6 +25,7 @@ from cabin_monitor.config import (
     parse_config_text,
     parse_mqtt_url,
     paths_set,
+    redacted,
     validation_problems,
 )
 
@@ -114,8 +116,79 @@ def test_an_alias_bomb_is_refused_at_once() -> None:
     """A kilobyte of nested YAML aliases (gigabytes once expanded) is refused without being expanded."""
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
-    with pytest.raises(ConfigError, match="more than 64 aliases"):
+    with pytest.raises(ConfigError, match="refused"):
         parse_config_text("\n".join(lines) + "\n", environ={})
+
+
+def bomb(levels: int, fan_out: int, under: str = "tracker: {seats: *a%d}") -> str:
+    """Nested aliases: each level a list of ``fan_out`` aliases to the one before, used ``under`` a setting."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * fan_out)}]" for i in range(1, levels + 1)]
+    return "\n".join([*lines, under % levels]) + "\n"
+
+
+@pytest.mark.parametrize(("levels", "fan_out"), [(7, 9), (12, 2), (21, 3)])
+def test_an_alias_bomb_within_the_alias_limit_is_refused_unexpanded(levels: int, fan_out: int) -> None:
+    """Fewer than 64 aliases that would expand to millions of values are refused by their expanded size."""
+    text = bomb(levels, fan_out)
+    assert len(text) < 1000 and text.count("*") <= 64
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(text, environ={})
+    (problem,) = err.value.problems
+    assert "more than 20000 values once aliases are expanded: refused" in problem
+
+
+def test_a_small_alias_tree_still_loads_and_names_its_lines() -> None:
+    """Aliases within the bounds still work, and a problem inside one is reported with a line."""
+    ok = "zone: &front [0, 0, 0.5, 1]\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(
+            ok + "tracker: {seats: [{name: driver, zone: *front}, {name: x, zone: *front}]}\n", environ={}
+        )
+    assert err.value.problems == ["zone (line 1): unknown key (not a setting here; check the spelling)"]
+    cfg = parse_config_text("tracker: {seats: [{name: a, zone: &z [0, 0, 0.5, 1]}, {name: b, zone: *z}]}\n", environ={})
+    assert [s.zone for s in cfg.tracker.seats] == [(0, 0, 0.5, 1)] * 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("camera: " + "[" * 5000 + "\n", "not valid YAML"),
+        ("camera: " + "[" * 40 + "]" * 40 + "\n", "nested more than 32 levels deep: refused"),
+        ("a: &a [b, *a]\n", "alias *a inside the node it names: refused"),
+    ],
+)
+def test_deep_nesting_and_self_reference_are_one_problem(text: str, expected: str) -> None:
+    """Thousands of brackets or an alias inside its own anchor give one problem, not a RecursionError."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(text, environ={})
+    (problem,) = err.value.problems
+    assert expected in problem
+
+
+def test_a_deeply_nested_environment_value_is_one_problem() -> None:
+    """100,000 brackets in a JSON override, and 40 well-formed levels, are refused naming the variable."""
+    for text in ("[" * 100_000, "[" * 40 + "]" * 40):
+        with pytest.raises(ConfigError) as err:
+            parse_config_text("", environ={"CABIN_MONITOR__EMOTION__PROVIDERS": text})
+        (problem,) = err.value.problems
+        assert "CABIN_MONITOR__EMOTION__PROVIDERS" in problem and "refused" in problem, problem
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_hostile_files_stop_both_commands_with_one_line_and_exit_code_2(tmp_path: Path, command: str) -> None:
+    """A 63-alias bomb and 5,000 brackets: check-config and run exit 2 with one problem line, no traceback."""
+    for text in (bomb(7, 9), "camera: " + "[" * 5000 + "\n"):
+        path = tmp_path / "cabin-monitor.yaml"
+        path.write_text(text)
+        args = [command, str(path)] if command == "check-config" else [command, "--config", str(path)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "cabin_monitor", *args], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        problems = [line for line in proc.stderr.splitlines() if line.startswith("  ")]
+        assert len(problems) == 1 and "not valid YAML" in problems[0], proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_an_oversized_file_is_refused() -> None:
@@ -295,7 +368,7 @@ def test_seat_zones_are_checked() -> None:
 
 
 def test_check_config_command_exit_codes(tmp_path: Path) -> None:
-    """check-config exits 0 on a good file and 1 with one line per problem on a bad one."""
+    """check-config exits 0 on a good file and, like run, 2 with one line per problem on a bad one."""
     good = subprocess.run(
         [sys.executable, "-m", "cabin_monitor", "check-config", str(EXAMPLE)], capture_output=True, text=True
     )
@@ -305,7 +378,7 @@ def test_check_config_command_exit_codes(tmp_path: Path) -> None:
     bad = subprocess.run(
         [sys.executable, "-m", "cabin_monitor", "check-config", str(bad_file)], capture_output=True, text=True
     )
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert "camera.sorce (line 2)" in bad.stderr
     assert "emotion.providers.0 (line 4)" in bad.stderr
 
@@ -345,21 +418,32 @@ def test_arbitrary_bytes_never_crash_the_loader(tmp_path_factory: pytest.TempPat
         assert exc.problems
 
 
+TLS_CASE = "mqtt: {url: mqtts://bus:8883, tls: {ca_file: /nonexistent/ca.crt}}\n"
+
+
 def test_check_config_runs_the_checks_run_runs(tmp_path: Path) -> None:
-    """check-config refuses a missing model, rules naming classes the model lacks, and an unreadable TLS file."""
+    """check-config refuses a missing model, rules naming classes the model lacks, and an unreadable TLS file,
+    with the exit code run gives for the first problem (which run stops at)."""
     cases = {
         "emotion:\n  model_path: /nonexistent/model.onnx\n": "emotion model not found: /nonexistent/model.onnx",
         "rules:\n  stress:\n    classes: [sadnes]\n": "rules.stress.classes has ['sadnes']",
-        "mqtt:\n  url: mqtts://bus:8883\n  tls:\n    ca_file: /nonexistent/ca.crt\n": "cannot read /nonexistent/ca.crt",
+        f"camera: {{source: {SAMPLE_VIDEO}}}\n" + TLS_CASE: "cannot read /nonexistent/ca.crt",
     }
     for text, expected in cases.items():
         path = tmp_path / "cabin-monitor.yaml"
         path.write_text("vehicle_id: car-1\n" + text)
-        proc = subprocess.run(
+        check = subprocess.run(
             [sys.executable, "-m", "cabin_monitor", "check-config", str(path)], capture_output=True, text=True
         )
-        assert proc.returncode == 1 and expected in proc.stderr, (text, proc.stderr[-1500:])
-        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+        run = subprocess.run(
+            [sys.executable, "-m", "cabin_monitor", "run", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert check.returncode == run.returncode != 0, (text, check.stderr[-1500:], run.stderr[-1500:])
+        assert expected in check.stderr and expected in run.stderr, (text, check.stderr[-1500:])
+        assert "Traceback" not in check.stderr and "Exception ignored" not in check.stderr
 
 
 def test_relative_paths_in_a_file_mean_beside_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -426,3 +510,146 @@ def test_the_outbox_fallback_file_is_the_setting_else_systemds_runtime_folder_el
     assert Config().resolved_fallback_path() == Path("/run/cabin-monitor/held-events.sqlite")
     chosen = tmp_path / "held.sqlite"
     assert Config.model_validate({"outbox": {"fallback_path": str(chosen)}}).resolved_fallback_path() == chosen
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("mqtt://car-a:hunter2@bus:1883", "mqtt://car-a:***@bus:1883"),
+        ("rtsp://admin:p@ss:w@cam.local/stream", "rtsp://admin:***@cam.local/stream"),
+        ("car-a:hunter2@bus:1883", "car-a:***@bus:1883"),
+        ("mqtt://car-a@bus:1883", "mqtt://car-a@bus:1883"),
+        ("mqtt://bus:1883", "mqtt://bus:1883"),
+        ("rtsp://cam.local/a:b@c", "rtsp://cam.local/a:b@c"),
+    ],
+)
+def test_redacted_hides_the_password_of_a_url(url: str, shown: str) -> None:
+    """A URL's password becomes *** (user and host stay, for the operator); a URL without one is unchanged."""
+    assert redacted(url) == shown
+
+
+@pytest.mark.parametrize("url", ["mqtt://car-a:hunter2@bus:1883", "mqtts://car-a@bus", "tcp://car-a:hunter2@bus"])
+def test_credentials_in_the_broker_url_are_refused_naming_the_settings(url: str) -> None:
+    """User info in mqtt.url (which was read as part of the host) is refused, pointing at mqtt.username and
+    mqtt.password, and the message never repeats the password."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(f"mqtt:\n  url: {url}\n", environ={})
+    (problem,) = err.value.problems
+    assert problem.startswith("mqtt.url (line 2): MQTT URL must not carry credentials")
+    assert "mqtt.username and mqtt.password" in problem and "hunter2" not in problem
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_no_command_shows_a_broker_password(tmp_path: Path, command: str) -> None:
+    """check-config and run (file, environment or --mqtt-url) refuse credentials in the URL with exit code 2
+    and never print the password."""
+    path = tmp_path / "cabin-monitor.yaml"
+    path.write_text("vehicle_id: car-a\nmqtt:\n  url: mqtt://car-a:hunter2@bus:1883\n")
+    args = [command, str(path)] if command == "check-config" else [command, "--config", str(path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CABIN_MONITOR")}
+    runs = [subprocess.run([sys.executable, "-m", "cabin_monitor", *args], capture_output=True, text=True, timeout=120)]
+    if command == "run":
+        url = "mqtt://car-a:hunter2@bus:1883"
+        runs.append(
+            subprocess.run(
+                [sys.executable, "-m", "cabin_monitor", "run", "--mqtt-url", url, "--vehicle-id", "car-a"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
+        )
+        runs.append(
+            subprocess.run(
+                [sys.executable, "-m", "cabin_monitor", "run", "--vehicle-id", "car-a"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env | {"CABIN_MONITOR__MQTT__URL": url},
+            )
+        )
+    for proc in runs:
+        assert proc.returncode == 2, proc.stderr[-1500:]
+        assert "mqtt.username and mqtt.password" in proc.stderr and "hunter2" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [
+        ("//", "empty topic level"),
+        ("fleet//cabin", "empty topic level"),
+        ("/cabin", "empty topic level"),
+        ("cabin/", "empty topic level"),
+        ("cabin/+", "wildcard"),
+        ("cabin/#", "wildcard"),
+        ("cab in", "letters, digits"),
+    ],
+)
+def test_a_topic_prefix_with_empty_levels_or_wildcards_is_refused(prefix: str, message: str) -> None:
+    """mqtt.topic_prefix must be topic levels joined by '/': none empty, no wildcard."""
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(f'mqtt:\n  topic_prefix: "{prefix}"\n', environ={})
+    (problem,) = err.value.problems
+    assert problem.startswith("mqtt.topic_prefix (line 2):") and message in problem, problem
+    assert parse_config_text("mqtt:\n  topic_prefix: fleet/cabin-2\n", environ={}).mqtt.topic_prefix == "fleet/cabin-2"
+
+
+def test_a_relative_video_file_source_means_beside_the_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`camera.source: clips/cabin.mp4` is the file beside the configuration, like every other path; cameras,
+    URLs, pipelines, 'sample' and a source from the environment stay as written."""
+    folder = tmp_path / "etc"
+    path = folder / "cabin-monitor.yaml"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    for source in ("clips/cabin.mp4", "cabin.mp4"):
+        path.write_text(f"camera:\n  source: {source}\n")
+        assert load_config(path, environ={}).camera.source == str(folder / source)
+    for source in ("0", "/dev/video2", "rtsp://cam/stream", "gst: videotestsrc ! appsink", "sample", "/abs/x.mp4"):
+        path.write_text(f'camera:\n  source: "{source}"\n')
+        assert load_config(path, environ={}).camera.source == source
+    path.write_text("camera:\n  source: clips/cabin.mp4\n")
+    from_env = load_config(path, environ={"CABIN_MONITOR__CAMERA__SOURCE": "other.mp4"})
+    assert from_env.camera.source == "other.mp4"
+
+
+def test_a_single_underscore_variable_is_warned_about_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """CABIN_MONITOR_MQTT_URL (one underscore) is not read: the first load warns once, naming the variable
+    that would set it; variables naming no setting (CABIN_MONITOR_MODELS_DIR) are not warned about."""
+    environ = {"CABIN_MONITOR_MQTT_URL": "mqtt://bus:1883", "CABIN_MONITOR_MODELS_DIR": "/opt/models"}
+    for _ in range(2):
+        assert parse_config_text("", environ=environ).mqtt.url is None
+    err = capsys.readouterr().err
+    expected = (
+        "cabin-monitor: warning: CABIN_MONITOR_MQTT_URL is ignored: settings are read from CABIN_MONITOR__MQTT__URL\n"
+    )
+    assert err == expected
+
+
+def test_check_config_warns_of_a_single_underscore_variable(tmp_path: Path) -> None:
+    """check-config shows the warning for a variable that sets nothing, and still passes a good file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CABIN_MONITOR")}
+    env["CABIN_MONITOR_RULES_STRESS_SUSTAIN_S"] = "5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "check-config", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("CABIN_MONITOR_RULES_STRESS_SUSTAIN_S is ignored") == 1
+    assert "CABIN_MONITOR__RULES__STRESS__SUSTAIN_S" in proc.stderr
+
+
+def test_check_config_lists_rule_class_names_with_the_other_problems(tmp_path: Path) -> None:
+    """A misspelt key and a rule naming a class the model lacks are both reported in one pass (exit 2)."""
+    path = tmp_path / "cabin-monitor.yaml"
+    path.write_text("vehicle_id: car-1\ncamera:\n  sorce: 0\nrules:\n  stress:\n    classes: [sadnes]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cabin_monitor", "check-config", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "2 problem(s)" in proc.stderr and "camera.sorce (line 3): unknown key" in proc.stderr
+    assert "rules.stress.classes has ['sadnes']" in proc.stderr, proc.stderr

@@ -34,7 +34,7 @@ INSTALL_TIMEOUT_S = 900.0  # dependency wheels from a cold pip cache on a busy 2
 
 @dataclass(frozen=True)
 class Installed:
-    """A scratch root after ``install.sh --destdir ROOT --extra cpu --record``, and what the script printed."""
+    """A scratch root after ``install.sh --destdir ROOT --extra cpu --extras metrics --record``, and its output."""
 
     root: Path
     output: str
@@ -66,7 +66,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     (earlier / "EARLIER").write_text("the venv an update replaces\n")
     # Under a strict umask, as on hardened build machines: the script must not depend on it.
     command = ["sh", "-c", 'umask 077 && exec "$@"', "sh", str(SCRIPT), "--destdir", str(root), "--extra", "cpu"]
-    command += ["--record", "--bridge", BRIDGE_URL, "--vehicle-id", "car-17"]
+    command += ["--extras", "metrics", "--record", "--bridge", BRIDGE_URL, "--vehicle-id", "car-17"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, env=script_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     yield Installed(root, proc.stdout + proc.stderr)
@@ -114,7 +114,8 @@ def test_install_lays_out_unit_user_folders_and_config(installed: Installed) -> 
     assert mode(installed.venv / "bin" / "cabin-monitor") == 0o755
     assert mode(installed.site_packages() / "cabin_monitor" / "cli.py") == 0o644
     assert (installed.site_packages() / "pyarrow").is_dir()  # --record: what record.dir needs
-    assert "cabin-monitor[cpu,record]" in installed.output
+    assert (installed.site_packages() / "prometheus_client").is_dir()  # --extras metrics: metrics.enabled's
+    assert "cabin-monitor[cpu,metrics,record]" in installed.output
     # Nothing that first boot makes (user, state and cache folders), no enabled unit, nothing run on this machine.
     assert not (root / "var").exists() and not (root / "etc" / "passwd").exists()
     assert not (root / "etc" / "systemd").exists()
@@ -264,6 +265,8 @@ def test_first_boot_creates_the_user_and_folders(installed: Installed, tmp_path:
         (["--frobnicate"], "unknown argument: --frobnicate"),
         (["--extra", "tpu"], "--extra must be cpu or gpu, not 'tpu'"),
         (["--extra"], "--extra needs a value"),
+        (["--extras", "metrics,gpu"], "--extras: give the onnxruntime build with --extra gpu"),
+        (["--extras", "metrics,*"], "--extras: not an extra name: '*'"),
         (["--wheel", "cabin_monitor-0.1.0-py3-none-any.whl", "--source", "."], "not both"),
         (["--wheel", "missing/cabin_monitor-0.1.0-py3-none-any.whl"], "no such wheel"),
         (["--wheel", "pyproject.toml"], "--wheel wants a .whl file"),

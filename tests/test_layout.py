@@ -61,6 +61,30 @@ def test_the_rules_engine_and_every_rule_import_no_io_module() -> None:
     assert offenders == {}
 
 
+def test_only_the_command_line_reaches_into_training() -> None:
+    """Outside training/, only cli.py (its train, export and explain sub-commands) imports training; scripts never."""
+    scripts = sorted((REPO / "scripts").glob("*.py"))
+    assert scripts
+    offenders = {
+        str(path.relative_to(REPO)): sorted(bad)
+        for path in [*RUNTIME_FILES, *scripts]
+        if path != PACKAGE / "cli.py"
+        and (bad := {m for m in imports_of(path) if m.startswith("cabin_monitor.training")})
+    }
+    assert offenders == {}
+
+
+def test_ci_runs_the_readme_test_command_and_the_static_checks() -> None:
+    """.ci/run holds the README's test command (with the dev extra) and runs ruff, ruff format and mypy."""
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    (command,) = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv") and "pytest" in line]
+    assert command in ci.splitlines()
+    assert "dev" in command.split('-e ".[')[1].split("]")[0].split(",")
+    for check in (".venv/bin/ruff check .", ".venv/bin/ruff format --check .", ".venv/bin/mypy cabin_monitor tests"):
+        assert check in ci.splitlines()
+
+
 IMPORT_ALL_WITHOUT_TORCH = """
 import importlib, sys
 from importlib.abc import MetaPathFinder

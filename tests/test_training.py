@@ -17,10 +17,10 @@ import torch
 
 from cabin_monitor.assets import sample_path
 from cabin_monitor.config import DetectorConfig, EmotionConfig
+from cabin_monitor.datasets import load_emotion
 from cabin_monitor.messages import Frame, TrackedFace
 from cabin_monitor.training.augment import augment_batch
 from cabin_monitor.training.config import EMOTIONS_7, AugmentSection, TrainConfig, load_train_config
-from cabin_monitor.training.data import load_emotion
 from cabin_monitor.training.explain import grad_cam
 from cabin_monitor.training.export import check_parity, export_run, load_checkpoint_model, load_onnx_as_torch
 from cabin_monitor.training.model import (

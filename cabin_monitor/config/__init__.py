@@ -20,6 +20,7 @@ from cabin_monitor.config.loader import (
     load_config,
     merge_rules,
     parse_config_text,
+    partial_config,
     paths_set,
     rule_paths_from_environment,
     validation_problems,
@@ -42,6 +43,7 @@ from cabin_monitor.config.rules import (
     UnexpectedExpressionRuleConfig,
 )
 from cabin_monitor.config.tracker import SeatZone, TrackerConfig
+from cabin_monitor.config.urls import redacted
 
 __all__ = [
     "EMOTIONS_7",
@@ -77,7 +79,9 @@ __all__ = [
     "merge_rules",
     "parse_config_text",
     "parse_mqtt_url",
+    "partial_config",
     "paths_set",
+    "redacted",
     "rule_paths_from_environment",
     "validation_problems",
 ]

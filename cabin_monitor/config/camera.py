@@ -41,3 +41,21 @@ class CameraConfig(Strict):
         if self.reopen_max_s < self.reopen_initial_s:
             raise ValueError("reopen_max_s must be >= reopen_initial_s")
         return self
+
+
+SourceKind = Literal["camera", "file", "stream", "gstreamer"]
+
+
+def source_kind(source: str) -> SourceKind | None:
+    """What a ``camera.source`` names, by its shape: a camera index or device, a URL, a GStreamer pipeline, or a
+    video file ('sample' included); None when it is empty."""
+    value = source.strip()
+    if not value:
+        return None
+    if value.isdigit() or value.startswith("/dev/"):
+        return "camera"
+    if value.startswith("gst:"):
+        return "gstreamer"
+    if "://" in value:
+        return "stream"
+    return "file"

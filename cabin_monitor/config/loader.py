@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin
@@ -23,57 +24,94 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from cabin_monitor.config.camera import source_kind
 from cabin_monitor.config.root import Config
 from cabin_monitor.config.rules import RulesConfig
 from cabin_monitor.errors import ConfigurationError
 
 ENV_PREFIX = "CABIN_MONITOR__"
 M = TypeVar("M", bound=BaseModel)
-# A configuration is a few kilobytes: these bounds refuse hostile documents (an alias bomb of a
-# kilobyte expands to gigabytes) long before they cost time or memory.
+# A configuration is a few kilobytes, a few hundred values, five levels deep: these bounds refuse hostile
+# documents (an alias bomb of a few hundred bytes expands to gigabytes, thousands of nested brackets
+# exhaust a recursive parser) before they cost time or memory, whatever they hold up to the size limit.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_ALIASES = 64
+MAX_NODES = 20_000  # values, once every alias is expanded
+MAX_DEPTH = 32  # nested sections and lists
+# LibYAML's parser where PyYAML was built with it (its wheels are): the pure-Python one takes seconds on
+# a file at the size limit.
+_Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses duplicate keys and documents with more than ``MAX_ALIASES`` aliases."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._aliases = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            self._aliases += 1
-            if self._aliases > MAX_ALIASES:
-                raise yaml.composer.ComposerError(
-                    None,
-                    None,
-                    f"more than {MAX_ALIASES} aliases (*name): refused",
-                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
-                )
-        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+class _BoundedLoader(_Base):  # type: ignore[misc]
+    """The safe loader, refusing duplicate keys; ``_check_bounds`` runs before it composes anything."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark
                 )
             seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+
+def _check_bounds(text: str) -> None:
+    """Refuse a document over ``MAX_CONFIG_BYTES``, or whose events hold more than ``MAX_ALIASES`` aliases,
+    more than ``MAX_NODES`` values once aliases are expanded, an alias inside the node it names, or nesting
+    deeper than ``MAX_DEPTH``: read from the parser's events, so nothing is composed, expanded or recursed."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise yaml.YAMLError(f"larger than {MAX_CONFIG_BYTES} bytes: refused")
+    sizes: dict[str, int] = {}  # expanded size of each anchored node
+    open_nodes: list[tuple[str | None, int]] = []  # (anchor, values before it) of each open collection
+    aliases = values = 0
+    for event in yaml.parse(text, Loader=_Base):
+        problem = None
+        if isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            values += sizes.get(event.anchor or "", 1)
+            if aliases > MAX_ALIASES:
+                problem = f"more than {MAX_ALIASES} aliases (*name)"
+            elif any(anchor == event.anchor for anchor, _ in open_nodes):
+                problem = f"alias *{event.anchor} inside the node it names"
+        elif isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent):
+            values += 1
+            if isinstance(event, yaml.CollectionStartEvent):
+                open_nodes.append((event.anchor, values - 1))
+            elif event.anchor is not None:
+                sizes[event.anchor] = 1
+            if len(open_nodes) > MAX_DEPTH:
+                problem = f"nested more than {MAX_DEPTH} levels deep"
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = open_nodes.pop()
+            if anchor is not None:
+                sizes[anchor] = values - before
+        if values > MAX_NODES:
+            problem = f"more than {MAX_NODES} values once aliases are expanded"
+        if problem is not None:
+            at = event.start_mark  # LibYAML's or PyYAML's mark: the line and column are what is read
+            mark = None if at is None else yaml.error.Mark("<config>", 0, at.line, at.column, "", 0)
+            raise yaml.composer.ComposerError(None, None, f"{problem}: refused", mark)
 
 
 def _load_yaml(text: str) -> Any:
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
-        raise yaml.YAMLError(f"larger than {MAX_CONFIG_BYTES} bytes: refused")
+    _check_bounds(text)
     loader = _BoundedLoader(text)
     try:
         return loader.get_single_data()
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
+        loader.dispose()
+
+
+def _compose_yaml(text: str) -> yaml.Node | None:
+    _check_bounds(text)
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_node()  # type: ignore[no-any-return]
+    finally:
+        loader.dispose()
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -113,13 +151,7 @@ def _yaml_lines(text: str) -> dict[tuple[str | int, ...], int]:
                 walk(item, (*path, i))
 
     try:
-        if len(text) > MAX_CONFIG_BYTES:
-            return lines
-        loader = _BoundedLoader(text)
-        try:
-            root = loader.get_single_node()
-        finally:
-            loader.dispose()  # type: ignore[no-untyped-call]
+        root = _compose_yaml(text)
     except yaml.YAMLError:
         return lines
     if root is not None:
@@ -297,22 +329,88 @@ def env_value(text: str, annotation: Any) -> Any:
     if get_origin(kind) in (tuple, list, set, frozenset, dict) or (
         isinstance(kind, type) and issubclass(kind, BaseModel)
     ):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"not valid JSON ({exc.msg} at character {exc.pos + 1}); a list or section is given "
-                'as JSON, e.g. ["cuda", "cpu"] or {"ca_file": "ca.crt"}'
-            ) from None
+        return _json_value(text)
     return text
+
+
+def _json_value(text: str) -> Any:
+    """A list or section given as JSON, nested at most ``MAX_DEPTH`` levels; ``ValueError`` otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"not valid JSON ({exc.msg} at character {exc.pos + 1}); a list or section is given "
+            'as JSON, e.g. ["cuda", "cpu"] or {"ca_file": "ca.crt"}'
+        ) from None
+    except RecursionError:
+        value = None
+        depth = MAX_DEPTH + 1
+    else:
+        depth = _depth(value)
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested more than {MAX_DEPTH} levels deep: refused")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How many lists and mappings deep ``value`` is (0 for a scalar), without recursion."""
+    deepest = 0
+    todo = [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_DEPTH:
+            todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+_SINGLE_PREFIX = "CABIN_MONITOR_"
+_WARNED: set[str] = set()  # variables already warned about in this process
+
+
+def misspelt_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """Variables like ``CABIN_MONITOR_MQTT_URL`` (one underscore), which name a setting but are not read, each
+    with the name that would set it (``CABIN_MONITOR__MQTT__URL``)."""
+    out = {}
+    for name in environ:
+        if name.startswith(_SINGLE_PREFIX) and not name.startswith(ENV_PREFIX):
+            path = _setting_path(Config, name[len(_SINGLE_PREFIX) :].lower())
+            if path is not None:
+                out[name] = ENV_PREFIX + "__".join(p.upper() for p in path)
+    return out
+
+
+def _setting_path(model: type[BaseModel], words: str) -> list[str] | None:
+    """The setting that ``words`` (field names joined by single underscores) names under ``model``, if any."""
+    for name, field in model.model_fields.items():
+        if words == name:
+            return [name]
+        members = _non_null(field.annotation)
+        nested = members[0] if len(members) == 1 else None
+        if words.startswith(name + "_") and isinstance(nested, type) and issubclass(nested, BaseModel):
+            rest = _setting_path(nested, words[len(name) + 1 :])
+            if rest is not None:
+                return [name, *rest]
+    return None
+
+
+def _warn_misspelt(environ: Mapping[str, str]) -> None:
+    for name, meant in sorted(misspelt_variables(environ).items()):
+        if name not in _WARNED:
+            _WARNED.add(name)
+            print(f"cabin-monitor: warning: {name} is ignored: settings are read from {meant}", file=sys.stderr)
+
+
 def parse_config_text(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
-    """Parse and validate YAML text; raises ``ConfigError`` listing every problem."""
+    """Parse and validate YAML text; raises ``ConfigError`` listing every problem. Warns once (stderr) of each
+    variable that names a setting with single underscores, which is never read."""
     try:
         raw = _load_yaml(text)
     except yaml.YAMLError as exc:
@@ -322,6 +420,7 @@ def parse_config_text(text: str, source: str = "<config>", environ: Mapping[str,
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of sections, got {type(raw).__name__}"])
     environ = os.environ if environ is None else environ
+    _warn_misspelt(environ)
     raw, problems = _with_env_overrides(raw, environ)
     try:
         cfg = Config.model_validate(raw)
@@ -348,8 +447,35 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     return _paths_relative_to(cfg, path.resolve().parent, from_env)
 
 
+def partial_config(path: Path, sections: Collection[str], environ: Mapping[str, str] | None = None) -> Config | None:
+    """Only ``sections`` of the file, with their environment overrides, validated and with relative paths read
+    beside the file; None where the file cannot be read or those sections do not validate on their own (then
+    ``load_config`` lists why). For checks that can run while other sections of the file are still wrong."""
+    try:
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    environ = os.environ if environ is None else environ
+    raw, _ = _with_env_overrides(raw, environ)
+    try:
+        cfg = Config.model_validate({key: raw[key] for key in sections if key in raw})
+    except ValidationError:
+        return None
+    from_env = {".".join(key) for key in env_override_names(environ)}
+    return _paths_relative_to(cfg, path.resolve().parent, from_env)
+
+
 # A bare file name here that is no file beside the configuration names a bundled model.
 _BUNDLED_NAMES = frozenset({"emotion.model_path"})
+# Text settings that may name a file (beside a camera, a URL or a pipeline).
+_FILE_TEXTS = frozenset({"camera.source"})
+
+
+def _relative_file(source: str) -> bool:
+    """Whether a ``camera.source`` names a video file by a relative path ('sample' is the bundled video)."""
+    return source_kind(source) == "file" and source.strip() != "sample" and not Path(source.strip()).is_absolute()
 
 
 def _paths_relative_to(model: M, folder: Path, skip: set[str], prefix: str = "") -> M:
@@ -369,6 +495,8 @@ def _paths_relative_to(model: M, folder: Path, skip: set[str], prefix: str = "")
             bare = len(value.parts) == 1 and not (folder / value).exists()
             if not (key in _BUNDLED_NAMES and bare):
                 update[name] = folder / value
+        elif key in _FILE_TEXTS and isinstance(value, str) and _relative_file(value):
+            update[name] = str(folder / value.strip())
     return model.model_copy(update=update) if update else model
 
 

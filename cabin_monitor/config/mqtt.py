@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from cabin_monitor.config.base import Strict
+from cabin_monitor.config.urls import has_user_info, redacted
 
 
 class TlsConfig(Strict):
@@ -25,6 +27,9 @@ class TlsConfig(Strict):
         return self
 
 
+_TOPIC_LEVELS = re.compile(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*")
+
+
 class MqttConfig(Strict):
     """Vehicle bus connection; with no url, events are printed to stdout as JSON lines."""
 
@@ -34,7 +39,9 @@ class MqttConfig(Strict):
     password: SecretStr | None = None
     tls: TlsConfig | None = None
     topic_prefix: str = Field(
-        "cabin", pattern=r"^[A-Za-z0-9_\-/]+$", description="Topics are <prefix>/<vehicle_id>/..."
+        "cabin",
+        description="Topics are <prefix>/<vehicle_id>/...; one or more topic levels separated by '/', none "
+        "empty, no wildcard (+, #).",
     )
     keepalive_s: int = Field(30, ge=5, le=3600)
     state_interval_s: float = Field(1.0, ge=0, le=3600, description="Occupant state publish period; 0 = off.")
@@ -54,6 +61,17 @@ class MqttConfig(Strict):
         # YAML reads `protocol: 5` as a number.
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_levels(cls, v: str) -> str:
+        if "+" in v or "#" in v:
+            raise ValueError(f"{v!r} holds an MQTT wildcard (+ or #): a topic to publish on cannot")
+        if any(not level for level in v.split("/")):
+            raise ValueError(f"{v!r} has an empty topic level: no leading, trailing or doubled '/'")
+        if not _TOPIC_LEVELS.fullmatch(v):
+            raise ValueError(f"{v!r}: topic levels are letters, digits, '_' and '-', separated by '/'")
+        return v
+
     @field_validator("url")
     @classmethod
     def _url_scheme(cls, v: str | None) -> str | None:
@@ -69,10 +87,19 @@ class MqttConfig(Strict):
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
-    """Split ``mqtt://host:port`` / ``mqtts://host:port`` into (host, port, tls)."""
+    """Split ``mqtt://host:port`` / ``mqtts://host:port`` into (host, port, tls).
+
+    Credentials in the URL are refused (they would be read as part of the host, and shown wherever the URL
+    is): they go in ``mqtt.username`` and ``mqtt.password``. No message repeats a password.
+    """
+    if has_user_info(url):
+        raise ValueError(
+            f"MQTT URL must not carry credentials ({redacted(url)!r}): set mqtt.username and mqtt.password "
+            "(CABIN_MONITOR__MQTT__PASSWORD) instead"
+        )
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ValueError(f"MQTT URL must look like mqtt://host:port or mqtts://host:port, got {url!r}")
+        raise ValueError(f"MQTT URL must look like mqtt://host:port or mqtts://host:port, got {redacted(url)!r}")
     tls = scheme in ("mqtts", "ssl")
     rest = rest.rstrip("/")
     host, colon, port_text = rest.rpartition(":")
@@ -80,7 +107,7 @@ def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
         host, port_text = rest, ""
     host = host.strip("[]")
     if not host:
-        raise ValueError(f"MQTT URL has no host: {url!r}")
+        raise ValueError(f"MQTT URL has no host: {redacted(url)!r}")
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise ValueError(f"MQTT URL port must be 1..65535, got {port_text!r}")

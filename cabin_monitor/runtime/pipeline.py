@@ -48,6 +48,19 @@ class _Counters:
     last_processed_s: float = 0.0
 
 
+@dataclass
+class _Supervision:
+    """The supervising loop's memory: when it last did each periodic step, and what it last reported."""
+
+    watchdog_s: float | None
+    last_watchdog: float = -1e18
+    last_stats: float = -1e18
+    last_health: float = -1e18
+    last_health_key: tuple[object, ...] | None = None
+    last_camera_state: CameraState | None = None
+    stop_logged: bool = False
+
+
 class Pipeline:
     """Runs the daemon until the source ends, a stop is requested, or a stage fails."""
 
@@ -291,6 +304,22 @@ class Pipeline:
 
     def run(self) -> int:
         """Start the threads, supervise until done, shut down; returns the process exit code."""
+        inference = self._start()
+        ticks = _Supervision(watchdog_s=self.notifier.watchdog_interval_s())
+        while not self._inference_done.is_set():
+            self._wait_tick(ticks)
+            now = self._clock()
+            if self.stop_event.is_set() and not inference.is_alive():
+                break
+            self._serve_reload()
+            self._feed_watchdog(now, ticks)
+            self._watch_camera(now, ticks)
+            self._log_stats_when_due(now, ticks)
+            self._report_health(now, ticks)
+        return self._shutdown()
+
+    def _start(self) -> threading.Thread:
+        """Start the sinks and the stage threads, tell systemd the daemon is ready; returns the inference thread."""
         if self.remote is not None:
             self.remote.start()
         self.sink.start()
@@ -304,58 +333,63 @@ class Pipeline:
         self._threads = [capture, inference]
         for t in self._threads:
             t.start()
-        self.notifier.ready(f"watching {self.cfg.camera.source}")
+        self.notifier.ready(f"watching {self.source.shown_source}")
         log.info(
             "ready",
             vehicle_id=self.cfg.vehicle_id,
-            source=self.cfg.camera.source,
+            source=self.source.shown_source,
             model=str(self.processor.model.info.path),
             provider=self.processor.model.provider_in_use,
         )
+        return inference
 
-        watchdog_s = self.notifier.watchdog_interval_s()
-        last_watchdog = last_stats = last_health = -1e18
-        last_health_key: tuple[object, ...] | None = None
-        last_camera_state: CameraState | None = None
-        stop_logged = False
-        while not self._inference_done.is_set():
-            if self.stop_event.is_set():
-                if not stop_logged:
-                    log.info("stopping", reason=self._stop_reason or self._failure or "stop requested")
-                    stop_logged = True
-                self._inference_done.wait(0.25)
-            else:
-                self.stop_event.wait(0.25)
-            now = self._clock()
-            if self.stop_event.is_set() and not inference.is_alive():
-                break
-            if self._reload_requested.is_set():
-                self._reload_requested.clear()
-                if self.on_reload is not None:
-                    self.on_reload()
-            if watchdog_s is not None and now - last_watchdog >= watchdog_s and self.alive(now):
-                self.notifier.watchdog()
-                last_watchdog = now
-            if self.source.paced_realtime and self.source.stats().state == CameraState.STREAMING:
-                # A camera read that has not come back (a slow model is not a stalled camera).
-                silent_s = now - self.source.last_alive_s
-                if silent_s > self.cfg.camera.read_timeout_s:
-                    self.source.mark_stalled(f"no frame for {silent_s:.1f} s")
-            camera_state = self.source.stats().state
-            if camera_state != last_camera_state:
-                self.notifier.status(f"camera {camera_state.value}: {self.cfg.camera.source}")
-                last_camera_state = camera_state
-            if now - last_stats >= self.cfg.logging.stats_interval_s:
-                self._log_stats()
-                last_stats = now
-            health = self.health()
-            if self.on_health is not None:
-                self.on_health(health, self.latency_ms())
-            key = (health.status, health.camera.state, health.sink.connected, health.last_error)
-            if key != last_health_key or now - last_health >= self.cfg.mqtt.health_interval_s:
-                self.sink.publish_health(health)
-                last_health, last_health_key = now, key
-        return self._shutdown()
+    def _wait_tick(self, ticks: _Supervision) -> None:
+        """Sleep until the next tick (at most 0.25 s); once stopping, wait for inference to finish instead."""
+        if self.stop_event.is_set():
+            if not ticks.stop_logged:
+                log.info("stopping", reason=self._stop_reason or self._failure or "stop requested")
+                ticks.stop_logged = True
+            self._inference_done.wait(0.25)
+        else:
+            self.stop_event.wait(0.25)
+
+    def _serve_reload(self) -> None:
+        if self._reload_requested.is_set():
+            self._reload_requested.clear()
+            if self.on_reload is not None:
+                self.on_reload()
+
+    def _feed_watchdog(self, now: float, ticks: _Supervision) -> None:
+        if ticks.watchdog_s is not None and now - ticks.last_watchdog >= ticks.watchdog_s and self.alive(now):
+            self.notifier.watchdog()
+            ticks.last_watchdog = now
+
+    def _watch_camera(self, now: float, ticks: _Supervision) -> None:
+        """Mark a camera whose read has not come back as stalled; tell systemd of each camera state change."""
+        if self.source.paced_realtime and self.source.stats().state == CameraState.STREAMING:
+            # A camera read that has not come back (a slow model is not a stalled camera).
+            silent_s = now - self.source.last_alive_s
+            if silent_s > self.cfg.camera.read_timeout_s:
+                self.source.mark_stalled(f"no frame for {silent_s:.1f} s")
+        camera_state = self.source.stats().state
+        if camera_state != ticks.last_camera_state:
+            self.notifier.status(f"camera {camera_state.value}: {self.source.shown_source}")
+            ticks.last_camera_state = camera_state
+
+    def _log_stats_when_due(self, now: float, ticks: _Supervision) -> None:
+        if now - ticks.last_stats >= self.cfg.logging.stats_interval_s:
+            self._log_stats()
+            ticks.last_stats = now
+
+    def _report_health(self, now: float, ticks: _Supervision) -> None:
+        """Health to the metrics on every tick, and to the sink on a change or every ``health_interval_s``."""
+        health = self.health()
+        if self.on_health is not None:
+            self.on_health(health, self.latency_ms())
+        key = (health.status, health.camera.state, health.sink.connected, health.last_error)
+        if key != ticks.last_health_key or now - ticks.last_health >= self.cfg.mqtt.health_interval_s:
+            self.sink.publish_health(health)
+            ticks.last_health, ticks.last_health_key = now, key
 
     def _shutdown(self) -> int:
         self.notifier.stopping()

@@ -8,7 +8,7 @@ families. Nothing is computed on the scrape thread but that conversion.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from cabin_monitor.errors import RuntimeFault
-from cabin_monitor.messages import CameraState, HealthSnapshot, OutboxState
+from cabin_monitor.messages import CameraState, HealthSnapshot, OutboxState, RemoteStats
 
 PREFIX = "cabin_monitor"
 STATUSES = ("ok", "degraded", "error")
@@ -28,19 +28,58 @@ class MetricsError(RuntimeFault):
 
 def metric_families(health: HealthSnapshot, latency_ms: Mapping[str, Mapping[str, float]]) -> list[Metric]:
     """The Prometheus metric families of one health snapshot and its stage latencies (p50/p95, ms)."""
+    return [
+        *_state_families(health),
+        *_frame_families(health),
+        _latency_family(latency_ms),
+        *_sink_families(health),
+        *_remote_families(health.remote),
+        _model_family(health),
+    ]
 
-    def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-        return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
-    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-        return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
-    status = GaugeMetricFamily(f"{PREFIX}_status", "1 for the daemon's current status", labels=["status"])
-    for name in STATUSES:
-        status.add_metric([name], 1.0 if health.status == name else 0.0)
-    camera = GaugeMetricFamily(f"{PREFIX}_camera_state", "1 for the camera's current state", labels=["state"])
-    for state in CameraState:
-        camera.add_metric([state.value], 1.0 if health.camera.state == state else 0.0)
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _one_of(name: str, doc: str, label: str, choices: Iterable[str], current: str) -> GaugeMetricFamily:
+    """A gauge per choice, 1 for the current one and 0 for the others."""
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=[label])
+    for choice in choices:
+        family.add_metric([choice], 1.0 if current == choice else 0.0)
+    return family
+
+
+def _state_families(health: HealthSnapshot) -> list[Metric]:
+    return [
+        _one_of("status", "1 for the daemon's current status", "status", STATUSES, health.status),
+        _one_of(
+            "camera_state",
+            "1 for the camera's current state",
+            "state",
+            [state.value for state in CameraState],
+            health.camera.state.value,
+        ),
+    ]
+
+
+def _frame_families(health: HealthSnapshot) -> list[Metric]:
+    return [
+        _gauge("camera_fps", "Frames delivered by the camera per second", health.camera_fps),
+        _gauge("pipeline_fps", "Frames through the stages per second", health.processed_fps),
+        _counter("frames_processed", "Frames through the stages", health.frames_processed),
+        _counter("frames_dropped", "Frames replaced in the mailbox before inference took them", health.dropped_frames),
+        _counter("frames_stale", "Frames skipped as older than max_frame_age_ms", health.stale_frames),
+        _counter("frames_corrupt", "Corrupt frames from the camera", health.camera.corrupt_frames),
+        _counter("camera_reopens", "Times the camera was reopened", health.camera.reopen_count),
+    ]
+
+
+def _latency_family(latency_ms: Mapping[str, Mapping[str, float]]) -> Metric:
     latency = GaugeMetricFamily(
         f"{PREFIX}_stage_latency_ms", "Recent per-stage latency, milliseconds", labels=["stage", "quantile"]
     )
@@ -48,67 +87,61 @@ def metric_families(health: HealthSnapshot, latency_ms: Mapping[str, Mapping[str
         for key, quantile in (("p50", "0.5"), ("p95", "0.95")):
             if key in quantiles:
                 latency.add_metric([stage, quantile], quantiles[key])
+    return latency
+
+
+def _sink_families(health: HealthSnapshot) -> list[Metric]:
+    sink = health.sink
     dropped = CounterMetricFamily(
         f"{PREFIX}_events_dropped", "Events dropped from the outbox, by reason", labels=["reason"]
     )
-    for reason, count in sorted(health.sink.dropped_by_reason.items()):
+    for reason, count in sorted(sink.dropped_by_reason.items()):
         dropped.add_metric([reason], float(count))
-    outbox_state = GaugeMetricFamily(
-        f"{PREFIX}_outbox_state",
-        "1 for the outbox's current state (not ok: new events wait in memory)",
-        labels=["state"],
-    )
-    for kind in OutboxState:
-        outbox_state.add_metric([kind.value], 1.0 if health.sink.outbox_state == kind else 0.0)
-    model = GaugeMetricFamily(f"{PREFIX}_model_info", "The emotion model and its provider", labels=["path", "provider"])
-    model.add_metric([health.model_path, health.provider_in_use], 1.0)
-    remote: list[Metric] = []
-    if health.remote is not None:  # only with a broker
-        requests = health.remote
-        remote = [
-            counter("remote_requests_received", "Operators' requests handed over by the broker", requests.received),
-            counter("remote_requests_answered", "Answers published on config/result", requests.answered),
-            counter("remote_requests_busy", "Requests answered busy (over the rate limit), not applied", requests.busy),
-            counter("remote_requests_dropped", "Requests dropped unanswered: the queue was full", requests.dropped),
-            gauge("remote_requests_queued", "Requests waiting for the worker", requests.queued),
-        ]
     return [
-        status,
-        camera,
-        gauge("camera_fps", "Frames delivered by the camera per second", health.camera_fps),
-        gauge("pipeline_fps", "Frames through the stages per second", health.processed_fps),
-        counter("frames_processed", "Frames through the stages", health.frames_processed),
-        counter("frames_dropped", "Frames replaced in the mailbox before inference took them", health.dropped_frames),
-        counter("frames_stale", "Frames skipped as older than max_frame_age_ms", health.stale_frames),
-        counter("frames_corrupt", "Corrupt frames from the camera", health.camera.corrupt_frames),
-        counter("camera_reopens", "Times the camera was reopened", health.camera.reopen_count),
-        latency,
-        gauge("outbox_depth", "Events in the outbox waiting for the broker", health.sink.outbox_depth),
-        outbox_state,
-        gauge(
+        _gauge("outbox_depth", "Events in the outbox waiting for the broker", sink.outbox_depth),
+        _one_of(
+            "outbox_state",
+            "1 for the outbox's current state (not ok: new events wait in memory)",
+            "state",
+            [state.value for state in OutboxState],
+            sink.outbox_state.value,
+        ),
+        _gauge(
             "outbox_memory_depth",
             "Of those, events held in memory while the outbox file cannot be written",
-            health.sink.outbox_memory_depth,
+            sink.outbox_memory_depth,
         ),
-        gauge(
+        _gauge(
             "outbox_memory_unkept",
             "Of those, events no fallback file keeps: lost if the daemon ends before they are delivered or written",
-            health.sink.outbox_memory_unkept,
+            sink.outbox_memory_unkept,
         ),
-        counter(
-            "events_published", "Events delivered (acknowledged by the broker, or printed)", health.sink.published_total
-        ),
+        _counter("events_published", "Events delivered (acknowledged by the broker, or printed)", sink.published_total),
         dropped,
-        gauge("mqtt_connected", "1 while connected to the broker", 1.0 if health.sink.connected else 0.0),
-        counter("mqtt_reconnects", "Broker connections re-established after the first", health.sink.reconnects),
-        counter(
-            "mqtt_refused_events",
-            "Events the broker refused in a PUBACK, each kept and retried",
-            health.sink.refused_total,
+        _gauge("mqtt_connected", "1 while connected to the broker", 1.0 if sink.connected else 0.0),
+        _counter("mqtt_reconnects", "Broker connections re-established after the first", sink.reconnects),
+        _counter(
+            "mqtt_refused_events", "Events the broker refused in a PUBACK, each kept and retried", sink.refused_total
         ),
-        *remote,
-        model,
     ]
+
+
+def _remote_families(requests: RemoteStats | None) -> list[Metric]:
+    if requests is None:  # only with a broker
+        return []
+    return [
+        _counter("remote_requests_received", "Operators' requests handed over by the broker", requests.received),
+        _counter("remote_requests_answered", "Answers published on config/result", requests.answered),
+        _counter("remote_requests_busy", "Requests answered busy (over the rate limit), not applied", requests.busy),
+        _counter("remote_requests_dropped", "Requests dropped unanswered: the queue was full", requests.dropped),
+        _gauge("remote_requests_queued", "Requests waiting for the worker", requests.queued),
+    ]
+
+
+def _model_family(health: HealthSnapshot) -> Metric:
+    model = GaugeMetricFamily(f"{PREFIX}_model_info", "The emotion model and its provider", labels=["path", "provider"])
+    model.add_metric([health.model_path, health.provider_in_use], 1.0)
+    return model
 
 
 class PrometheusExporter(Collector):

@@ -21,13 +21,13 @@ import numpy as np
 import onnxruntime as ort
 
 from cabin_monitor.config import EmotionConfig
-from cabin_monitor.tools.progress import Progress
-from cabin_monitor.training.data import (
+from cabin_monitor.datasets import (
     load_emotion_npz,
     load_landmarks_npz,
     split_by_image,
     subset_landmarks,
 )
+from cabin_monitor.tools.progress import Progress
 from cabin_monitor.vision.emotion import EmotionModel
 from cabin_monitor.vision.framing import limit_detail
 

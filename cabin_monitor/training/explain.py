@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cabin_monitor.config import DetectorConfig
-from cabin_monitor.training.data import load_emotion_npz
+from cabin_monitor.datasets import load_emotion_npz
 from cabin_monitor.training.export import load_onnx_as_torch, onnx_metadata
 from cabin_monitor.training.model import EmotionalDAN, apply_similarity
 from cabin_monitor.vision.align import FaceAligner

@@ -32,9 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cabin_monitor.training.augment import augment_batch
-from cabin_monitor.training.config import TrainConfig
-from cabin_monitor.training.data import (
+from cabin_monitor.datasets import (
     EmotionSet,
     LandmarkSet,
     load_emotion,
@@ -43,6 +41,8 @@ from cabin_monitor.training.data import (
     subset_emotion,
     subset_landmarks,
 )
+from cabin_monitor.training.augment import augment_batch
+from cabin_monitor.training.config import TrainConfig
 from cabin_monitor.training.export import load_onnx_as_torch
 from cabin_monitor.training.model import EmotionalDAN, ModelSpec
 from cabin_monitor.vision.framing import OUTER_EYE_CORNERS

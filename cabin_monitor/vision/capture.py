@@ -25,20 +25,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, NoReturn, Protocol, cast
+from typing import NoReturn, Protocol, cast
 
 import cv2
 import numpy as np
 import structlog
 
 from cabin_monitor.assets import SAMPLE_VIDEO
-from cabin_monitor.config import CameraConfig
+from cabin_monitor.config import CameraConfig, redacted
+from cabin_monitor.config.camera import SourceKind, source_kind
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
 from cabin_monitor.messages import CameraState, CaptureStats, Frame, ImageArray
 from cabin_monitor.metrics import RateWindow
 
 log = structlog.get_logger("cabin_monitor.vision.capture")
-SourceKind = Literal["camera", "file", "stream", "gstreamer"]
 # A looped file whose passes give no frame this many times in a row holds nothing to play.
 MAX_EMPTY_PASSES = 3
 # Waits (reopen backoff, file pacing) wake this often to show that the capture thread is alive.
@@ -81,19 +81,57 @@ class Capture(Protocol):
 def parse_source(text: str) -> SourceSpec:
     """Classify a source string: camera index or device, URL, GStreamer pipeline, or file."""
     value = text.strip()
-    if not value:
+    kind = source_kind(value)
+    if kind is None:
         raise SourceSetupError("camera.source is empty")
     if value == "sample":
         return SourceSpec("file", str(SAMPLE_VIDEO))
-    if value.isdigit():
+    if kind == "camera" and value.isdigit():
         return SourceSpec("camera", int(value))
-    if value.startswith("/dev/"):
-        return SourceSpec("camera", value)
-    if value.startswith("gst:"):
+    if kind == "gstreamer":
         return SourceSpec("gstreamer", value[4:].strip())
-    if "://" in value:
-        return SourceSpec("stream", value)
-    return SourceSpec("file", value)
+    return SourceSpec(kind, value)
+
+
+def gstreamer_support(build_information: str | None = None) -> bool:
+    """Whether this OpenCV can open GStreamer pipelines (its build information says ``GStreamer: YES``);
+    the pip wheels of OpenCV are built without GStreamer."""
+    text = cv2.getBuildInformation() if build_information is None else build_information
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "GStreamer":
+            return value.strip().upper().startswith("YES")
+    return False
+
+
+def check_source(source: str) -> SourceSpec:
+    """The parsed source, or ``SourceSetupError`` where it cannot work whatever happens later: a
+    GStreamer pipeline without GStreamer in OpenCV, a video file that is missing or is no regular file."""
+    spec = parse_source(source)
+    if spec.kind == "gstreamer" and not gstreamer_support():
+        raise SourceSetupError(
+            "camera.source gst:... needs OpenCV built with GStreamer, and this one is not (the pip wheels never "
+            "are): use the system's OpenCV (python3-opencv; on a Jetson, JetPack's), see deploy/jetson.md"
+        )
+    if spec.kind == "file":
+        path = Path(str(spec.target))
+        if not path.exists():
+            raise SourceSetupError(f"video file not found: {path}")
+        if not path.is_file():
+            raise SourceSetupError(f"camera.source {path} is {_what_it_is(path)}, not a video file")
+    return spec
+
+
+def _what_it_is(path: Path) -> str:
+    if path.is_fifo():
+        return "a named pipe (FIFO), which blocks until a writer opens it"
+    if path.is_dir():
+        return "a folder"
+    if path.is_socket():
+        return "a socket"
+    if path.is_char_device() or path.is_block_device():
+        return "a device (give /dev/videoN for a V4L2 camera)"
+    return "not a regular file"
 
 
 def open_capture(spec: SourceSpec, cfg: CameraConfig) -> Capture:
@@ -172,16 +210,15 @@ class FrameSource:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
-        self.spec = parse_source(cfg.source)
-        if self.spec.kind == "file" and not Path(str(self.spec.target)).is_file():
-            raise SourceSetupError(f"video file not found: {self.spec.target}")
+        self.spec = check_source(cfg.source)
         self._stop = stop
         self._opener = opener
         self._clock = clock
         self._wall = wall_clock
         self._cap: Capture | None = None
         self._next_id = 0
-        self._stats = CaptureStats(source=str(cfg.source))
+        self.shown_source = redacted(cfg.source)  # for logs and health: never a password from an rtsp:// URL
+        self._stats = CaptureStats(source=self.shown_source)
         self._backoff_s = cfg.reopen_initial_s
         self._lock = threading.Lock()
         # File timing: media time is mapped onto the monotonic clock from the first frame.
@@ -268,7 +305,7 @@ class FrameSource:
                     self._backoff_s = self.cfg.reopen_initial_s
                 fps = cap.get(cv2.CAP_PROP_FPS)
                 self._file_fps = fps if self.is_file and 1.0 <= fps <= 240.0 else (30.0 if self.is_file else 0.0)
-                log.info("source opened", source=self.cfg.source, kind=self.spec.kind, attempt=attempt)
+                log.info("source opened", source=self.shown_source, kind=self.spec.kind, attempt=attempt)
                 return
             if cap is not None:
                 cap.release()
@@ -277,12 +314,14 @@ class FrameSource:
                 raise SourceSetupError(f"video file {self.spec.target}: {error}")
             wait = self._next_wait_s()
             self._update(state=CameraState.REOPENING, last_error=error)
-            log.warning("source unavailable, retrying", source=self.cfg.source, error=error, retry_in_s=round(wait, 2))
+            log.warning(
+                "source unavailable, retrying", source=self.shown_source, error=error, retry_in_s=round(wait, 2)
+            )
             self._wait(wait)
         raise SourceEnded("stopping")
 
     def _reopen(self, reason: str) -> None:
-        log.warning("reopening source", source=self.cfg.source, reason=reason)
+        log.warning("reopening source", source=self.shown_source, reason=reason)
         self.release()
         with self._lock:
             self._stats = replace(
@@ -310,7 +349,7 @@ class FrameSource:
                 ok, image = self._cap.read()
             except Exception as exc:  # a backend error is a failed read, not a crash
                 ok, image = False, None
-                log.warning("read raised", source=self.cfg.source, error=str(exc))
+                log.warning("read raised", source=self.shown_source, error=str(exc))
             self._beat()
             if not ok:
                 if not self.is_file:
@@ -397,7 +436,7 @@ class FrameSource:
             self._short_file_noted = True
             log.warning(
                 "video file ended before its declared length (truncated?)",
-                source=self.cfg.source,
+                source=self.shown_source,
                 frames_read=read,
                 frames_declared=declared,
             )
@@ -422,7 +461,7 @@ class FrameSource:
             wait = self._next_wait_s()
             log.warning(
                 "looped video file gave no frame; reopening it",
-                source=self.cfg.source,
+                source=self.shown_source,
                 empty_passes=self._empty_passes,
                 max_empty_passes=MAX_EMPTY_PASSES,
                 corrupt_frames=self._pass_corrupt,
@@ -439,7 +478,7 @@ class FrameSource:
         if not self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
             self.release()
             self._open()
-        log.info("looping video file", source=self.cfg.source)
+        log.info("looping video file", source=self.shown_source)
 
     def _fail_empty_file(self, why: str) -> NoReturn:
         self._update(state=CameraState.FAILED, last_error=why)

@@ -1,4 +1,6 @@
-"""Training data: emotion-labelled faces and 68-point landmark faces, in the canonical framing.
+"""Labelled face data files: emotion-labelled faces and 68-point landmark faces, in the canonical framing.
+
+Read by training, evaluation and the scripts alike, so numpy and OpenCV only (no torch).
 
 Two on-disk formats are read:
 
