@@ -268,6 +268,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    if (code := _need_torch()) is not None:
+        return code
+    from cabin_monitor.training.quantize import quantize_command
+
+    try:
+        path, result = quantize_command(
+            Path(args.model),
+            Path(args.data),
+            Path(args.out),
+            calibration_faces=args.calibration_faces,
+            check_faces=args.check_faces,
+            min_agreement=args.min_agreement,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        return _die(str(exc))
+    print(json.dumps({"model": str(path), **result.to_dict()}))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cabin_monitor.tools.evaluate import evaluate_command
 
@@ -422,6 +442,17 @@ def _export_arguments(ex: argparse.ArgumentParser) -> None:
     )
 
 
+def _quantize_arguments(qp: argparse.ArgumentParser) -> None:
+    qp.add_argument("model", help="exported EmotionalDAN ONNX model (float32)")
+    qp.add_argument("--data", required=True, help="folder with fer2013_train/val.npz and landmarks68_train.npz")
+    qp.add_argument("--out", required=True, help="int8 ONNX file to write (e.g. models/emotionaldan-7.int8.onnx)")
+    qp.add_argument("--calibration-faces", type=int, default=800, help="training faces the int8 ranges come from")
+    qp.add_argument("--check-faces", type=int, default=1500, help="validation faces the agreement is measured on")
+    qp.add_argument(
+        "--min-agreement", type=float, default=0.99, help="refuse to write a model agreeing on fewer top-1 answers"
+    )
+
+
 def _evaluate_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--model", required=True, help="EmotionalDAN ONNX model")
     ev.add_argument("--data", required=True, help=".npz file (emotion labels or 68-point landmarks)")
@@ -573,6 +604,16 @@ SUBCOMMANDS = (
         cmd_export,
         "Write a trained run (or an exported model, e.g. mirror-averaged) as the ONNX model the daemon reads.",
         "cabin-monitor export runs/r1 --out models/emotionaldan-7.onnx --mirror-average",
+    ),
+    SubCommand(
+        "quantize",
+        "write the int8 version of an exported model for the CPU (needs the train extra)",
+        _quantize_arguments,
+        cmd_quantize,
+        "Quantise an exported model to int8 (onnxruntime static QDQ, geometry kept in float32), calibrated on "
+        "training faces; measure its top-1 agreement with the float32 model on validation faces and refuse "
+        "below --min-agreement.",
+        "cabin-monitor quantize models/emotionaldan-7.onnx --data ../shared/data --out models/emotionaldan-7.int8.onnx",
     ),
     SubCommand(
         "evaluate",

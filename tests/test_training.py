@@ -562,3 +562,46 @@ def test_sigint_checkpoints_and_the_run_resumes(tmp_path: Path) -> None:
     trainer = Trainer(cfg, load_datasets(cfg, DATA), run)
     trainer.resume(run / "last.pt")
     assert trainer.global_step == step
+
+
+def test_int8_model_agrees_with_the_float_model(tmp_path: Path) -> None:
+    """The int8 export of the bundled model keeps at least 97 % of its top-1 answers on held-out faces and runs in
+    the daemon; a floor it cannot meet leaves no file."""
+    out = tmp_path / "emotionaldan-7.int8.onnx"
+    proc = cli(
+        "quantize",
+        str(REPO / "models" / "emotionaldan-7.onnx"),
+        "--data",
+        str(DATA),
+        "--out",
+        str(out),
+        "--calibration-faces",
+        "160",
+        "--check-faces",
+        "200",
+        timeout_s=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["faces"] == 84 and result["top1_agreement"] >= 0.97
+    assert result["mean_landmark_diff_px"] < 0.5
+    model = EmotionModel(EmotionConfig(model_path=out))
+    assert model.info.metadata["precision"] == "int8"
+    assert json.loads(model.info.metadata["int8_agreement"])["top1_agreement"] == result["top1_agreement"]
+    refused = cli(
+        "quantize",
+        str(REPO / "models" / "emotionaldan-7.onnx"),
+        "--data",
+        str(DATA),
+        "--out",
+        str(tmp_path / "never.onnx"),
+        "--calibration-faces",
+        "16",
+        "--check-faces",
+        "50",
+        "--min-agreement",
+        "1.01",
+        timeout_s=600,
+    )
+    assert refused.returncode == 2 and "nothing written" in refused.stderr
+    assert not (tmp_path / "never.onnx").exists()
