@@ -26,11 +26,12 @@ from structlog.testing import capture_logs
 from cabin_monitor.bus.mqtt import MqttSink, TlsSetupError
 from cabin_monitor.bus.outbox import Outbox
 from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
-from cabin_monitor.bus.remote import RemoteRequests, RequestQueue
+from cabin_monitor.bus.remote import RemoteRequests, RequestQueue, RuleSets
 from cabin_monitor.config import EMOTIONS_7, MqttConfig, RemoteConfigConfig, RulesConfig, TlsConfig
 from cabin_monitor.messages import CameraState, Event, RemoteRequest
 from cabin_monitor.rules import OccupantState
 from cabin_monitor.rules.in_force import RulesInForce
+from cabin_monitor.rules.shadow import ShadowRules
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage, free_port
 from tests.support.helpers import capturing_logger, make_event, make_health, wait_until
 from tests.support.mounts import fill, pin_wal, tmpfs
@@ -305,10 +306,11 @@ def remote_stack(
     """The daemon's remote-control parts, as build_pipeline wires them: file-backed rules in force, the request
     queue, the sink that fills it, the worker that answers through the sink."""
     rules = RulesInForce(RulesConfig(), EMOTIONS_7, state_dir / "rules_override.json")
+    shadow = ShadowRules(None, lambda: rules.effective, EMOTIONS_7, state_dir / "rules_shadow_override.json")
     remote_config = RemoteConfigConfig(**settings)
     requests = RequestQueue(remote_config.queue_size)
     sink = MqttSink(MqttConfig(url=url, **FAST), "car-1", outbox, on_remote_request=requests.offer)
-    remote = RemoteRequests(requests, rules, sink, remote_config, "car-1")
+    remote = RemoteRequests(requests, RuleSets(rules, shadow), sink, remote_config, "car-1")
     remote.start()
     sink.start()
     return sink, remote, rules

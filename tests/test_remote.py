@@ -19,6 +19,7 @@ from cabin_monitor.bus.remote import (
     RemoteRequests,
     RequestQueue,
     Route,
+    RuleSets,
     TokenBucket,
     answer,
     check_request,
@@ -28,6 +29,7 @@ from cabin_monitor.bus.remote import (
 from cabin_monitor.config import EMOTIONS_7, RemoteConfigConfig, RulesConfig
 from cabin_monitor.messages import RemoteAction, RemoteRequest
 from cabin_monitor.rules.in_force import PRECEDENCE, Outcome, RulesInForce
+from cabin_monitor.rules.shadow import ShadowRules
 from tests.support.helpers import wait_until
 
 NOW = 1_700_000_000.0
@@ -38,6 +40,11 @@ def in_force(tmp_path: Path, base: RulesConfig | None = None) -> RulesInForce:
     return RulesInForce(base or RulesConfig(), EMOTIONS_7, tmp_path / "override.json")
 
 
+def sets(rules: RulesInForce, shadow_path: Path | None = None, shadow: RulesConfig | None = None) -> RuleSets:
+    """The live rules with shadow rules beside them (the file's ``shadow``, none by default), for the 7-class model."""
+    return RuleSets(rules, ShadowRules(shadow, lambda: rules.effective, EMOTIONS_7, shadow_path))
+
+
 def request(action: RemoteAction, body: Any, retained: bool = False) -> RemoteRequest:
     """A request as the broker connection hands it over (``body`` as JSON, or bytes as they are)."""
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -46,7 +53,7 @@ def request(action: RemoteAction, body: Any, retained: bool = False) -> RemoteRe
 
 def ask(rules: RulesInForce, action: RemoteAction, body: Any, retained: bool = False) -> Answer:
     """The answer to one request through its DISPATCH row, with a 4096-byte limit."""
-    return answer(request(action, body, retained), DISPATCH[action], rules, 4096, NOW)
+    return answer(request(action, body, retained), DISPATCH[action], sets(rules), 4096, NOW)
 
 
 class Outlet:
@@ -66,7 +73,8 @@ class Outlet:
 def worker_for(rules: RulesInForce, settings: RemoteConfigConfig, **kwargs: Any) -> tuple[RemoteRequests, Outlet]:
     """A worker over a fresh queue, answering into an Outlet."""
     outlet = Outlet()
-    return RemoteRequests(RequestQueue(settings.queue_size), rules, outlet, settings, "car-1", **kwargs), outlet
+    worker = RemoteRequests(RequestQueue(settings.queue_size), sets(rules), outlet, settings, "car-1", **kwargs)
+    return worker, outlet
 
 
 def test_every_action_has_one_row_with_a_model_a_handler_and_a_cause() -> None:
@@ -160,13 +168,13 @@ def test_requests_are_checked_before_anything_is_applied() -> None:
 def test_a_handler_that_fails_is_answered_with_the_error(tmp_path: Path) -> None:
     """An exception in a handler becomes an error answer naming it, with the request_id, and is logged."""
 
-    def fail(rules: RulesInForce, req: ConfigSetPayload, wall_time_s: float) -> Outcome:
+    def fail(rules: RuleSets, req: ConfigSetPayload, wall_time_s: float) -> Outcome:
         raise RuntimeError("disk full")
 
     body = {"request_id": "r-9", "rules": {"smoothing_s": 1.0}}
     with capture_logs() as logs:
-        route = Route(ConfigSetPayload, fail, "config/set")
-        result = answer(request("set", body), route, in_force(tmp_path), 4096, NOW)
+        route = Route(ConfigSetPayload, fail, "config/set", fail)
+        result = answer(request("set", body), route, sets(in_force(tmp_path)), 4096, NOW)
     assert not result.payload.ok and result.payload.request_id == "r-9" and result.changed is None
     assert result.payload.errors[0].message == "the change could not be applied: RuntimeError: disk full"
     assert any(e["event"] == "config/set handler failed" and e["log_level"] == "error" for e in logs)
@@ -270,7 +278,7 @@ def test_a_full_queue_drops_requests_and_counts_them(tmp_path: Path) -> None:
     settings = RemoteConfigConfig(queue_size=3)
     requests = RequestQueue(settings.queue_size)
     outlet = Outlet()
-    worker = RemoteRequests(requests, in_force(tmp_path), outlet, settings, "car-1", wall_clock=lambda: NOW)
+    worker = RemoteRequests(requests, sets(in_force(tmp_path)), outlet, settings, "car-1", wall_clock=lambda: NOW)
     for n in range(5):
         requests.offer(request("get", {"request_id": f"g{n}"}))
     assert (worker.stats().received, worker.stats().dropped, worker.stats().queued) == (5, 2, 3)
