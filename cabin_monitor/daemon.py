@@ -236,6 +236,7 @@ def open_shadow_rules(cfg: Config, processor: FrameProcessor, live: RulesInForce
         processor.model.class_names,
         override_path if cfg.mqtt.url else None,
         remembered_request_ids=cfg.remote_config.remembered_request_ids,
+        environment_paths=rule_paths_from_environment(os.environ, "rules_shadow"),
     )
     in_force = shadow.current()
     rules = None if in_force is None else in_force.rules

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from cabin_monitor.config import EMOTIONS_7, RulesConfig
+from cabin_monitor.config import EMOTIONS_7, RulesConfig, rule_paths_from_environment
 from cabin_monitor.rules.in_force import RulesInForce
 from cabin_monitor.rules.shadow import ShadowChange, ShadowRules
 
@@ -106,3 +106,15 @@ def test_a_damaged_shadow_override_file_is_ignored_and_logged(tmp_path: Path) ->
         shadow = shadow_rules(tmp_path, live_rules(tmp_path))
     assert shadow.current() is None
     assert [e["event"] for e in logs] == ["ignoring shadow rules override file"]
+
+
+def test_values_set_by_the_environment_are_named_so(tmp_path: Path) -> None:
+    """A CABIN_MONITOR__RULES_SHADOW__… variable's value has the source 'environment', not 'file'."""
+    environ = {"CABIN_MONITOR__RULES_SHADOW__STRESS__SUSTAIN_S": "5", "CABIN_MONITOR__RULES__SMOOTHING_S": "1"}
+    paths = rule_paths_from_environment(environ, "rules_shadow")
+    assert paths == {"stress.sustain_s"}
+    file_rules = RulesConfig.model_validate({"stress": {"sustain_s": 5, "enter_score": 0.8}})
+    live = live_rules(tmp_path)
+    shadow = ShadowRules(file_rules, lambda: live.effective, EMOTIONS_7, None, environment_paths=paths).current()
+    assert shadow is not None
+    assert (shadow.sources["stress.sustain_s"], shadow.sources["stress.enter_score"]) == ("environment", "file")

@@ -361,7 +361,7 @@ class ShadowRulesState(_Payload):
     rules: dict[str, Any] = Field(description="The shadow rules (a complete RulesConfig).")
     sources: dict[str, RuleSource] = Field(
         description="Dotted path of every rule value -> 'remote' (a shadow override), 'live' (the live rules the "
-        "shadow set was made from), 'file' (the file's rules_shadow) or 'default'."
+        "shadow set was made from), 'environment', 'file' (the file's rules_shadow) or 'default'."
     )
     overrides: list[RuleOverride] = Field(
         description="Every value the shadow overrides set, with the value underneath ('file': from rules_shadow "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,8 @@ class ShadowRules:
 
     ``live`` gives the live rules in force now: the base of a shadow set made at run time where the
     file has no ``rules_shadow``. Sources: ``remote`` for a shadow override, ``live`` for a value of
-    that copy of the live rules, else ``file`` or ``default`` as for the live rules.
+    that copy of the live rules, else ``environment`` (``environment_paths``: what
+    ``CABIN_MONITOR__RULES_SHADOW__…`` variables set), ``file`` or ``default`` as for the live rules.
     """
 
     def __init__(
@@ -65,8 +66,10 @@ class ShadowRules:
         override_path: Path | None,
         *,
         remembered_request_ids: int = 1024,
+        environment_paths: Collection[str] = (),
     ) -> None:
         self._lock = threading.Lock()
+        self._environment_paths = frozenset(environment_paths)
         self._class_names = tuple(class_names)
         if file_rules is not None:
             check_classes(file_rules, self._class_names)
@@ -85,7 +88,7 @@ class ShadowRules:
         # Called with the lock held (or before the object is shared).
         values = effective.model_dump(mode="json")
         if self._file_rules is not None:
-            sources = rule_sources(values, self._patch, self._file_rules)
+            sources = rule_sources(values, self._patch, self._file_rules, self._environment_paths)
         else:
             remote = set(flatten(self._patch))
             sources = {path: _live_or_remote(path in remote) for path in flatten(values)}
