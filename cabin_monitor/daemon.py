@@ -10,8 +10,9 @@ Where things go once it runs:
   ``bus.sinks.StdoutSink``), turned into its JSON by ``bus.payloads``;
 - a remote request: ``config/set``, ``config/get`` or ``config/reset`` -> ``bus.mqtt`` (network thread,
   queued only) -> ``bus.remote`` (its own worker: rate-limited, checked, answered, and ``rules/state``
-  published) -> ``rules.in_force`` (validated, persisted, put in force) -> the inference thread, between
-  two frames; SIGHUP -> ``rules.in_force`` (the file reloaded under the overrides) -> ``rules/state``;
+  published) -> ``rules.in_force`` (validated, persisted, put in force; ``rules.shadow`` for the shadow
+  rules) -> the inference thread, between two frames; SIGHUP -> ``rules.in_force`` (the file reloaded under
+  the overrides) -> ``rules/state``;
 - with ``record.dir``: every input of the rules engine and every event -> ``runtime.recorder`` (its own
   thread) -> rotated Parquet files, for ``cabin-monitor replay`` and ``report``.
 
@@ -41,7 +42,7 @@ from pydantic import ValidationError
 from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, left_open
 from cabin_monitor.bus.mqtt import MqttSink
 from cabin_monitor.bus.outbox import Outbox, open_outbox
-from cabin_monitor.bus.remote import RemoteRequests, RequestQueue
+from cabin_monitor.bus.remote import RemoteRequests, RequestQueue, RuleSets
 from cabin_monitor.bus.sinks import StdoutSink
 from cabin_monitor.config import (
     CameraConfig,
@@ -56,6 +57,7 @@ from cabin_monitor.errors import ConfigurationError
 from cabin_monitor.messages import FrameResult, HealthSnapshot
 from cabin_monitor.record.sink import RecordingSink
 from cabin_monitor.rules.in_force import PRECEDENCE, RulesInForce, describe_overrides
+from cabin_monitor.rules.shadow import ShadowRules
 from cabin_monitor.runtime.pipeline import Pipeline
 from cabin_monitor.runtime.ports import EventSink
 from cabin_monitor.runtime.processor import FrameProcessor
@@ -184,10 +186,11 @@ def build_pipeline(
     processor = FrameProcessor(cfg)
     try:
         rules = open_rules_in_force(cfg, processor)
+        shadow = open_shadow_rules(cfg, processor, rules)
         sink: EventSink
         worker: RemoteRequests | None = None
         if cfg.mqtt.url:
-            sink, worker = connect_broker(cfg, rules)
+            sink, worker = connect_broker(cfg, RuleSets(rules, shadow))
         else:
             sink = StdoutSink(cfg.vehicle_id, events_stream or sys.stdout)
         stop = threading.Event()
@@ -203,6 +206,7 @@ def build_pipeline(
             recorder=open_recorder(cfg, processor),
             remote=worker,
             on_reload=functools.partial(reload_rules, rules, worker, config_path),
+            shadow=shadow,
         )
     except BaseException:
         # Release the detector now: left to the garbage collector at exit, MediaPipe's
@@ -227,7 +231,27 @@ def open_rules_in_force(cfg: Config, processor: FrameProcessor) -> RulesInForce:
     return rules
 
 
-def connect_broker(cfg: Config, rules: RulesInForce) -> tuple[MqttSink, RemoteRequests | None]:
+def open_shadow_rules(cfg: Config, processor: FrameProcessor, live: RulesInForce) -> ShadowRules:
+    """The shadow rules: the file's ``rules_shadow`` and (with a broker) the persisted shadow overrides, which
+    the shadow engine takes at once."""
+    state_dir = cfg.resolved_state_dir()
+    override_path = cfg.remote_config.shadow_override_path or state_dir / "rules_shadow_override.json"
+    shadow = ShadowRules(
+        cfg.rules_shadow,
+        lambda: live.effective,
+        processor.model.class_names,
+        override_path if cfg.mqtt.url else None,
+        remembered_request_ids=cfg.remote_config.remembered_request_ids,
+        environment_paths=rule_paths_from_environment(os.environ, "rules_shadow"),
+    )
+    in_force = shadow.current()
+    rules = None if in_force is None else in_force.rules
+    if rules != cfg.rules_shadow:
+        processor.reconfigure_shadow(rules)
+    return shadow
+
+
+def connect_broker(cfg: Config, rules: RuleSets) -> tuple[MqttSink, RemoteRequests | None]:
     """The broker's sink over the outbox, with what a previous run left open ended first, and (with
     ``remote_config.enabled``) the worker answering operators' requests: the request queue, then the
     sink that fills it, then the worker that answers through the sink."""

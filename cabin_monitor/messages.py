@@ -157,6 +157,7 @@ class FrameResult:
     frame: Frame
     readings: tuple[EmotionReading, ...]
     events: tuple[Event, ...]
+    shadow_events: tuple[Event, ...] = ()  # the shadow rules' events, when a shadow set runs
     stage_ms: dict[str, float] = field(default_factory=dict)
     faces_in_view: int = 0  # occupants found (detected or followed) this frame; some may wait to be read
     detected: bool = True  # whether the detector ran on this frame (else faces were followed by landmarks)

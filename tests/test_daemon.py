@@ -791,3 +791,114 @@ def test_run_with_a_broker_needs_a_source_and_a_vehicle_id(tmp_path: Path) -> No
     )
     assert proc.returncode == 2
     assert "camera.source (--source) and vehicle_id (--vehicle-id)" in proc.stderr and "demo" in proc.stderr
+
+
+# Live stress that the clip never holds long enough (600 s), beside the shadow rules that open it after 0.5 s.
+SLOW_STRESS = cast(dict[str, Any], RULES["stress"]) | {"sustain_s": 600.0}
+
+
+def shadow_events(messages: list[RecordedMessage]) -> list[dict[str, Any]]:
+    """The shadow rules' event payloads in arrival order (QoS 0: at most once each)."""
+    return [json.loads(m.payload) for m in messages if m.topic == f"{PREFIX}/shadow/events"]
+
+
+def request_until_answered(
+    broker: MosquittoBroker, recorder: MqttRecorder, action: str, body: dict[str, Any], timeout_s: float = 20.0
+) -> dict[str, Any]:
+    """Publish a request every second until its first answer arrives: a daemon that has just connected may not
+    have subscribed yet, and a change is applied at most once per request_id."""
+    import paho.mqtt.publish as publish
+
+    def first_answer(messages: list[RecordedMessage]) -> dict[str, Any] | None:
+        answers = (json.loads(m.payload) for m in messages if m.topic == f"{PREFIX}/config/result")
+        return next((a for a in answers if a["request_id"] == body["request_id"]), None)
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        publish.single(f"{PREFIX}/config/{action}", json.dumps(body), qos=1, hostname="127.0.0.1", port=broker.port)
+        try:
+            answer = first_answer(recorder.wait_for(lambda ms: first_answer(ms) is not None, 1.0))
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+            continue
+        assert answer is not None
+        return answer
+
+
+def test_only_the_shadow_rules_raise_the_event_their_threshold_allows(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """Live stress needs 600 s, the file's rules_shadow 0.5 s: on one pass of the clip only the shadow rules open
+    stress (0.5 s of the face after it is confirmed, both times), on shadow/events alone."""
+    config = write_config(tmp_path, rules=RULES | {"stress": SLOW_STRESS}, rules_shadow=RULES)
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
+        daemon = start_daemon(config, "--source", str(face_gap_video), "--fast", "--mqtt-url", mqtt_broker.url)
+        assert daemon.wait() == 0, daemon.logs()[-3000:]
+        msgs = recorder.wait_for(lambda ms: len(shadow_events(ms)) >= len(ONE_PASS), 10)
+    live, shadow = events(msgs), shadow_events(msgs)
+    assert [(e["type"], e["phase"]) for e in live] == [("occupant_lost", "start"), ("occupant_lost", "end")]
+    assert [(e["type"], e["phase"]) for e in shadow] == ONE_PASS
+    assert not {e["event_id"] for e in shadow} & {e["event_id"] for e in live}
+    # Timed on the clip's frames (30 fps): 0.5 s of a face after it is confirmed, each time the face is there.
+    first_start, back = shadow[0]["frame_id"], shadow[3]["frame_id"]
+    assert 15 <= first_start <= 25 and 15 <= shadow[4]["frame_id"] - back <= 20, [e["frame_id"] for e in shadow]
+    assert json.loads(retained(mqtt_broker.url, f"{PREFIX}/rules/state"))["shadow"]["sources"]["stress.sustain_s"] == (
+        "file"
+    )
+
+
+def test_shadow_rules_set_at_run_time_run_at_once_and_again_after_a_restart(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """config/set with shadow makes the shadow set from the live rules: its events start at once; after a restart
+    (a kill) the persisted set is in rules/state and runs again, until config/reset with shadow stops it; live
+    events never include them."""
+    config = write_config(tmp_path, rules=RULES | {"stress": SLOW_STRESS})
+    args = ("--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+    body = {"request_id": "s1", "shadow": True, "rules": {"stress": {"sustain_s": 0.5}}}
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
+        daemon = start_daemon(config, *args)
+        recorder.wait_for(lambda ms: any(m.payload == b"online" for m in ms), 30)
+        assert request_until_answered(mqtt_broker, recorder, "set", body)["ok"]
+        recorder.wait_for(lambda ms: any(e["type"] == "stress" for e in shadow_events(ms)), 15)
+        daemon.kill()  # the change was persisted before it was answered
+        first_run = len(recorder.messages)
+        saved = json.loads((tmp_path / "state" / "rules_shadow_override.json").read_text())
+        assert saved["patch"] == {"stress": {"sustain_s": 0.5}} and saved["live"]["stress"]["sustain_s"] == 600.0
+
+        daemon = start_daemon(config, *args)
+        wait_until(lambda: bool(daemon.logged("shadow rules overrides loaded")), 30, "the shadow set loaded")
+        recorder.wait_for(lambda ms: any(e["type"] == "stress" for e in shadow_events(ms[first_run:])), 15)
+        daemon.kill()
+    state = json.loads(retained(mqtt_broker.url, f"{PREFIX}/rules/state"))
+    assert (state["cause"], state["rules"]["stress"]["sustain_s"]) == ("start", 600.0)
+    assert state["shadow"]["rules"]["stress"]["sustain_s"] == 0.5
+    assert state["shadow"]["sources"]["stress.sustain_s"] == "remote"
+    assert state["shadow"]["sources"]["stress.enter_score"] == "live"
+    assert all(e["type"] != "stress" for e in events(recorder.messages))
+
+
+def test_config_reset_with_shadow_stops_the_shadow_engine_and_ends_its_events(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """config/reset with shadow and no rules_shadow in the file: the shadow engine stops, its open events are
+    ended on shadow/events, and rules/state has no shadow block."""
+    config = write_config(tmp_path, rules=RULES | {"stress": SLOW_STRESS})
+    daemon = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/#"]) as recorder:
+        recorder.wait_for(lambda ms: any(m.payload == b"online" for m in ms), 30)
+        change = {"request_id": "s1", "shadow": True, "rules": {"stress": {"sustain_s": 0.5}}}
+        assert request_until_answered(mqtt_broker, recorder, "set", change)["ok"]
+        recorder.wait_for(lambda ms: any(e["type"] == "stress" for e in shadow_events(ms)), 15)
+        answer = request_until_answered(mqtt_broker, recorder, "reset", {"request_id": "r1", "shadow": True})
+        assert (answer["ok"], answer["shadow"], answer["rules"]) == (True, True, None)
+        wait_until(lambda: len(daemon.logged("shadow rules reconfigured")) == 2, 15, "the shadow engine stopped")
+        assert [r["running"] for r in daemon.logged("shadow rules reconfigured")] == [True, False]
+        starts = {e["event_id"] for e in shadow_events(recorder.messages) if e["phase"] == "start"}
+        recorder.wait_for(  # every shadow start ended, the open one by the reset at the latest
+            lambda ms: starts <= {e["start_event_id"] for e in shadow_events(ms) if e["phase"] == "end"}, 10
+        )
+    daemon.kill()
+    assert "shadow" not in json.loads(retained(mqtt_broker.url, f"{PREFIX}/rules/state"))
+    assert not (tmp_path / "state" / "rules_shadow_override.json").exists()

@@ -26,11 +26,12 @@ from structlog.testing import capture_logs
 from cabin_monitor.bus.mqtt import MqttSink, TlsSetupError
 from cabin_monitor.bus.outbox import Outbox
 from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
-from cabin_monitor.bus.remote import RemoteRequests, RequestQueue
+from cabin_monitor.bus.remote import RemoteRequests, RequestQueue, RuleSets
 from cabin_monitor.config import EMOTIONS_7, MqttConfig, RemoteConfigConfig, RulesConfig, TlsConfig
 from cabin_monitor.messages import CameraState, Event, RemoteRequest
 from cabin_monitor.rules import OccupantState
 from cabin_monitor.rules.in_force import RulesInForce
+from cabin_monitor.rules.shadow import ShadowRules
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage, free_port
 from tests.support.helpers import capturing_logger, make_event, make_health, wait_until
 from tests.support.mounts import fill, pin_wal, tmpfs
@@ -305,10 +306,11 @@ def remote_stack(
     """The daemon's remote-control parts, as build_pipeline wires them: file-backed rules in force, the request
     queue, the sink that fills it, the worker that answers through the sink."""
     rules = RulesInForce(RulesConfig(), EMOTIONS_7, state_dir / "rules_override.json")
+    shadow = ShadowRules(None, lambda: rules.effective, EMOTIONS_7, state_dir / "rules_shadow_override.json")
     remote_config = RemoteConfigConfig(**settings)
     requests = RequestQueue(remote_config.queue_size)
     sink = MqttSink(MqttConfig(url=url, **FAST), "car-1", outbox, on_remote_request=requests.offer)
-    remote = RemoteRequests(requests, rules, sink, remote_config, "car-1")
+    remote = RemoteRequests(requests, RuleSets(rules, shadow), sink, remote_config, "car-1")
     remote.start()
     sink.start()
     return sink, remote, rules
@@ -713,3 +715,71 @@ def test_mqtt_5_is_the_default(mqtt_broker: MosquittoBroker, outbox: Outbox) -> 
         recorder.wait_for(lambda ms: any(m.payload == b"online" for m in ms))
         sink.stop(flush_timeout_s=5)
     assert "as cabin-monitor-car-1 (p5," in mqtt_broker.log_text()
+
+
+def test_shadow_events_go_to_their_own_topic_and_never_through_the_outbox(
+    mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path
+) -> None:
+    """A shadow event is published on shadow/events only, never written to the outbox; offline it is dropped
+    and counted."""
+    sink = make_sink(mqtt_broker.url, outbox)
+    wait_until(lambda: sink.stats().connected, what="connected")
+    shadow, live = make_event(frame_id=1), make_event(frame_id=2)
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/events", f"{BASE}/shadow/events"]) as recorder:
+        sink.submit_shadow_event(shadow)
+        assert outbox.depth() == 0 and ids_in_file(tmp_path / "outbox.sqlite") == set()
+        sink.submit_event(live)
+        recorder.wait_for(lambda ms: len(ms) == 2)
+    by_topic = {m.topic: m for m in recorder.messages}
+    assert by_topic[f"{BASE}/shadow/events"].payload == expected_bytes(shadow)
+    assert not by_topic[f"{BASE}/shadow/events"].retain
+    assert event_ids([by_topic[f"{BASE}/events"]]) == [live.event_id]
+    assert sink.stats().published_total == 1 and sink.shadow_dropped_total == 0
+    sink.stop(flush_timeout_s=1.0)
+
+    with Outbox(tmp_path / "offline.sqlite") as offline_outbox:
+        offline = make_sink(f"mqtt://127.0.0.1:{free_port()}", offline_outbox)
+        offline.submit_shadow_event(make_event())
+        assert offline.shadow_dropped_total == 1 and offline_outbox.depth() == 0
+        offline.stop(flush_timeout_s=0.1)
+
+
+def test_shadow_rules_over_the_broker_set_shown_kept_across_a_restart_and_reset(
+    mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path
+) -> None:
+    """config/set with shadow: rules/state shows the set, a restart keeps it, config/reset with shadow drops it."""
+
+    def rules_state() -> dict[str, Any]:
+        state: dict[str, Any] = json.loads(retained_payload(mqtt_broker, f"{BASE}/rules/state"))
+        return state
+
+    sink, remote, rules = remote_stack(mqtt_broker.url, outbox, tmp_path)
+    wait_until(lambda: sink.stats().connected, what="connected")
+    assert "shadow" not in rules_state()
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/config/result"], clean_session=True) as recorder:
+        body = {"request_id": "s", "shadow": True, "rules": {"stress": {"enter_score": 0.9}}}
+        publish(mqtt_broker, f"{BASE}/config/set", json.dumps(body))
+        recorder.wait_for(lambda ms: len(results(ms)) == 1)
+    (answer,) = results(recorder.messages)
+    assert (answer["ok"], answer["shadow"], answer["rules"]["stress"]["enter_score"]) == (True, True, 0.9)
+    wait_until(lambda: "shadow" in rules_state(), what="rules/state with the shadow set")
+    state = rules_state()
+    assert (state["cause"], state["request_id"], state["rules"]["stress"]["enter_score"]) == ("config/set", "s", 0.6)
+    assert state["shadow"]["rules"]["stress"]["enter_score"] == 0.9
+    assert state["shadow"]["sources"]["stress.enter_score"] == "remote"
+    assert rules.effective.stress.enter_score == 0.6
+    remote.stop()
+    sink.stop(flush_timeout_s=1.0)
+
+    sink, remote, rules = remote_stack(mqtt_broker.url, outbox, tmp_path)  # a restart over the same state folder
+    wait_until(lambda: rules_state()["cause"] == "start", what="rules/state of the restart")
+    assert rules_state()["shadow"] == state["shadow"]
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/config/result"], clean_session=True) as recorder:
+        publish(mqtt_broker, f"{BASE}/config/reset", json.dumps({"request_id": "r", "shadow": True}))
+        recorder.wait_for(lambda ms: len(results(ms)) == 1)
+    (reset,) = results(recorder.messages)
+    assert (reset["ok"], reset["shadow"], reset["rules"]) == (True, True, None)
+    wait_until(lambda: rules_state()["cause"] == "config/reset", what="rules/state after the reset")
+    assert "shadow" not in rules_state() and not (tmp_path / "rules_shadow_override.json").exists()
+    remote.stop()
+    sink.stop(flush_timeout_s=1.0)

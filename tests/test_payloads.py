@@ -288,7 +288,8 @@ def test_json_schemas_export() -> None:
 
 
 def test_json_schemas_required_fields() -> None:
-    """Published payloads require every field; config/set requires only the rules."""
+    """Published payloads require every field but the shadow rules' (left out without them); config/set requires
+    only the rules."""
     schemas = json_schemas()
     assert set(schemas["event"]["required"]) == set(EventPayload.model_fields)
     assert {"started_ts", "start_event_id"} <= set(schemas["event"]["required"])
@@ -297,7 +298,11 @@ def test_json_schemas_required_fields() -> None:
     assert schemas["event"]["properties"]["ts"]["format"] == "date-time"
     assert schemas["config_set"]["required"] == ["rules"]
     assert "required" not in schemas["config_request"]  # {} is a whole config/get or config/reset
-    assert set(schemas["rules_state"]["required"]) == set(RulesStatePayload.model_fields)
+    assert set(schemas["rules_state"]["required"]) == set(RulesStatePayload.model_fields) - {"shadow"}
+    assert set(schemas["config_result"]["required"]) == set(ConfigResultPayload.model_fields) - {"shadow"}
+    assert schemas["shadow_event"] == schemas["event"]
+    shadow_sources = schemas["rules_state"]["$defs"]["ShadowRulesState"]["properties"]["sources"]
+    assert "live" in shadow_sources["additionalProperties"]["enum"]
 
 
 def test_health_reports_the_last_refusal_and_the_outbox_state() -> None:

@@ -19,6 +19,7 @@ from cabin_monitor.bus.remote import (
     RemoteRequests,
     RequestQueue,
     Route,
+    RuleSets,
     TokenBucket,
     answer,
     check_request,
@@ -28,6 +29,7 @@ from cabin_monitor.bus.remote import (
 from cabin_monitor.config import EMOTIONS_7, RemoteConfigConfig, RulesConfig
 from cabin_monitor.messages import RemoteAction, RemoteRequest
 from cabin_monitor.rules.in_force import PRECEDENCE, Outcome, RulesInForce
+from cabin_monitor.rules.shadow import ShadowRules
 from tests.support.helpers import wait_until
 
 NOW = 1_700_000_000.0
@@ -38,6 +40,11 @@ def in_force(tmp_path: Path, base: RulesConfig | None = None) -> RulesInForce:
     return RulesInForce(base or RulesConfig(), EMOTIONS_7, tmp_path / "override.json")
 
 
+def sets(rules: RulesInForce, shadow_path: Path | None = None, shadow: RulesConfig | None = None) -> RuleSets:
+    """The live rules with shadow rules beside them (the file's ``shadow``, none by default), for the 7-class model."""
+    return RuleSets(rules, ShadowRules(shadow, lambda: rules.effective, EMOTIONS_7, shadow_path))
+
+
 def request(action: RemoteAction, body: Any, retained: bool = False) -> RemoteRequest:
     """A request as the broker connection hands it over (``body`` as JSON, or bytes as they are)."""
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -46,7 +53,7 @@ def request(action: RemoteAction, body: Any, retained: bool = False) -> RemoteRe
 
 def ask(rules: RulesInForce, action: RemoteAction, body: Any, retained: bool = False) -> Answer:
     """The answer to one request through its DISPATCH row, with a 4096-byte limit."""
-    return answer(request(action, body, retained), DISPATCH[action], rules, 4096, NOW)
+    return answer(request(action, body, retained), DISPATCH[action], sets(rules), 4096, NOW)
 
 
 class Outlet:
@@ -66,7 +73,8 @@ class Outlet:
 def worker_for(rules: RulesInForce, settings: RemoteConfigConfig, **kwargs: Any) -> tuple[RemoteRequests, Outlet]:
     """A worker over a fresh queue, answering into an Outlet."""
     outlet = Outlet()
-    return RemoteRequests(RequestQueue(settings.queue_size), rules, outlet, settings, "car-1", **kwargs), outlet
+    worker = RemoteRequests(RequestQueue(settings.queue_size), sets(rules), outlet, settings, "car-1", **kwargs)
+    return worker, outlet
 
 
 def test_every_action_has_one_row_with_a_model_a_handler_and_a_cause() -> None:
@@ -74,7 +82,7 @@ def test_every_action_has_one_row_with_a_model_a_handler_and_a_cause() -> None:
     assert set(DISPATCH) == set(typing.get_args(RemoteAction))
     for action, route in DISPATCH.items():
         assert issubclass(route.model, BaseModel) and "request_id" in route.model.model_fields, action
-        assert callable(route.handler)
+        assert callable(route.handler) and callable(route.shadow_handler)
     assert {action: route.cause for action, route in DISPATCH.items()} == {
         "set": "config/set",
         "get": None,
@@ -160,13 +168,13 @@ def test_requests_are_checked_before_anything_is_applied() -> None:
 def test_a_handler_that_fails_is_answered_with_the_error(tmp_path: Path) -> None:
     """An exception in a handler becomes an error answer naming it, with the request_id, and is logged."""
 
-    def fail(rules: RulesInForce, req: ConfigSetPayload, wall_time_s: float) -> Outcome:
+    def fail(rules: RuleSets, req: ConfigSetPayload, wall_time_s: float) -> Outcome:
         raise RuntimeError("disk full")
 
     body = {"request_id": "r-9", "rules": {"smoothing_s": 1.0}}
     with capture_logs() as logs:
-        route = Route(ConfigSetPayload, fail, "config/set")
-        result = answer(request("set", body), route, in_force(tmp_path), 4096, NOW)
+        route = Route(ConfigSetPayload, fail, "config/set", fail)
+        result = answer(request("set", body), route, sets(in_force(tmp_path)), 4096, NOW)
     assert not result.payload.ok and result.payload.request_id == "r-9" and result.changed is None
     assert result.payload.errors[0].message == "the change could not be applied: RuntimeError: disk full"
     assert any(e["event"] == "config/set handler failed" and e["log_level"] == "error" for e in logs)
@@ -270,7 +278,7 @@ def test_a_full_queue_drops_requests_and_counts_them(tmp_path: Path) -> None:
     settings = RemoteConfigConfig(queue_size=3)
     requests = RequestQueue(settings.queue_size)
     outlet = Outlet()
-    worker = RemoteRequests(requests, in_force(tmp_path), outlet, settings, "car-1", wall_clock=lambda: NOW)
+    worker = RemoteRequests(requests, sets(in_force(tmp_path)), outlet, settings, "car-1", wall_clock=lambda: NOW)
     for n in range(5):
         requests.offer(request("get", {"request_id": f"g{n}"}))
     assert (worker.stats().received, worker.stats().dropped, worker.stats().queued) == (5, 2, 3)
@@ -281,3 +289,53 @@ def test_a_full_queue_drops_requests_and_counts_them(tmp_path: Path) -> None:
         worker.stop()
     assert [r["request_id"] for r in outlet.results] == ["g0", "g1", "g2"]
     assert outlet.states[0]["cause"] == "start" and worker.stats().queued == 0
+
+
+def test_shadow_requests_take_their_rows_shadow_handlers(tmp_path: Path) -> None:
+    """ "shadow": true changes, reads and resets the shadow rules only, echoed in every answer; rules/state carries
+    the shadow block while a set exists and is left out again after the reset."""
+    live = in_force(tmp_path)
+    outlet = Outlet()
+    worker = RemoteRequests(
+        RequestQueue(8), sets(live, tmp_path / "shadow.json"), outlet, RemoteConfigConfig(), "car-1"
+    )
+    patch = {"stress": {"sustain_s": 7}}
+    worker.handle(request("set", {"request_id": "s", "shadow": True, "rules": patch}))
+    worker.handle(request("get", {"request_id": "g", "shadow": True}))
+    worker.handle(request("reset", {"request_id": "r", "shadow": True}))
+    worker.handle(request("get", {"request_id": "g2", "shadow": True}))
+    assert live.effective == RulesConfig() and live.take_pending() is None
+    set_, got, reset, empty = outlet.results
+    assert all(a["shadow"] is True and a["ok"] for a in outlet.results)
+    assert set_["rules"]["stress"]["sustain_s"] == got["rules"]["stress"]["sustain_s"] == 7
+    assert set_["sources"]["stress.sustain_s"] == "remote" and set_["sources"]["stress.enter_score"] == "live"
+    assert set_["overrides"] == [{"path": "stress.sustain_s", "remote": 7, "file": 3.0}]
+    assert reset["rules"] is reset["sources"] is reset["overrides"] is empty["rules"] is None
+    made, dropped = outlet.states
+    assert (made["cause"], made["request_id"], made["rules"]) == ("config/set", "s", live.current().values)
+    assert made["shadow"] == {k: set_[k] for k in ("rules", "sources", "overrides")}
+    assert (dropped["cause"], dropped["request_id"], "shadow" in dropped) == ("config/reset", "r", False)
+
+
+def test_answers_and_states_without_shadow_rules_keep_their_shape(tmp_path: Path) -> None:
+    """Without "shadow": true and without a shadow set, answers and rules/state carry no shadow key."""
+    worker, outlet = worker_for(in_force(tmp_path), RemoteConfigConfig())
+    worker.start()
+    worker.stop()
+    worker.handle(request("set", {"request_id": "s", "rules": {"stress": {"sustain_s": 7}}}))
+    worker.handle(request("set", {"request_id": "bad", "rules": {"stress": {"sustain_s": -1}}}))
+    assert [a["ok"] for a in outlet.results] == [True, False]
+    assert not any("shadow" in a for a in outlet.results) and not any("shadow" in s for s in outlet.states)
+    assert [s["cause"] for s in outlet.states] == ["start", "config/set"]
+
+
+def test_shadow_refusals_name_rules_paths_and_a_non_boolean_flag(tmp_path: Path) -> None:
+    """A bad shadow patch names rules.… like a live one, echoing shadow; "shadow" must be a JSON boolean."""
+    rules = in_force(tmp_path)
+    bad = ask(rules, "set", {"request_id": "b", "shadow": True, "rules": {"stress": {"sustian_s": 1}}}).payload
+    assert (bad.ok, bad.shadow, [e.path for e in bad.errors]) == (False, True, ["rules.stress.sustian_s"])
+    assert json.loads(encode_payload(bad))["shadow"] is True
+    for flag in ("yes", 1):
+        odd = ask(rules, "set", {"request_id": "f", "shadow": flag, "rules": {}}).payload
+        assert not odd.ok and [e.path for e in odd.errors] == ["shadow"]
+    assert rules.effective == RulesConfig()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 from cabin_monitor.bus.payloads import EventPayload, event_payload
 from cabin_monitor.bus.sinks import StdoutSink
@@ -24,3 +25,16 @@ def test_stdout_sink_prints_json_lines() -> None:
     lines = stream.getvalue().splitlines()
     assert [EventPayload.model_validate_json(line) for line in lines] == [event_payload(e, "car-1") for e in events]
     assert sink.stats().published_total == 2
+
+
+def test_stdout_sink_marks_shadow_events() -> None:
+    """A shadow event prints as {"shadow_event": EventPayload}, never as a live event line, and is not counted."""
+    stream = io.StringIO()
+    sink = StdoutSink("car-1", stream)
+    live, shadow = make_event(), make_event()
+    sink.submit_shadow_event(shadow)
+    sink.submit_event(live)
+    first, second = stream.getvalue().splitlines()
+    assert EventPayload.model_validate(json.loads(first)["shadow_event"]) == event_payload(shadow, "car-1")
+    assert EventPayload.model_validate_json(second) == event_payload(live, "car-1")
+    assert sink.stats().published_total == 1

@@ -4,10 +4,12 @@
 ``submit_event`` returns, in step with the open-event ledger), ``bus.sender`` (outbox rows out in order,
 removed on the broker's PUBACK: at-least-once, held back after a refusal), ``bus.client`` (the connection,
 paho behind it), ``bus.retained`` (the latest health and rules state) and ``bus.outbox_watch`` (the
-outbox's condition in the log). One sender thread owns the connection. ``config/set``, ``config/get``
-and ``config/reset`` requests are handed, as bytes with their retain flag, to a queue (``bus.remote``)
-whose worker answers through ``publish_config_result`` and ``publish_rules_state``: the network thread
-never waits for a request, so acknowledgements never queue behind one.
+outbox's condition in the log). One sender thread owns the connection. Events of the shadow rules skip
+all of that: published at QoS 0 straight to the connection on ``shadow/events``, dropped while offline.
+``config/set``, ``config/get`` and ``config/reset`` requests are handed, as bytes with their retain flag,
+to a queue (``bus.remote``) whose worker answers through ``publish_config_result`` and
+``publish_rules_state``: the network thread never waits for a request, so acknowledgements never queue
+behind one.
 
 Imports the ``bus`` modules above, ``config``, ``messages`` and ``rules`` (``OccupantState``).
 """
@@ -28,7 +30,7 @@ from cabin_monitor.bus.intake import EventIntake
 from cabin_monitor.bus.ledger import OpenEventLedger
 from cabin_monitor.bus.outbox import Outbox
 from cabin_monitor.bus.outbox_watch import OutboxWatch
-from cabin_monitor.bus.payloads import health_payload, state_payloads
+from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
 from cabin_monitor.bus.remote import request_topics
 from cabin_monitor.bus.retained import LatestValues
 from cabin_monitor.bus.sender import OutboxSender
@@ -74,6 +76,8 @@ class MqttSink:
         base = f"{config.topic_prefix}/{vehicle_id}"
         self.status_topic = f"{base}/status"
         self.events_topic = f"{base}/events"
+        self.shadow_events_topic = f"{base}/shadow/events"
+        self.shadow_dropped_total = 0  # shadow events dropped while not connected
         self.health_topic = f"{base}/health"
         self.config_set_topic = f"{base}/config/set"
         self.config_result_topic = f"{base}/config/result"
@@ -121,6 +125,13 @@ class MqttSink:
         """Write the event to the outbox (durable on return) and the open-event ledger, then wake the sender."""
         self._intake.submit(event)
         self._wake.set()
+
+    def submit_shadow_event(self, event: Event) -> None:
+        """Publish a shadow-rules event on ``shadow/events`` at QoS 0 if connected, never through the outbox;
+        dropped otherwise (counted in ``shadow_dropped_total``): a trial, not an alert. Never blocks."""
+        payload = event_payload(event, self._vehicle_id).model_dump_json().encode()
+        if self._client.publish(self.shadow_events_topic, payload, qos=0) is None:
+            self.shadow_dropped_total += 1
 
     def publish_state(self, occupants: Sequence[OccupantState], wall_time_s: float) -> None:
         """Publish each occupant's state at QoS 0 if connected; dropped otherwise (a newer state follows soon)."""

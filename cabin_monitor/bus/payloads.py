@@ -7,6 +7,8 @@ that turns them into payloads, which the sinks serialise and send.
 Topics are ``<topic_prefix>/<vehicle_id>/<name>``:
 
 - ``events`` (QoS 1): ``EventPayload``
+- ``shadow/events`` (QoS 0, sent directly, never through the outbox): ``EventPayload`` of the shadow rules;
+  the topic alone tells them from live events
 - ``occupants/<occupant_id>/state`` (QoS 0): ``OccupantStatePayload``
 - ``health`` (retained, QoS 1): ``HealthPayload``
 - ``config/set`` (subscribed, QoS 1): ``ConfigSetPayload``
@@ -15,18 +17,20 @@ Topics are ``<topic_prefix>/<vehicle_id>/<name>``:
 - ``rules/state`` (retained, QoS 1): ``RulesStatePayload``, the rules in force and where each value came from
 - ``status`` (retained, QoS 1): the plain text ``online`` / ``offline``, not JSON.
 
-Every payload carries ``schema_version`` so consumers can tell formats apart.
+Every payload carries ``schema_version`` so consumers can tell formats apart. The shadow rules' fields
+(``shadow`` in requests, answers and ``rules/state``) are left out of published payloads while at their
+default, so a daemon without shadow rules publishes exactly what it did before them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, cast
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from cabin_monitor.messages import (
     CameraState,
@@ -85,6 +89,25 @@ class _Payload(BaseModel):
 
     # Every field is always serialised, so the exported schema lists them all as required.
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_serialization_defaults_required=True)
+    # Optional fields left out of the published JSON while at their default (``omitted_at_default``).
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
+
+
+def omitted_at_default(payload: BaseModel) -> set[str]:
+    """The fields of ``payload`` to leave out of its JSON: those of its ``OMIT_AT_DEFAULT`` at their default."""
+    names: frozenset[str] = getattr(type(payload), "OMIT_AT_DEFAULT", frozenset())
+    fields = type(payload).model_fields
+    return {name for name in names if getattr(payload, name) == fields[name].default}
+
+
+def _not_required(*names: str) -> Callable[[dict[str, Any]], None]:
+    """A ``json_schema_extra`` that takes ``names`` (fields left out at their default) off the required list."""
+
+    def edit(schema: dict[str, Any]) -> None:
+        required = [name for name in cast(list[str], schema.get("required", [])) if name not in names]
+        schema["required"] = required
+
+    return edit
 
 
 class EventPayload(_Payload):
@@ -236,6 +259,11 @@ class ConfigSetPayload(_Payload):
         None, max_length=128, description="Echoed in the result; a change is applied at most once per request_id."
     )
     rules: dict[str, Any]
+    shadow: StrictBool = Field(
+        False,
+        description="true: change the shadow rules (made from the live rules in force when there are none), "
+        "never the live ones.",
+    )
 
 
 class ConfigRequestPayload(_Payload):
@@ -244,6 +272,11 @@ class ConfigRequestPayload(_Payload):
     schema_version: Literal[1] = SCHEMA_VERSION
     request_id: str | None = Field(
         None, max_length=128, description="Echoed in the result; a reset is applied at most once per request_id."
+    )
+    shadow: StrictBool = Field(
+        False,
+        description="true: the shadow rules (get: read them; reset: drop their overrides, back to the file's "
+        "rules_shadow or none).",
     )
 
 
@@ -282,6 +315,14 @@ class ConfigResultPayload(_Payload):
         None, description="On success: every value the remote overrides set, with the file's value underneath."
     )
     precedence: str = Field(PRECEDENCE, description="How the configuration file and remote overrides combine.")
+    shadow: bool = Field(
+        False,
+        description="Present and true when the request was about the shadow rules: rules, sources and overrides "
+        "are then the shadow set's (rules null when there is none); left out otherwise.",
+    )
+
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"shadow"})
+    model_config = ConfigDict(json_schema_extra=_not_required("shadow"))
 
     @model_validator(mode="after")
     def _ok_means_no_errors(self) -> ConfigResultPayload:
@@ -298,6 +339,7 @@ class ConfigResultPayload(_Payload):
         request_id: str | None = None,
         path: str = "(payload)",
         action: RemoteAction = "set",
+        shadow: bool = False,
     ) -> ConfigResultPayload:
         """A refusal with a single error."""
         return cls(
@@ -306,10 +348,25 @@ class ConfigResultPayload(_Payload):
             request_id=request_id,
             ok=False,
             errors=[ConfigProblem(path=path, message=message)],
+            shadow=shadow,
         )
 
 
 ChangeCause = Literal["start", "config/set", "config/reset", "reload"]
+
+
+class ShadowRulesState(_Payload):
+    """The shadow rules in force: run on the same readings, their events on ``shadow/events`` only."""
+
+    rules: dict[str, Any] = Field(description="The shadow rules (a complete RulesConfig).")
+    sources: dict[str, RuleSource] = Field(
+        description="Dotted path of every rule value -> 'remote' (a shadow override), 'live' (the live rules the "
+        "shadow set was made from), 'environment', 'file' (the file's rules_shadow) or 'default'."
+    )
+    overrides: list[RuleOverride] = Field(
+        description="Every value the shadow overrides set, with the value underneath ('file': from rules_shadow "
+        "or the live rules the set was made from)."
+    )
 
 
 class RulesStatePayload(_Payload):
@@ -326,6 +383,12 @@ class RulesStatePayload(_Payload):
     )
     overrides: list[RuleOverride] = Field(description="Every value the remote overrides set, with the file's.")
     precedence: str = Field(PRECEDENCE, description="How the configuration file and remote overrides combine.")
+    shadow: ShadowRulesState | None = Field(
+        None, description="The shadow rules in force and their sources; left out while there are none."
+    )
+
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"shadow"})
+    model_config = ConfigDict(json_schema_extra=_not_required("shadow"))
 
 
 def event_payload(event: Event, vehicle_id: str) -> EventPayload:
@@ -425,6 +488,7 @@ def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
 
 PAYLOADS: dict[str, type[BaseModel]] = {
     "event": EventPayload,
+    "shadow_event": EventPayload,  # the same payload on shadow/events
     "occupant_state": OccupantStatePayload,
     "health": HealthPayload,
     "config_set": ConfigSetPayload,

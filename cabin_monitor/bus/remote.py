@@ -1,8 +1,9 @@
 """Operators' requests over the broker: ``config/<action>`` in, answers on ``config/result`` and the
 retained ``rules/state`` out. Transport only: what a request does to the rules is ``rules.in_force``.
 
-``DISPATCH`` is the one table of requests, ``{action: (payload model, handler, cause)}``: the broker's
-subscriptions (``request_topics``), the check of each payload, the handler that answers it and the
+``DISPATCH`` is the one table of requests, ``{action: (payload model, handler, cause, shadow handler)}``:
+the broker's subscriptions (``request_topics``), the check of each payload, the handler that answers it
+(the shadow handler for a request with ``"shadow": true``, which acts on the shadow rules) and the
 ``rules/state`` cause of a change all come from it, so a new request topic is one row (its action
 named in ``messages.RemoteAction``, the one type of actions, which the type checker holds the table to).
 
@@ -39,10 +40,13 @@ from cabin_monitor.bus.payloads import (
     ConfigSetPayload,
     RuleOverride,
     RulesStatePayload,
+    ShadowRulesState,
+    omitted_at_default,
 )
 from cabin_monitor.config import Problem, RemoteConfigConfig, validation_problems
 from cabin_monitor.messages import RemoteAction, RemoteRequest, RemoteStats, utc_iso
 from cabin_monitor.rules.in_force import InForce, Outcome, RulesInForce
+from cabin_monitor.rules.shadow import ShadowRules
 
 log = structlog.get_logger("cabin_monitor.bus.remote")
 
@@ -72,10 +76,12 @@ def _escape_strings(value: Any) -> Any:
 
 def encode_payload(payload: BaseModel) -> bytes:
     """The payload's JSON bytes; text UTF-8 cannot carry is escaped rather than failing the answer."""
+    omitted = omitted_at_default(payload)
     try:
-        return payload.model_dump_json().encode()
+        return payload.model_dump_json(exclude=omitted).encode()
     except PydanticSerializationError:
-        return json.dumps(_escape_strings(payload.model_dump(mode="python")), ensure_ascii=False).encode()
+        document = payload.model_dump(mode="python", exclude=omitted)
+        return json.dumps(_escape_strings(document), ensure_ascii=False).encode()
 
 
 def peek_request_id(payload: bytes) -> str | None:
@@ -114,32 +120,57 @@ class TokenBucket:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleSets:
+    """What requests act on: the live rules in force and the shadow rules."""
+
+    live: RulesInForce
+    shadow: ShadowRules
+
+
+Handler = Callable[[RuleSets, P, float], Outcome]
+
+
+@dataclass(frozen=True, slots=True)
 class Route(Generic[P]):
-    """What one request action is: its payload model, the handler that answers it, and the ``rules/state``
-    cause of the change it makes (None: it changes nothing)."""
+    """What one request action is: its payload model, the handler that answers it, the ``rules/state``
+    cause of the change it makes (None: it changes nothing), and the handler of the same request about
+    the shadow rules (``"shadow": true`` in the payload)."""
 
     model: type[P]
-    handler: Callable[[RulesInForce, P, float], Outcome]
+    handler: Handler[P]
     cause: ChangeCause | None
+    shadow_handler: Handler[P]
 
 
-def _set(rules: RulesInForce, request: ConfigSetPayload, wall_time_s: float) -> Outcome:
-    return rules.change(request.rules, request.request_id, wall_time_s)
+def _set(rules: RuleSets, request: ConfigSetPayload, wall_time_s: float) -> Outcome:
+    return rules.live.change(request.rules, request.request_id, wall_time_s)
 
 
-def _get(rules: RulesInForce, request: ConfigRequestPayload, wall_time_s: float) -> Outcome:
-    return Outcome(rules.current())
+def _get(rules: RuleSets, request: ConfigRequestPayload, wall_time_s: float) -> Outcome:
+    return Outcome(rules.live.current())
 
 
-def _reset(rules: RulesInForce, request: ConfigRequestPayload, wall_time_s: float) -> Outcome:
-    return rules.reset(request.request_id, wall_time_s)
+def _reset(rules: RuleSets, request: ConfigRequestPayload, wall_time_s: float) -> Outcome:
+    return rules.live.reset(request.request_id, wall_time_s)
+
+
+def _set_shadow(rules: RuleSets, request: ConfigSetPayload, wall_time_s: float) -> Outcome:
+    return rules.shadow.change(request.rules, request.request_id, wall_time_s)
+
+
+def _get_shadow(rules: RuleSets, request: ConfigRequestPayload, wall_time_s: float) -> Outcome:
+    return Outcome(rules.shadow.current())
+
+
+def _reset_shadow(rules: RuleSets, request: ConfigRequestPayload, wall_time_s: float) -> Outcome:
+    return rules.shadow.reset(request.request_id, wall_time_s)
 
 
 DISPATCH: Mapping[RemoteAction, Route[Any]] = MappingProxyType(
     {
-        "set": Route(ConfigSetPayload, _set, "config/set"),
-        "get": Route(ConfigRequestPayload, _get, None),
-        "reset": Route(ConfigRequestPayload, _reset, "config/reset"),
+        "set": Route(ConfigSetPayload, _set, "config/set", _set_shadow),
+        "get": Route(ConfigRequestPayload, _get, None, _get_shadow),
+        "reset": Route(ConfigRequestPayload, _reset, "config/reset", _reset_shadow),
     }
 )
 
@@ -153,12 +184,20 @@ def request_topics(base: str) -> dict[str, RemoteAction]:
 
 
 def refusal(
-    problems: Sequence[Problem], wall_time_s: float, request_id: str | None, action: RemoteAction
+    problems: Sequence[Problem],
+    wall_time_s: float,
+    request_id: str | None,
+    action: RemoteAction,
+    shadow: bool = False,
 ) -> ConfigResultPayload:
     """A refused request's answer, one error per problem (logged)."""
     errors = [ConfigProblem(path=escape_text(p.path), message=escape_text(p.message)) for p in problems]
-    log.warning(f"config/{action} refused", request_id=request_id, errors=[e.model_dump() for e in errors])
-    return ConfigResultPayload(ts=utc_iso(wall_time_s), action=action, request_id=request_id, ok=False, errors=errors)
+    log.warning(
+        f"config/{action} refused", request_id=request_id, shadow=shadow, errors=[e.model_dump() for e in errors]
+    )
+    return ConfigResultPayload(
+        ts=utc_iso(wall_time_s), action=action, request_id=request_id, ok=False, errors=errors, shadow=shadow
+    )
 
 
 def _overrides(in_force: InForce) -> list[RuleOverride]:
@@ -166,24 +205,36 @@ def _overrides(in_force: InForce) -> list[RuleOverride]:
 
 
 def accepted(
-    in_force: InForce, wall_time_s: float, request_id: str | None, action: RemoteAction
+    in_force: InForce | None,
+    wall_time_s: float,
+    request_id: str | None,
+    action: RemoteAction,
+    shadow: bool = False,
 ) -> ConfigResultPayload:
-    """An accepted request's answer: the rules in force, their sources and the overrides."""
+    """An accepted request's answer: the rules in force (live, or shadow: None when there are none), their
+    sources and the overrides."""
     return ConfigResultPayload(
         ts=utc_iso(wall_time_s),
         action=action,
         request_id=request_id,
         ok=True,
-        rules=dict(in_force.values),
-        sources=dict(in_force.sources),
-        overrides=_overrides(in_force),
+        rules=None if in_force is None else dict(in_force.values),
+        sources=None if in_force is None else dict(in_force.sources),
+        overrides=None if in_force is None else _overrides(in_force),
+        shadow=shadow,
     )
 
 
 def rules_state(
-    in_force: InForce, vehicle_id: str, wall_time_s: float, cause: ChangeCause, request_id: str | None = None
+    in_force: InForce,
+    vehicle_id: str,
+    wall_time_s: float,
+    cause: ChangeCause,
+    request_id: str | None = None,
+    shadow: InForce | None = None,
 ) -> RulesStatePayload:
-    """The ``rules/state`` payload: the rules in force, where each value came from, and what made them."""
+    """The ``rules/state`` payload: the rules in force, where each value came from, what made them, and the
+    shadow rules in force (None: there are none)."""
     return RulesStatePayload(
         vehicle_id=vehicle_id,
         ts=utc_iso(wall_time_s),
@@ -192,6 +243,9 @@ def rules_state(
         rules=dict(in_force.values),
         sources=dict(in_force.sources),
         overrides=_overrides(in_force),
+        shadow=None
+        if shadow is None
+        else ShadowRulesState(rules=dict(shadow.values), sources=dict(shadow.sources), overrides=_overrides(shadow)),
     )
 
 
@@ -258,17 +312,18 @@ def _retained(request: RemoteRequest, wall_time_s: float) -> ConfigResultPayload
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """The answer to one request, and the rules in force after the change it made (None: no change)."""
+    """The answer to one request, and the live rules in force after the change it made (None: no change)."""
 
     payload: ConfigResultPayload
     changed: InForce | None = None
 
 
 def answer(
-    request: RemoteRequest, route: Route[Any], rules: RulesInForce, max_payload_bytes: int, wall_time_s: float
+    request: RemoteRequest, route: Route[Any], rules: RuleSets, max_payload_bytes: int, wall_time_s: float
 ) -> Answer:
     """The answer to one live or retained request of ``route``'s action; applies it if it is a valid, new,
-    live change. If the handler raises, the answer says so, since the operator waits for one."""
+    live change (to the shadow rules with ``"shadow": true``). If the handler raises, the answer says so,
+    since the operator waits for one."""
     action = request.action
     if request.retained:
         return Answer(_retained(request, wall_time_s))
@@ -276,17 +331,23 @@ def answer(
     if isinstance(checked, ConfigResultPayload):
         return Answer(checked)
     request_id: str | None = getattr(checked, "request_id", None)
+    shadow: bool = getattr(checked, "shadow", False)
+    handler = route.shadow_handler if shadow else route.handler
     try:
-        outcome = route.handler(rules, checked, wall_time_s)
+        outcome = handler(rules, checked, wall_time_s)
     except Exception as exc:
-        log.exception(f"config/{action} handler failed", request_id=request_id)
+        log.exception(f"config/{action} handler failed", request_id=request_id, shadow=shadow)
         message = f"the change could not be applied: {type(exc).__name__}: {exc}"
-        failure = ConfigResultPayload.failure(message, wall_time_s=wall_time_s, request_id=request_id, action=action)
+        failure = ConfigResultPayload.failure(
+            message, wall_time_s=wall_time_s, request_id=request_id, action=action, shadow=shadow
+        )
         return Answer(failure)
-    if outcome.in_force is None:
-        return Answer(refusal(outcome.problems, wall_time_s, request_id, action))
-    changed = outcome.in_force if route.cause is not None else None
-    return Answer(accepted(outcome.in_force, wall_time_s, request_id, action), changed)
+    if not outcome.ok:
+        return Answer(refusal(outcome.problems, wall_time_s, request_id, action, shadow))
+    # rules/state carries both sets: after a shadow change, with the live rules as they are.
+    live = rules.live.current() if shadow else outcome.in_force
+    changed = live if route.cause is not None else None
+    return Answer(accepted(outcome.in_force, wall_time_s, request_id, action, shadow), changed)
 
 
 # ----- the worker -----
@@ -348,7 +409,7 @@ class RemoteRequests:
     def __init__(
         self,
         requests: RequestQueue,
-        rules: RulesInForce,
+        rules: RuleSets,
         outlet: RemoteOutlet,
         settings: RemoteConfigConfig,
         vehicle_id: str,
@@ -381,7 +442,7 @@ class RemoteRequests:
         """Publish the rules state as at start-up and start the worker thread."""
         if self._thread is not None:
             raise RuntimeError("RemoteRequests already started")
-        self.publish_state("start", self._rules.current())
+        self.publish_state("start", self._rules.live.current())
         self._thread = threading.Thread(target=self._run, name="remote-requests", daemon=True)
         self._thread.start()
 
@@ -407,12 +468,13 @@ class RemoteRequests:
 
     def publish_state(self, cause: ChangeCause, in_force: InForce, request_id: str | None = None) -> None:
         """Publish ``rules/state`` (retained) for ``in_force``, made by ``cause``; never an older state over a
-        newer one (SIGHUP and the worker publish from different threads)."""
+        newer one (SIGHUP and the worker publish from different threads); with the shadow rules as they are."""
         with self._state_lock:
             if in_force.generation < self._published_generation:
                 return
             self._published_generation = in_force.generation
-            state = rules_state(in_force, self._vehicle_id, self._wall(), cause, request_id)
+            shadow = self._rules.shadow.current()
+            state = rules_state(in_force, self._vehicle_id, self._wall(), cause, request_id, shadow)
             self._outlet.publish_rules_state(encode_payload(state))
 
     def _run(self) -> None:

@@ -18,7 +18,9 @@ from cabin_monitor.rules import OccupantState
 
 
 class StdoutSink:
-    """Prints each event as one JSON line (an ``EventPayload``); states and health are not printed."""
+    """Prints each event as one JSON line (an ``EventPayload``), and each event of the shadow rules as
+    ``{"shadow_event": <EventPayload>}``, so no reader takes one for a live event; states and health are
+    not printed."""
 
     def __init__(self, vehicle_id: str, stream: TextIO | None = None) -> None:
         self._vehicle_id = vehicle_id
@@ -31,11 +33,18 @@ class StdoutSink:
 
     def submit_event(self, event: Event) -> None:
         """Print the event's JSON line and flush, so a pipe reader sees it at once."""
-        line = event_payload(event, self._vehicle_id).model_dump_json()
+        self._print(event_payload(event, self._vehicle_id).model_dump_json())
+        with self._lock:
+            self._published_total += 1
+
+    def submit_shadow_event(self, event: Event) -> None:
+        """Print the shadow event's JSON line, marked as shadow (not counted as published)."""
+        self._print('{"shadow_event": ' + event_payload(event, self._vehicle_id).model_dump_json() + "}")
+
+    def _print(self, line: str) -> None:
         with self._lock:
             self._stream.write(line + "\n")
             self._stream.flush()
-            self._published_total += 1
 
     def publish_state(self, occupants: Sequence[OccupantState], wall_time_s: float) -> None:
         """Ignored: stdout carries events only, one kind of line for consumers to parse."""

@@ -230,10 +230,10 @@ def env_override_names(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]
     return names
 
 
-def rule_paths_from_environment(environ: Mapping[str, str]) -> frozenset[str]:
+def rule_paths_from_environment(environ: Mapping[str, str], section: str = "rules") -> frozenset[str]:
     """Dotted rule paths (``stress.sustain_s``, a section ``stress``, or ``""`` for all the rules) that
-    ``CABIN_MONITOR__RULES__…`` variables set."""
-    return frozenset(".".join(path[1:]) for path in env_override_names(environ) if path[0] == "rules")
+    ``CABIN_MONITOR__RULES__…`` variables set (``CABIN_MONITOR__RULES_SHADOW__…`` with ``rules_shadow``)."""
+    return frozenset(".".join(path[1:]) for path in env_override_names(environ) if path[0] == section)
 
 
 def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

@@ -22,6 +22,9 @@ class RemoteConfigConfig(Strict):
     override_path: Path | None = Field(
         None, description="Persisted overrides; default: <state_dir>/rules_override.json."
     )
+    shadow_override_path: Path | None = Field(
+        None, description="Persisted shadow rules set at run time; default: <state_dir>/rules_shadow_override.json."
+    )
     max_requests_per_s: Number = Field(
         2.0, gt=0, le=1000, description="Requests handled per second on average; more are answered 'busy'."
     )

@@ -37,6 +37,12 @@ class Config(Strict):
     tracker: TrackerConfig = TrackerConfig()
     emotion: EmotionConfig = EmotionConfig()
     rules: RulesConfig = RulesConfig()
+    rules_shadow: RulesConfig | None = Field(
+        None,
+        description="A second rule set run on the same readings, whose events go to shadow/events only (never "
+        "to events nor through the outbox), to try thresholds on real trips; null: none. Changed at run time "
+        "by config/set with shadow: true.",
+    )
     mqtt: MqttConfig = MqttConfig()
     outbox: OutboxConfig = OutboxConfig()
     remote_config: RemoteConfigConfig = RemoteConfigConfig()

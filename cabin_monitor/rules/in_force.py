@@ -33,7 +33,8 @@ from cabin_monitor.rules import check_classes
 
 log = structlog.get_logger("cabin_monitor.rules.in_force")
 
-RuleSource = Literal["default", "file", "environment", "remote"]
+# "live" is the shadow rules' only (``rules.shadow``): a value of the live rules the shadow set was made from.
+RuleSource = Literal["default", "file", "environment", "remote", "live"]
 # The one rule between the configuration file and operators' overrides, stated in every answer,
 # in rules/state and in the SIGHUP log line.
 PRECEDENCE = (
@@ -66,7 +67,7 @@ class InForce:
 class Outcome:
     """What became of one request: the rules in force after it, or the problems that refused it."""
 
-    in_force: InForce | None  # None when refused
+    in_force: InForce | None  # None when refused (or, for the shadow rules, when none are left)
     problems: tuple[Problem, ...] = ()
 
     @property

@@ -27,6 +27,7 @@ from cabin_monitor.messages import CameraState, Frame, FrameResult, HealthSnapsh
 from cabin_monitor.metrics import LatencyWindow, RateWindow
 from cabin_monitor.record.sink import RecordingSink
 from cabin_monitor.rules.in_force import RulesInForce
+from cabin_monitor.rules.shadow import ShadowRules
 from cabin_monitor.runtime import cpu
 from cabin_monitor.runtime.mailbox import LatestMailbox
 from cabin_monitor.runtime.ports import EventSink, RequestWorker
@@ -80,12 +81,14 @@ class Pipeline:
         recorder: RecordingSink | None = None,
         remote: RequestWorker | None = None,
         on_reload: Callable[[], None] | None = None,
+        shadow: ShadowRules | None = None,
     ) -> None:
         self.cfg = cfg
         self.processor = processor
         self.source = source
         self.sink = sink
         self.rules_in_force = rules  # changes reach the engine between two frames
+        self.shadow_rules = shadow  # likewise for the shadow engine, whose events go to submit_shadow_event
         self.remote = remote  # operators' requests over the broker, answered by a worker of their own
         self.notifier = notifier or SystemdNotifier()
         self.on_result = on_result
@@ -165,12 +168,7 @@ class Pipeline:
         try:
             while True:
                 self._inference_alive_s = self._clock()
-                pending = self.rules_in_force.take_pending()
-                if pending is not None:
-                    self.processor.reconfigure_rules(pending)
-                    log.info("rules reconfigured")
-                    if self.recorder is not None:
-                        self.recorder.record_rules(pending, self._last_capture_s(), self._wall())
+                self._take_rule_changes()
                 if self.stop_event.is_set():
                     break
                 frame = self.mailbox.get(timeout_s=0.5)
@@ -193,8 +191,30 @@ class Pipeline:
                 self.sink.submit_event(event)
             with self._counter_lock:
                 self._counters.events += len(closing)
+            self._close_shadow(close_s, close_wall_s)
         finally:
             self._inference_done.set()
+
+    def _take_rule_changes(self) -> None:
+        """Put the live and shadow rules changed since the last frame in force."""
+        pending = self.rules_in_force.take_pending()
+        if pending is not None:
+            self.processor.reconfigure_rules(pending)
+            log.info("rules reconfigured")
+            if self.recorder is not None:
+                self.recorder.record_rules(pending, self._last_capture_s(), self._wall())
+        shadow = None if self.shadow_rules is None else self.shadow_rules.take_pending()
+        if shadow is not None:
+            if shadow.rules is None:
+                self._close_shadow(self._last_capture_s(), self._wall())
+            self.processor.reconfigure_shadow(shadow.rules)
+            log.info("shadow rules reconfigured", running=shadow.rules is not None)
+
+    def _close_shadow(self, now_s: float, wall_time_s: float) -> None:
+        """End the shadow engine's open events, so each shadow start has an end too."""
+        if self.processor.shadow is not None:
+            for event in self.processor.shadow.close_all(now_s, wall_time_s):
+                self.sink.submit_shadow_event(event)
 
     def _last_capture_s(self) -> float:
         return self._clock() if self.source.paced_realtime else self._counters.last_processed_s
@@ -207,6 +227,8 @@ class Pipeline:
             self.stage_ms["e2e"].add((self._clock() - frame.capture_s) * 1000.0)
         for event in result.events:
             self.sink.submit_event(event)
+        for event in result.shadow_events:
+            self.sink.submit_shadow_event(event)
         now = self._clock()
         publish_state = self._state_due(now)
         # The engine's occupants after this frame, taken once for the recording and the state topic.

@@ -21,6 +21,10 @@ class EventSink(Protocol):
     def submit_event(self, event: Event) -> None:
         """Queue an event for delivery; durable once this returns (for sinks with an outbox)."""
 
+    def submit_shadow_event(self, event: Event) -> None:
+        """Hand on an event of the shadow rules, apart from live events and never through an outbox; best effort
+        (dropped while offline), and never blocking."""
+
     def publish_state(self, occupants: Sequence[OccupantState], wall_time_s: float) -> None:
         """Best effort, QoS 0: dropped while offline."""
 

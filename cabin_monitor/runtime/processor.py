@@ -1,4 +1,5 @@
-"""One frame through every stage: detect, track, align, read emotions, apply the rules.
+"""One frame through every stage: detect, track, align, read emotions, apply the rules (and the shadow
+rules, when a shadow set runs: a second engine on the same observations, no more model work).
 
 ``FrameProcessor`` holds the stages and runs them in order on the calling
 thread (``runtime.pipeline``'s inference thread); the aligned faces are read
@@ -38,6 +39,7 @@ class FrameProcessor:
         self.model = model or EmotionModel(cfg.emotion)
         # Before the detector: rules that do not fit the model fail here, with nothing to release.
         self.rules = RulesEngine(cfg.rules, self.model.class_names)
+        self.shadow = None if cfg.rules_shadow is None else RulesEngine(cfg.rules_shadow, self.model.class_names)
         self.detector = detector or create_detector(cfg.detector)
         self.tracker = OccupantTracker(cfg.tracker)
         self.follower = FaceFollower(cfg.detector.every_frames)
@@ -52,6 +54,16 @@ class FrameProcessor:
     def reconfigure_rules(self, rules: RulesConfig) -> None:
         """Swap rule thresholds between frames: rules in force, which ``check_classes`` accepted for this model."""
         self.rules.reconfigure(rules, checked=True)
+
+    def reconfigure_shadow(self, rules: RulesConfig | None) -> None:
+        """Swap the shadow rules between frames (checked like ``reconfigure_rules``'s); None stops the shadow
+        engine, whose open events the caller has closed (``RulesEngine.close_all``)."""
+        if rules is None:
+            self.shadow = None
+        elif self.shadow is None:
+            self.shadow = RulesEngine(rules, self.model.class_names)
+        else:
+            self.shadow.reconfigure(rules, checked=True)
 
     def process(self, frame: Frame) -> FrameResult:
         """Run every stage on one frame and time each."""
@@ -95,12 +107,15 @@ class FrameProcessor:
         ]
         self.follower.observe(tracked, readings, detected, w, h)
         lap("emotion")
-        events = self.rules.update([r.observation() for r in readings], frame.capture_s, frame.wall_time_s)
+        observations = [r.observation() for r in readings]
+        events = self.rules.update(observations, frame.capture_s, frame.wall_time_s)
+        shadow = () if self.shadow is None else self.shadow.update(observations, frame.capture_s, frame.wall_time_s)
         lap("rules")
         return FrameResult(
             frame=frame,
             readings=tuple(readings),
             events=tuple(events),
+            shadow_events=tuple(shadow),
             stage_ms=stage_ms,
             faces_in_view=len(tracked),
             detected=detected,
