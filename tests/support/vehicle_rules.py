@@ -6,10 +6,11 @@ import time
 from typing import Any
 
 from cabin_monitor.bus.payloads import ChangeCause, ConfigResultPayload, RulesStatePayload
-from cabin_monitor.bus.remote import DISPATCH, answer, rules_state
+from cabin_monitor.bus.remote import DISPATCH, RuleSets, answer, rules_state
 from cabin_monitor.config import EMOTIONS_7, RulesConfig
 from cabin_monitor.messages import RemoteRequest
 from cabin_monitor.rules.in_force import RulesInForce
+from cabin_monitor.rules.shadow import ShadowRules
 
 MAX_PAYLOAD_BYTES = 65536
 
@@ -19,10 +20,11 @@ class VehicleRules:
 
     def __init__(self, base: RulesConfig) -> None:
         self.rules = RulesInForce(base, EMOTIONS_7, None)
+        self.sets = RuleSets(self.rules, ShadowRules(None, lambda: self.rules.effective, EMOTIONS_7, None))
 
     def handle(self, request: RemoteRequest) -> ConfigResultPayload:
         """The ``config/result`` answer to one request (applied when it is a valid, new, live change)."""
-        return answer(request, DISPATCH[request.action], self.rules, MAX_PAYLOAD_BYTES, time.time()).payload
+        return answer(request, DISPATCH[request.action], self.sets, MAX_PAYLOAD_BYTES, time.time()).payload
 
     def state(self, vehicle_id: str, cause: ChangeCause, request_id: str | None = None) -> RulesStatePayload:
         """The ``rules/state`` payload for the rules in force now."""
