@@ -13,6 +13,7 @@ import io
 import json
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import cv2
@@ -65,6 +66,65 @@ def _frame_count(source: str, max_frames: int | None) -> int | None:
     return min(count, max_frames) if max_frames else count
 
 
+class _PassRecord:
+    """What one bench pass saw, frame by frame: times, faces, readings, stage latencies, CPU samples."""
+
+    def __init__(self, pacing: Literal["fast", "realtime"], bar: Progress) -> None:
+        self.pacing = pacing
+        self.bar = bar
+        self.stages: dict[str, list[float]] = {name: [] for name in STAGES}
+        self.e2e: list[float] = []
+        self.done_at: list[float] = []
+        self.faces: list[int] = []
+        self.readings: list[int] = []
+        self.detected: list[bool] = []
+        self.read_at: dict[str, list[float]] = {}
+        self.cpu_samples: list[cpu.CpuSample] = []  # the first frame done, then about once a second
+
+    def record(self, result: FrameResult) -> None:
+        """Note one processed frame (called on the inference thread)."""
+        self.bar.advance()
+        now = time.monotonic()
+        if not self.cpu_samples or now - self.cpu_samples[-1].wall_s >= 1.0:
+            # Sampled while the pipeline's threads are alive, so each is named; the last sample ends the span.
+            self.cpu_samples.append(cpu.sample())
+        self.done_at.append(now)
+        self.faces.append(result.faces_in_view)
+        self.readings.append(len(result.readings))
+        self.detected.append(result.detected)
+        for reading in result.readings:
+            self.read_at.setdefault(reading.occupant_id, []).append(reading.capture_s)
+        for name, ms in result.stage_ms.items():
+            self.stages[name].append(ms)
+        if self.pacing == "realtime":
+            self.e2e.append((now - result.frame.capture_s) * 1000.0)
+
+    def report(self, pipeline: Pipeline, frames_read: int, started: float) -> dict[str, Any]:
+        """The pass's figures, from the first frame done to the last (warm-up and model load excluded)."""
+        frames = len(self.done_at)
+        elapsed = self.done_at[-1] - self.done_at[0] if frames > 1 else time.monotonic() - started
+        samples = self.cpu_samples
+        return {
+            "frames": frames,
+            "frames_read": frames_read,
+            "fps": round((frames - 1) / elapsed, 2) if frames > 1 and elapsed > 0 else 0.0,
+            "dropped_frames": pipeline.mailbox.dropped,
+            "stale_frames": pipeline.health().stale_frames,
+            "faces_per_frame": _mean(self.faces, 2),
+            "readings_per_frame": _mean(self.readings, 2),
+            "detector_frames": _mean(self.detected, 3),
+            "occupant_read_hz": occupant_rates(self.read_at),
+            **({"cpu": cpu.share(samples[0], samples[-1]).as_dict()} if len(samples) > 1 else {}),
+            # Frame-to-reading latency means something only at camera pace; the fast pass has none.
+            **({"e2e_ms": percentiles(self.e2e)} if self.e2e else {}),
+            "stages": {name: percentiles(v) for name, v in self.stages.items()},
+        }
+
+
+def _mean(values: Sequence[float], digits: int) -> float:
+    return round(float(np.mean(values)), digits) if values else 0.0
+
+
 def _run_pass(
     cfg: Config, pacing: Literal["fast", "realtime"], max_frames: int | None
 ) -> tuple[dict[str, Any], Pipeline]:
@@ -76,58 +136,13 @@ def _run_pass(
         sources.append(_LimitedSource(camera, stop, max_frames))
         return sources[-1]
 
-    stages: dict[str, list[float]] = {name: [] for name in STAGES}
-    e2e: list[float] = []
-    done_at: list[float] = []
-    faces: list[int] = []
-    readings: list[int] = []
-    detected: list[bool] = []
-    read_at: dict[str, list[float]] = {}
-    cpu_samples: list[cpu.CpuSample] = []  # the first frame done, then about once a second
-
     bar = Progress(f"bench {pacing}", _frame_count(cfg.camera.source, max_frames))
-
-    def record(result: FrameResult) -> None:
-        bar.advance()
-        now = time.monotonic()
-        if not cpu_samples or now - cpu_samples[-1].wall_s >= 1.0:
-            # Sampled while the pipeline's threads are alive, so each is named; the last sample ends the span.
-            cpu_samples.append(cpu.sample())
-        done_at.append(now)
-        faces.append(result.faces_in_view)
-        readings.append(len(result.readings))
-        detected.append(result.detected)
-        for reading in result.readings:
-            read_at.setdefault(reading.occupant_id, []).append(reading.capture_s)
-        for name, ms in result.stage_ms.items():
-            stages[name].append(ms)
-        if pacing == "realtime":
-            e2e.append((now - result.frame.capture_s) * 1000.0)
-
-    pipeline = build_pipeline(cfg, on_result=record, events_stream=io.StringIO(), source_factory=limited_source)
+    seen = _PassRecord(pacing, bar)
+    pipeline = build_pipeline(cfg, on_result=seen.record, events_stream=io.StringIO(), source_factory=limited_source)
     started = time.monotonic()
     with bar:
         pipeline.run()
-    frames = len(done_at)
-    # Warm-up (inside run) is excluded: the clock starts with the first frame done.
-    elapsed = done_at[-1] - done_at[0] if frames > 1 else time.monotonic() - started
-    report = {
-        "frames": frames,
-        "frames_read": sources[0].read_count,
-        "fps": round((frames - 1) / elapsed, 2) if frames > 1 and elapsed > 0 else 0.0,
-        "dropped_frames": pipeline.mailbox.dropped,
-        "stale_frames": pipeline.health().stale_frames,
-        "faces_per_frame": round(float(np.mean(faces)), 2) if faces else 0.0,
-        "readings_per_frame": round(float(np.mean(readings)), 2) if readings else 0.0,
-        "detector_frames": round(float(np.mean(detected)), 3) if detected else 0.0,
-        "occupant_read_hz": occupant_rates(read_at),
-        # From the first frame done to the last: the warm-up and the model load are not the daemon's steady cost.
-        **({"cpu": cpu.share(cpu_samples[0], cpu_samples[-1]).as_dict()} if len(cpu_samples) > 1 else {}),
-        # Frame-to-reading latency means something only at camera pace; the fast pass has none.
-        **({"e2e_ms": percentiles(e2e)} if e2e else {}),
-        "stages": {name: percentiles(v) for name, v in stages.items()},
-    }
-    return report, pipeline
+    return seen.report(pipeline, sources[0].read_count, started), pipeline
 
 
 def occupant_rates(read_at: dict[str, list[float]]) -> dict[str, float]:

@@ -161,12 +161,9 @@ def replay_command(args: Any, out: TextIO | None = None, err: TextIO | None = No
     out = out or sys.stdout
     err = err or sys.stderr
     check_options(args)
-    choices = [rules_choice(args.config, args.set)]
-    if args.compare:
-        choices.append(rules_choice(args.config_b, args.set_b, "--set-b"))
     axes = [sweep.parse_axis(text) for text in args.sweep]
     points = sweep.grid(axes) if axes else []
-    choices += sweep.choices(choices[0], points)
+    choices = _rule_choices(args, points)
     loaded = load_recordings(args.recordings, err)
     labels = ["rule set A", "rule set B"] if args.compare else ["the rules"]
     labels += [f"--sweep {p.label()}" for p in points]
@@ -180,44 +177,70 @@ def replay_command(args: Any, out: TextIO | None = None, err: TextIO | None = No
     swept = sweep.SweepResult(
         points, summaries[len(choices) - len(points) :], sweep.judged_rules(axes), args.target_rate
     )
+    changes = _write_lines(args, outcomes, events, out)
+    print(_speed_line(loaded, summaries[0], elapsed_s), file=err)
+    print(_summary_text(args, summaries, changes, swept), file=err)
+    if args.summary_json:
+        _write_summary_json(Path(args.summary_json), loaded, summaries, changes if args.compare else None, swept)
+    return 0
+
+
+def _rule_choices(args: Any, points: Sequence[sweep.Point]) -> list[RulesChoice]:
+    """The rule sets to replay: A, then B with --compare, then one per swept value."""
+    choices = [rules_choice(args.config, args.set)]
+    if args.compare:
+        choices.append(rules_choice(args.config_b, args.set_b, "--set-b"))
+    return choices + sweep.choices(choices[0], points)
+
+
+def _write_lines(args: Any, outcomes: list[list[Outcome]], events: bool, out: TextIO) -> list[AlertChange]:
+    """The compared alerts (with --compare) or the events as JSON lines; returns the compared alerts."""
+    changes: list[AlertChange] = []
     if args.compare:
         changes = compare([a for o in outcomes for a in o[0].alerts], [a for o in outcomes for a in o[1].alerts])
-        for change in changes:
-            out.write(json.dumps(change_json(change)) + "\n")
+        out.writelines(json.dumps(change_json(change)) + "\n" for change in changes)
     elif events:
         for outcome in outcomes:
             out.writelines(line + "\n" for line in outcome[0].events)
     out.flush()
-    recorded_s = summaries[0].overall.seconds
+    return changes
+
+
+def _speed_line(loaded: Loaded, summary: Summary, elapsed_s: float) -> str:
+    recorded_s = summary.overall.seconds
     speed = f", {recorded_s / elapsed_s:.0f}x real time" if elapsed_s > 0 and recorded_s > 0 else ""
-    print(
-        f"replayed {len(loaded.files)} files, {len(loaded.sessions)} sessions of "
-        f"{len(summaries[0].vehicles)} vehicles, "
-        f"{recorded_s / 3600:.2f} h of readings ({summaries[0].frames} frames) in {elapsed_s:.2f} s{speed}",
-        file=err,
+    return (
+        f"replayed {len(loaded.files)} files, {len(loaded.sessions)} sessions of {len(summary.vehicles)} vehicles, "
+        f"{recorded_s / 3600:.2f} h of readings ({summary.frames} frames) in {elapsed_s:.2f} s{speed}"
     )
+
+
+def _summary_text(args: Any, summaries: list[Summary], changes: list[AlertChange], swept: sweep.SweepResult) -> str:
     if args.compare:
-        print(compare_table(summaries[0], summaries[1]), file=err)
-        print(
-            f"{sum(c.change == 'added' for c in changes)} alerts added, "
-            f"{sum(c.change == 'removed' for c in changes)} removed by rule set B",
-            file=err,
-        )
-    elif points:
-        print(swept.table(), file=err)
-        if (verdict := swept.verdict()) is not None:
-            print(verdict, file=err)
-    else:
-        print(summary_table(summaries[0]), file=err)
-    if args.summary_json:
-        document: dict[str, Any] = {"a": summaries[0].as_json(), "skipped": loaded.skipped}
-        if args.compare:
-            document["b"] = summaries[1].as_json()
-            document["changes"] = [change_json(c) for c in changes]
-        if points:
-            document |= swept.as_json()
-        Path(args.summary_json).write_text(json.dumps(document, indent=2) + "\n")
-    return 0
+        added = sum(c.change == "added" for c in changes)
+        removed = sum(c.change == "removed" for c in changes)
+        return f"{compare_table(summaries[0], summaries[1])}\n{added} alerts added, {removed} removed by rule set B"
+    if swept.points:
+        verdict = swept.verdict()
+        return swept.table() if verdict is None else f"{swept.table()}\n{verdict}"
+    return summary_table(summaries[0])
+
+
+def _write_summary_json(
+    path: Path,
+    loaded: Loaded,
+    summaries: list[Summary],
+    changes: list[AlertChange] | None,
+    swept: sweep.SweepResult,
+) -> None:
+    """The summary as JSON: set A, set B and the compared alerts (``changes`` given with --compare), the sweep."""
+    document: dict[str, Any] = {"a": summaries[0].as_json(), "skipped": loaded.skipped}
+    if changes is not None:
+        document["b"] = summaries[1].as_json()
+        document["changes"] = [change_json(c) for c in changes]
+    if swept.points:
+        document |= swept.as_json()
+    path.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def check_options(args: Any) -> None:
