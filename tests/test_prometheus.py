@@ -162,6 +162,7 @@ def test_the_readme_lists_every_exported_name(exporter: tuple[PrometheusExporter
         if f.name.startswith("cabin_monitor_")
     }
     assert exported == readme_metric_names()
+    assert "`process_*`" in README.read_text() and "`python_info`" in README.read_text()
 
 
 def test_a_snapshot_becomes_metrics(tmp_path: Path) -> None:
@@ -270,5 +271,7 @@ def test_the_running_daemon_serves_its_health(metrics_daemon: tuple[DaemonProces
     assert got[("cabin_monitor_frame_to_reading_seconds_count", ())] > 10  # a looped clip plays at camera pace
     assert got[("cabin_monitor_state_disk_free_bytes", ())] > 0
     assert any(name == "cabin_monitor_model_info" for name, _ in got)
+    builds = [dict(labels) for name, labels in got if name == "cabin_monitor_build_info"]
+    assert len(builds) == 1 and builds[0]["model_version"] not in ("", "unknown") and builds[0]["version"]
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0
