@@ -54,7 +54,7 @@ from cabin_monitor.config import (
     rule_paths_from_environment,
 )
 from cabin_monitor.errors import ConfigurationError
-from cabin_monitor.messages import FrameResult, HealthSnapshot
+from cabin_monitor.messages import FrameResult, HealthSnapshot, PipelineMetrics
 from cabin_monitor.record.sink import RecordingSink
 from cabin_monitor.rules.in_force import PRECEDENCE, RulesInForce, describe_overrides
 from cabin_monitor.rules.shadow import ShadowRules
@@ -172,7 +172,7 @@ def build_pipeline(
     cfg: Config,
     *,
     on_result: Callable[[FrameResult], None] | None = None,
-    on_health: Callable[[HealthSnapshot, dict[str, dict[str, float]]], None] | None = None,
+    on_health: Callable[[HealthSnapshot, PipelineMetrics], None] | None = None,
     events_stream: TextIO | None = None,
     source_factory: SourceFactory = FrameSource,
     config_path: Path | None = None,
@@ -420,7 +420,7 @@ def start_metrics(cfg: Config) -> PrometheusExporter | None:
         raise ConfigurationError(
             "metrics.enabled needs prometheus-client: pip install 'cabin-monitor[metrics]'"
         ) from None
-    exporter = PrometheusExporter()
+    exporter = PrometheusExporter(version=_software_version(), state_dir=cfg.resolved_state_dir())
     exporter.start(cfg.metrics.host, cfg.metrics.port)
     log.info("metrics endpoint listening", url=f"http://{cfg.metrics.host}:{cfg.metrics.port}/metrics")
     return exporter

@@ -250,6 +250,29 @@ class RemoteStats:
 
 
 @dataclass(frozen=True, slots=True)
+class Histogram:
+    """Latencies counted since start-up: how many were at most each upper bound, and their sum."""
+
+    bounds_s: tuple[float, ...]  # upper bounds, ascending; +Inf is implied
+    cumulative: tuple[int, ...]  # one per bound, then the +Inf bucket: every observation
+    sum_s: float
+
+    @property
+    def count(self) -> int:
+        """How many latencies were observed."""
+        return self.cumulative[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineMetrics:
+    """What the pipeline counted since start-up, for the metrics endpoint."""
+
+    stage_latency: dict[str, Histogram]  # by stage
+    frame_to_reading: Histogram  # capture to reading, measured at camera pace only
+    events: dict[tuple[str, str], int]  # events handed to the sink, by (type, phase)
+
+
+@dataclass(frozen=True, slots=True)
 class HealthSnapshot:
     """The daemon's view of itself at one moment: camera, frames, model, sink and the failure, if any."""
 
@@ -267,6 +290,7 @@ class HealthSnapshot:
     broker_required: bool  # a broker is configured, so losing it degrades the daemon
     failure: str | None = None  # why a stage thread died
     remote: RemoteStats | None = None  # operators' requests, with a broker
+    model_version: str = ""  # the model's own metadata, "unknown" when it has none
 
     @property
     def status(self) -> HealthStatus:

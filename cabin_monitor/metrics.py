@@ -1,12 +1,15 @@
-"""Small measurements shared by the daemon and the tools: latency percentiles and event rates."""
+"""Small measurements shared by the daemon and the tools: latency percentiles, latency histograms and event rates."""
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
+
+from cabin_monitor.messages import Histogram
 
 
 def percentiles(values_ms: Iterable[float]) -> dict[str, float]:
@@ -61,3 +64,26 @@ class RateWindow(_Window):
         if len(times) < 2 or times[-1] <= times[0]:
             return 0.0
         return round((len(times) - 1) / (times[-1] - times[0]), 2)
+
+
+class LatencyHistogram:
+    """Every latency observed since start-up, counted in cumulative buckets (seconds); thread-safe."""
+
+    def __init__(self, bounds_s: Iterable[float]) -> None:
+        self._bounds_s = tuple(sorted(bounds_s))
+        self._cumulative = [0] * (len(self._bounds_s) + 1)  # the last one is +Inf: every observation
+        self._sum_s = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        """Count one latency in every bucket whose upper bound it does not exceed."""
+        first = bisect.bisect_left(self._bounds_s, seconds)
+        with self._lock:
+            for i in range(first, len(self._cumulative)):
+                self._cumulative[i] += 1
+            self._sum_s += seconds
+
+    def snapshot(self) -> Histogram:
+        """The counts so far."""
+        with self._lock:
+            return Histogram(self._bounds_s, tuple(self._cumulative), self._sum_s)

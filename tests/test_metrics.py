@@ -1,8 +1,8 @@
-"""Tests of the latency percentiles and event rates that health, logs and bench report."""
+"""Tests of the latency percentiles, latency histograms and event rates that health, logs, metrics and bench report."""
 
 from __future__ import annotations
 
-from cabin_monitor.metrics import LatencyWindow, RateWindow, percentiles
+from cabin_monitor.metrics import LatencyHistogram, LatencyWindow, RateWindow, percentiles
 
 
 def test_percentiles_of_nothing_are_zero_and_of_values_rounded() -> None:
@@ -34,3 +34,15 @@ def test_rate_window_counts_per_second_over_its_last_occurrences() -> None:
     frozen.add(3.0)
     frozen.add(3.0)
     assert frozen.per_s() == 0.0
+
+
+def test_latency_histogram_counts_each_value_in_every_bucket_at_or_above_it() -> None:
+    """A value on a bound counts in that bucket; one above every bound only in +Inf; count and sum cover all."""
+    histogram = LatencyHistogram([0.01, 0.001, 0.1])
+    assert histogram.snapshot().cumulative == (0, 0, 0, 0)
+    for seconds in (0.0005, 0.001, 0.002, 0.1, 0.5):
+        histogram.observe(seconds)
+    got = histogram.snapshot()
+    assert got.bounds_s == (0.001, 0.01, 0.1)
+    assert got.cumulative == (2, 3, 4, 5) and got.count == 5
+    assert abs(got.sum_s - 0.6035) < 1e-12

@@ -122,3 +122,31 @@ def test_a_slow_consumer_gets_the_newest_frames_and_drops_are_counted(tmp_path: 
     assert pipeline.mailbox.dropped > 0
     assert seen == sorted(seen)
     assert len(seen) + pipeline.mailbox.dropped + pipeline.health().stale_frames >= 70
+
+
+def test_latency_histograms_and_event_counts_cover_every_frame_and_event(tmp_path: Path) -> None:
+    """Each stage's histogram counts every processed frame; events are counted once each by type and phase."""
+    rules = {
+        "smoothing_s": 0.0,
+        "stress": {
+            "classes": ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger"],
+            "enter_score": 0.6,
+            "sustain_s": 0.5,
+            "exit_score": 0.4,
+        },
+        "unexpected_expression": {"enabled": False},
+    }
+    cfg = Config.model_validate({"camera": {"source": str(VIDEO), "file_pacing": "fast"}, "rules": rules})
+    with (tmp_path / "events.jsonl").open("w") as events:
+        pipeline = make_pipeline(cfg, StdoutSink(cfg.vehicle_id, events))
+        assert pipeline.run() == EXIT_OK
+    printed = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    metrics = pipeline.metrics()
+    frames = pipeline.health().frames_processed
+    assert frames > 0 and {h.count for h in metrics.stage_latency.values()} == {frames}
+    for histogram in metrics.stage_latency.values():
+        assert list(histogram.cumulative) == sorted(histogram.cumulative) and histogram.sum_s > 0
+    assert metrics.frame_to_reading.count == 0  # a file read as fast as it goes has no capture-to-reading time
+    kinds = [(e["type"], e["phase"]) for e in printed]
+    assert ("stress", "start") in kinds and ("stress", "end") in kinds
+    assert metrics.events == {kind: kinds.count(kind) for kind in set(kinds)}

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import structlog
 
 from cabin_monitor.config import Config
 from cabin_monitor.errors import CabinMonitorError
-from cabin_monitor.messages import CameraState, Frame, FrameResult, HealthSnapshot
-from cabin_monitor.metrics import LatencyWindow, RateWindow
+from cabin_monitor.messages import CameraState, Event, Frame, FrameResult, HealthSnapshot, PipelineMetrics
+from cabin_monitor.metrics import LatencyHistogram, LatencyWindow, RateWindow
 from cabin_monitor.record.sink import RecordingSink
 from cabin_monitor.rules.in_force import RulesInForce
 from cabin_monitor.rules.shadow import ShadowRules
@@ -39,6 +39,9 @@ log = structlog.get_logger("cabin_monitor.runtime.pipeline")
 JOIN_TIMEOUT_S = 5.0
 EXIT_OK = 0
 EXIT_STAGE_FAILED = 1
+# Histogram buckets, seconds: the stages take 1 to 100 ms; capture to reading adds the wait in the mailbox.
+STAGE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+FRAME_TO_READING_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class _Counters:
     stale_frames: int = 0
     events: int = 0
     last_processed_s: float = 0.0
+    events_by_kind: dict[tuple[str, str], int] = field(default_factory=dict)  # by (type, phase)
 
 
 @dataclass
@@ -74,7 +78,7 @@ class Pipeline:
         rules: RulesInForce,
         notifier: SystemdNotifier | None = None,
         on_result: Callable[[FrameResult], None] | None = None,
-        on_health: Callable[[HealthSnapshot, dict[str, dict[str, float]]], None] | None = None,
+        on_health: Callable[[HealthSnapshot, PipelineMetrics], None] | None = None,
         stop_event: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -100,6 +104,8 @@ class Pipeline:
         self.stop_event = stop_event or threading.Event()
         self.mailbox: LatestMailbox[Frame] = LatestMailbox()
         self.stage_ms = {name: LatencyWindow() for name in (*STAGES, "e2e")}
+        self.stage_latency = {name: LatencyHistogram(STAGE_BUCKETS_S) for name in STAGES}
+        self.frame_to_reading = LatencyHistogram(FRAME_TO_READING_BUCKETS_S)
         self._counters = _Counters()
         self._counter_lock = threading.Lock()
         self._failure: str | None = None
@@ -187,10 +193,7 @@ class Pipeline:
             closing = self.processor.rules.close_all(close_s, close_wall_s)
             if self.recorder is not None:
                 self.recorder.record_close(closing, close_s, close_wall_s)
-            for event in closing:
-                self.sink.submit_event(event)
-            with self._counter_lock:
-                self._counters.events += len(closing)
+            self._submit(closing)
             self._close_shadow(close_s, close_wall_s)
         finally:
             self._inference_done.set()
@@ -219,14 +222,30 @@ class Pipeline:
     def _last_capture_s(self) -> float:
         return self._clock() if self.source.paced_realtime else self._counters.last_processed_s
 
-    def _handle(self, result: FrameResult) -> None:
-        frame = result.frame
+    def _submit(self, events: Iterable[Event]) -> None:
+        """Hand events to the sink, each counted once by type and phase."""
+        for event in events:
+            self.sink.submit_event(event)
+            kind = (event.type, event.phase.value)
+            with self._counter_lock:
+                self._counters.events += 1
+                self._counters.events_by_kind[kind] = self._counters.events_by_kind.get(kind, 0) + 1
+
+    def _measure(self, result: FrameResult) -> None:
+        """Each stage's latency (and capture to reading at camera pace) into the windows and histograms."""
         for name, ms in result.stage_ms.items():
             self.stage_ms[name].add(ms)
+            if name in self.stage_latency:
+                self.stage_latency[name].observe(ms / 1000.0)
         if self.source.paced_realtime:
-            self.stage_ms["e2e"].add((self._clock() - frame.capture_s) * 1000.0)
-        for event in result.events:
-            self.sink.submit_event(event)
+            e2e_s = self._clock() - result.frame.capture_s
+            self.stage_ms["e2e"].add(e2e_s * 1000.0)
+            self.frame_to_reading.observe(e2e_s)
+
+    def _handle(self, result: FrameResult) -> None:
+        frame = result.frame
+        self._measure(result)
+        self._submit(result.events)
         for event in result.shadow_events:
             self.sink.submit_shadow_event(event)
         now = self._clock()
@@ -237,7 +256,6 @@ class Pipeline:
             self.recorder.record_frame(result, states)
         with self._counter_lock:
             self._counters.frames_processed += 1
-            self._counters.events += len(result.events)
             self._counters.last_processed_s = frame.capture_s if not self.source.paced_realtime else now
             self._fps.add(now)
         if publish_state:
@@ -281,6 +299,17 @@ class Pipeline:
             broker_required=self.cfg.mqtt.url is not None,
             failure=self._failure,
             remote=None if self.remote is None else self.remote.stats(),
+            model_version=model.info.version,
+        )
+
+    def metrics(self) -> PipelineMetrics:
+        """The latency histograms and event counts since start-up."""
+        with self._counter_lock:
+            events = dict(self._counters.events_by_kind)
+        return PipelineMetrics(
+            stage_latency={name: h.snapshot() for name, h in self.stage_latency.items()},
+            frame_to_reading=self.frame_to_reading.snapshot(),
+            events=events,
         )
 
     def alive(self, now: float) -> bool:
@@ -407,7 +436,7 @@ class Pipeline:
         """Health to the metrics on every tick, and to the sink on a change or every ``health_interval_s``."""
         health = self.health()
         if self.on_health is not None:
-            self.on_health(health, self.latency_ms())
+            self.on_health(health, self.metrics())
         key = (health.status, health.camera.state, health.sink.connected, health.last_error)
         if key != ticks.last_health_key or now - ticks.last_health >= self.cfg.mqtt.health_interval_s:
             self.sink.publish_health(health)

@@ -1,22 +1,35 @@
 """The daemon's health as Prometheus metrics, served on a local HTTP port.
 
-The supervising loop hands each health snapshot (and the stage latencies) to
-``PrometheusExporter.update``; a scrape turns the latest one into metric
-families. Nothing is computed on the scrape thread but that conversion.
+The supervising loop hands each health snapshot (and the pipeline's latency
+histograms and event counts) to ``PrometheusExporter.update``; a scrape turns
+the latest one into metric families. Nothing is computed on the scrape thread
+but that conversion and one ``statvfs`` of the state folder. The client
+library's process and platform collectors (``process_*``, ``python_info``)
+share the registry.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cabin_monitor.errors import RuntimeFault
-from cabin_monitor.messages import CameraState, HealthSnapshot, OutboxState, RemoteStats
+from cabin_monitor.messages import (
+    CameraState,
+    HealthSnapshot,
+    Histogram,
+    OutboxState,
+    PipelineMetrics,
+    RemoteStats,
+)
 
 PREFIX = "cabin_monitor"
 STATUSES = ("ok", "degraded", "error")
@@ -26,15 +39,17 @@ class MetricsError(RuntimeFault):
     """The metrics endpoint cannot listen where it is configured to."""
 
 
-def metric_families(health: HealthSnapshot, latency_ms: Mapping[str, Mapping[str, float]]) -> list[Metric]:
-    """The Prometheus metric families of one health snapshot and its stage latencies (p50/p95, ms)."""
+def metric_families(health: HealthSnapshot, pipeline: PipelineMetrics, version: str) -> list[Metric]:
+    """The Prometheus metric families of one health snapshot and what the pipeline counted with it."""
     return [
         *_state_families(health),
         *_frame_families(health),
-        _latency_family(latency_ms),
+        *_latency_families(pipeline),
+        _events_family(pipeline),
         *_sink_families(health),
         *_remote_families(health.remote),
         _model_family(health),
+        _build_family(health, version),
     ]
 
 
@@ -79,15 +94,33 @@ def _frame_families(health: HealthSnapshot) -> list[Metric]:
     ]
 
 
-def _latency_family(latency_ms: Mapping[str, Mapping[str, float]]) -> Metric:
-    latency = GaugeMetricFamily(
-        f"{PREFIX}_stage_latency_ms", "Recent per-stage latency, milliseconds", labels=["stage", "quantile"]
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
+    bounds = [str(bound) for bound in histogram.bounds_s] + ["+Inf"]
+    family.add_metric(labels, buckets=list(zip(bounds, histogram.cumulative, strict=True)), sum_value=histogram.sum_s)
+
+
+def _latency_families(pipeline: PipelineMetrics) -> list[Metric]:
+    stages = HistogramMetricFamily(
+        f"{PREFIX}_stage_latency_seconds", "Time each stage took per frame, seconds", labels=["stage"]
     )
-    for stage, quantiles in latency_ms.items():
-        for key, quantile in (("p50", "0.5"), ("p95", "0.95")):
-            if key in quantiles:
-                latency.add_metric([stage, quantile], quantiles[key])
-    return latency
+    for stage, histogram in pipeline.stage_latency.items():
+        _add_histogram(stages, [stage], histogram)
+    frame_to_reading = HistogramMetricFamily(
+        f"{PREFIX}_frame_to_reading_seconds",
+        "From a frame's capture to its readings and events, seconds (at camera pace; a file read as fast as it "
+        "goes has none)",
+    )
+    _add_histogram(frame_to_reading, [], pipeline.frame_to_reading)
+    return [stages, frame_to_reading]
+
+
+def _events_family(pipeline: PipelineMetrics) -> Metric:
+    events = CounterMetricFamily(
+        f"{PREFIX}_events", "Events handed to the sink, by type and phase", labels=["type", "phase"]
+    )
+    for (kind, phase), count in sorted(pipeline.events.items()):
+        events.add_metric([kind, phase], float(count))
+    return events
 
 
 def _sink_families(health: HealthSnapshot) -> list[Metric]:
@@ -144,27 +177,65 @@ def _model_family(health: HealthSnapshot) -> Metric:
     return model
 
 
-class PrometheusExporter(Collector):
-    """Holds the latest health snapshot and serves it at ``http://HOST:PORT/metrics``."""
+def _build_family(health: HealthSnapshot, version: str) -> Metric:
+    build = GaugeMetricFamily(
+        f"{PREFIX}_build_info",
+        "1, labelled with the daemon's version, the model's version and the provider in use",
+        labels=["version", "model_version", "provider"],
+    )
+    build.add_metric([version, health.model_version, health.provider_in_use], 1.0)
+    return build
 
-    def __init__(self) -> None:
+
+def _disk_family(folder: Path) -> Metric | None:
+    """Free bytes (for an unprivileged user) on the file system of the state folder, or of the nearest folder
+    above it while it does not exist yet (where it will be made); None when none can be read."""
+    for candidate in (folder, *folder.parents):
+        try:
+            stat = os.statvfs(candidate)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        return _gauge(
+            "state_disk_free_bytes", "Free bytes on the file system of the state folder", stat.f_bavail * stat.f_frsize
+        )
+    return None
+
+
+class PrometheusExporter(Collector):
+    """Holds the latest health snapshot and serves it at ``http://HOST:PORT/metrics``.
+
+    ``version`` is the daemon's, for ``build_info``; ``state_dir`` the folder whose free space is reported.
+    """
+
+    def __init__(self, version: str, state_dir: Path) -> None:
+        self.version = version
+        self.state_dir = state_dir
+        self.start_time_s = time.time()
         self._lock = threading.Lock()
-        self._latest: tuple[HealthSnapshot, dict[str, dict[str, float]]] | None = None
+        self._latest: tuple[HealthSnapshot, PipelineMetrics] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self._server: Any = None
 
-    def update(self, health: HealthSnapshot, latency_ms: Mapping[str, Mapping[str, float]]) -> None:
-        """Make ``health`` what the next scrape reports."""
+    def update(self, health: HealthSnapshot, pipeline: PipelineMetrics) -> None:
+        """Make ``health`` and ``pipeline`` what the next scrape reports."""
         with self._lock:
-            self._latest = (health, {k: dict(v) for k, v in latency_ms.items()})
+            self._latest = (health, pipeline)
 
     def collect(self) -> Iterator[Metric]:
-        """The metric families of the latest snapshot (none before the first)."""
+        """The start time and state disk always; the families of the latest snapshot once there is one."""
+        yield _gauge("start_time_seconds", "When the daemon started, UTC epoch seconds", self.start_time_s)
+        disk = _disk_family(self.state_dir)
+        if disk is not None:
+            yield disk
         with self._lock:
             latest = self._latest
         if latest is not None:
-            yield from metric_families(*latest)
+            yield from metric_families(*latest, self.version)
 
     def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` in a background thread; raises ``MetricsError`` when the port is taken."""
