@@ -60,9 +60,9 @@ def event_count(dsn: str) -> int:
 def test_upgrade_is_versioned_and_runs_again_as_a_no_op() -> None:
     """A new database gets every migration once; a second upgrade applies nothing and changes nothing."""
     with fresh_database() as url:
-        assert upgrade(url) == [1, 2]
+        assert upgrade(url) == [1, 2, 3]
         assert upgrade(url) == []
-        assert applied_versions(url) == [1, 2]
+        assert applied_versions(url) == [1, 2, 3]
 
 
 def connections(worker: FleetCommand) -> int:
@@ -169,3 +169,37 @@ def test_bad_payloads_go_to_quarantine_with_their_reason_and_the_stream_goes_on(
     assert query(dsn, "SELECT status FROM vehicle_status WHERE vehicle_id = 'car-1'") == [("online",)]
     assert event_count(dsn) == 1
     assert query(dsn, "SELECT vehicle_id, cause FROM rules_state") == [("car-1", "start")]
+
+
+def test_shadow_events_are_stored_apart_and_a_lying_vehicle_id_is_quarantined(
+    tmp_path: Path, broker: MosquittoBroker, dsn: str
+) -> None:
+    """shadow/events (QoS 0, one sent twice) land in shadow_events only; one naming another vehicle is quarantined."""
+    worker = ingest(tmp_path, broker.url, dsn, "ingest-a")
+    shadow_ids = [str(uuid.uuid4()) for _ in range(3)]
+    live_id = str(uuid.uuid4())
+    lying = event_json("car-2")
+    with Publisher(broker.url, "car-1") as car:
+        wait_until(lambda: "connected to the fleet broker" in worker.output(), 30, "ingest connected")
+        for event_id in [*shadow_ids, shadow_ids[0]]:
+            car.client.publish("cabin/car-1/shadow/events", event_json("car-1", event_id=event_id), qos=0)
+        car.client.publish("cabin/car-1/shadow/events", lying, qos=0)
+        assert car.publish("cabin/car-1/events", event_json("car-1", event_id=live_id)) == 0
+        wait_until(
+            lambda: (
+                query(dsn, "SELECT count(*) FROM shadow_events")[0][0] == 3
+                and query(dsn, "SELECT count(*) FROM quarantine")[0][0] == 1
+                and event_count(dsn) == 1
+            ),
+            30,
+            "shadow events, the quarantined one and the live event stored",
+        )
+    time.sleep(0.5)  # room for a late duplicate to show up
+    assert worker.terminate() == 0, worker.output()
+    assert sorted(str(r[0]) for r in query(dsn, "SELECT event_id FROM shadow_events")) == sorted(shadow_ids)
+    assert [str(r[0]) for r in query(dsn, "SELECT event_id FROM events")] == [live_id]
+    assert query(dsn, "SELECT topic, payload, reason FROM quarantine") == [
+        ("cabin/car-1/shadow/events", lying, "vehicle_mismatch")
+    ]
+    totals = json.loads(worker.output().strip().splitlines()[-1])
+    assert (totals["event"], totals["shadow_events_new"], totals["shadow_events_duplicate"]) == ("ingest stopped", 3, 1)

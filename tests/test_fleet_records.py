@@ -9,6 +9,7 @@ from cabin_monitor.fleet.records import (
     EventRecord,
     Quarantined,
     Reason,
+    ShadowEventRecord,
     StatusRecord,
     classify,
     subscription_topics,
@@ -39,6 +40,19 @@ def test_foreign_topics_and_prefixes_are_quarantined() -> None:
     assert isinstance(record, Quarantined) and record.payload == b"\x00raw"
 
 
+def test_a_shadow_event_is_a_shadow_record_checked_like_an_event() -> None:
+    """shadow/events makes a ShadowEventRecord (never an EventRecord); its payload is checked as an event's."""
+    assert type(classify("cabin/car-1/shadow/events", event_json("car-1"))) is ShadowEventRecord
+    data = json.loads(event_json("car-1"))
+    assert reason("cabin/car-1/shadow/events", json.dumps({**data, "vehicle_id": "car-2"}).encode()) == (
+        Reason.VEHICLE_MISMATCH
+    )
+    assert reason("cabin/car-1/shadow/events", json.dumps({**data, "schema_version": 2}).encode()) == (
+        Reason.UNKNOWN_SCHEMA_VERSION
+    )
+    assert reason("cabin/car-1/shadow/events", b"{not json") == Reason.BAD_JSON
+
+
 def test_a_boolean_schema_version_is_not_version_one() -> None:
     """schema_version true (== 1 in Python) is an unknown version; a status other than online/offline is invalid."""
     data = json.loads(event_json("car-1"))
@@ -49,9 +63,10 @@ def test_a_boolean_schema_version_is_not_version_one() -> None:
 
 
 def test_retained_latest_value_topics_are_not_shared() -> None:
-    """Events, health and config/result are shared in the group; rules/state and status each process takes."""
+    """Events, shadow events, health and config/result are shared in the group; rules/state and status are not."""
     assert subscription_topics("g") == [
         "$share/g/cabin/+/events",
+        "$share/g/cabin/+/shadow/events",
         "$share/g/cabin/+/health",
         "cabin/+/rules/state",
         "$share/g/cabin/+/config/result",

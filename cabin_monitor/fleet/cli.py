@@ -102,6 +102,11 @@ def _add_rates(cmds: Any) -> None:
     ra.add_argument("--since", default="7d", help="window up to now: 90m, 12h, 7d (default: %(default)s)")
     ra.add_argument("--by", choices=("vehicle", "rule", "day"), default="vehicle", help="grouping (default: vehicle)")
     ra.add_argument("--top", type=int, default=10, help="top vehicles listed (default: %(default)s)")
+    ra.add_argument(
+        "--shadow",
+        action="store_true",
+        help="instead: live against shadow alerts per vehicle-hour, over the hours each vehicle ran shadow rules",
+    )
     ra.add_argument("--json", action="store_true", help="print JSON")
     ra.set_defaults(fleet_func=_cmd_rates)
 
@@ -249,15 +254,22 @@ def _cmd_rates(args: argparse.Namespace) -> int:
     import psycopg
 
     from cabin_monitor.fleet.rates import format_report, report
+    from cabin_monitor.fleet.shadow_rates import compare, format_compare
 
     try:
         since_s = parse_duration_s(args.since)
     except ValueError as exc:
         return _usage(str(exc))
     end = datetime.now(timezone.utc)
+    start = end - timedelta(seconds=since_s)
     with psycopg.connect(args.db) as conn:
-        data = report(conn, end - timedelta(seconds=since_s), end, args.by, args.top)
-    print(json.dumps(data, indent=2) if args.json else format_report(data))
+        if args.shadow:
+            data = compare(conn, start, end)
+            text = format_compare
+        else:
+            data = report(conn, start, end, args.by, args.top)
+            text = format_report
+    print(json.dumps(data, indent=2) if args.json else text(data))
     return EXIT_OK
 
 

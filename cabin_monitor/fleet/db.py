@@ -10,7 +10,8 @@ outbox keeps the payload as written), but an end the daemon sends again as ``int
 has the same ``event_id`` and a later ``ts``. ``event_ids`` (not partitioned, ``event_id`` its primary key)
 is therefore the one place that says whether an event is already stored: a batch inserts its ids there
 with ``ON CONFLICT DO NOTHING`` and only the ids that went in are written to ``events``, in the same
-transaction. The first copy to arrive is the one kept.
+transaction. The first copy to arrive is the one kept. ``shadow_events`` and ``shadow_event_ids`` (the events of a
+vehicle's shadow rules) work the same way, apart from the live ones.
 """
 
 from __future__ import annotations
@@ -140,7 +141,41 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX rollout_steps_rollout ON rollout_steps (rollout_id, id);
         """,
     ),
+    Migration(
+        3,
+        "shadow events, rules/state history",
+        """
+        CREATE TABLE shadow_event_ids (
+            event_id uuid PRIMARY KEY,
+            ts timestamptz NOT NULL
+        );
+        CREATE TABLE shadow_events (
+            event_id uuid NOT NULL,
+            vehicle_id text NOT NULL,
+            type text NOT NULL,
+            phase text NOT NULL CHECK (phase IN ('start', 'end')),
+            rule text NOT NULL,
+            severity text NOT NULL,
+            ts timestamptz NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            payload jsonb NOT NULL,
+            PRIMARY KEY (ts, event_id)
+        ) PARTITION BY RANGE (ts);
+        CREATE INDEX shadow_events_vehicle_ts ON shadow_events (vehicle_id, ts);
+        -- Every rules/state received (rules_state keeps the latest only): from when to when a shadow set ran.
+        CREATE TABLE rules_state_history (
+            vehicle_id text NOT NULL,
+            ts timestamptz NOT NULL,
+            has_shadow boolean NOT NULL,
+            PRIMARY KEY (vehicle_id, ts)
+        );
+        INSERT INTO rules_state_history (vehicle_id, ts, has_shadow)
+        SELECT vehicle_id, ts, payload ? 'shadow' FROM rules_state;
+        """,
+    ),
 )
+# Tables partitioned by month on ts, each with its partitions named <table>_YYYY_MM.
+PARTITIONED_TABLES = ("events", "shadow_events")
 
 _MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -192,13 +227,14 @@ def _next_month(start: datetime) -> datetime:
     return start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
 
 
-def partition_name(start: datetime) -> str:
-    """``events_YYYY_MM``: the partition of the month starting at ``start``."""
-    return f"events_{start.year:04d}_{start.month:02d}"
+def partition_name(start: datetime, table: str = "events") -> str:
+    """``<table>_YYYY_MM``: the partition of ``table`` for the month starting at ``start``."""
+    return f"{table}_{start.year:04d}_{start.month:02d}"
 
 
 def ensure_partitions(conn: psycopg.Connection[object], times: Iterable[datetime]) -> set[datetime]:
-    """Create the monthly ``events`` partitions the times fall in, where missing; the month starts covered.
+    """Create the monthly partitions of ``events`` and ``shadow_events`` the times fall in, where missing; the
+    month starts covered.
 
     Runs in a transaction of its own on ``conn`` (which must be idle), under the schema lock.
     """
@@ -206,12 +242,16 @@ def ensure_partitions(conn: psycopg.Connection[object], times: Iterable[datetime
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         for start in sorted(months):
-            # DDL takes no bind parameters: the bounds go in as literals.
-            conn.execute(
-                sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF events FOR VALUES FROM ({}) TO ({})").format(
-                    sql.Identifier(partition_name(start)), sql.Literal(start), sql.Literal(_next_month(start))
+            for table in PARTITIONED_TABLES:
+                # DDL takes no bind parameters: the bounds go in as literals.
+                conn.execute(
+                    sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
+                        sql.Identifier(partition_name(start, table)),
+                        sql.Identifier(table),
+                        sql.Literal(start),
+                        sql.Literal(_next_month(start)),
+                    )
                 )
-            )
     return months
 
 

@@ -1,8 +1,9 @@
 """``fleet ingest``: every vehicle's messages from the fleet broker into PostgreSQL, exactly once.
 
-MQTT 5 shared subscriptions (``$share/<group>/cabin/+/events``, ``health``, ``config/result``) spread the
-fleet over any number of ingest processes; each also subscribes to the retained ``rules/state`` and ``status``
-itself, so the values vehicles published before it started arrive too.
+MQTT 5 shared subscriptions (``$share/<group>/cabin/+/events``, ``shadow/events``, ``health``,
+``config/result``) spread the fleet over any number of ingest processes; each also subscribes to the retained
+``rules/state`` and ``status`` itself, so the values vehicles published before it started arrive too. Shadow
+events come at QoS 0 (nothing to acknowledge) and are stored like live ones, in ``shadow_events``.
 
 Acknowledgement is manual: a message's PUBACK goes out only after the transaction holding it has committed,
 so a process killed before that gets its messages again (here, or in a group member) and the store's
@@ -158,6 +159,8 @@ class Ingest:
             message,
             events_new=t.events_new,
             events_duplicate=t.events_duplicate,
+            shadow_events_new=t.shadow_events_new,
+            shadow_events_duplicate=t.shadow_events_duplicate,
             other=t.other,
             quarantined=t.quarantined,
             quarantined_by_reason=t.quarantined_by_reason,

@@ -60,14 +60,15 @@ def alert_rate(conn: psycopg.Connection[Any], vehicles: Sequence[str], start_s: 
 
 def rules_in_force(conn: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
     """Vehicle -> its rules in force (flattened: dotted path -> value), from the latest ``rules/state``."""
-    return {v: _flatten(payload["rules"]) for v, payload in conn.execute("SELECT vehicle_id, payload FROM rules_state")}
+    return {v: flatten(payload["rules"]) for v, payload in conn.execute("SELECT vehicle_id, payload FROM rules_state")}
 
 
-def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested rules mapping as dotted path -> value."""
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
         path = f"{prefix}{key}"
-        flat.update(_flatten(value, f"{path}.") if isinstance(value, dict) else {path: value})
+        flat.update(flatten(value, f"{path}.") if isinstance(value, dict) else {path: value})
     return flat
 
 
@@ -92,26 +93,27 @@ def report(conn: psycopg.Connection[Any], start: datetime, end: datetime, by: Gr
     vehicles = sorted(set(hours) | set(per_vehicle))
     vehicle_rates = {v: Rate(per_vehicle.get(v, 0), hours.get(v, 0.0)) for v in vehicles}
     if by == "vehicle":
-        groups = {v: _rate(r) for v, r in vehicle_rates.items()}
+        groups = {v: rate_dict(r) for v, r in vehicle_rates.items()}
     else:
         groups = {
-            k: _rate(Rate(n, total.vehicle_hours)) for k, n in sorted(alerts_by(conn, by, start, end, None).items())
+            k: rate_dict(Rate(n, total.vehicle_hours)) for k, n in sorted(alerts_by(conn, by, start, end, None).items())
         }
     ranked = sorted(vehicle_rates.items(), key=lambda item: (-item[1].per_hour, item[0]))[:top]
     usual, differ = unusual_rules(rules_in_force(conn))
     return {
         "since": start.isoformat(),
         "until": end.isoformat(),
-        "fleet": _rate(total),
+        "fleet": rate_dict(total),
         "by": by,
         "groups": groups,
-        "top_vehicles": [{"vehicle_id": v, **_rate(r)} for v, r in ranked],
+        "top_vehicles": [{"vehicle_id": v, **rate_dict(r)} for v, r in ranked],
         "usual_rules": usual,
         "rules_differing": differ,
     }
 
 
-def _rate(rate: Rate) -> dict[str, float]:
+def rate_dict(rate: Rate) -> dict[str, float]:
+    """A rate as printed: alerts, vehicle-hours (rounded) and alerts per vehicle-hour."""
     return {"alerts": rate.alerts, "vehicle_hours": round(rate.vehicle_hours, 4), "per_vehicle_hour": rate.per_hour}
 
 

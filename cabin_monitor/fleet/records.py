@@ -60,6 +60,15 @@ class EventRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowEventRecord:
+    """One event of the vehicle's shadow rules (topic ``shadow/events``): stored apart from the live ones."""
+
+    payload: EventPayload
+    ts: datetime
+    json_text: str
+
+
+@dataclass(frozen=True, slots=True)
 class HealthRecord:
     """One health report."""
 
@@ -95,11 +104,15 @@ class StatusRecord:
     status: str
 
 
-Record = EventRecord | HealthRecord | RulesStateRecord | ConfigResultRecord | StatusRecord | Quarantined
+Record = (
+    EventRecord | ShadowEventRecord | HealthRecord | RulesStateRecord | ConfigResultRecord | StatusRecord | Quarantined
+)
 
+SHADOW_EVENTS_TOPIC = "shadow/events"
 # topic suffix after cabin/<vehicle_id>/ -> payload model; status is plain text.
 JSON_TOPICS: dict[str, type[BaseModel]] = {
     "events": EventPayload,
+    SHADOW_EVENTS_TOPIC: EventPayload,
     "health": HealthPayload,
     "rules/state": RulesStatePayload,
     "config/result": ConfigResultPayload,
@@ -143,10 +156,10 @@ def classify(topic: str, payload: bytes, prefix: str = "cabin") -> Record:
         if text not in STATUS_VALUES:
             return Quarantined(topic, payload, Reason.INVALID_PAYLOAD, "status is 'online' or 'offline'")
         return StatusRecord(vehicle_id, text)
-    return _classify_json(topic, payload, text, vehicle_id, JSON_TOPICS[suffix])
+    return _classify_json(topic, payload, text, vehicle_id, suffix)
 
 
-def _classify_json(topic: str, payload: bytes, text: str, vehicle_id: str, model: type[BaseModel]) -> Record:
+def _classify_json(topic: str, payload: bytes, text: str, vehicle_id: str, suffix: str) -> Record:
     try:
         data: Any = json.loads(text)
     except ValueError as exc:
@@ -170,20 +183,20 @@ def _classify_json(topic: str, payload: bytes, text: str, vehicle_id: str, model
             topic, payload, Reason.VEHICLE_MISMATCH, f"payload vehicle_id {named!r}, topic's {vehicle_id!r}"
         )
     try:
-        parsed = model.model_validate(data)
+        parsed = JSON_TOPICS[suffix].model_validate(data)
     except ValidationError as exc:
         return Quarantined(topic, payload, Reason.INVALID_PAYLOAD, _short_errors(exc))
-    record = _record(parsed, vehicle_id, text)
+    record = _record(parsed, vehicle_id, text, shadow=suffix == SHADOW_EVENTS_TOPIC)
     return Quarantined(topic, payload, record.reason, record.detail) if isinstance(record, Quarantined) else record
 
 
-def _record(parsed: BaseModel, vehicle_id: str, text: str) -> Record:
+def _record(parsed: BaseModel, vehicle_id: str, text: str, *, shadow: bool) -> Record:
     if isinstance(parsed, EventPayload):
         ts = utc_datetime(parsed.ts)
         if not EVENT_YEARS[0] <= ts.year < EVENT_YEARS[1]:
             # Each month of events is a partition: a clock gone wild would make one per message.
             return Quarantined("", text.encode(), Reason.IMPLAUSIBLE_TIME, f"ts {parsed.ts} outside {EVENT_YEARS}")
-        return EventRecord(parsed, ts, text)
+        return ShadowEventRecord(parsed, ts, text) if shadow else EventRecord(parsed, ts, text)
     if isinstance(parsed, HealthPayload):
         return HealthRecord(parsed, utc_datetime(parsed.ts), text)
     if isinstance(parsed, RulesStatePayload):

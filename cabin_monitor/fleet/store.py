@@ -1,5 +1,8 @@
 """Writing classified records to the fleet store, one transaction per batch, idempotent on ``event_id``.
 
+Live events go to ``events``, shadow events to ``shadow_events`` only; every ``rules/state`` also adds a row
+to ``rules_state_history`` (whether it had a shadow set), beside the latest in ``rules_state``.
+
 ``write_records`` runs on a connection the caller owns and commits; should PostgreSQL refuse a record's
 data (``DataError``), the batch is written again record by record under savepoints and each refused one
 goes to quarantine, so one bad message never holds up the stream.
@@ -22,6 +25,7 @@ from cabin_monitor.fleet.records import (
     Reason,
     Record,
     RulesStateRecord,
+    ShadowEventRecord,
     StatusRecord,
 )
 
@@ -31,12 +35,14 @@ WITH batch AS (
                          %s::timestamptz[], %s::text[]::jsonb[])
         AS b(event_id, vehicle_id, type, phase, rule, severity, ts, payload)
 ), new AS (
-    INSERT INTO event_ids (event_id, ts) SELECT event_id, ts FROM batch ON CONFLICT DO NOTHING RETURNING event_id
+    INSERT INTO {ids} (event_id, ts) SELECT event_id, ts FROM batch ON CONFLICT DO NOTHING RETURNING event_id
 )
-INSERT INTO events (event_id, vehicle_id, type, phase, rule, severity, ts, payload)
+INSERT INTO {events} (event_id, vehicle_id, type, phase, rule, severity, ts, payload)
 SELECT b.event_id, b.vehicle_id, b.type, b.phase, b.rule, b.severity, b.ts, b.payload
 FROM batch b JOIN new USING (event_id)
 """
+_INSERT_LIVE_EVENTS = _INSERT_EVENTS.format(ids="event_ids", events="events")
+_INSERT_SHADOW_EVENTS = _INSERT_EVENTS.format(ids="shadow_event_ids", events="shadow_events")
 _UPSERT_HEALTH = """
 INSERT INTO health_latest (vehicle_id, ts, status, payload) VALUES (%s, %s, %s, %s::jsonb)
 ON CONFLICT (vehicle_id) DO UPDATE SET ts = EXCLUDED.ts, status = EXCLUDED.status, payload = EXCLUDED.payload,
@@ -61,6 +67,9 @@ ON CONFLICT (vehicle_id) DO UPDATE SET ts = EXCLUDED.ts, cause = EXCLUDED.cause,
     payload = EXCLUDED.payload, received_at = now()
 WHERE rules_state.ts <= EXCLUDED.ts
 """
+_INSERT_RULES_HISTORY = """
+INSERT INTO rules_state_history (vehicle_id, ts, has_shadow) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING
+"""
 _INSERT_RESULT = """
 INSERT INTO config_results (vehicle_id, request_id, action, ok, ts, payload) VALUES (%s, %s, %s, %s, %s, %s::jsonb)
 ON CONFLICT DO NOTHING
@@ -78,6 +87,8 @@ class WriteCounts:
 
     events_new: int = 0
     events_duplicate: int = 0
+    shadow_events_new: int = 0
+    shadow_events_duplicate: int = 0
     other: int = 0
     quarantined: int = 0
     quarantined_by_reason: dict[str, int] = field(default_factory=dict)
@@ -86,6 +97,8 @@ class WriteCounts:
         """Add ``other``'s counts to these."""
         self.events_new += other.events_new
         self.events_duplicate += other.events_duplicate
+        self.shadow_events_new += other.shadow_events_new
+        self.shadow_events_duplicate += other.shadow_events_duplicate
         self.other += other.other
         self.quarantined += other.quarantined
         for reason, n in other.quarantined_by_reason.items():
@@ -109,7 +122,7 @@ def write_records(
     conn: psycopg.Connection[object], records: Sequence[Record], partitions: PartitionCache, prefix: str = "cabin"
 ) -> WriteCounts:
     """Store ``records`` in one transaction (committed on return); a record PostgreSQL refuses is quarantined."""
-    partitions.ensure(conn, [r.ts for r in records if isinstance(r, EventRecord)])
+    partitions.ensure(conn, [r.ts for r in records if isinstance(r, EventRecord | ShadowEventRecord)])
     try:
         with conn.transaction():
             return _write(conn, records)
@@ -128,6 +141,7 @@ def write_records(
 
 _TOPIC_SUFFIX = {
     EventRecord: "events",
+    ShadowEventRecord: "shadow/events",
     HealthRecord: "health",
     RulesStateRecord: "rules/state",
     ConfigResultRecord: "config/result",
@@ -148,19 +162,29 @@ def _refused(record: Record, exc: psycopg.DataError, prefix: str) -> Quarantined
     return Quarantined(topic, raw, Reason.REFUSED_BY_STORE, str(exc).strip())
 
 
+def _write_events(
+    conn: psycopg.Connection[object], statement: str, records: Sequence[EventRecord | ShadowEventRecord]
+) -> tuple[int, int]:
+    """Insert the events not stored yet; (new, duplicate)."""
+    events: dict[str, EventRecord | ShadowEventRecord] = {}
+    for r in records:
+        events.setdefault(r.payload.event_id, r)
+    if not events:
+        return 0, 0
+    # Rows in key order, here and below: ingest processes writing the same rows lock them in one order,
+    # so they wait for each other instead of deadlocking.
+    cur = conn.execute(statement, _event_columns([events[k] for k in sorted(events)]))
+    return cur.rowcount, len(records) - cur.rowcount
+
+
 def _write(conn: psycopg.Connection[object], records: Sequence[Record]) -> WriteCounts:
     counts = WriteCounts()
-    events: dict[str, EventRecord] = {}
-    for r in records:
-        if isinstance(r, EventRecord):
-            events.setdefault(r.payload.event_id, r)
-    counts.events_duplicate = sum(isinstance(r, EventRecord) for r in records) - len(events)
-    if events:
-        # Rows in key order, here and below: ingest processes writing the same rows lock them in one order,
-        # so they wait for each other instead of deadlocking.
-        cur = conn.execute(_INSERT_EVENTS, _event_columns([events[k] for k in sorted(events)]))
-        counts.events_new = cur.rowcount
-        counts.events_duplicate += len(events) - cur.rowcount
+    counts.events_new, counts.events_duplicate = _write_events(
+        conn, _INSERT_LIVE_EVENTS, [r for r in records if isinstance(r, EventRecord)]
+    )
+    counts.shadow_events_new, counts.shadow_events_duplicate = _write_events(
+        conn, _INSERT_SHADOW_EVENTS, [r for r in records if isinstance(r, ShadowEventRecord)]
+    )
     with conn.cursor() as cur:
         counts.other += _write_health(cur, [r for r in records if isinstance(r, HealthRecord)])
         rules = sorted(_latest_rules([r for r in records if isinstance(r, RulesStateRecord)]), key=_vehicle)
@@ -168,6 +192,12 @@ def _write(conn: psycopg.Connection[object], records: Sequence[Record]) -> Write
             _UPSERT_RULES,
             [(r.payload.vehicle_id, r.ts, r.payload.cause, r.payload.request_id, r.json_text) for r in rules],
         )
+        history = {
+            (r.payload.vehicle_id, r.ts): r.payload.shadow is not None
+            for r in records
+            if isinstance(r, RulesStateRecord)
+        }
+        cur.executemany(_INSERT_RULES_HISTORY, [(v, ts, shadow) for (v, ts), shadow in sorted(history.items())])
         results = [r for r in records if isinstance(r, ConfigResultRecord)]
         cur.executemany(
             _INSERT_RESULT,
@@ -200,7 +230,7 @@ def _latest_rules(records: Sequence[RulesStateRecord]) -> list[RulesStateRecord]
     return list(latest.values())
 
 
-def _event_columns(events: Sequence[EventRecord]) -> tuple[list[object], ...]:
+def _event_columns(events: Sequence[EventRecord | ShadowEventRecord]) -> tuple[list[object], ...]:
     p = [e.payload for e in events]
     return (
         [x.event_id for x in p],

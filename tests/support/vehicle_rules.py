@@ -20,15 +20,21 @@ class VehicleRules:
 
     def __init__(self, base: RulesConfig) -> None:
         self.rules = RulesInForce(base, EMOTIONS_7, None)
-        self.sets = RuleSets(self.rules, ShadowRules(None, lambda: self.rules.effective, EMOTIONS_7, None))
+        self.shadow = ShadowRules(None, lambda: self.rules.effective, EMOTIONS_7, None)
 
     def handle(self, request: RemoteRequest) -> ConfigResultPayload:
-        """The ``config/result`` answer to one request (applied when it is a valid, new, live change)."""
-        return answer(request, DISPATCH[request.action], self.sets, MAX_PAYLOAD_BYTES, time.time()).payload
+        """The ``config/result`` answer to one request (applied when it is a valid, new change, live or shadow)."""
+        sets = RuleSets(self.rules, self.shadow)
+        return answer(request, DISPATCH[request.action], sets, MAX_PAYLOAD_BYTES, time.time()).payload
 
-    def state(self, vehicle_id: str, cause: ChangeCause, request_id: str | None = None) -> RulesStatePayload:
-        """The ``rules/state`` payload for the rules in force now."""
-        return rules_state(self.rules.current(), vehicle_id, time.time(), cause, request_id)
+    def state(
+        self, vehicle_id: str, cause: ChangeCause, request_id: str | None = None, wall_time_s: float | None = None
+    ) -> RulesStatePayload:
+        """The ``rules/state`` payload for the rules in force now (and the shadow rules, where there are some)."""
+        wall_time_s = time.time() if wall_time_s is None else wall_time_s
+        return rules_state(
+            self.rules.current(), vehicle_id, wall_time_s, cause, request_id, shadow=self.shadow.current()
+        )
 
     @property
     def effective(self) -> RulesConfig:
