@@ -18,6 +18,7 @@ from cabin_monitor.fleet.db import upgrade
 from cabin_monitor.fleet.records import classify
 from cabin_monitor.fleet.store import PartitionCache, write_records
 from cabin_monitor.messages import RemoteRequest
+from tests.support.browser import open_offline
 from tests.support.fleet import FleetCommand, event_json, fresh_database, health_json, pg_unreachable_reason
 from tests.support.vehicle_rules import VehicleRules
 
@@ -93,6 +94,21 @@ def test_report_is_an_html_page_with_its_plots_and_the_differing_rules(tmp_path:
     assert "<td>car-1</td><td>stress.sustain_s</td><td>5.0</td><td>3.0</td>" in page
     assert "7 alerts" in page and "unexpected_expression" in page
     assert (tmp_path / "report" / "plotly.min.js").stat().st_size > 1_000_000
+
+
+def test_report_page_loads_offline_in_a_browser_and_draws_both_plots(tmp_path: Path, store: str) -> None:
+    """fleet report's page opens in headless Chromium with the network off: no console error, no request beyond
+    its own folder, both plots drawn with their data."""
+    command = FleetCommand(tmp_path, ["report", "--db", store, "--since", "1d", "--out", str(tmp_path / "report")])
+    assert command.wait(60) == 0, command.output()
+    plots = "[...document.querySelectorAll('.js-plotly-plot')]"
+    with open_offline(
+        tmp_path / "report" / "index.html", f"{plots}.length == 2 && {plots}.every(d => d._fullLayout)"
+    ) as tab:
+        drawn = tab.page.evaluate(f"{plots}.map(d => d.querySelectorAll('g.trace').length)")
+    assert tab.errors == []
+    assert [url for url in tab.requests if not url.startswith("file:")] == []
+    assert len(drawn) == 2 and all(traces >= 1 for traces in drawn)
 
 
 def state_message(rules: VehicleRules, vehicle_id: str, cause: ChangeCause, ts_s: float) -> tuple[str, bytes]:

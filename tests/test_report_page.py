@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
@@ -14,6 +11,7 @@ from cabin_monitor.config import RulesConfig, merge_rules
 from cabin_monitor.record.format import RulesChange
 from cabin_monitor.record.replay import RulesChoice, SessionReplay, alerts, replay_session, summarize
 from cabin_monitor.tools.report_page import SessionView, page, thin, timeline
+from tests.support.browser import OpenPage, open_offline
 from tests.support.long_session import ANGRY_S, CAPTURE_T0_S, WALL_T0_S, long_session
 
 ROW = re.compile(
@@ -91,55 +89,19 @@ def test_rules_changed_by_set_and_while_recording_are_shown() -> None:
 # -- in a real browser ----------------------------------------------------------------------------
 
 
-def system_chromium() -> str | None:
-    """The system's Chromium (Debian's ``chromium`` package), if installed."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if found := shutil.which(name):
-            return found
-    return None
-
-
-@dataclass
-class Browser:
-    """The report page open in headless Chromium, offline, and what it said on its console."""
-
-    page: Any  # playwright.sync_api.Page
-    errors: list[str]
-    requests: list[str]
-
-
 @pytest.fixture(scope="module")
-def browser(long_replay: SessionReplay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+def browser(long_replay: SessionReplay, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenPage]:
     """``long_session``'s report page, loaded from a file in Chromium with the network off."""
-    executable = system_chromium()
-    if executable is None:
-        pytest.skip("no Chromium found (Debian: apt-get install chromium); the page is not tried in a browser")
-    from playwright.sync_api import sync_playwright
-
     path = tmp_path_factory.mktemp("page") / "index.html"
     path.write_text(page([view(long_replay)], summarize([long_replay], [alerts(long_replay)]), "own"), "utf-8")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=executable)
-        try:
-            context = chromium.new_context(offline=True, viewport={"width": 1280, "height": 900})
-            tab = context.new_page()
-            opened = Browser(tab, [], [])
-            tab.on("console", lambda m: opened.errors.append(m.text) if m.type == "error" else None)
-            tab.on("pageerror", lambda e: opened.errors.append(str(e)))
-            tab.on("request", lambda r: opened.requests.append(r.url))
-            tab.goto(path.as_uri())
-            tab.wait_for_function(
-                "[...document.querySelectorAll('.js-plotly-plot')].every(d => d._fullLayout)", timeout=30_000
-            )
-            yield opened
-        finally:
-            chromium.close()
+    with open_offline(path, "[...document.querySelectorAll('.js-plotly-plot')].every(d => d._fullLayout)") as opened:
+        yield opened
 
 
 X_RANGES = "id => ['xaxis', 'xaxis2', 'xaxis3'].map(k => document.getElementById(id)._fullLayout[k].range)"
 
 
-def test_the_page_loads_offline_without_errors_and_draws_every_panel(browser: Browser) -> None:
+def test_the_page_loads_offline_without_errors_and_draws_every_panel(browser: OpenPage) -> None:
     """No console error, no request but the page itself, and each panel with its series, thresholds and shading."""
     assert browser.errors == []
     assert [url for url in browser.requests if not url.startswith("file:")] == []
@@ -155,7 +117,7 @@ def test_the_page_loads_offline_without_errors_and_draws_every_panel(browser: Br
     assert stress >= 4 and onset >= 6 and strip >= 1
 
 
-def test_dragging_across_a_panel_zooms_every_panel_in_time(browser: Browser) -> None:
+def test_dragging_across_a_panel_zooms_every_panel_in_time(browser: OpenPage) -> None:
     """A drag over a tenth of the stress panel narrows the x range of all panels alike; y stays put."""
     tab = browser.page
     tab.evaluate("id => Plotly.relayout(id, {'xaxis.autorange': true})", "timeline-0-occupant-1")
@@ -176,7 +138,7 @@ def test_dragging_across_a_panel_zooms_every_panel_in_time(browser: Browser) -> 
     assert ranges[0][1] == pytest.approx(full[0] + 0.5 * span, abs=0.02 * span)
 
 
-def test_clicking_an_event_row_shows_its_window(browser: Browser, long_replay: SessionReplay) -> None:
+def test_clicking_an_event_row_shows_its_window(browser: OpenPage, long_replay: SessionReplay) -> None:
     """Clicking the second stress start zooms its occupant's timeline onto that alert, start to end."""
     tab = browser.page
     row = tab.locator("tr.event", has_text="stress").filter(has_text="start").nth(1)
