@@ -227,7 +227,7 @@ def connect_broker(cfg: Config, rules: RulesInForce) -> tuple[MqttSink, RemoteRe
     sink that fills it, then the worker that answers through the sink."""
     state_dir = cfg.resolved_state_dir()
     outbox = open_logged_outbox(cfg, state_dir)
-    requests = RequestQueue(cfg.remote_config.queue_size) if cfg.remote_config.enabled else None
+    requests = RequestQueue(cfg.remote_config) if cfg.remote_config.enabled else None
     ledger = OpenEventLedger(state_dir / "open_events.json")
     unended = _left_open(ledger, outbox)
     sink = MqttSink(
@@ -236,6 +236,7 @@ def connect_broker(cfg: Config, rules: RulesInForce) -> tuple[MqttSink, RemoteRe
         outbox,
         on_remote_request=requests.offer if requests is not None else None,
         ledger=ledger,
+        max_request_bytes=cfg.remote_config.max_payload_bytes if requests is not None else None,
     )
     _end_interrupted(sink, unended)
     if requests is None:

@@ -235,6 +235,12 @@ class RemoteRequest:
     payload: bytes
     retained: bool  # a retained message replayed by the broker, never a live request
     received_s: float  # monotonic clock, seconds
+    oversize_bytes: int = 0  # > 0: the payload had this many bytes, over the limit, and was not kept (empty)
+
+    @property
+    def size_bytes(self) -> int:
+        """The payload's size as it came off the broker."""
+        return self.oversize_bytes or len(self.payload)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from cabin_monitor.bus.outbox import Outbox
 from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
 from cabin_monitor.bus.remote import RemoteRequests, RequestQueue
 from cabin_monitor.config import EMOTIONS_7, MqttConfig, RemoteConfigConfig, RulesConfig, TlsConfig
-from cabin_monitor.messages import CameraState, Event, RemoteRequest
+from cabin_monitor.messages import CameraState, Event, RemoteRequest, RemoteStats
 from cabin_monitor.rules import OccupantState
 from cabin_monitor.rules.in_force import RulesInForce
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage, free_port
@@ -306,8 +306,14 @@ def remote_stack(
     queue, the sink that fills it, the worker that answers through the sink."""
     rules = RulesInForce(RulesConfig(), EMOTIONS_7, state_dir / "rules_override.json")
     remote_config = RemoteConfigConfig(**settings)
-    requests = RequestQueue(remote_config.queue_size)
-    sink = MqttSink(MqttConfig(url=url, **FAST), "car-1", outbox, on_remote_request=requests.offer)
+    requests = RequestQueue(remote_config)
+    sink = MqttSink(
+        MqttConfig(url=url, **FAST),
+        "car-1",
+        outbox,
+        on_remote_request=requests.offer,
+        max_request_bytes=remote_config.max_payload_bytes,
+    )
     remote = RemoteRequests(requests, rules, sink, remote_config, "car-1")
     remote.start()
     sink.start()
@@ -405,13 +411,12 @@ FLOOD_S = float(os.environ.get("CABIN_MONITOR_FLOOD_S", "4"))
 EVENTS_PER_S = 10.0
 
 
-def test_a_config_set_flood_never_holds_up_events(mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path) -> None:
-    """During a flood of valid config/set, every event arrives and every request is answered (busy past the rate).
-
-    Prints the event delivery latency (submit to arrival) during the flood; with -s and
-    CABIN_MONITOR_FLOOD_REQUESTS=2000 CABIN_MONITOR_FLOOD_S=30 it is the README's figure.
-    """
-    sink, remote, rules = remote_stack(mqtt_broker.url, outbox, tmp_path)
+def flood_requests(
+    broker: MosquittoBroker, outbox: Outbox, tmp_path: Path, body: Callable[[int], bytes], count: int, seconds: float
+) -> tuple[RemoteStats, RulesInForce, list[float]]:
+    """``count`` config/set requests (``body(n)``) over ``seconds`` while 10 events/s are submitted; the worker's
+    counts, the rules in force, and each event's delivery latency (submit to arrival), sorted."""
+    sink, remote, rules = remote_stack(broker.url, outbox, tmp_path)
     wait_until(lambda: sink.stats().connected, what="connected")
     submitted: dict[str, float] = {}
     arrived: dict[str, float] = {}
@@ -423,22 +428,21 @@ def test_a_config_set_flood_never_holds_up_events(mqtt_broker: MosquittoBroker, 
 
     watcher = mqtt_client.Client(CallbackAPIVersion.VERSION2, client_id="flood-watcher")
     watcher.on_message = on_message
-    watcher.connect("127.0.0.1", mqtt_broker.port)
+    watcher.connect("127.0.0.1", broker.port)
     watcher.subscribe(f"{BASE}/events", qos=1)
     watcher.loop_start()
 
     def flood() -> None:
         operator = mqtt_client.Client(CallbackAPIVersion.VERSION2, client_id="flood-operator")
-        operator.connect("127.0.0.1", mqtt_broker.port)
+        operator.connect("127.0.0.1", broker.port)
         operator.loop_start()
-        pause_s = FLOOD_S / FLOOD_REQUESTS
+        pause_s = seconds / count
         infos = []
-        for n in range(FLOOD_REQUESTS):
-            body = {"request_id": f"flood-{n}", "rules": {"stress": {"cooldown_s": 30 + n % 7}}}
-            infos.append(operator.publish(f"{BASE}/config/set", json.dumps(body), qos=1))
+        for n in range(count):
+            infos.append(operator.publish(f"{BASE}/config/set", body(n), qos=1))
             time.sleep(pause_s)
         for info in infos:
-            info.wait_for_publish(30)
+            info.wait_for_publish(60)
         operator.disconnect()
         operator.loop_stop()
         flood_done.set()
@@ -453,21 +457,85 @@ def test_a_config_set_flood_never_holds_up_events(mqtt_broker: MosquittoBroker, 
         time.sleep(1.0 / EVENTS_PER_S)
     flooder.join(60)
     wait_until(lambda: set(arrived) >= set(submitted), timeout_s=60, what="every event")
-    wait_until(lambda: remote.stats().answered + remote.stats().dropped == FLOOD_REQUESTS, 60, "every request")
+    time.sleep(0.5)  # the last requests the broker delivers
+    wait_until(lambda: remote.stats().queued == 0, 60, "every queued request")
     watcher.loop_stop()
     watcher.disconnect()
     stats = remote.stats()
     remote.stop()
     sink.stop(flush_timeout_s=1.0)
-    latencies = sorted(arrived[i] - submitted[i] for i in submitted)
+    return stats, rules, sorted(arrived[i] - submitted[i] for i in submitted)
+
+
+def latency_line(what: str, latencies: list[float], stats: RemoteStats) -> str:
+    """One printed line: the flood, event delivery p50/p95/max, and what became of the requests."""
     p50, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)]
-    print(
-        f"\nconfig/set flood: {FLOOD_REQUESTS} requests in {FLOOD_S:g} s; {len(latencies)} events during it, "
-        f"delivery p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms; "
-        f"answered {stats.answered} (busy {stats.busy}), dropped {stats.dropped}"
+    return (
+        f"\n{what}; {len(latencies)} events during it, delivery p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
+        f"max {latencies[-1] * 1000:.0f} ms; received {stats.received}, answered {stats.answered} "
+        f"(busy {stats.busy}), dropped {stats.dropped}"
     )
+
+
+def test_a_config_set_flood_never_holds_up_events(mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path) -> None:
+    """During a flood of valid config/set, every event arrives and every request is answered (busy past the rate).
+
+    Prints the event delivery latency (submit to arrival) during the flood; with -s and
+    CABIN_MONITOR_FLOOD_REQUESTS=2000 CABIN_MONITOR_FLOOD_S=30 it is the README's figure.
+    """
+
+    def body(n: int) -> bytes:
+        return json.dumps({"request_id": f"flood-{n}", "rules": {"stress": {"cooldown_s": 30 + n % 7}}}).encode()
+
+    stats, rules, latencies = flood_requests(mqtt_broker, outbox, tmp_path, body, FLOOD_REQUESTS, FLOOD_S)
+    print(latency_line(f"config/set flood: {FLOOD_REQUESTS} requests in {FLOOD_S:g} s", latencies, stats))
     assert stats.received == FLOOD_REQUESTS and stats.busy > 0
+    assert stats.answered + stats.dropped == FLOOD_REQUESTS
     assert rules.effective.stress.cooldown_s in {30 + n % 7 for n in range(FLOOD_REQUESTS)}
+
+
+OVERSIZE_BYTES = int(os.environ.get("CABIN_MONITOR_FLOOD_OVERSIZE_BYTES", str(1 << 20)))
+BIG_FLOOD_REQUESTS = int(os.environ.get("CABIN_MONITOR_BIG_FLOOD_REQUESTS", "40"))
+
+
+def test_requests_over_the_limit_are_never_delivered(
+    mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path
+) -> None:
+    """MQTT 5 Maximum Packet Size: the broker drops a config/set over max_payload_bytes; a small one is answered."""
+    sink, remote, _ = remote_stack(mqtt_broker.url, outbox, tmp_path)
+    wait_until(lambda: sink.stats().connected, what="connected")
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/config/result"], clean_session=True) as recorder:
+        big = {"request_id": "big", "rules": {}, "pad": "x" * (1 << 20)}
+        publish(mqtt_broker, f"{BASE}/config/set", json.dumps(big))
+        publish(mqtt_broker, f"{BASE}/config/get", json.dumps({"request_id": "small"}))
+        recorder.wait_for(lambda ms: len(results(ms)) == 1)
+        time.sleep(0.3)
+    assert [a["request_id"] for a in results(recorder.messages)] == ["small"]
+    assert remote.stats().received == 1
+    remote.stop()
+    sink.stop(flush_timeout_s=1.0)
+
+
+def test_a_flood_of_maximal_and_oversized_requests_never_holds_up_events(
+    mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path
+) -> None:
+    """Requests of max_payload_bytes and far over it, alternately: events still arrive; only the maximal ones do.
+
+    With -s and CABIN_MONITOR_FLOOD_OVERSIZE_BYTES=33554432 CABIN_MONITOR_BIG_FLOOD_REQUESTS=200 it is
+    the README's figure.
+    """
+    limit = RemoteConfigConfig().max_payload_bytes
+
+    def body(n: int) -> bytes:
+        size = limit if n % 2 == 0 else OVERSIZE_BYTES
+        head = json.dumps({"request_id": f"flood-{n}", "rules": {}, "pad": ""}).encode()
+        return head[:-2] + b"x" * (size - len(head)) + head[-2:]
+
+    assert len(body(0)) == limit
+    stats, _, latencies = flood_requests(mqtt_broker, outbox, tmp_path, body, BIG_FLOOD_REQUESTS, 4.0)
+    what = f"{BIG_FLOOD_REQUESTS} config/set of {limit} and {OVERSIZE_BYTES} bytes alternately in 4 s"
+    print(latency_line(what, latencies, stats))
+    assert stats.received == BIG_FLOOD_REQUESTS // 2 and stats.answered + stats.dropped == stats.received
 
 
 def test_tls_mutual_authentication(tmp_path: Path, outbox: Outbox) -> None:

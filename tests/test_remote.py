@@ -66,7 +66,7 @@ class Outlet:
 def worker_for(rules: RulesInForce, settings: RemoteConfigConfig, **kwargs: Any) -> tuple[RemoteRequests, Outlet]:
     """A worker over a fresh queue, answering into an Outlet."""
     outlet = Outlet()
-    return RemoteRequests(RequestQueue(settings.queue_size), rules, outlet, settings, "car-1", **kwargs), outlet
+    return RemoteRequests(RequestQueue(settings), rules, outlet, settings, "car-1", **kwargs), outlet
 
 
 def test_every_action_has_one_row_with_a_model_a_handler_and_a_cause() -> None:
@@ -268,7 +268,7 @@ def test_requests_over_the_rate_are_answered_busy_and_not_applied(tmp_path: Path
 def test_a_full_queue_drops_requests_and_counts_them(tmp_path: Path) -> None:
     """offer never blocks: with the queue full, requests are dropped and counted; queued ones are answered."""
     settings = RemoteConfigConfig(queue_size=3)
-    requests = RequestQueue(settings.queue_size)
+    requests = RequestQueue(settings)
     outlet = Outlet()
     worker = RemoteRequests(requests, in_force(tmp_path), outlet, settings, "car-1", wall_clock=lambda: NOW)
     for n in range(5):
@@ -281,3 +281,39 @@ def test_a_full_queue_drops_requests_and_counts_them(tmp_path: Path) -> None:
         worker.stop()
     assert [r["request_id"] for r in outlet.results] == ["g0", "g1", "g2"]
     assert outlet.states[0]["cause"] == "start" and worker.stats().queued == 0
+
+
+def test_the_queue_is_bounded_in_bytes_and_keeps_no_oversized_payload(tmp_path: Path) -> None:
+    """Requests over queue_max_bytes are dropped; one over max_payload_bytes holds no bytes and is refused by size."""
+    settings = RemoteConfigConfig(queue_size=100, max_payload_bytes=1000, queue_max_bytes=2500)
+    worker, outlet = worker_for(in_force(tmp_path), settings)
+    requests = worker._requests  # the queue the worker reads
+    padded = {"request_id": "p", "rules": {}, "pad": "x" * 900}
+    for _ in range(3):
+        requests.offer(request("set", padded))
+    huge = request("set", {"request_id": "huge", "rules": {}, "pad": "x" * 5_000_000})
+    requests.offer(huge)
+    assert (worker.stats().received, worker.stats().dropped, worker.stats().queued) == (4, 1, 3)
+    worker.start()
+    try:
+        wait_until(lambda: len(outlet.results) == 3, what="three answers")
+    finally:
+        worker.stop()
+    assert outlet.results[-1]["request_id"] is None
+    assert (
+        outlet.results[-1]["errors"][0]["message"] == f"payload is {len(huge.payload)} bytes; at most 1000 are accepted"
+    )
+
+
+def test_an_oversized_request_is_never_parsed_on_the_retained_or_busy_path(tmp_path: Path) -> None:
+    """A retained or busy request over the limit is answered without its request_id: its JSON is never read."""
+    body = {"request_id": "big", "rules": {}, "pad": "x" * 5000}
+    retained = ask(in_force(tmp_path), "set", body, retained=True).payload
+    assert retained.errors[0].path == "(retained)" and retained.request_id is None
+    settings = RemoteConfigConfig(max_requests_per_s=0.001, burst_requests=1, max_payload_bytes=4096)
+    worker, outlet = worker_for(in_force(tmp_path), settings, clock=lambda: 0.0, wall_clock=lambda: NOW)
+    worker.handle(request("get", {"request_id": "first"}))
+    worker.handle(request("get", body))
+    worker.handle(request("get", {"request_id": "small"}))
+    assert [(r["errors"] or [{}])[0].get("path") for r in outlet.results] == [None, "(busy)", "(busy)"]
+    assert [r["request_id"] for r in outlet.results] == ["first", None, "small"]

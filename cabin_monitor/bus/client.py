@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from structlog.typing import FilteringBoundLogger
@@ -88,6 +89,7 @@ class BrokerClient:
         on_puback: Callable[[PubAck], None],
         on_change: Callable[[], None],
         pending: Callable[[], int],
+        max_packet_bytes: int | None = None,
     ) -> None:
         if config.url is None:
             raise ValueError("mqtt.url is not set")
@@ -105,6 +107,7 @@ class BrokerClient:
         self._on_puback = on_puback
         self._on_change = on_change  # something for the serving thread to look at
         self._pending = pending  # events waiting, for the log lines
+        self._max_packet_bytes = max_packet_bytes  # MQTT 5: the broker delivers no larger packet
         self.broker = f"{self._host}:{self._port}"
         self._connack = threading.Event()  # the CONNACK came (or the wait is pointless)
         self._link_lost = threading.Event()
@@ -199,6 +202,14 @@ class BrokerClient:
         client.on_message = self._on_message
         return client
 
+    def _connect_properties(self) -> Properties | None:
+        """MQTT 5 CONNECT properties: the largest packet this client takes (the broker drops larger messages)."""
+        if self._config.protocol != "5" or self._max_packet_bytes is None:
+            return None
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.MaximumPacketSize = self._max_packet_bytes
+        return properties
+
     def _connect(self, attempt: int) -> bool:
         """Whether a connection was made and its CONNACK accepted (else logged, and nothing left to close)."""
         self._connack.clear()
@@ -212,7 +223,9 @@ class BrokerClient:
             protocol=self._config.protocol,
         )
         try:
-            client.connect(self._host, self._port, keepalive=self._config.keepalive_s)
+            client.connect(
+                self._host, self._port, keepalive=self._config.keepalive_s, properties=self._connect_properties()
+            )
         except ssl.SSLError as exc:
             self._log.error(f"TLS handshake with {self.broker} failed: {exc}", attempt=attempt)
             return False

@@ -41,6 +41,8 @@ __all__ = ["MqttSink", "TlsSetupError", "build_ssl_context"]
 log = structlog.get_logger("cabin_monitor.bus.mqtt")
 
 WAKE_S = 0.5  # the sender looks at the stop flag at least this often
+# Room for a request's topic, header and properties beyond its payload in the MQTT 5 Maximum Packet Size.
+PACKET_OVERHEAD_BYTES = 4096
 
 
 class MqttSink:
@@ -51,7 +53,8 @@ class MqttSink:
     ``on_remote_request`` is given, ``config/set``, ``config/get`` and ``config/reset`` in,
     ``config/result`` and the retained ``rules/state`` out. ``on_remote_request`` runs on the MQTT
     network thread and must only queue the request (``RequestQueue.offer``); answers come back
-    through ``publish_config_result``, the rules state through ``publish_rules_state``.
+    through ``publish_config_result``, the rules state through ``publish_rules_state``. With
+    ``max_request_bytes`` (MQTT 5) the broker is told never to deliver a larger request.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class MqttSink:
         *,
         rng: random.Random | None = None,
         ledger: OpenEventLedger | None = None,
+        max_request_bytes: int | None = None,
     ) -> None:
         if config.url is None:
             raise ValueError("mqtt.url is not set; use StdoutSink to print events instead")
@@ -102,6 +106,7 @@ class MqttSink:
             on_puback=self._sender.note_ack,
             on_change=self._wake.set,
             pending=outbox.depth,
+            max_packet_bytes=None if max_request_bytes is None else max_request_bytes + PACKET_OVERHEAD_BYTES,
         )
 
     def state_topic(self, occupant_id: str) -> str:
