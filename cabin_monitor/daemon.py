@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
-from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, left_open
+from cabin_monitor.bus.ledger import (
+    LedgerError,
+    OpenEvent,
+    OpenEventLedger,
+    fallback_ledger_path,
+    interrupted_ends,
+    left_open,
+)
 from cabin_monitor.bus.mqtt import MqttSink, build_ssl_context
 from cabin_monitor.bus.outbox import Outbox, open_outbox
 from cabin_monitor.bus.remote import RemoteRequests, RequestQueue
@@ -228,7 +235,10 @@ def connect_broker(cfg: Config, rules: RulesInForce) -> tuple[MqttSink, RemoteRe
     state_dir = cfg.resolved_state_dir()
     outbox = open_logged_outbox(cfg, state_dir)
     requests = RequestQueue(cfg.remote_config) if cfg.remote_config.enabled else None
-    ledger = OpenEventLedger(state_dir / "open_events.json")
+    held_events = cfg.resolved_fallback_path()
+    ledger = OpenEventLedger(
+        state_dir / "open_events.json", None if held_events is None else fallback_ledger_path(held_events)
+    )
     unended = _left_open(ledger, outbox)
     sink = MqttSink(
         cfg.mqtt,

@@ -771,6 +771,45 @@ def test_events_held_in_memory_survive_a_daemon_kill_through_the_fallback_file(
     assert got[-1]["interrupted"] and got[-1]["start_event_id"] == accepted[-1]
 
 
+def test_a_full_state_folder_leaves_no_start_without_an_end_after_a_kill(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """State folder full, broker up: a start and an end delivered from memory are noted beside the fallback file, so
+    after a SIGKILL the next start ends that start once and sends no end again."""
+    fallback = tmp_path / "run" / "held-events.sqlite"
+    with tmpfs(tmp_path / "state", 256) as state:
+        config = write_config(tmp_path, outbox={"fallback_path": str(fallback)})
+        with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/events"]) as recorder:
+            first = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+            recorder.wait_for(lambda ms: any(e["phase"] == "start" for e in events(ms)), 90)
+            with pin_wal(state / "outbox.sqlite"):
+                filler = fill(state)
+                wait_until(lambda: bool(first.logged(HELD)), 60, "the outbox to report a full disk")
+                at_fault = len(first.logged("event accepted"))
+
+                def an_end_then_a_start_delivered() -> bool:
+                    accepted = first.logged("event accepted")
+                    phases = [r["phase"] for r in accepted[at_fault:]]
+                    received = {e["event_id"] for e in events(recorder.messages)}
+                    return "end" in phases and phases[-1] == "start" and {r["event_id"] for r in accepted} <= received
+
+                wait_until(an_end_then_a_start_delivered, 60, "an end and a start delivered from memory")
+                first.kill()
+                filler.unlink()
+            second = start_daemon(
+                config, "--source", str(sample_path("no_face.mp4")), "--fast", "--mqtt-url", mqtt_broker.url
+            )
+            assert second.wait() == 0, second.logs()[-3000:]
+            time.sleep(1.0)  # an end sent again would come right after the others
+    sent = [json.loads(m.payload) for m in recorder.messages if m.topic == f"{PREFIX}/events"]
+    starts = [e["event_id"] for e in sent if e["phase"] == "start"]
+    ends = [e["start_event_id"] for e in sent if e["phase"] == "end"]
+    print(f"full state folder, SIGKILL: {len(starts)} starts, {len(ends)} ends received")
+    assert sorted(ends) == sorted(starts), "every start exactly one end"
+    assert any(e["interrupted"] and e["start_event_id"] == starts[-1] for e in sent), "the last start, interrupted"
+    assert first.logged("open-event ledger cannot be written in the state folder; kept beside the outbox fallback file")
+
+
 TAKEN_IN = "events an earlier run kept in the outbox fallback file taken in"
 HELD = "outbox file cannot be written; events are held in memory until it can"
 WRITABLE = "outbox file writable again; events held in memory are written"
