@@ -221,6 +221,7 @@ class SinkStats:
     refused_total: int = 0  # PUBACKs that refused an event
     last_refusal: Refusal | None = None
     refusing: bool = False  # events are held back after a refusal, retried with backoff
+    refusals_detectable: bool = True  # False on MQTT 3.1.1: the broker drops what its ACL refuses, unseen
 
 
 HealthStatus = Literal["ok", "degraded", "error"]

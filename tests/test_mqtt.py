@@ -774,6 +774,23 @@ def test_mqtt_3_1_1_stays_selectable(mqtt_broker: MosquittoBroker, outbox: Outbo
     assert "as cabin-monitor-car-1 (p2," in mqtt_broker.log_text()  # Mosquitto's p2 is 3.1.1, p5 is 5
 
 
+def test_mqtt_3_1_1_says_refusals_cannot_be_seen(tmp_path: Path, outbox: Outbox) -> None:
+    """On 3.1.1 an ACL-denied event is lost unseen: the sink warns at start-up and health says it cannot tell."""
+    acl = f"topic read {BASE}/#\n"  # anonymous clients may read, not write: every event is denied
+    with MosquittoBroker(tmp_path / "broker", acl=acl) as broker:
+        logger, logs = capturing_logger()
+        sink = make_sink(broker.url, outbox, protocol="3.1.1", logger=logger)
+        sink.submit_event(make_event())
+        wait_until(lambda: sink.stats().outbox_depth == 0, what="the denied event acknowledged")
+        sink.stop(flush_timeout_s=1.0)
+    (warning,) = [e for e in logs.entries if e["event"].startswith("mqtt 3.1.1: a PUBACK cannot refuse an event")]
+    assert warning["log_level"] == "warning"
+    stats = sink.stats()
+    assert not stats.refusals_detectable and stats.refused_total == 0
+    assert health_payload(make_health(sink=stats), "car-1").mqtt.refusals_detectable is False
+    assert MqttSink(MqttConfig(url=broker.url), "car-1", outbox).stats().refusals_detectable
+
+
 def test_mqtt_5_is_the_default(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
     """Without a protocol setting the sink speaks MQTT 5, as the broker's log shows."""
     with MqttRecorder(mqtt_broker.url, [f"{BASE}/status"]) as recorder:

@@ -178,7 +178,13 @@ def test_health_payload_maps_a_snapshot_field_by_field() -> None:
             "dropped_by_reason": {"full": 0, "expired": 0, "memory_full": 0},
             "last_error": None,
         },
-        "mqtt": {"connected": True, "reconnects": 0, "refused_events": 0, "last_refusal": None},
+        "mqtt": {
+            "connected": True,
+            "reconnects": 0,
+            "refused_events": 0,
+            "last_refusal": None,
+            "refusals_detectable": True,
+        },
         "remote": {"received": 7, "answered": 5, "busy": 2, "dropped": 1, "queued": 1},
         "last_error": None,
     }

@@ -73,6 +73,7 @@ class MqttSink:
             raise ValueError("mqtt.url is not set; use StdoutSink to print events instead")
         self._vehicle_id = vehicle_id
         self._outbox = outbox
+        self._protocol = config.protocol
         # Not bound here: binding the module's lazy logger would freeze the logging set-up of this moment.
         self._log: FilteringBoundLogger = logger or log
         base = f"{config.topic_prefix}/{vehicle_id}"
@@ -119,6 +120,12 @@ class MqttSink:
         """Start the sender thread; it connects in the background."""
         if self._thread is not None:
             raise RuntimeError("MqttSink already started")
+        if self._protocol == "3.1.1":
+            self._log.warning(
+                "mqtt 3.1.1: a PUBACK cannot refuse an event, so events the broker's ACL denies are lost without a "
+                "trace; set mqtt.protocol to 5 to keep and retry them",
+                protocol=self._protocol,
+            )
         self._thread = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
         self._thread.start()
 
@@ -183,6 +190,7 @@ class MqttSink:
             refused_total=self._sender.refused_total,
             last_refusal=self._sender.last_refusal,
             refusing=self._sender.refusing,
+            refusals_detectable=self._protocol != "3.1.1",
         )
 
     # ----- the sender thread -----

@@ -200,6 +200,10 @@ class MqttHealth(_Payload):
     reconnects: int
     refused_events: int = Field(description="Events the broker refused in a PUBACK (MQTT 5), each kept and retried.")
     last_refusal: RefusalHealth | None = None
+    refusals_detectable: bool = Field(
+        True,
+        description="False on MQTT 3.1.1: a PUBACK cannot refuse, so events the broker's ACL denies are lost unseen.",
+    )
 
 
 class RemoteHealth(_Payload):
@@ -409,6 +413,7 @@ def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
             connected=sink.connected,
             reconnects=sink.reconnects,
             refused_events=sink.refused_total,
+            refusals_detectable=sink.refusals_detectable,
             last_refusal=None
             if refusal is None
             else RefusalHealth(
