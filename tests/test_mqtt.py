@@ -328,7 +328,8 @@ def results(messages: list[RecordedMessage]) -> list[dict[str, Any]]:
 def test_a_retained_config_set_never_undoes_a_later_change(
     persistent_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path
 ) -> None:
-    """A retained set, then a later set, then a reconnect: the replay is refused; the later value stays."""
+    """A retained set (refused as it arrives), then a later set, then a reconnect: the replay is refused too; the
+    later value stays."""
     sink, remote, rules = remote_stack(persistent_broker.url, outbox, tmp_path)
     wait_until(lambda: sink.stats().connected, what="connected")
     with MqttRecorder(persistent_broker.url, [f"{BASE}/config/result", f"{BASE}/rules/state"]) as recorder:
@@ -338,10 +339,10 @@ def test_a_retained_config_set_never_undoes_a_later_change(
         publish(persistent_broker, f"{BASE}/config/set", json.dumps(later))
         recorder.wait_for(lambda ms: len(results(ms)) == 2)
         persistent_broker.restart()  # the broker keeps the retained set and replays it on the new subscription
-        recorder.wait_for(lambda ms: any(not a["ok"] for a in results(ms)), timeout_s=20)
+        recorder.wait_for(lambda ms: len({json.dumps(a) for a in results(ms)}) >= 3, timeout_s=20)
         answers = list({json.dumps(a): a for a in results(recorder.messages)}.values())  # QoS 1: maybe twice
-        assert [(a["request_id"], a["ok"]) for a in answers] == [("first", True), ("later", True), ("first", False)]
-        assert answers[2]["errors"][0]["path"] == "(retained)"
+        assert [(a["request_id"], a["ok"]) for a in answers] == [("first", False), ("later", True), ("first", False)]
+        assert answers[0]["errors"][0]["path"] == answers[2]["errors"][0]["path"] == "(retained)"
         assert rules.effective.stress.sustain_s == 8
         state = json.loads(retained_payload(persistent_broker, f"{BASE}/rules/state"))
         assert (state["cause"], state["request_id"], state["rules"]["stress"]["sustain_s"]) == (
@@ -350,6 +351,29 @@ def test_a_retained_config_set_never_undoes_a_later_change(
             8,
         )
         assert state["sources"]["stress.sustain_s"] == "remote"
+    remote.stop()
+    sink.stop(flush_timeout_s=1.0)
+
+
+def test_a_retained_config_set_published_while_connected_is_not_applied(
+    mqtt_broker: MosquittoBroker, outbox: Outbox, tmp_path: Path
+) -> None:
+    """A retained set that arrives live is refused as retained; the empty message clearing it is not answered."""
+    sink, remote, rules = remote_stack(mqtt_broker.url, outbox, tmp_path)
+    wait_until(lambda: sink.stats().connected, what="connected")
+    with MqttRecorder(mqtt_broker.url, [f"{BASE}/config/result"], clean_session=True) as recorder:
+        body = {"request_id": "kept", "rules": {"stress": {"sustain_s": 7}}}
+        publish(mqtt_broker, f"{BASE}/config/set", json.dumps(body), retain=True)
+        publish(mqtt_broker, f"{BASE}/config/get", json.dumps({"request_id": "after"}))
+        recorder.wait_for(lambda ms: len(results(ms)) == 2)
+        publish(mqtt_broker, f"{BASE}/config/set", b"", retain=True)  # clears the retained one
+        publish(mqtt_broker, f"{BASE}/config/get", json.dumps({"request_id": "last"}))
+        recorder.wait_for(lambda ms: len(results(ms)) == 3)
+        time.sleep(0.3)
+    answers = results(recorder.messages)
+    assert [(a["request_id"], a["ok"]) for a in answers] == [("kept", False), ("after", True), ("last", True)]
+    assert answers[0]["errors"][0]["path"] == "(retained)"
+    assert rules.effective.stress.sustain_s == 3.0 and remote.stats().received == 3
     remote.stop()
     sink.stop(flush_timeout_s=1.0)
 

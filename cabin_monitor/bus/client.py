@@ -4,7 +4,8 @@ Each connection is a fresh paho client (TLS and credentials from the config, the
 status as last will, the retained ``online`` birth first on every connect), so paho never re-sends
 anything on its own. ``run`` connects, reconnecting with jittered exponential backoff, and hands each
 connection to the caller's ``serve``. Acknowledgements come out as ``PubAck``s, messages on the
-subscribed topics as ``(topic, payload, retained)``; both on the network thread, which must only hand
+subscribed topics as ``(topic, payload, retained)`` (on MQTT 5 the retain flag as published, also
+for a retained message that arrives while connected); both on the network thread, which must only hand
 them over. Knows no outbox, no events and no payloads.
 
 Imports ``bus.sender`` (``PubAck``), ``bus.backoff``, ``config`` and ``errors``.
@@ -23,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from structlog.typing import FilteringBoundLogger
 
 from cabin_monitor.bus.backoff import Backoff
@@ -202,6 +204,15 @@ class BrokerClient:
         client.on_message = self._on_message
         return client
 
+    def _subscribe(self, client: mqtt.Client) -> None:
+        """Subscribe at QoS 1; on MQTT 5 with "retain as published", so that a retained message published while
+        connected still comes with its retain flag (without it, only the replay on subscribing has it)."""
+        if self._config.protocol != "5":
+            client.subscribe([(topic, 1) for topic in self._subscriptions])
+            return
+        options = SubscribeOptions(qos=1, retainAsPublished=True)  # type: ignore[no-untyped-call]
+        client.subscribe([(topic, options) for topic in self._subscriptions])
+
     def _connect_properties(self) -> Properties | None:
         """MQTT 5 CONNECT properties: the largest packet this client takes (the broker drops larger messages)."""
         if self._config.protocol != "5" or self._max_packet_bytes is None:
@@ -278,7 +289,7 @@ class BrokerClient:
             # Birth first, so subscribers see 'online' before anything else from this connection.
             client.publish(self._status_topic, b"online", qos=1, retain=True)
             if self._subscriptions:
-                client.subscribe([(topic, 1) for topic in self._subscriptions])
+                self._subscribe(client)
             self._connected = True
         self._connack.set()
         self._on_change()
@@ -295,7 +306,10 @@ class BrokerClient:
             pass
         elif self._connected:
             self._log.warning(
-                "mqtt connection lost", broker=self.broker, reason=str(reason_code), pending=self._pending()
+                "mqtt connection lost",
+                broker=self.broker,
+                reason=str(reason_code),
+                pending=self._pending(),
             )
         elif not self._connack.is_set():
             # E.g. a TLS broker that wants a client certificate closes the link right after the handshake.

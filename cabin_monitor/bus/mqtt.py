@@ -222,6 +222,10 @@ class MqttSink:
         action = self._request_topics.get(topic)
         if action is None or self._on_remote_request is None:
             return
+        if not payload:
+            # An empty message is how a retained request is cleared: nothing was asked.
+            self._log.info("empty operator request ignored (clears a retained one)", topic=topic, retained=retained)
+            return
         try:
             self._on_remote_request(RemoteRequest(action, payload, retained=retained, received_s=time.monotonic()))
         except Exception:
