@@ -815,6 +815,30 @@ def test_mqtt_3_1_1_says_refusals_cannot_be_seen(tmp_path: Path, outbox: Outbox)
     assert MqttSink(MqttConfig(url=broker.url), "car-1", outbox).stats().refusals_detectable
 
 
+def test_a_health_payload_over_the_brokers_packet_size_is_named_and_events_still_flow(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    """A broker whose Maximum Packet Size is below the health payload: health is not sent (logged once, with sizes),
+    the connection stays up and events are delivered."""
+    events = [make_event(frame_id=i) for i in range(3)]
+    broker = MosquittoBroker(tmp_path / "broker", max_packet_bytes=600)
+    with broker, MqttRecorder(broker.url, [f"{BASE}/events"]) as recorder:
+        logger, logs = capturing_logger()
+        sink = make_sink(broker.url, outbox, logger=logger)
+        wait_until(lambda: sink.stats().connected, what="connected")
+        for n, event in enumerate(events):
+            sink.publish_health(make_health(frames_processed=n))
+            sink.submit_event(event)
+        recorder.wait_for(lambda ms: len(event_ids(ms)) == len(events))
+        time.sleep(1.0)  # a dropped connection would show by now
+        sink.stop(flush_timeout_s=1.0)
+    assert event_ids(recorder.messages) == [e.event_id for e in events]
+    (too_large,) = [e for e in logs.entries if e["event"].startswith("message larger than the broker's Maximum")]
+    assert too_large["topic"] == f"{BASE}/health" and too_large["broker_max_packet_bytes"] == 600
+    assert too_large["size_bytes"] > 600 and sink.stats().reconnects == 0
+    assert not [e for e in logs.entries if e["event"] == "mqtt connection lost"]
+
+
 def test_mqtt_5_is_the_default(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
     """Without a protocol setting the sink speaks MQTT 5, as the broker's log shows."""
     with MqttRecorder(mqtt_broker.url, [f"{BASE}/status"]) as recorder:

@@ -39,6 +39,13 @@ IDLE_EVERY_S = 1.0  # how often ``idle`` runs while waiting to reconnect
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 
+def publish_packet_bytes(topic: str, payload: bytes, qos: int) -> int:
+    """The size of the MQTT 5 PUBLISH packet carrying ``payload`` on ``topic`` (no properties)."""
+    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + 1 + len(payload)
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
+    return 1 + length_bytes + remaining
+
+
 class TlsSetupError(RuntimeFault):
     """A TLS file named in the MQTT configuration is missing, unreadable or not usable.
 
@@ -116,6 +123,8 @@ class BrokerClient:
         self._connected = False
         self._client: mqtt.Client | None = None
         self._connects = 0
+        self._broker_max_packet_bytes: int | None = None  # the CONNACK's Maximum Packet Size (MQTT 5)
+        self._too_large_topics: set[str] = set()  # logged once each
 
     @property
     def connected(self) -> bool:
@@ -140,6 +149,18 @@ class BrokerClient:
         """Hand a message to the current connection; its message id, or None when there is none or it is going."""
         client = self._client
         if not self._connected or client is None:
+            return None
+        limit = self._broker_max_packet_bytes
+        if limit is not None and (size := publish_packet_bytes(topic, payload, qos)) > limit:
+            # The broker would drop the connection over it (and again after every reconnect).
+            if topic not in self._too_large_topics:
+                self._too_large_topics.add(topic)
+                self._log.error(
+                    "message larger than the broker's Maximum Packet Size not sent",
+                    topic=topic,
+                    size_bytes=size,
+                    broker_max_packet_bytes=limit,
+                )
             return None
         info = client.publish(topic, payload, qos=qos, retain=retain)
         return info.mid if info.rc == mqtt.MQTT_ERR_SUCCESS else None
@@ -286,6 +307,7 @@ class BrokerClient:
         if reason_code.is_failure:
             self._log.error("mqtt broker refused the connection", broker=self.broker, reason=str(reason_code))
         else:
+            self._broker_max_packet_bytes = getattr(properties, "MaximumPacketSize", None)
             # Birth first, so subscribers see 'online' before anything else from this connection.
             client.publish(self._status_topic, b"online", qos=1, retain=True)
             if self._subscriptions:
@@ -309,6 +331,7 @@ class BrokerClient:
                 "mqtt connection lost",
                 broker=self.broker,
                 reason=str(reason_code),
+                reason_string=getattr(properties, "ReasonString", None),
                 pending=self._pending(),
             )
         elif not self._connack.is_set():
