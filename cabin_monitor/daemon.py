@@ -266,6 +266,13 @@ def open_logged_outbox(cfg: Config, state_dir: Path) -> Outbox:
         cfg.resolved_fallback_path(),
     )
     _log_fallback(outbox)
+    if outbox.write_error is not None:
+        log.error(
+            "outbox file cannot be written at start-up; its events are read and new ones held in memory until it can",
+            path=str(outbox_path),
+            state=outbox.state,
+            error=outbox.write_error,
+        )
     if moved is not None:
         log.error(
             "outbox file damaged; moved aside, starting with an empty outbox",

@@ -33,7 +33,7 @@ from cabin_monitor.messages import Event, Phase, end_event_id
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage
 from tests.support.daemon import DaemonProcess, clean_environment
 from tests.support.helpers import wait_until
-from tests.support.mounts import fill, pin_wal, read_only_bind, remount, tmpfs
+from tests.support.mounts import fill, pin_wal, remount, tmpfs
 
 VEHICLE = "test-car"
 PREFIX = f"cabin/{VEHICLE}"
@@ -641,47 +641,44 @@ def put_events(path: Path, count: int) -> None:
     """Leave ``count`` pending events in the outbox at ``path``."""
     with Outbox(path) as outbox:
         for i in range(count):
-            outbox.put(f"pending-{i}", f"{PREFIX}/events", b"{}", "warning", time.time())
-
-
-def test_a_read_only_state_folder_exits_2_naming_it(tmp_path: Path) -> None:
-    """A state folder remounted read-only, holding an outbox, stops start-up with one line naming it, exit code 2."""
-    with tmpfs(tmp_path / "state", 1024) as state:
-        put_events(state / "outbox.sqlite", 3)
-        remount(state, read_only=True)
-        try:
-            proc = run_once(
-                write_config(tmp_path),
-                "--source",
-                str(sample_path("single_face.mp4")),
-                "--mqtt-url",
-                "mqtt://127.0.0.1:1",
+            outbox.put(
+                f"pending-{i}",
+                f"{PREFIX}/events",
+                json.dumps({"event_id": f"pending-{i}"}).encode(),
+                "warning",
+                time.time(),
             )
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_state_folder_at_start_up_still_monitors_and_delivers(
+    fault: str, mqtt_broker: MosquittoBroker, tmp_path: Path, start_daemon: DaemonStarter
+) -> None:
+    """A state folder full or read-only before start-up: the daemon runs (before: exit 1 or 2), health says so,
+    the pending events are delivered and new ones go out from memory; exit 0 at the end of the clip."""
+    with tmpfs(tmp_path / "state", 256) as state:
+        put_events(state / "outbox.sqlite", 3)
+        filler = fill(state) if fault == "full" else None
+        if fault == "read-only":
+            remount(state, read_only=True)
+        config = write_config(tmp_path, outbox={"fallback_path": str(tmp_path / "run" / "held-events.sqlite")})
+        try:
+            with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/events", f"{PREFIX}/health"]) as recorder:
+                daemon = start_daemon(
+                    config, "--source", str(sample_path("single_face.mp4")), "--fast", "--mqtt-url", mqtt_broker.url
+                )
+                assert daemon.wait() == 0, daemon.logs()[-3000:]
+                accepted = [r["event_id"] for r in daemon.logged("event accepted")]
+                pending = [f"pending-{i}" for i in range(3)]
+                recorder.wait_for(lambda ms: {e["event_id"] for e in events(ms)} >= {*pending, *accepted}, 15)
         finally:
-            remount(state, read_only=False)
-        with Outbox(state / "outbox.sqlite") as outbox:
-            assert outbox.depth() == 3
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    lines = plain_lines(proc.stderr)
-    assert len(lines) == 1 and f"the folder {state} is read-only" in lines[0], lines
-
-
-def test_an_unwritable_outbox_file_exits_2_and_keeps_its_events(tmp_path: Path) -> None:
-    """An outbox file that cannot be written (read-only bind mount) in a writable folder is named, never moved aside."""
-    state = tmp_path / "state"
-    state.mkdir()
-    put_events(state / "outbox.sqlite", 62)
-    with read_only_bind(state / "outbox.sqlite"):
-        proc = run_once(
-            write_config(tmp_path), "--source", str(sample_path("single_face.mp4")), "--mqtt-url", "mqtt://127.0.0.1:1"
-        )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = plain_lines(proc.stderr)
-    assert len(lines) == 1 and str(state / "outbox.sqlite") in lines[0] and "not writable" in lines[0], lines
-    assert sorted(p.name for p in state.iterdir()) == ["outbox.sqlite"]
-    with Outbox(state / "outbox.sqlite") as outbox:
-        assert outbox.depth() == 62
+            if fault == "read-only":
+                remount(state, read_only=False)
+        assert filler is None or filler.exists()
+    states = {h["outbox"]["state"] for h in health_payloads(recorder.messages)}
+    print(f"{fault} state folder at start-up: {len(accepted)} accepted, 3 pending delivered, health {states}")
+    assert [e["event_id"] for e in events(recorder.messages)][:3] == pending
+    assert accepted and states == {"disk_full" if fault == "full" else "unwritable"}
 
 
 def test_a_full_state_folder_holds_events_in_memory_and_loses_none(

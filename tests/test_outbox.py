@@ -21,7 +21,6 @@ from cabin_monitor.bus.outbox import (
     Outbox,
     OutboxContentError,
     OutboxError,
-    OutboxNotWritableError,
     open_outbox,
 )
 from cabin_monitor.bus.payloads import event_payload
@@ -424,8 +423,9 @@ def test_a_delete_that_cannot_be_written_is_retried_and_the_row_not_sent_again(t
             assert ids(reopened) == [f"e{i}" for i in range(acked, 40)]
 
 
-def test_a_read_only_folder_is_refused_naming_it_and_nothing_is_moved(tmp_path: Path) -> None:
-    """An outbox in a folder remounted read-only is refused (exit code 2) naming the folder; its events stay."""
+def test_a_read_only_folder_opens_reading_its_events_and_holding_new_ones(tmp_path: Path) -> None:
+    """An outbox in a folder remounted read-only opens: its events are handed out, new ones held in memory (and the
+    fallback file), acknowledgements wait; once writable again all of it is written and nothing was moved."""
     with tmpfs(tmp_path / "state", 1024) as state:
         path = state / "outbox.sqlite"
         with Outbox(path) as outbox:
@@ -434,25 +434,50 @@ def test_a_read_only_folder_is_refused_naming_it_and_nothing_is_moved(tmp_path: 
         before = sorted(p.name for p in state.iterdir())
         remount(state, read_only=True)
         try:
-            with pytest.raises(OutboxNotWritableError, match=f"the folder {state} is read-only") as info:
-                open_outbox(path, max_events=10, max_age_s=60.0)
-            assert info.value.exit_code == 2
+            outbox, moved = open_outbox(path, 10, 60.0, fallback=tmp_path / "run" / "held-events.sqlite")
+            assert moved is None and state_of(outbox) == "unwritable" and "read-only" in (outbox.write_error or "")
+            put(outbox, "e2")
+            assert ids(outbox) == ["e0", "e1", "e2"] and outbox.memory_event_ids == ["e2"]
+            assert outbox.ack(outbox.pending(1)[0].row_id) and ids(outbox) == ["e1", "e2"]
+            assert outbox.retry_writes() == [] and state_of(outbox) == "unwritable"
         finally:
             remount(state, read_only=False)
         assert sorted(p.name for p in state.iterdir()) == before
+        assert outbox.retry_writes() == [] and state_of(outbox) == "ok" and outbox.memory_depth == 0
+        outbox.close()
+        with Outbox(path) as reopened:
+            assert ids(reopened) == ["e1", "e2"]
+
+
+def test_a_full_disk_at_start_opens_reading_the_events_already_there(tmp_path: Path) -> None:
+    """An outbox closed cleanly on a disk that is then filled opens (before: 'disk I/O error'), says disk_full and
+    hands out its events; a new one waits in memory and is written, after them, once space is freed."""
+    with tmpfs(tmp_path / "state", 256) as state:
+        path = state / "outbox.sqlite"
         with Outbox(path) as outbox:
-            assert ids(outbox) == ["e0", "e1"]
+            for i in range(3):
+                put(outbox, f"e{i}")
+        filler = fill(state)
+        with Outbox(path) as outbox:
+            assert state_of(outbox) == "disk_full" and ids(outbox) == ["e0", "e1", "e2"]
+            put(outbox, "e3")
+            assert outbox.memory_event_ids == ["e3"] and ids(outbox) == ["e0", "e1", "e2", "e3"]
+            filler.unlink()
+            assert outbox.retry_writes() == [] and state_of(outbox) == "ok"
+        with Outbox(path) as reopened:
+            assert ids(reopened) == ["e0", "e1", "e2", "e3"]
 
 
-def test_a_read_only_file_in_a_writable_folder_is_refused_not_moved_aside(tmp_path: Path) -> None:
-    """An outbox file bind-mounted read-only is an environment fault naming the file, never 'damaged'."""
+def test_a_read_only_file_in_a_writable_folder_opens_and_is_never_moved_aside(tmp_path: Path) -> None:
+    """An outbox file bind-mounted read-only opens for reading, never as 'damaged': its events are handed out."""
     path = tmp_path / "outbox.sqlite"
     with Outbox(path) as outbox:
         for i in range(62):
             put(outbox, f"e{i}")
-    with read_only_bind(path), pytest.raises(OutboxNotWritableError, match="the file is not writable") as info:
-        open_outbox(path, max_events=100, max_age_s=60.0)
-    assert str(path) in str(info.value) and info.value.exit_code == 2
+    with read_only_bind(path):
+        outbox, moved = open_outbox(path, max_events=100, max_age_s=60.0)
+        assert moved is None and state_of(outbox) == "unwritable" and outbox.depth() == 62
+        outbox.close()
     assert not list(tmp_path.glob("*unusable*"))
     with Outbox(path) as outbox:
         assert outbox.depth() == 62

@@ -15,7 +15,9 @@ gets its row id when accepted, so ids follow acceptance order across both), an
 acknowledged are written, in order and under the same row ids, once writing
 works again (``put`` and ``retry_writes`` try). A delete after delivery that
 fails is remembered and retried, and the row is not sent again meanwhile.
-``state`` says which of these applies. With a ``fallback`` file (``cabin_monitor/bus/fallback.py``)
+``state`` says which of these applies. A file that cannot be opened for writing at start-up (full or
+read-only disk) is read instead, where SQLite can read it, and opened for writing once it can be.
+With a ``fallback`` file (``cabin_monitor/bus/fallback.py``)
 each event held in memory is also kept there, so it survives the process, and the next outbox to
 open writes what a previous process left there before anything else.
 
@@ -104,8 +106,8 @@ class OutboxContentError(OutboxError):
 class OutboxNotWritableError(OutboxError):
     """The outbox file or its folder cannot be written (read-only mount, permissions, immutable).
 
-    A setup error: restarting cannot make the folder writable, so it exits like a configuration error.
-    The file is left alone: what it holds is pending events, not damage.
+    ``Outbox`` then opens the file for reading and holds new events in memory; the file is left alone:
+    what it holds is pending events, not damage.
     """
 
     exit_code = ConfigurationError.exit_code
@@ -179,7 +181,18 @@ class Outbox:
         # event held in memory gets one after every row on disk and keeps it once written.
         self._last_row_id = 0
         self._has_fact_columns = True  # False for an older file that could not be given them
-        self._db = self._open()
+        # True while the file could not be opened for writing (start-up on a full or read-only disk): what
+        # it holds is read where it can be, new events are held in memory, and opening is retried.
+        self._reading_only = False
+        try:
+            self._db = self._open()
+        except OutboxContentError:
+            raise
+        except OutboxError as exc:
+            if not _is_open_write_fault(exc):
+                raise
+            self._db, self._write_fault = self._open_for_reading(), _start_fault(self.path, exc)
+            self._reading_only = True
         self._fallback: FallbackFile | None = None
         self._fallback_error: str | None = None
         self._kept: set[str] = set()  # ids of the memory-held events the fallback file keeps
@@ -254,6 +267,49 @@ class Outbox:
             raise
         return db
 
+    def _open_for_reading(self) -> sqlite3.Connection:
+        """A connection that only reads the file (or, when it cannot be read, an empty stand-in); writes through it
+        fail as write faults, so events go to memory and deletes wait, as when a disk fills mid-run."""
+        wal = Path(f"{self.path}-wal")
+        # Without a WAL to take in, an immutable connection reads the file as it is and needs no -shm.
+        no_wal = not wal.exists() or wal.stat().st_size == 0
+        for query in ("mode=ro&immutable=1",) if no_wal else ("mode=ro",):
+            db: sqlite3.Connection | None = None
+            try:
+                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?{query}", uri=True, check_same_thread=False)
+                db.isolation_level = None
+                present = {row[1] for row in db.execute("PRAGMA table_info(outbox)").fetchall()}
+                if present:
+                    self._has_fact_columns = all(column in present for column in _FACT_COLUMNS)
+                    self._last_row_id = db.execute("SELECT COALESCE(MAX(row_id), 0) FROM outbox").fetchone()[0]
+                    db.execute("PRAGMA query_only=1")
+                    return db
+            except (OSError, sqlite3.Error):
+                pass
+            if db is not None:
+                db.close()
+        # Nothing readable: ids given now must come after any the file holds, once it can be read.
+        self._last_row_id = int(time.time() * 1000)
+        db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        db.executescript(_SCHEMA)
+        db.execute("PRAGMA query_only=1")
+        return db
+
+    def _reopen_locked(self) -> bool:
+        """While only reading: open the file for writing again; whether it worked (the fault stays if not)."""
+        if not self._reading_only:
+            return True
+        last_row_id = self._last_row_id
+        try:
+            db = self._open()
+        except OutboxError:
+            self._last_row_id = last_row_id
+            return False
+        self._db.close()
+        self._db, self._reading_only = db, False
+        self._last_row_id = max(last_row_id, self._last_row_id)
+        return True
+
     def put(
         self,
         event_id: str,
@@ -276,7 +332,7 @@ class Outbox:
             self._last_row_id += 1
             event = _HeldEvent(self._last_row_id, event_id, topic, payload, rank, created_wall_s, facts)
             dropped = self._retry_locked(probe=False)  # with nothing held, this event's own insert is the probe
-            if not self._memory:
+            if not self._memory and not self._reading_only:
                 try:
                     dropped += self._insert_locked(event)
                     self._count(dropped)
@@ -388,7 +444,7 @@ class Outbox:
 
     def _retry_locked(self, probe: bool) -> list[DroppedEvent]:
         """Retry failed deletes, then write what memory holds; with ``probe`` and nothing to write, write a probe."""
-        if self._write_fault is None:
+        if self._write_fault is None or not self._reopen_locked():
             return []
         dropped: list[DroppedEvent] = []
         try:
@@ -458,6 +514,9 @@ class Outbox:
                     return True
             if row_id in self._undeleted:
                 return False
+            if self._reading_only:
+                self._undeleted.add(row_id)
+                return True
             try:
                 with self._db:
                     return self._db.execute("DELETE FROM outbox WHERE row_id = ?", (row_id,)).rowcount == 1
@@ -476,6 +535,9 @@ class Outbox:
             self._memory = [held for held in self._memory if held.created_wall_s >= now - self.max_age_s]
             for gone in dropped:
                 self._forget_kept_locked(gone.event_id)
+            if self._reading_only:
+                self._count(dropped)
+                return dropped  # the file's rows expire once it can be written
             try:
                 with self._db:
                     self._db.execute("BEGIN IMMEDIATE")
@@ -689,6 +751,32 @@ def _open_error(path: Path, exc: OSError | sqlite3.Error) -> OutboxError:
     return OutboxError(path, f"cannot open: {reason}")
 
 
+def _is_open_write_fault(exc: OutboxError) -> bool:
+    """Whether an outbox could not be opened because its disk is full or cannot be written (not damage)."""
+    if isinstance(exc, OutboxNotWritableError):
+        return True
+    cause = exc.__cause__
+    if isinstance(cause, sqlite3.Error):
+        return _is_write_fault(cause)
+    return isinstance(cause, OSError) and cause.errno in (
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EIO,
+    )
+
+
+def _start_fault(path: Path, exc: OutboxError) -> sqlite3.Error:
+    """The write fault an outbox that could not be opened for writing reports (``state``, ``write_error``)."""
+    try:
+        full = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        full = False
+    # "disk is full" is what ``state`` reads as DISK_FULL, as SQLite's own message for a full disk.
+    return sqlite3.OperationalError(f"database or disk is full: {exc}" if full else str(exc))
+
+
 def _read_only_mount(path: Path) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
@@ -711,8 +799,8 @@ def open_outbox(
 
     A daemon that refused to start over a damaged file would be restarted into the same
     refusal forever; the moved file keeps whatever can still be salvaged from it. A file or
-    folder that cannot be written (``OutboxNotWritableError``) or a full disk is never a reason
-    to move pending events aside: those errors reach the caller.
+    folder that cannot be written or a full disk is never a reason to move pending events aside: the
+    outbox then opens reading what it can (``state`` says why), as ``Outbox`` does.
     """
     try:
         return Outbox(path, max_events, max_age_s, memory_max_events, fallback), None
