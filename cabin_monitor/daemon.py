@@ -279,6 +279,7 @@ def open_logged_outbox(cfg: Config, state_dir: Path) -> Outbox:
             path=str(outbox_path),
             moved_to=str(moved.moved_to),
             reason=moved.reason,
+            salvaged=moved.salvaged,
         )
     return outbox
 

@@ -622,6 +622,32 @@ def test_a_damaged_outbox_is_moved_aside_not_a_crash_loop(
     assert list(state.glob("outbox.sqlite.unusable-*"))
 
 
+def test_the_readable_events_of_a_damaged_outbox_are_delivered(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, start_daemon: DaemonStarter
+) -> None:
+    """An outbox with 2 pages overwritten is set aside at start; the events still readable in it are delivered."""
+    state = tmp_path / "state"
+    state.mkdir()
+    path = state / "outbox.sqlite"
+    put_events(path, 400)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 4096 // 2
+    data[4096 * middle : 4096 * (middle + 2)] = b"\xa5" * 8192
+    path.write_bytes(bytes(data))
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/events"]) as recorder:
+        daemon = start_daemon(
+            write_config(tmp_path), "--source", str(sample_path("no_face.mp4")), "--fast", "--mqtt-url", mqtt_broker.url
+        )
+        assert daemon.wait() == 0, daemon.logs()[-3000:]
+        (moved,) = daemon.logged("outbox file damaged; moved aside, starting with an empty outbox")
+        recorder.wait_for(lambda ms: len(events(ms)) >= moved["salvaged"], 15)
+    received = [e["event_id"] for e in events(recorder.messages)]
+    print(f"damaged outbox: 400 pending, {moved['salvaged']} salvaged, {len(received)} delivered")
+    assert 300 < len(received) == moved["salvaged"] < 400
+    assert received == sorted(received, key=lambda event_id: int(event_id.split("-")[1]))
+    assert list(state.glob("outbox.sqlite.unusable-*"))
+
+
 def run_once(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``cabin-monitor run --config CONFIG ARGS`` to the end, output captured."""
     return subprocess.run(

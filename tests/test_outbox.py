@@ -621,3 +621,23 @@ def test_an_outbox_file_without_facts_columns_on_a_full_disk_opens_as_before(tmp
             assert len(reopened.pending(10)) == 5
         with sqlite3.connect(path) as db:
             assert "start_event_id" in {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+
+
+def test_open_outbox_salvages_the_readable_rows_of_a_damaged_file(tmp_path: Path) -> None:
+    """An outbox with a few pages overwritten is set aside and its readable rows go, in order, into the new one."""
+    path = tmp_path / "outbox.sqlite"
+    with Outbox(path, max_events=1000) as outbox:
+        for i in range(400):
+            outbox.put(f"e{i:03d}", "cabin/car-1/events", b"x" * 200, "warning", NOW)
+    data = bytearray(path.read_bytes())
+    pages = len(data) // 4096
+    middle = pages // 2
+    data[4096 * middle : 4096 * (middle + 2)] = b"\xa5" * 8192
+    path.write_bytes(bytes(data))
+    outbox, aside = open_outbox(path, max_events=1000, max_age_s=60.0)
+    with outbox:
+        salvaged = ids(outbox)
+    print(f"\n{pages} pages, 2 overwritten: {len(salvaged)} of 400 rows salvaged")
+    assert aside is not None and aside.moved_to.exists() and aside.salvaged == len(salvaged)
+    assert 300 < len(salvaged) < 400 and salvaged == sorted(salvaged)
+    assert set(salvaged) <= {f"e{i:03d}" for i in range(400)}

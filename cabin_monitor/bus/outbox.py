@@ -30,6 +30,7 @@ Owns the outbox file; imports ``bus.fallback``, ``bus.facts``, ``messages`` and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sqlite3
@@ -790,15 +791,17 @@ class MovedAside:
 
     moved_to: Path
     reason: str
+    salvaged: int = 0  # readable rows taken from it into the new outbox
 
 
 def open_outbox(
     path: Path, max_events: int, max_age_s: float, memory_max_events: int = 1000, fallback: Path | None = None
 ) -> tuple[Outbox, MovedAside | None]:
-    """Open the outbox; a file SQLite says is damaged or foreign is moved aside (and returned), an empty one started.
+    """Open the outbox; a file SQLite says is damaged or foreign is moved aside (and returned), a new one started
+    with the rows that can still be read from it (``salvage``), in their order.
 
     A daemon that refused to start over a damaged file would be restarted into the same
-    refusal forever; the moved file keeps whatever can still be salvaged from it. A file or
+    refusal forever; the moved file is kept for a closer look. A file or
     folder that cannot be written or a full disk is never a reason to move pending events aside: the
     outbox then opens reading what it can (``state`` says why), as ``Outbox`` does.
     """
@@ -811,4 +814,74 @@ def open_outbox(
         candidate = Path(f"{path}{suffix}")
         if candidate.exists():
             candidate.rename(Path(f"{aside}{suffix}"))
-    return Outbox(path, max_events, max_age_s, memory_max_events, fallback), MovedAside(aside, reason)
+    outbox = Outbox(path, max_events, max_age_s, memory_max_events, fallback)
+    salvaged = salvage(aside, max_events)
+    for item in salvaged:
+        outbox.put(item.event_id, item.topic, item.payload, item.severity, item.created_wall_s, item.facts)
+    return outbox, MovedAside(aside, reason, len(salvaged))
+
+
+def salvage(path: Path, max_events: int) -> list[OutboxItem]:
+    """The rows of a damaged outbox file that can still be read, oldest first (none when nothing can).
+
+    A whole scan first; when a damaged page stops it, each row id between the lowest and the highest is
+    looked up on its own (a lookup only reads the pages on its way), at most ``SALVAGE_SPAN`` times
+    ``max_events`` of them.
+    """
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return []
+    try:
+        columns = _salvage_columns(db)
+        if columns is None:
+            return []
+        try:
+            rows = db.execute(f"SELECT {columns} FROM outbox ORDER BY row_id").fetchall()
+        except sqlite3.Error:
+            rows = _rows_one_by_one(db, columns, max_events * SALVAGE_SPAN)
+        return [item for item in map(_salvaged_item, rows) if item is not None]
+    finally:
+        db.close()
+
+
+SALVAGE_SPAN = 10  # row ids looked up one by one, per event the outbox may hold
+
+
+def _salvage_columns(db: sqlite3.Connection) -> str | None:
+    try:
+        present = {row[1] for row in db.execute("PRAGMA table_info(outbox)").fetchall()}
+    except sqlite3.Error:
+        return None
+    if not present:
+        return None
+    return _ROW_COLUMNS if all(column in present for column in _FACT_COLUMNS) else _ROW_COLUMNS_WITHOUT_FACTS
+
+
+def _rows_one_by_one(db: sqlite3.Connection, columns: str, most: int) -> list[tuple[Any, ...]]:
+    bounds: list[int] = []
+    for query in ("SELECT MIN(row_id) FROM outbox", "SELECT MAX(row_id) FROM outbox"):
+        with contextlib.suppress(sqlite3.Error):
+            bounds.append(db.execute(query).fetchone()[0])
+    if len(bounds) < 2 or bounds[0] is None or bounds[1] is None:
+        return []
+    low, high = bounds[0], min(bounds[1], bounds[0] + most)
+    rows = []
+    for row_id in range(low, high + 1):
+        try:
+            row = db.execute(f"SELECT {columns} FROM outbox WHERE row_id = ?", (row_id,)).fetchone()
+        except sqlite3.Error:
+            continue
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def _salvaged_item(row: tuple[Any, ...]) -> OutboxItem | None:
+    """The item of a salvaged row, or None when what it holds is not a usable row (damage that still reads)."""
+    try:
+        if not isinstance(row[1], str) or not isinstance(row[2], str) or row[4] not in SEVERITY_NAME:
+            return None
+        return _row_item(row)
+    except (TypeError, ValueError):
+        return None
