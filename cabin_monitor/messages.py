@@ -222,6 +222,7 @@ class SinkStats:
     last_refusal: Refusal | None = None
     refusing: bool = False  # events are held back after a refusal, retried with backoff
     refusals_detectable: bool = True  # False on MQTT 3.1.1: the broker drops what its ACL refuses, unseen
+    dropped_by_type: dict[str, int] = field(default_factory=dict)  # event type -> events dropped
 
 
 HealthStatus = Literal["ok", "degraded", "error"]

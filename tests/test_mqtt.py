@@ -28,7 +28,7 @@ from cabin_monitor.bus.outbox import Outbox
 from cabin_monitor.bus.payloads import event_payload, health_payload, state_payloads
 from cabin_monitor.bus.remote import RemoteRequests, RequestQueue
 from cabin_monitor.config import EMOTIONS_7, MqttConfig, RemoteConfigConfig, RulesConfig, TlsConfig
-from cabin_monitor.messages import CameraState, Event, RemoteRequest, RemoteStats
+from cabin_monitor.messages import CameraState, Event, Phase, RemoteRequest, RemoteStats
 from cabin_monitor.rules import OccupantState
 from cabin_monitor.rules.in_force import RulesInForce
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage, free_port
@@ -846,3 +846,27 @@ def test_mqtt_5_is_the_default(mqtt_broker: MosquittoBroker, outbox: Outbox) -> 
         recorder.wait_for(lambda ms: any(m.payload == b"online" for m in ms))
         sink.stop(flush_timeout_s=5)
     assert "as cabin-monitor-car-1 (p5," in mqtt_broker.log_text()
+
+
+def test_an_outage_that_fills_the_outbox_delivers_no_end_without_its_start(tmp_path: Path) -> None:
+    """Broker down, outbox full (6 events) while 12 rounds of overlapping stress and occupant_lost pairs come: what
+    arrives afterwards pairs up, and the drops are counted per type."""
+    broker = MosquittoBroker(tmp_path / "broker", persistence=True)
+    with Outbox(tmp_path / "outbox.sqlite", max_events=6) as box:
+        sink = make_sink(broker.url, box)
+        for _ in range(12):
+            stress, lost = make_event(Phase.START), make_event(Phase.START, type="occupant_lost")
+            sink.submit_event(stress)
+            sink.submit_event(lost)
+            sink.submit_event(make_event(Phase.END, start_event_id=stress.event_id))
+            sink.submit_event(make_event(Phase.END, type="occupant_lost", start_event_id=lost.event_id))
+        with broker, MqttRecorder(broker.url, [f"{BASE}/events"]) as recorder:
+            wait_until(lambda: sink.stats().outbox_depth == 0, 20, "the outbox drained")
+            sink.stop(flush_timeout_s=1.0)
+        received = [json.loads(m.payload) for m in recorder.messages]
+        starts = {e["event_id"] for e in received if e["phase"] == "start"}
+        orphans = [e for e in received if e["phase"] == "end" and e["start_event_id"] not in starts]
+        assert not orphans, f"{len(orphans)} ends without their start, of {len(received)} received"
+        print(f"\noutage: 48 events, outbox of 6: {len(received)} received, dropped {box.dropped_by_type}")
+        assert len(received) + sum(box.dropped_by_reason.values()) == 48
+        assert set(box.dropped_by_type) == {"stress", "occupant_lost"}

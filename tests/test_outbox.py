@@ -641,3 +641,37 @@ def test_open_outbox_salvages_the_readable_rows_of_a_damaged_file(tmp_path: Path
     assert aside is not None and aside.moved_to.exists() and aside.salvaged == len(salvaged)
     assert 300 < len(salvaged) < 400 and salvaged == sorted(salvaged)
     assert set(salvaged) <= {f"e{i:03d}" for i in range(400)}
+
+
+def unpaired_ends(outbox: Outbox, delivered_starts: set[str]) -> list[str]:
+    """Pending ends whose start is neither pending nor delivered: ends of nothing the receiver has."""
+    items = outbox.pending(1000)
+    pending_starts = {i.event_id for i in items if i.facts is not None and i.facts.phase is Phase.START}
+    return [
+        i.event_id
+        for i in items
+        if i.facts is not None
+        and i.facts.phase is Phase.END
+        and i.facts.start_event_id not in pending_starts | delivered_starts
+    ]
+
+
+def test_eviction_keeps_a_start_and_its_end_together_and_counts_per_type(tmp_path: Path) -> None:
+    """A full outbox evicts a start with its end, refuses the end of an evicted start, keeps the end of a delivered
+    start while anything else can go, and counts what it dropped per event type."""
+    with Outbox(tmp_path / "outbox.sqlite", max_events=6) as outbox:
+        delivered = make_event(Phase.START, type="occupant_lost")
+        put_event(outbox, delivered)
+        assert outbox.ack(outbox.pending(1)[0].row_id)
+        put_event(outbox, make_event(Phase.END, type="occupant_lost", start_event_id=delivered.event_id))
+        late_start = make_event(Phase.START)
+        put_event(outbox, late_start)
+        for _ in range(5):  # a 'broker outage': pairs keep coming
+            start = make_event(Phase.START)
+            put_event(outbox, start)
+            put_event(outbox, make_event(Phase.END, start_event_id=start.event_id))
+        put_event(outbox, make_event(Phase.END, start_event_id=late_start.event_id))
+        assert unpaired_ends(outbox, {delivered.event_id}) == []
+        kept = [(i.facts.type, i.facts.phase.value) for i in outbox.pending(10) if i.facts is not None]
+        assert kept[0] == ("occupant_lost", "end") and kept[1:] == [("stress", "start"), ("stress", "end")] * 2
+        assert outbox.dropped_by_type == {"stress": 8} and outbox.dropped_by_reason["full"] == 8

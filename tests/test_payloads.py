@@ -176,6 +176,7 @@ def test_health_payload_maps_a_snapshot_field_by_field() -> None:
             "memory_unkept": 0,
             "dropped_total": 0,
             "dropped_by_reason": {"full": 0, "expired": 0, "memory_full": 0},
+            "dropped_by_type": {},
             "last_error": None,
         },
         "mqtt": {
@@ -319,6 +320,7 @@ def test_health_reports_the_last_refusal_and_the_outbox_state() -> None:
         refused_total=3,
         last_refusal=refusal,
         refusing=True,
+        dropped_by_type={"stress": 2},
     )
     payload = json.loads(health_payload(make_health(sink=sink), "car-1").model_dump_json())
     assert payload["outbox"] | {"dropped_by_reason": None} == {
@@ -328,6 +330,7 @@ def test_health_reports_the_last_refusal_and_the_outbox_state() -> None:
         "memory_unkept": 1,
         "dropped_total": 0,
         "dropped_by_reason": None,
+        "dropped_by_type": {"stress": 2},
         "last_error": "database or disk is full",
     }
     assert payload["mqtt"]["refused_events"] == 3

@@ -182,6 +182,7 @@ class MqttSink:
             outbox_depth=self._outbox.depth(),
             dropped_total=self._outbox.dropped_total,
             dropped_by_reason=self._outbox.dropped_by_reason,
+            dropped_by_type=self._outbox.dropped_by_type,
             published_total=self._sender.published_total,
             outbox_state=self._outbox.state,
             outbox_memory_depth=self._outbox.memory_depth,

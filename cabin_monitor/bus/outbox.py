@@ -45,7 +45,7 @@ from cabin_monitor.bus.facts import COLUMNS as _FACT_COLUMNS
 from cabin_monitor.bus.facts import NO_FACTS, EventFacts, facts_of_payload
 from cabin_monitor.bus.fallback import FallbackFile, KeptEvent
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
-from cabin_monitor.messages import OutboxState, Severity
+from cabin_monitor.messages import OutboxState, Phase, Severity
 
 SEVERITY_RANK = {name: rank for rank, name in enumerate(get_args(Severity))}
 SEVERITY_NAME: dict[int, Severity] = {rank: name for name, rank in SEVERITY_RANK.items()}
@@ -88,6 +88,19 @@ CREATE INDEX IF NOT EXISTS outbox_age ON outbox (created_wall_s);
 # The facts' columns are added to files written before they existed; NULL in those files' rows.
 _BASE_COLUMNS = "row_id, event_id, topic, payload, severity, created_wall_s"
 _ROW_COLUMNS = f"{_BASE_COLUMNS}, {', '.join(_FACT_COLUMNS)}"
+# The next event to evict: the lowest severity, then ends whose start is no longer here (delivered: without
+# them it would never end) last, then the oldest.
+_VICTIM = """
+SELECT row_id, event_id, severity, created_wall_s, type, phase FROM outbox AS o
+ORDER BY severity,
+    (phase = 'end' AND start_event_id IS NOT NULL
+     AND NOT EXISTS (SELECT 1 FROM outbox AS s WHERE s.event_id = o.start_event_id)),
+    row_id
+LIMIT 1
+"""
+_VICTIM_WITHOUT_FACTS = (
+    "SELECT row_id, event_id, severity, created_wall_s, NULL, NULL FROM outbox ORDER BY severity, row_id LIMIT 1"
+)
 # What a file that could not be given the facts' columns is read with.
 _ROW_COLUMNS_WITHOUT_FACTS = f"{_BASE_COLUMNS}, {', '.join('NULL' for _ in _FACT_COLUMNS)}"
 
@@ -135,6 +148,7 @@ class DroppedEvent:
     severity: str
     created_wall_s: float
     reason: DropReason
+    type: str | None = None  # the event's type, when the outbox knows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +189,9 @@ class Outbox:
         # serialised by this lock.
         self._lock = threading.Lock()
         self._dropped: dict[str, int] = {reason: 0 for reason in get_args(DropReason)}
+        self._dropped_by_type: dict[str, int] = {}
+        # Starts evicted before their end came: that end is refused too (insertion-ordered, bounded).
+        self._dropped_starts: dict[str, None] = {}
         self._memory: list[_HeldEvent] = []  # newer than every row on disk, oldest first
         self._undeleted: set[int] = set()  # delivered rows whose DELETE failed
         self._write_fault: sqlite3.Error | None = None  # the last failed write, until writing works again
@@ -361,6 +378,8 @@ class Outbox:
             refused: DropReason | None = None
             if event.created_wall_s < now - self.max_age_s:
                 refused = "expired"
+            elif event.facts is not None and self._dropped_starts.pop(event.facts.start_event_id or "", 1) is None:
+                refused = "full"  # its start was evicted: an end alone would end nothing the receiver has
             else:
                 evicted, fits = self._make_room_locked(event.rank)
                 dropped += evicted
@@ -379,7 +398,7 @@ class Outbox:
                 columns = _ROW_COLUMNS if self._has_fact_columns else _BASE_COLUMNS
                 self._db.execute(f"INSERT INTO outbox ({columns}) VALUES ({', '.join('?' * len(values))})", values)
             else:
-                dropped.append(DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, refused))
+                dropped.append(_dropped(event, refused))
         return dropped
 
     def _on_disk_locked(self, event_id: str) -> bool:
@@ -470,19 +489,36 @@ class Outbox:
         return dropped
 
     def _make_room_locked(self, rank: int) -> tuple[list[DroppedEvent], bool]:
-        """Evict until one more event fits; returns the evicted and False if the newcomer should go instead."""
+        """Evict until one more event fits; returns the evicted and False if the newcomer should go instead.
+
+        Pairs go together: a start is evicted with its end (and its end, still to come, refused: see
+        ``_dropped_starts``); an end whose start was delivered already goes only when nothing else of its
+        severity is left, since without it that start would never end.
+        """
         evicted: list[DroppedEvent] = []
         depth: int = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         while depth >= self.max_events:
-            victim = self._db.execute(
-                "SELECT row_id, event_id, severity, created_wall_s FROM outbox ORDER BY severity, row_id LIMIT 1"
-            ).fetchone()
+            victim = self._db.execute(_VICTIM if self._has_fact_columns else _VICTIM_WITHOUT_FACTS).fetchone()
             if rank < victim[2]:
                 # Everything held matters more than the newcomer: keep them all and refuse it.
                 return evicted, False
-            self._db.execute("DELETE FROM outbox WHERE row_id = ?", (victim[0],))
-            evicted.append(DroppedEvent(victim[1], SEVERITY_NAME[victim[2]], victim[3], "full"))
+            row_id, event_id, severity, created_wall_s, event_type, phase = victim
+            self._db.execute("DELETE FROM outbox WHERE row_id = ?", (row_id,))
+            evicted.append(DroppedEvent(event_id, SEVERITY_NAME[severity], created_wall_s, "full", event_type))
             depth -= 1
+            if phase == Phase.START.value:
+                ends = self._db.execute(
+                    "SELECT row_id, event_id, severity, created_wall_s, type FROM outbox WHERE start_event_id = ?",
+                    (event_id,),
+                ).fetchall()
+                for end in ends:
+                    self._db.execute("DELETE FROM outbox WHERE row_id = ?", (end[0],))
+                    evicted.append(DroppedEvent(end[1], SEVERITY_NAME[end[2]], end[3], "full", end[4]))
+                    depth -= 1
+                if not ends:
+                    self._dropped_starts[event_id] = None
+                    while len(self._dropped_starts) > self.max_events:
+                        del self._dropped_starts[next(iter(self._dropped_starts))]
         return evicted, True
 
     def pending(self, limit: int, after_row_id: int = 0) -> list[OutboxItem]:
@@ -566,6 +602,8 @@ class Outbox:
     def _count(self, dropped: list[DroppedEvent]) -> None:
         for d in dropped:
             self._dropped[d.reason] += 1
+            kind = d.type or "unknown"
+            self._dropped_by_type[kind] = self._dropped_by_type.get(kind, 0) + 1
 
     def depth(self) -> int:
         """Events held, on disk and in memory."""
@@ -636,6 +674,12 @@ class Outbox:
         with self._lock:
             return dict(self._dropped)
 
+    @property
+    def dropped_by_type(self) -> dict[str, int]:
+        """Events dropped since this object was created, per event type (``unknown`` for rows without facts)."""
+        with self._lock:
+            return dict(self._dropped_by_type)
+
     def close(self) -> None:
         """Close the database (and the fallback file); what is pending there stays for the next start."""
         with self._lock:
@@ -660,7 +704,8 @@ def _rank(severity: str) -> int:
 
 
 def _dropped(event: _HeldEvent, reason: DropReason) -> DroppedEvent:
-    return DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, reason)
+    event_type = None if event.facts is None else event.facts.type
+    return DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, reason, event_type)
 
 
 def _item(event: _HeldEvent) -> OutboxItem:

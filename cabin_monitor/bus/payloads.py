@@ -181,6 +181,9 @@ class OutboxHealth(_Payload):
     )
     dropped_total: int
     dropped_by_reason: dict[str, int] = Field(description="'full', 'expired' and 'memory_full' -> events dropped.")
+    dropped_by_type: dict[str, int] = Field(
+        default_factory=dict, description="Event type ('stress', …; 'unknown' without facts) -> events dropped."
+    )
     last_error: str | None = Field(None, description="Why the file cannot be written, while state is not ok.")
 
 
@@ -407,6 +410,7 @@ def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
             memory_unkept=sink.outbox_memory_unkept,
             dropped_total=sink.dropped_total,
             dropped_by_reason=dict(sink.dropped_by_reason),
+            dropped_by_type=dict(sink.dropped_by_type),
             last_error=sink.outbox_error,
         ),
         mqtt=MqttHealth(
