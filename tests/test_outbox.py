@@ -675,3 +675,25 @@ def test_eviction_keeps_a_start_and_its_end_together_and_counts_per_type(tmp_pat
         kept = [(i.facts.type, i.facts.phase.value) for i in outbox.pending(10) if i.facts is not None]
         assert kept[0] == ("occupant_lost", "end") and kept[1:] == [("stress", "start"), ("stress", "end")] * 2
         assert outbox.dropped_by_type == {"stress": 8} and outbox.dropped_by_reason["full"] == 8
+
+
+def test_the_memory_queue_keeps_a_start_and_its_end_together(tmp_path: Path) -> None:
+    """With the disk full and memory_max_events 3, overlapping stress and occupant_lost pairs leave no end held
+    without its start, and what went is counted per type."""
+    with tmpfs(tmp_path / "state", 1024) as state, Outbox(state / "outbox.sqlite", memory_max_events=3) as outbox:
+        put(outbox, "w0", "warning")
+        with pin_wal(outbox.path):
+            filler = fill(state)
+            put_until_held(outbox, "p")
+            before = {item.event_id for item in outbox.pending(1000)}
+            for _ in range(6):
+                stress, lost = make_event(Phase.START), make_event(Phase.START, type="occupant_lost")
+                put_event(outbox, stress)
+                put_event(outbox, lost)
+                put_event(outbox, make_event(Phase.END, start_event_id=stress.event_id))
+                put_event(outbox, make_event(Phase.END, type="occupant_lost", start_event_id=lost.event_id))
+            assert filler.exists() and state_of(outbox) == "disk_full"
+            assert unpaired_ends(outbox, set()) == []
+            assert [i for i in outbox.pending(1000) if i.event_id not in before]
+            assert set(outbox.dropped_by_type) <= {"stress", "occupant_lost", "unknown"}
+            assert outbox.dropped_by_type.get("stress", 0) + outbox.dropped_by_type.get("occupant_lost", 0) >= 20

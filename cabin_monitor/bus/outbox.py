@@ -399,6 +399,7 @@ class Outbox:
                 self._db.execute(f"INSERT INTO outbox ({columns}) VALUES ({', '.join('?' * len(values))})", values)
             else:
                 dropped.append(_dropped(event, refused))
+                self._note_dropped_start_locked(event)
         return dropped
 
     def _on_disk_locked(self, event_id: str) -> bool:
@@ -413,19 +414,42 @@ class Outbox:
         if event.created_wall_s < time.time() - self.max_age_s:
             self._forget_kept_locked(event.event_id)
             return [_dropped(event, "expired")]
+        if _end_of(event) is not None and self._dropped_starts.pop(_end_of(event) or "", 1) is None:
+            self._forget_kept_locked(event.event_id)
+            return [_dropped(event, "memory_full")]  # its start was dropped: pairs go together
         if len(self._memory) < self.memory_max_events:
             self._memory.append(event)
             self._keep_locked(event)
             return []
-        victim = min(self._memory, key=lambda held: held.rank)  # min() keeps the first, i.e. the oldest
+        held_ids = {held.event_id for held in self._memory}
+
+        def last_to_go(held: _HeldEvent) -> bool:
+            start = _end_of(held)
+            return start is not None and start not in held_ids and not self._on_disk_locked(start)
+
+        # The lowest severity, ends of delivered starts last, the oldest (min() keeps the first).
+        victim = min(self._memory, key=lambda held: (held.rank, last_to_go(held)))
         if event.rank < victim.rank:
             self._forget_kept_locked(event.event_id)
+            self._note_dropped_start_locked(event)
             return [_dropped(event, "memory_full")]
-        self._memory.remove(victim)
-        self._forget_kept_locked(victim.event_id)
+        gone = [victim, *(held for held in self._memory if _end_of(held) == victim.event_id)]
+        for held in gone:
+            self._memory.remove(held)
+            self._forget_kept_locked(held.event_id)
+        if len(gone) == 1:
+            self._note_dropped_start_locked(victim)
         self._memory.append(event)
         self._keep_locked(event)
-        return [_dropped(victim, "memory_full")]
+        return [_dropped(held, "memory_full") for held in gone]
+
+    def _note_dropped_start_locked(self, event: _HeldEvent) -> None:
+        """A start dropped before its end came: that end is refused when it comes (bounded memory of them)."""
+        if event.facts is None or event.facts.phase is not Phase.START:
+            return
+        self._dropped_starts[event.event_id] = None
+        while len(self._dropped_starts) > self.max_events:
+            del self._dropped_starts[next(iter(self._dropped_starts))]
 
     def _keep_locked(self, event: _HeldEvent) -> None:
         """Keep a memory-held event in the fallback file too, if there is one that works."""
@@ -701,6 +725,13 @@ def _rank(severity: str) -> int:
         return SEVERITY_RANK[severity]
     except KeyError:
         raise ValueError(f"severity must be one of {sorted(SEVERITY_RANK)}, got {severity!r}") from None
+
+
+def _end_of(event: _HeldEvent) -> str | None:
+    """The start's ``event_id`` when ``event`` is an end, else None."""
+    if event.facts is None or event.facts.phase is not Phase.END:
+        return None
+    return event.facts.start_event_id
 
 
 def _dropped(event: _HeldEvent, reason: DropReason) -> DroppedEvent:
