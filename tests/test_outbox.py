@@ -697,3 +697,30 @@ def test_the_memory_queue_keeps_a_start_and_its_end_together(tmp_path: Path) -> 
             assert [i for i in outbox.pending(1000) if i.event_id not in before]
             assert set(outbox.dropped_by_type) <= {"stress", "occupant_lost", "unknown"}
             assert outbox.dropped_by_type.get("stress", 0) + outbox.dropped_by_type.get("occupant_lost", 0) >= 20
+
+
+def test_an_outbox_damaged_while_open_is_replaced_by_its_readable_rows(tmp_path: Path) -> None:
+    """Two pages overwritten under an open outbox (larger than SQLite's cache): the next call moves the file aside,
+    goes on with a new one holding the readable rows under their row ids, and takes new events."""
+    path = tmp_path / "outbox.sqlite"
+    Outbox(path).close()
+    with sqlite3.connect(path) as db:  # one transaction: 8000 puts would take a minute of fsyncs
+        rows = [(i + 1, f"e{i:05d}", "cabin/car-1/events", b"x" * 600, 1, NOW) for i in range(8000)]
+        db.executemany(
+            "INSERT INTO outbox (row_id, event_id, topic, payload, severity, created_wall_s) VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    with Outbox(path, max_events=20000) as outbox:
+        row_ids = {item.event_id: item.row_id for item in outbox.pending(20000)}
+        with path.open("r+b") as f:
+            f.seek(4096 * (path.stat().st_size // 4096 // 3))
+            f.write(b"\xa5" * 8192)
+        items = outbox.pending(20000)
+        put(outbox, "new")
+        assert outbox.pending(20000)[-1].event_id == "new" and outbox.depth() == len(items) + 1
+    (moved,) = outbox.replaced
+    print(f"\n8000 rows, 2 pages overwritten while open: {moved.salvaged} salvaged")
+    assert 7900 < len(items) == moved.salvaged < 8000 and moved.moved_to.exists()
+    assert all(row_ids[item.event_id] == item.row_id for item in items)
+    with Outbox(path) as reopened:
+        assert reopened.depth() == len(items) + 1

@@ -32,20 +32,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, get_args
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
+
+import structlog
 
 from cabin_monitor.bus.facts import COLUMNS as _FACT_COLUMNS
 from cabin_monitor.bus.facts import NO_FACTS, EventFacts, facts_of_payload
 from cabin_monitor.bus.fallback import FallbackFile, KeptEvent
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
 from cabin_monitor.messages import OutboxState, Phase, Severity
+
+log = structlog.get_logger("cabin_monitor.bus.outbox")
 
 SEVERITY_RANK = {name: rank for rank, name in enumerate(get_args(Severity))}
 SEVERITY_NAME: dict[int, Severity] = {rank: name for name, rank in SEVERITY_RANK.items()}
@@ -164,6 +170,27 @@ class _HeldEvent:
     facts: EventFacts | None
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _salvaging(method: Callable[Concatenate[Outbox, _P], _R]) -> Callable[Concatenate[Outbox, _P], _R]:
+    """Run ``method``; when SQLite finds the file damaged, replace it by a new one holding its readable rows
+    (``Outbox.replace_damaged``) and run ``method`` again."""
+
+    @functools.wraps(method)
+    def salvaging(self: Outbox, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise
+            self.replace_damaged(str(exc))
+        return method(self, *args, **kwargs)
+
+    return salvaging
+
+
 class Outbox:
     """A bounded, persistent FIFO of events awaiting a broker acknowledgement; safe to share between threads."""
 
@@ -202,6 +229,7 @@ class Outbox:
         # True while the file could not be opened for writing (start-up on a full or read-only disk): what
         # it holds is read where it can be, new events are held in memory, and opening is retried.
         self._reading_only = False
+        self.replaced: list[MovedAside] = []  # files found damaged while running, moved aside
         try:
             self._db = self._open()
         except OutboxContentError:
@@ -285,6 +313,45 @@ class Outbox:
             raise
         return db
 
+    def replace_damaged(self, reason: str) -> MovedAside:
+        """The file turned out damaged while running: move it aside and go on with a new one holding the rows that
+        can still be read, under their own row ids (so the sender's window stays right). Logged."""
+        with self._lock:
+            self._db.close()
+            aside = _move_aside(self.path)
+            last_row_id = self._last_row_id
+            self._db = self._open()
+            self._last_row_id = max(last_row_id, self._last_row_id)
+            salvaged = salvage(aside, self.max_events)
+            columns = _ROW_COLUMNS if self._has_fact_columns else _BASE_COLUMNS
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                for item in salvaged:
+                    values: tuple[object, ...] = (
+                        item.row_id,
+                        item.event_id,
+                        item.topic,
+                        item.payload,
+                        SEVERITY_RANK[item.severity],
+                        item.created_wall_s,
+                    )
+                    if self._has_fact_columns:
+                        values += NO_FACTS if item.facts is None else item.facts.columns()
+                    self._db.execute(
+                        f"INSERT OR IGNORE INTO outbox ({columns}) VALUES ({', '.join('?' * len(values))})", values
+                    )
+            self._undeleted &= {item.row_id for item in salvaged}
+            moved = MovedAside(aside, reason, len(salvaged))
+            self.replaced.append(moved)
+        log.error(
+            "outbox file damaged while running; moved aside, its readable rows taken into a new one",
+            path=str(self.path),
+            moved_to=str(aside),
+            reason=reason,
+            salvaged=len(salvaged),
+        )
+        return moved
+
     def _open_for_reading(self) -> sqlite3.Connection:
         """A connection that only reads the file (or, when it cannot be read, an empty stand-in); writes through it
         fail as write faults, so events go to memory and deletes wait, as when a disk fills mid-run."""
@@ -328,6 +395,7 @@ class Outbox:
         self._last_row_id = max(last_row_id, self._last_row_id)
         return True
 
+    @_salvaging
     def put(
         self,
         event_id: str,
@@ -478,6 +546,7 @@ class Outbox:
             return
         self._kept.discard(event_id)
 
+    @_salvaging
     def retry_writes(self) -> list[DroppedEvent]:
         """Retry failed deletes and write what is held in memory (with nothing held, a probe write), so that
         ``state`` turns ``ok`` once the file takes writes again; returns the events dropped to make room."""
@@ -545,6 +614,7 @@ class Outbox:
                         del self._dropped_starts[next(iter(self._dropped_starts))]
         return evicted, True
 
+    @_salvaging
     def pending(self, limit: int, after_row_id: int = 0) -> list[OutboxItem]:
         """Up to ``limit`` events with ``row_id > after_row_id``, oldest first: those on disk, then those in memory."""
         with self._lock:
@@ -561,6 +631,7 @@ class Outbox:
                     items.append(_item(held))
         return items
 
+    @_salvaging
     def ack(self, row_id: int) -> bool:
         """Remove a delivered event; False if it was no longer held (already acked, evicted or expired).
 
@@ -588,6 +659,7 @@ class Outbox:
                 self._undeleted.add(row_id)
                 return True
 
+    @_salvaging
     def expire(self, now_wall_s: float | None = None) -> list[DroppedEvent]:
         """Drop events older than ``max_age_s`` (on disk and in memory); returns them."""
         now = time.time() if now_wall_s is None else now_wall_s
@@ -629,6 +701,7 @@ class Outbox:
             kind = d.type or "unknown"
             self._dropped_by_type[kind] = self._dropped_by_type.get(kind, 0) + 1
 
+    @_salvaging
     def depth(self) -> int:
         """Events held, on disk and in memory."""
         with self._lock:
@@ -885,16 +958,22 @@ def open_outbox(
         return Outbox(path, max_events, max_age_s, memory_max_events, fallback), None
     except OutboxContentError as exc:
         reason = str(exc)
-    aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
-    for suffix in ("", "-wal", "-shm"):
-        candidate = Path(f"{path}{suffix}")
-        if candidate.exists():
-            candidate.rename(Path(f"{aside}{suffix}"))
+    aside = _move_aside(path)
     outbox = Outbox(path, max_events, max_age_s, memory_max_events, fallback)
     salvaged = salvage(aside, max_events)
     for item in salvaged:
         outbox.put(item.event_id, item.topic, item.payload, item.severity, item.created_wall_s, item.facts)
     return outbox, MovedAside(aside, reason, len(salvaged))
+
+
+def _move_aside(path: Path) -> Path:
+    """Move the outbox file (with its -wal and -shm) out of the way; where it went."""
+    aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        candidate = Path(f"{path}{suffix}")
+        if candidate.exists():
+            candidate.rename(Path(f"{aside}{suffix}"))
+    return aside
 
 
 def salvage(path: Path, max_events: int) -> list[OutboxItem]:
