@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 import structlog
 from pydantic import ValidationError
 
-from cabin_monitor.bus.ledger import LedgerError, OpenEvent, OpenEventLedger, interrupted_ends, left_open
+from cabin_monitor.bus.ledger import (
+    LedgerError,
+    OpenEvent,
+    OpenEventLedger,
+    fallback_ledger_path,
+    interrupted_ends,
+    left_open,
+)
 from cabin_monitor.bus.mqtt import MqttSink
 from cabin_monitor.bus.outbox import Outbox, open_outbox
 from cabin_monitor.bus.remote import RemoteRequests, RequestQueue, RuleSets
@@ -257,8 +264,11 @@ def connect_broker(cfg: Config, rules: RuleSets) -> tuple[MqttSink, RemoteReques
     sink that fills it, then the worker that answers through the sink."""
     state_dir = cfg.resolved_state_dir()
     outbox = open_logged_outbox(cfg, state_dir)
-    requests = RequestQueue(cfg.remote_config.queue_size) if cfg.remote_config.enabled else None
-    ledger = OpenEventLedger(state_dir / "open_events.json")
+    requests = RequestQueue(cfg.remote_config) if cfg.remote_config.enabled else None
+    held_events = cfg.resolved_fallback_path()
+    ledger = OpenEventLedger(
+        state_dir / "open_events.json", None if held_events is None else fallback_ledger_path(held_events)
+    )
     unended = _left_open(ledger, outbox)
     sink = MqttSink(
         cfg.mqtt,
@@ -266,6 +276,7 @@ def connect_broker(cfg: Config, rules: RuleSets) -> tuple[MqttSink, RemoteReques
         outbox,
         on_remote_request=requests.offer if requests is not None else None,
         ledger=ledger,
+        max_request_bytes=cfg.remote_config.max_payload_bytes if requests is not None else None,
     )
     _end_interrupted(sink, unended)
     if requests is None:
@@ -285,12 +296,20 @@ def open_logged_outbox(cfg: Config, state_dir: Path) -> Outbox:
         cfg.resolved_fallback_path(),
     )
     _log_fallback(outbox)
+    if outbox.write_error is not None:
+        log.error(
+            "outbox file cannot be written at start-up; its events are read and new ones held in memory until it can",
+            path=str(outbox_path),
+            state=outbox.state,
+            error=outbox.write_error,
+        )
     if moved is not None:
         log.error(
             "outbox file damaged; moved aside, starting with an empty outbox",
             path=str(outbox_path),
             moved_to=str(moved.moved_to),
             reason=moved.reason,
+            salvaged=moved.salvaged,
         )
     return outbox
 

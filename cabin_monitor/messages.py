@@ -222,6 +222,8 @@ class SinkStats:
     refused_total: int = 0  # PUBACKs that refused an event
     last_refusal: Refusal | None = None
     refusing: bool = False  # events are held back after a refusal, retried with backoff
+    refusals_detectable: bool = True  # False on MQTT 3.1.1: the broker drops what its ACL refuses, unseen
+    dropped_by_type: dict[str, int] = field(default_factory=dict)  # event type -> events dropped
 
 
 HealthStatus = Literal["ok", "degraded", "error"]
@@ -236,6 +238,12 @@ class RemoteRequest:
     payload: bytes
     retained: bool  # a retained message replayed by the broker, never a live request
     received_s: float  # monotonic clock, seconds
+    oversize_bytes: int = 0  # > 0: the payload had this many bytes, over the limit, and was not kept (empty)
+
+    @property
+    def size_bytes(self) -> int:
+        """The payload's size as it came off the broker."""
+        return self.oversize_bytes or len(self.payload)
 
 
 @dataclass(frozen=True, slots=True)

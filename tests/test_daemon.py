@@ -33,7 +33,7 @@ from cabin_monitor.messages import Event, Phase, end_event_id
 from tests.support.broker import MosquittoBroker, MqttRecorder, RecordedMessage
 from tests.support.daemon import DaemonProcess, clean_environment
 from tests.support.helpers import wait_until
-from tests.support.mounts import fill, pin_wal, read_only_bind, remount, tmpfs
+from tests.support.mounts import fill, pin_wal, remount, tmpfs
 
 VEHICLE = "test-car"
 PREFIX = f"cabin/{VEHICLE}"
@@ -622,6 +622,32 @@ def test_a_damaged_outbox_is_moved_aside_not_a_crash_loop(
     assert list(state.glob("outbox.sqlite.unusable-*"))
 
 
+def test_the_readable_events_of_a_damaged_outbox_are_delivered(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, start_daemon: DaemonStarter
+) -> None:
+    """An outbox with 2 pages overwritten is set aside at start; the events still readable in it are delivered."""
+    state = tmp_path / "state"
+    state.mkdir()
+    path = state / "outbox.sqlite"
+    put_events(path, 400)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 4096 // 2
+    data[4096 * middle : 4096 * (middle + 2)] = b"\xa5" * 8192
+    path.write_bytes(bytes(data))
+    with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/events"]) as recorder:
+        daemon = start_daemon(
+            write_config(tmp_path), "--source", str(sample_path("no_face.mp4")), "--fast", "--mqtt-url", mqtt_broker.url
+        )
+        assert daemon.wait() == 0, daemon.logs()[-3000:]
+        (moved,) = daemon.logged("outbox file damaged; moved aside, starting with an empty outbox")
+        recorder.wait_for(lambda ms: len(events(ms)) >= moved["salvaged"], 15)
+    received = [e["event_id"] for e in events(recorder.messages)]
+    print(f"damaged outbox: 400 pending, {moved['salvaged']} salvaged, {len(received)} delivered")
+    assert 300 < len(received) == moved["salvaged"] < 400
+    assert received == sorted(received, key=lambda event_id: int(event_id.split("-")[1]))
+    assert list(state.glob("outbox.sqlite.unusable-*"))
+
+
 def run_once(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``cabin-monitor run --config CONFIG ARGS`` to the end, output captured."""
     return subprocess.run(
@@ -641,47 +667,44 @@ def put_events(path: Path, count: int) -> None:
     """Leave ``count`` pending events in the outbox at ``path``."""
     with Outbox(path) as outbox:
         for i in range(count):
-            outbox.put(f"pending-{i}", f"{PREFIX}/events", b"{}", "warning", time.time())
-
-
-def test_a_read_only_state_folder_exits_2_naming_it(tmp_path: Path) -> None:
-    """A state folder remounted read-only, holding an outbox, stops start-up with one line naming it, exit code 2."""
-    with tmpfs(tmp_path / "state", 1024) as state:
-        put_events(state / "outbox.sqlite", 3)
-        remount(state, read_only=True)
-        try:
-            proc = run_once(
-                write_config(tmp_path),
-                "--source",
-                str(sample_path("single_face.mp4")),
-                "--mqtt-url",
-                "mqtt://127.0.0.1:1",
+            outbox.put(
+                f"pending-{i}",
+                f"{PREFIX}/events",
+                json.dumps({"event_id": f"pending-{i}"}).encode(),
+                "warning",
+                time.time(),
             )
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_state_folder_at_start_up_still_monitors_and_delivers(
+    fault: str, mqtt_broker: MosquittoBroker, tmp_path: Path, start_daemon: DaemonStarter
+) -> None:
+    """A state folder full or read-only before start-up: the daemon runs (before: exit 1 or 2), health says so,
+    the pending events are delivered and new ones go out from memory; exit 0 at the end of the clip."""
+    with tmpfs(tmp_path / "state", 256) as state:
+        put_events(state / "outbox.sqlite", 3)
+        filler = fill(state) if fault == "full" else None
+        if fault == "read-only":
+            remount(state, read_only=True)
+        config = write_config(tmp_path, outbox={"fallback_path": str(tmp_path / "run" / "held-events.sqlite")})
+        try:
+            with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/events", f"{PREFIX}/health"]) as recorder:
+                daemon = start_daemon(
+                    config, "--source", str(sample_path("single_face.mp4")), "--fast", "--mqtt-url", mqtt_broker.url
+                )
+                assert daemon.wait() == 0, daemon.logs()[-3000:]
+                accepted = [r["event_id"] for r in daemon.logged("event accepted")]
+                pending = [f"pending-{i}" for i in range(3)]
+                recorder.wait_for(lambda ms: {e["event_id"] for e in events(ms)} >= {*pending, *accepted}, 15)
         finally:
-            remount(state, read_only=False)
-        with Outbox(state / "outbox.sqlite") as outbox:
-            assert outbox.depth() == 3
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    lines = plain_lines(proc.stderr)
-    assert len(lines) == 1 and f"the folder {state} is read-only" in lines[0], lines
-
-
-def test_an_unwritable_outbox_file_exits_2_and_keeps_its_events(tmp_path: Path) -> None:
-    """An outbox file that cannot be written (read-only bind mount) in a writable folder is named, never moved aside."""
-    state = tmp_path / "state"
-    state.mkdir()
-    put_events(state / "outbox.sqlite", 62)
-    with read_only_bind(state / "outbox.sqlite"):
-        proc = run_once(
-            write_config(tmp_path), "--source", str(sample_path("single_face.mp4")), "--mqtt-url", "mqtt://127.0.0.1:1"
-        )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = plain_lines(proc.stderr)
-    assert len(lines) == 1 and str(state / "outbox.sqlite") in lines[0] and "not writable" in lines[0], lines
-    assert sorted(p.name for p in state.iterdir()) == ["outbox.sqlite"]
-    with Outbox(state / "outbox.sqlite") as outbox:
-        assert outbox.depth() == 62
+            if fault == "read-only":
+                remount(state, read_only=False)
+        assert filler is None or filler.exists()
+    states = {h["outbox"]["state"] for h in health_payloads(recorder.messages)}
+    print(f"{fault} state folder at start-up: {len(accepted)} accepted, 3 pending delivered, health {states}")
+    assert [e["event_id"] for e in events(recorder.messages)][:3] == pending
+    assert accepted and states == {"disk_full" if fault == "full" else "unwritable"}
 
 
 def test_a_full_state_folder_holds_events_in_memory_and_loses_none(
@@ -769,6 +792,45 @@ def test_events_held_in_memory_survive_a_daemon_kill_through_the_fallback_file(
     started = sorted(e["event_id"] for e in got if e["phase"] == "start")
     assert sorted(e["start_event_id"] for e in got if e["phase"] == "end") == started
     assert got[-1]["interrupted"] and got[-1]["start_event_id"] == accepted[-1]
+
+
+def test_a_full_state_folder_leaves_no_start_without_an_end_after_a_kill(
+    mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
+) -> None:
+    """State folder full, broker up: a start and an end delivered from memory are noted beside the fallback file, so
+    after a SIGKILL the next start ends that start once and sends no end again."""
+    fallback = tmp_path / "run" / "held-events.sqlite"
+    with tmpfs(tmp_path / "state", 256) as state:
+        config = write_config(tmp_path, outbox={"fallback_path": str(fallback)})
+        with MqttRecorder(mqtt_broker.url, [f"{PREFIX}/events"]) as recorder:
+            first = start_daemon(config, "--source", str(face_gap_video), "--loop", "--mqtt-url", mqtt_broker.url)
+            recorder.wait_for(lambda ms: any(e["phase"] == "start" for e in events(ms)), 90)
+            with pin_wal(state / "outbox.sqlite"):
+                filler = fill(state)
+                wait_until(lambda: bool(first.logged(HELD)), 60, "the outbox to report a full disk")
+                at_fault = len(first.logged("event accepted"))
+
+                def an_end_then_a_start_delivered() -> bool:
+                    accepted = first.logged("event accepted")
+                    phases = [r["phase"] for r in accepted[at_fault:]]
+                    received = {e["event_id"] for e in events(recorder.messages)}
+                    return "end" in phases and phases[-1] == "start" and {r["event_id"] for r in accepted} <= received
+
+                wait_until(an_end_then_a_start_delivered, 60, "an end and a start delivered from memory")
+                first.kill()
+                filler.unlink()
+            second = start_daemon(
+                config, "--source", str(sample_path("no_face.mp4")), "--fast", "--mqtt-url", mqtt_broker.url
+            )
+            assert second.wait() == 0, second.logs()[-3000:]
+            time.sleep(1.0)  # an end sent again would come right after the others
+    sent = [json.loads(m.payload) for m in recorder.messages if m.topic == f"{PREFIX}/events"]
+    starts = [e["event_id"] for e in sent if e["phase"] == "start"]
+    ends = [e["start_event_id"] for e in sent if e["phase"] == "end"]
+    print(f"full state folder, SIGKILL: {len(starts)} starts, {len(ends)} ends received")
+    assert sorted(ends) == sorted(starts), "every start exactly one end"
+    assert any(e["interrupted"] and e["start_event_id"] == starts[-1] for e in sent), "the last start, interrupted"
+    assert first.logged("open-event ledger cannot be written in the state folder; kept beside the outbox fallback file")
 
 
 TAKEN_IN = "events an earlier run kept in the outbox fallback file taken in"

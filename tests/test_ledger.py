@@ -136,3 +136,25 @@ def test_a_ledger_that_cannot_be_written_says_so(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("a file, not a folder")
     with pytest.raises(LedgerError, match="cannot write"):
         OpenEventLedger(tmp_path / "state" / "open_events.json").record(event("a", Phase.START))
+
+
+def test_a_ledger_the_state_folder_cannot_take_is_kept_beside_the_fallback_file(tmp_path: Path) -> None:
+    """With the state folder unwritable the ledger goes to its fallback copy; the next load reads that copy first,
+    and once the folder takes the ledger again the copy is removed."""
+    state = tmp_path / "state"
+    state.mkdir()
+    path, aside = state / "open_events.json", tmp_path / "run" / "open-events.json"
+    ledger = OpenEventLedger(path, aside)
+    ledger.record(event("a", Phase.START, at=NOW))
+    shutil.rmtree(state)
+    state.write_text("a file, not a folder")  # the state folder cannot be written now
+    ledger.record(event("b", Phase.START, at=NOW + 1))
+    ledger.record(event(end_event_id("a"), Phase.END, start_event_id="a"))
+    assert ledger.kept_aside and aside.exists()
+    again = OpenEventLedger(path, aside)
+    assert [e.event_id for e in again.load()] == ["b"] and again.kept_aside
+    state.unlink()
+    state.mkdir()
+    again.record(event("c", Phase.START, at=NOW + 2))
+    assert not again.kept_aside and not aside.exists()
+    assert [e.event_id for e in OpenEventLedger(path, aside).load()] == ["b", "c"]

@@ -21,7 +21,6 @@ from cabin_monitor.bus.outbox import (
     Outbox,
     OutboxContentError,
     OutboxError,
-    OutboxNotWritableError,
     open_outbox,
 )
 from cabin_monitor.bus.payloads import event_payload
@@ -424,8 +423,9 @@ def test_a_delete_that_cannot_be_written_is_retried_and_the_row_not_sent_again(t
             assert ids(reopened) == [f"e{i}" for i in range(acked, 40)]
 
 
-def test_a_read_only_folder_is_refused_naming_it_and_nothing_is_moved(tmp_path: Path) -> None:
-    """An outbox in a folder remounted read-only is refused (exit code 2) naming the folder; its events stay."""
+def test_a_read_only_folder_opens_reading_its_events_and_holding_new_ones(tmp_path: Path) -> None:
+    """An outbox in a folder remounted read-only opens: its events are handed out, new ones held in memory (and the
+    fallback file), acknowledgements wait; once writable again all of it is written and nothing was moved."""
     with tmpfs(tmp_path / "state", 1024) as state:
         path = state / "outbox.sqlite"
         with Outbox(path) as outbox:
@@ -434,25 +434,50 @@ def test_a_read_only_folder_is_refused_naming_it_and_nothing_is_moved(tmp_path: 
         before = sorted(p.name for p in state.iterdir())
         remount(state, read_only=True)
         try:
-            with pytest.raises(OutboxNotWritableError, match=f"the folder {state} is read-only") as info:
-                open_outbox(path, max_events=10, max_age_s=60.0)
-            assert info.value.exit_code == 2
+            outbox, moved = open_outbox(path, 10, 60.0, fallback=tmp_path / "run" / "held-events.sqlite")
+            assert moved is None and state_of(outbox) == "unwritable" and "read-only" in (outbox.write_error or "")
+            put(outbox, "e2")
+            assert ids(outbox) == ["e0", "e1", "e2"] and outbox.memory_event_ids == ["e2"]
+            assert outbox.ack(outbox.pending(1)[0].row_id) and ids(outbox) == ["e1", "e2"]
+            assert outbox.retry_writes() == [] and state_of(outbox) == "unwritable"
         finally:
             remount(state, read_only=False)
         assert sorted(p.name for p in state.iterdir()) == before
+        assert outbox.retry_writes() == [] and state_of(outbox) == "ok" and outbox.memory_depth == 0
+        outbox.close()
+        with Outbox(path) as reopened:
+            assert ids(reopened) == ["e1", "e2"]
+
+
+def test_a_full_disk_at_start_opens_reading_the_events_already_there(tmp_path: Path) -> None:
+    """An outbox closed cleanly on a disk that is then filled opens (before: 'disk I/O error'), says disk_full and
+    hands out its events; a new one waits in memory and is written, after them, once space is freed."""
+    with tmpfs(tmp_path / "state", 256) as state:
+        path = state / "outbox.sqlite"
         with Outbox(path) as outbox:
-            assert ids(outbox) == ["e0", "e1"]
+            for i in range(3):
+                put(outbox, f"e{i}")
+        filler = fill(state)
+        with Outbox(path) as outbox:
+            assert state_of(outbox) == "disk_full" and ids(outbox) == ["e0", "e1", "e2"]
+            put(outbox, "e3")
+            assert outbox.memory_event_ids == ["e3"] and ids(outbox) == ["e0", "e1", "e2", "e3"]
+            filler.unlink()
+            assert outbox.retry_writes() == [] and state_of(outbox) == "ok"
+        with Outbox(path) as reopened:
+            assert ids(reopened) == ["e0", "e1", "e2", "e3"]
 
 
-def test_a_read_only_file_in_a_writable_folder_is_refused_not_moved_aside(tmp_path: Path) -> None:
-    """An outbox file bind-mounted read-only is an environment fault naming the file, never 'damaged'."""
+def test_a_read_only_file_in_a_writable_folder_opens_and_is_never_moved_aside(tmp_path: Path) -> None:
+    """An outbox file bind-mounted read-only opens for reading, never as 'damaged': its events are handed out."""
     path = tmp_path / "outbox.sqlite"
     with Outbox(path) as outbox:
         for i in range(62):
             put(outbox, f"e{i}")
-    with read_only_bind(path), pytest.raises(OutboxNotWritableError, match="the file is not writable") as info:
-        open_outbox(path, max_events=100, max_age_s=60.0)
-    assert str(path) in str(info.value) and info.value.exit_code == 2
+    with read_only_bind(path):
+        outbox, moved = open_outbox(path, max_events=100, max_age_s=60.0)
+        assert moved is None and state_of(outbox) == "unwritable" and outbox.depth() == 62
+        outbox.close()
     assert not list(tmp_path.glob("*unusable*"))
     with Outbox(path) as outbox:
         assert outbox.depth() == 62
@@ -596,3 +621,106 @@ def test_an_outbox_file_without_facts_columns_on_a_full_disk_opens_as_before(tmp
             assert len(reopened.pending(10)) == 5
         with sqlite3.connect(path) as db:
             assert "start_event_id" in {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+
+
+def test_open_outbox_salvages_the_readable_rows_of_a_damaged_file(tmp_path: Path) -> None:
+    """An outbox with a few pages overwritten is set aside and its readable rows go, in order, into the new one."""
+    path = tmp_path / "outbox.sqlite"
+    with Outbox(path, max_events=1000) as outbox:
+        for i in range(400):
+            outbox.put(f"e{i:03d}", "cabin/car-1/events", b"x" * 200, "warning", NOW)
+    data = bytearray(path.read_bytes())
+    pages = len(data) // 4096
+    middle = pages // 2
+    data[4096 * middle : 4096 * (middle + 2)] = b"\xa5" * 8192
+    path.write_bytes(bytes(data))
+    outbox, aside = open_outbox(path, max_events=1000, max_age_s=60.0)
+    with outbox:
+        salvaged = ids(outbox)
+    print(f"\n{pages} pages, 2 overwritten: {len(salvaged)} of 400 rows salvaged")
+    assert aside is not None and aside.moved_to.exists() and aside.salvaged == len(salvaged)
+    assert 300 < len(salvaged) < 400 and salvaged == sorted(salvaged)
+    assert set(salvaged) <= {f"e{i:03d}" for i in range(400)}
+
+
+def unpaired_ends(outbox: Outbox, delivered_starts: set[str]) -> list[str]:
+    """Pending ends whose start is neither pending nor delivered: ends of nothing the receiver has."""
+    items = outbox.pending(1000)
+    pending_starts = {i.event_id for i in items if i.facts is not None and i.facts.phase is Phase.START}
+    return [
+        i.event_id
+        for i in items
+        if i.facts is not None
+        and i.facts.phase is Phase.END
+        and i.facts.start_event_id not in pending_starts | delivered_starts
+    ]
+
+
+def test_eviction_keeps_a_start_and_its_end_together_and_counts_per_type(tmp_path: Path) -> None:
+    """A full outbox evicts a start with its end, refuses the end of an evicted start, keeps the end of a delivered
+    start while anything else can go, and counts what it dropped per event type."""
+    with Outbox(tmp_path / "outbox.sqlite", max_events=6) as outbox:
+        delivered = make_event(Phase.START, type="occupant_lost")
+        put_event(outbox, delivered)
+        assert outbox.ack(outbox.pending(1)[0].row_id)
+        put_event(outbox, make_event(Phase.END, type="occupant_lost", start_event_id=delivered.event_id))
+        late_start = make_event(Phase.START)
+        put_event(outbox, late_start)
+        for _ in range(5):  # a 'broker outage': pairs keep coming
+            start = make_event(Phase.START)
+            put_event(outbox, start)
+            put_event(outbox, make_event(Phase.END, start_event_id=start.event_id))
+        put_event(outbox, make_event(Phase.END, start_event_id=late_start.event_id))
+        assert unpaired_ends(outbox, {delivered.event_id}) == []
+        kept = [(i.facts.type, i.facts.phase.value) for i in outbox.pending(10) if i.facts is not None]
+        assert kept[0] == ("occupant_lost", "end") and kept[1:] == [("stress", "start"), ("stress", "end")] * 2
+        assert outbox.dropped_by_type == {"stress": 8} and outbox.dropped_by_reason["full"] == 8
+
+
+def test_the_memory_queue_keeps_a_start_and_its_end_together(tmp_path: Path) -> None:
+    """With the disk full and memory_max_events 3, overlapping stress and occupant_lost pairs leave no end held
+    without its start, and what went is counted per type."""
+    with tmpfs(tmp_path / "state", 1024) as state, Outbox(state / "outbox.sqlite", memory_max_events=3) as outbox:
+        put(outbox, "w0", "warning")
+        with pin_wal(outbox.path):
+            filler = fill(state)
+            put_until_held(outbox, "p")
+            before = {item.event_id for item in outbox.pending(1000)}
+            for _ in range(6):
+                stress, lost = make_event(Phase.START), make_event(Phase.START, type="occupant_lost")
+                put_event(outbox, stress)
+                put_event(outbox, lost)
+                put_event(outbox, make_event(Phase.END, start_event_id=stress.event_id))
+                put_event(outbox, make_event(Phase.END, type="occupant_lost", start_event_id=lost.event_id))
+            assert filler.exists() and state_of(outbox) == "disk_full"
+            assert unpaired_ends(outbox, set()) == []
+            assert [i for i in outbox.pending(1000) if i.event_id not in before]
+            assert set(outbox.dropped_by_type) <= {"stress", "occupant_lost", "unknown"}
+            assert outbox.dropped_by_type.get("stress", 0) + outbox.dropped_by_type.get("occupant_lost", 0) >= 20
+
+
+def test_an_outbox_damaged_while_open_is_replaced_by_its_readable_rows(tmp_path: Path) -> None:
+    """Two pages overwritten under an open outbox (larger than SQLite's cache): the next call moves the file aside,
+    goes on with a new one holding the readable rows under their row ids, and takes new events."""
+    path = tmp_path / "outbox.sqlite"
+    Outbox(path).close()
+    with sqlite3.connect(path) as db:  # one transaction: 8000 puts would take a minute of fsyncs
+        rows = [(i + 1, f"e{i:05d}", "cabin/car-1/events", b"x" * 600, 1, NOW) for i in range(8000)]
+        db.executemany(
+            "INSERT INTO outbox (row_id, event_id, topic, payload, severity, created_wall_s) VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    with Outbox(path, max_events=20000) as outbox:
+        row_ids = {item.event_id: item.row_id for item in outbox.pending(20000)}
+        with path.open("r+b") as f:
+            f.seek(4096 * (path.stat().st_size // 4096 // 3))
+            f.write(b"\xa5" * 8192)
+        items = outbox.pending(20000)
+        put(outbox, "new")
+        assert outbox.pending(20000)[-1].event_id == "new" and outbox.depth() == len(items) + 1
+    (moved,) = outbox.replaced
+    print(f"\n8000 rows, 2 pages overwritten while open: {moved.salvaged} salvaged")
+    assert 7900 < len(items) == moved.salvaged < 8000 and moved.moved_to.exists()
+    assert all(row_ids[item.event_id] == item.row_id for item in items)
+    with Outbox(path) as reopened:
+        assert reopened.depth() == len(items) + 1

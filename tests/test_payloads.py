@@ -176,9 +176,16 @@ def test_health_payload_maps_a_snapshot_field_by_field() -> None:
             "memory_unkept": 0,
             "dropped_total": 0,
             "dropped_by_reason": {"full": 0, "expired": 0, "memory_full": 0},
+            "dropped_by_type": {},
             "last_error": None,
         },
-        "mqtt": {"connected": True, "reconnects": 0, "refused_events": 0, "last_refusal": None},
+        "mqtt": {
+            "connected": True,
+            "reconnects": 0,
+            "refused_events": 0,
+            "last_refusal": None,
+            "refusals_detectable": True,
+        },
         "remote": {"received": 7, "answered": 5, "busy": 2, "dropped": 1, "queued": 1},
         "last_error": None,
     }
@@ -318,6 +325,7 @@ def test_health_reports_the_last_refusal_and_the_outbox_state() -> None:
         refused_total=3,
         last_refusal=refusal,
         refusing=True,
+        dropped_by_type={"stress": 2},
     )
     payload = json.loads(health_payload(make_health(sink=sink), "car-1").model_dump_json())
     assert payload["outbox"] | {"dropped_by_reason": None} == {
@@ -327,6 +335,7 @@ def test_health_reports_the_last_refusal_and_the_outbox_state() -> None:
         "memory_unkept": 1,
         "dropped_total": 0,
         "dropped_by_reason": None,
+        "dropped_by_type": {"stress": 2},
         "last_error": "database or disk is full",
     }
     assert payload["mqtt"]["refused_events"] == 3

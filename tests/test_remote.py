@@ -73,7 +73,7 @@ class Outlet:
 def worker_for(rules: RulesInForce, settings: RemoteConfigConfig, **kwargs: Any) -> tuple[RemoteRequests, Outlet]:
     """A worker over a fresh queue, answering into an Outlet."""
     outlet = Outlet()
-    worker = RemoteRequests(RequestQueue(settings.queue_size), sets(rules), outlet, settings, "car-1", **kwargs)
+    worker = RemoteRequests(RequestQueue(settings), sets(rules), outlet, settings, "car-1", **kwargs)
     return worker, outlet
 
 
@@ -276,7 +276,7 @@ def test_requests_over_the_rate_are_answered_busy_and_not_applied(tmp_path: Path
 def test_a_full_queue_drops_requests_and_counts_them(tmp_path: Path) -> None:
     """offer never blocks: with the queue full, requests are dropped and counted; queued ones are answered."""
     settings = RemoteConfigConfig(queue_size=3)
-    requests = RequestQueue(settings.queue_size)
+    requests = RequestQueue(settings)
     outlet = Outlet()
     worker = RemoteRequests(requests, sets(in_force(tmp_path)), outlet, settings, "car-1", wall_clock=lambda: NOW)
     for n in range(5):
@@ -297,7 +297,11 @@ def test_shadow_requests_take_their_rows_shadow_handlers(tmp_path: Path) -> None
     live = in_force(tmp_path)
     outlet = Outlet()
     worker = RemoteRequests(
-        RequestQueue(8), sets(live, tmp_path / "shadow.json"), outlet, RemoteConfigConfig(), "car-1"
+        RequestQueue(RemoteConfigConfig(queue_size=8)),
+        sets(live, tmp_path / "shadow.json"),
+        outlet,
+        RemoteConfigConfig(),
+        "car-1",
     )
     patch = {"stress": {"sustain_s": 7}}
     worker.handle(request("set", {"request_id": "s", "shadow": True, "rules": patch}))
@@ -339,3 +343,39 @@ def test_shadow_refusals_name_rules_paths_and_a_non_boolean_flag(tmp_path: Path)
         odd = ask(rules, "set", {"request_id": "f", "shadow": flag, "rules": {}}).payload
         assert not odd.ok and [e.path for e in odd.errors] == ["shadow"]
     assert rules.effective == RulesConfig()
+
+
+def test_the_queue_is_bounded_in_bytes_and_keeps_no_oversized_payload(tmp_path: Path) -> None:
+    """Requests over queue_max_bytes are dropped; one over max_payload_bytes holds no bytes and is refused by size."""
+    settings = RemoteConfigConfig(queue_size=100, max_payload_bytes=1000, queue_max_bytes=2500)
+    worker, outlet = worker_for(in_force(tmp_path), settings)
+    requests = worker._requests  # the queue the worker reads
+    padded = {"request_id": "p", "rules": {}, "pad": "x" * 900}
+    for _ in range(3):
+        requests.offer(request("set", padded))
+    huge = request("set", {"request_id": "huge", "rules": {}, "pad": "x" * 5_000_000})
+    requests.offer(huge)
+    assert (worker.stats().received, worker.stats().dropped, worker.stats().queued) == (4, 1, 3)
+    worker.start()
+    try:
+        wait_until(lambda: len(outlet.results) == 3, what="three answers")
+    finally:
+        worker.stop()
+    assert outlet.results[-1]["request_id"] is None
+    assert (
+        outlet.results[-1]["errors"][0]["message"] == f"payload is {len(huge.payload)} bytes; at most 1000 are accepted"
+    )
+
+
+def test_an_oversized_request_is_never_parsed_on_the_retained_or_busy_path(tmp_path: Path) -> None:
+    """A retained or busy request over the limit is answered without its request_id: its JSON is never read."""
+    body = {"request_id": "big", "rules": {}, "pad": "x" * 5000}
+    retained = ask(in_force(tmp_path), "set", body, retained=True).payload
+    assert retained.errors[0].path == "(retained)" and retained.request_id is None
+    settings = RemoteConfigConfig(max_requests_per_s=0.001, burst_requests=1, max_payload_bytes=4096)
+    worker, outlet = worker_for(in_force(tmp_path), settings, clock=lambda: 0.0, wall_clock=lambda: NOW)
+    worker.handle(request("get", {"request_id": "first"}))
+    worker.handle(request("get", body))
+    worker.handle(request("get", {"request_id": "small"}))
+    assert [(r["errors"] or [{}])[0].get("path") for r in outlet.results] == [None, "(busy)", "(busy)"]
+    assert [r["request_id"] for r in outlet.results] == ["first", None, "small"]

@@ -4,7 +4,8 @@ Each connection is a fresh paho client (TLS and credentials from the config, the
 status as last will, the retained ``online`` birth first on every connect), so paho never re-sends
 anything on its own. ``run`` connects, reconnecting with jittered exponential backoff, and hands each
 connection to the caller's ``serve``. Acknowledgements come out as ``PubAck``s, messages on the
-subscribed topics as ``(topic, payload, retained)``; both on the network thread, which must only hand
+subscribed topics as ``(topic, payload, retained)`` (on MQTT 5 the retain flag as published, also
+for a retained message that arrives while connected); both on the network thread, which must only hand
 them over. Knows no outbox, no events and no payloads.
 
 Imports ``bus.sender`` (``PubAck``), ``bus.backoff``, ``config`` and ``errors``.
@@ -20,8 +21,10 @@ from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from structlog.typing import FilteringBoundLogger
 
 from cabin_monitor.bus.backoff import Backoff
@@ -34,6 +37,13 @@ OFFLINE_TIMEOUT_S = 2.0  # wait for the PUBACK of the 'offline' status on stop
 STOP_S = CONNECT_TIMEOUT_S + OFFLINE_TIMEOUT_S  # the longest ``run`` takes to return once stop is set
 IDLE_EVERY_S = 1.0  # how often ``idle`` runs while waiting to reconnect
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+
+
+def publish_packet_bytes(topic: str, payload: bytes, qos: int) -> int:
+    """The size of the MQTT 5 PUBLISH packet carrying ``payload`` on ``topic`` (no properties)."""
+    remaining = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + 1 + len(payload)
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
+    return 1 + length_bytes + remaining
 
 
 class TlsSetupError(RuntimeFault):
@@ -88,6 +98,7 @@ class BrokerClient:
         on_puback: Callable[[PubAck], None],
         on_change: Callable[[], None],
         pending: Callable[[], int],
+        max_packet_bytes: int | None = None,
     ) -> None:
         if config.url is None:
             raise ValueError("mqtt.url is not set")
@@ -105,12 +116,15 @@ class BrokerClient:
         self._on_puback = on_puback
         self._on_change = on_change  # something for the serving thread to look at
         self._pending = pending  # events waiting, for the log lines
+        self._max_packet_bytes = max_packet_bytes  # MQTT 5: the broker delivers no larger packet
         self.broker = f"{self._host}:{self._port}"
         self._connack = threading.Event()  # the CONNACK came (or the wait is pointless)
         self._link_lost = threading.Event()
         self._connected = False
         self._client: mqtt.Client | None = None
         self._connects = 0
+        self._broker_max_packet_bytes: int | None = None  # the CONNACK's Maximum Packet Size (MQTT 5)
+        self._too_large_topics: set[str] = set()  # logged once each
 
     @property
     def connected(self) -> bool:
@@ -135,6 +149,18 @@ class BrokerClient:
         """Hand a message to the current connection; its message id, or None when there is none or it is going."""
         client = self._client
         if not self._connected or client is None:
+            return None
+        limit = self._broker_max_packet_bytes
+        if limit is not None and (size := publish_packet_bytes(topic, payload, qos)) > limit:
+            # The broker would drop the connection over it (and again after every reconnect).
+            if topic not in self._too_large_topics:
+                self._too_large_topics.add(topic)
+                self._log.error(
+                    "message larger than the broker's Maximum Packet Size not sent",
+                    topic=topic,
+                    size_bytes=size,
+                    broker_max_packet_bytes=limit,
+                )
             return None
         info = client.publish(topic, payload, qos=qos, retain=retain)
         return info.mid if info.rc == mqtt.MQTT_ERR_SUCCESS else None
@@ -199,6 +225,23 @@ class BrokerClient:
         client.on_message = self._on_message
         return client
 
+    def _subscribe(self, client: mqtt.Client) -> None:
+        """Subscribe at QoS 1; on MQTT 5 with "retain as published", so that a retained message published while
+        connected still comes with its retain flag (without it, only the replay on subscribing has it)."""
+        if self._config.protocol != "5":
+            client.subscribe([(topic, 1) for topic in self._subscriptions])
+            return
+        options = SubscribeOptions(qos=1, retainAsPublished=True)  # type: ignore[no-untyped-call]
+        client.subscribe([(topic, options) for topic in self._subscriptions])
+
+    def _connect_properties(self) -> Properties | None:
+        """MQTT 5 CONNECT properties: the largest packet this client takes (the broker drops larger messages)."""
+        if self._config.protocol != "5" or self._max_packet_bytes is None:
+            return None
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.MaximumPacketSize = self._max_packet_bytes
+        return properties
+
     def _connect(self, attempt: int) -> bool:
         """Whether a connection was made and its CONNACK accepted (else logged, and nothing left to close)."""
         self._connack.clear()
@@ -212,7 +255,9 @@ class BrokerClient:
             protocol=self._config.protocol,
         )
         try:
-            client.connect(self._host, self._port, keepalive=self._config.keepalive_s)
+            client.connect(
+                self._host, self._port, keepalive=self._config.keepalive_s, properties=self._connect_properties()
+            )
         except ssl.SSLError as exc:
             self._log.error(f"TLS handshake with {self.broker} failed: {exc}", attempt=attempt)
             return False
@@ -262,10 +307,11 @@ class BrokerClient:
         if reason_code.is_failure:
             self._log.error("mqtt broker refused the connection", broker=self.broker, reason=str(reason_code))
         else:
+            self._broker_max_packet_bytes = getattr(properties, "MaximumPacketSize", None)
             # Birth first, so subscribers see 'online' before anything else from this connection.
             client.publish(self._status_topic, b"online", qos=1, retain=True)
             if self._subscriptions:
-                client.subscribe([(topic, 1) for topic in self._subscriptions])
+                self._subscribe(client)
             self._connected = True
         self._connack.set()
         self._on_change()
@@ -282,7 +328,11 @@ class BrokerClient:
             pass
         elif self._connected:
             self._log.warning(
-                "mqtt connection lost", broker=self.broker, reason=str(reason_code), pending=self._pending()
+                "mqtt connection lost",
+                broker=self.broker,
+                reason=str(reason_code),
+                reason_string=getattr(properties, "ReasonString", None),
+                pending=self._pending(),
             )
         elif not self._connack.is_set():
             # E.g. a TLS broker that wants a client certificate closes the link right after the handshake.

@@ -61,8 +61,18 @@ class EventIntake:
     def _record_in_ledger(self, event: Event) -> None:
         if self._ledger is None:
             return
+        was_aside = self._ledger.kept_aside
         try:
             self._ledger.record(event)
         except LedgerError as exc:
             # The event itself goes to the outbox either way; only its end after a crash is at stake.
             self._log.error("open-event ledger not updated", event_id=event.event_id, error=str(exc))
+            return
+        if self._ledger.kept_aside and not was_aside:
+            self._log.warning(
+                "open-event ledger cannot be written in the state folder; kept beside the outbox fallback file",
+                path=str(self._ledger.path),
+                fallback=str(self._ledger.fallback_path),
+            )
+        elif was_aside and not self._ledger.kept_aside:
+            self._log.info("open-event ledger written in the state folder again", path=str(self._ledger.path))

@@ -11,6 +11,12 @@ without its end is open, whatever the ledger says (delivery keeps the order, so 
 gone out before it; the ledger may not have noted it, when the state folder was full and the
 outbox's fallback file kept the start).
 
+When the state folder cannot be written (full, read-only), the ledger is written beside the outbox's
+fallback file instead (``open-events.json``, on another filesystem); that copy is newer than the
+folder's, so the next start reads it first, and it is removed once the folder takes the ledger again.
+A start delivered from memory is thus ended after a crash, and an end delivered from memory is not
+sent again.
+
 ``interrupted_ends`` and ``left_open`` are the pure part; ``OpenEventLedger`` the file. Where a
 submitted event enters the ledger, relative to the outbox, is ``bus.intake``'s business.
 
@@ -19,6 +25,7 @@ Imports ``bus.outbox`` (its items' facts) and ``messages``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -110,30 +117,38 @@ class LedgerError(Exception):
     """The ledger file cannot be read or written."""
 
 
-class OpenEventLedger:
-    """The ledger file; not thread-safe (the pipeline's inference thread submits every event)."""
+def fallback_ledger_path(held_events: Path) -> Path:
+    """Where the ledger goes when the state folder cannot take it: beside the outbox's fallback file."""
+    return held_events.with_name("open-events.json")
 
-    def __init__(self, path: Path) -> None:
+
+class OpenEventLedger:
+    """The ledger file, with its copy on another filesystem (``fallback_path``) for when the state folder cannot
+    be written; not thread-safe (the pipeline's inference thread submits every event)."""
+
+    def __init__(self, path: Path, fallback_path: Path | None = None) -> None:
         self.path = path
+        self.fallback_path = fallback_path
         self._open: dict[str, OpenEvent] = {}
+        self._kept_aside = False  # the fallback copy exists (or may): it is the newer one
+
+    @property
+    def kept_aside(self) -> bool:
+        """Whether the ledger lives in its fallback copy now (the state folder could not take it)."""
+        return self._kept_aside
 
     def load(self) -> list[OpenEvent]:
-        """The events a previous run left open, oldest first (none when there is no file).
+        """The events a previous run left open, oldest first (none when there is no file), from the fallback copy
+        when there is one (it was written after the state folder's file).
 
         Raises ``LedgerError`` naming the file when it cannot be read or is not a ledger.
         """
-        try:
-            document = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
-            raise LedgerError(f"{self.path}: cannot read the open-event ledger ({exc})") from exc
-        try:
-            if document.get("format") != FORMAT:
-                raise ValueError(f"format {document.get('format')!r}")
-            loaded = [OpenEvent(**entry) for entry in document["open"]]
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise LedgerError(f"{self.path}: not an open-event ledger ({exc})") from exc
+        loaded: list[OpenEvent] | None = None
+        if self.fallback_path is not None:
+            loaded = _read(self.fallback_path)
+            self._kept_aside = loaded is not None
+        if loaded is None:
+            loaded = _read(self.path) or []
         self._open = {event.event_id: event for event in loaded}
         return sorted(loaded, key=lambda event: event.started_wall_time_s)
 
@@ -160,14 +175,47 @@ class OpenEventLedger:
 
     def _write(self) -> None:
         document: dict[str, Any] = {"format": FORMAT, "open": [asdict(event) for event in self._open.values()]}
-        temporary = self.path.with_name(self.path.name + ".tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as f:
-                json.dump(document, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, self.path)
+            _write_atomically(self.path, document)
         except OSError as exc:
-            raise LedgerError(f"{self.path}: cannot write the open-event ledger ({exc})") from exc
+            if self.fallback_path is None:
+                raise LedgerError(f"{self.path}: cannot write the open-event ledger ({exc})") from exc
+            try:
+                _write_atomically(self.fallback_path, document)
+            except OSError as aside:
+                raise LedgerError(
+                    f"{self.path}: cannot write the open-event ledger ({exc}), nor {self.fallback_path} ({aside})"
+                ) from aside
+            self._kept_aside = True
+            return
+        if self._kept_aside and self.fallback_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fallback_path.unlink()
+            self._kept_aside = False
+
+
+def _read(path: Path) -> list[OpenEvent] | None:
+    """The open events a ledger file holds; None when there is no file. Raises ``LedgerError`` naming it."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LedgerError(f"{path}: cannot read the open-event ledger ({exc})") from exc
+    try:
+        if document.get("format") != FORMAT:
+            raise ValueError(f"format {document.get('format')!r}")
+        return [OpenEvent(**entry) for entry in document["open"]]
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise LedgerError(f"{path}: not an open-event ledger ({exc})") from exc
+
+
+def _write_atomically(path: Path, document: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+        json.dump(document, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)

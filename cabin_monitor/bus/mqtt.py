@@ -43,6 +43,8 @@ __all__ = ["MqttSink", "TlsSetupError", "build_ssl_context"]
 log = structlog.get_logger("cabin_monitor.bus.mqtt")
 
 WAKE_S = 0.5  # the sender looks at the stop flag at least this often
+# Room for a request's topic, header and properties beyond its payload in the MQTT 5 Maximum Packet Size.
+PACKET_OVERHEAD_BYTES = 4096
 
 
 class MqttSink:
@@ -53,7 +55,8 @@ class MqttSink:
     ``on_remote_request`` is given, ``config/set``, ``config/get`` and ``config/reset`` in,
     ``config/result`` and the retained ``rules/state`` out. ``on_remote_request`` runs on the MQTT
     network thread and must only queue the request (``RequestQueue.offer``); answers come back
-    through ``publish_config_result``, the rules state through ``publish_rules_state``.
+    through ``publish_config_result``, the rules state through ``publish_rules_state``. With
+    ``max_request_bytes`` (MQTT 5) the broker is told never to deliver a larger request.
     """
 
     def __init__(
@@ -66,11 +69,13 @@ class MqttSink:
         *,
         rng: random.Random | None = None,
         ledger: OpenEventLedger | None = None,
+        max_request_bytes: int | None = None,
     ) -> None:
         if config.url is None:
             raise ValueError("mqtt.url is not set; use StdoutSink to print events instead")
         self._vehicle_id = vehicle_id
         self._outbox = outbox
+        self._protocol = config.protocol
         # Not bound here: binding the module's lazy logger would freeze the logging set-up of this moment.
         self._log: FilteringBoundLogger = logger or log
         base = f"{config.topic_prefix}/{vehicle_id}"
@@ -106,6 +111,7 @@ class MqttSink:
             on_puback=self._sender.note_ack,
             on_change=self._wake.set,
             pending=outbox.depth,
+            max_packet_bytes=None if max_request_bytes is None else max_request_bytes + PACKET_OVERHEAD_BYTES,
         )
 
     def state_topic(self, occupant_id: str) -> str:
@@ -118,6 +124,12 @@ class MqttSink:
         """Start the sender thread; it connects in the background."""
         if self._thread is not None:
             raise RuntimeError("MqttSink already started")
+        if self._protocol == "3.1.1":
+            self._log.warning(
+                "mqtt 3.1.1: a PUBACK cannot refuse an event, so events the broker's ACL denies are lost without a "
+                "trace; set mqtt.protocol to 5 to keep and retry them",
+                protocol=self._protocol,
+            )
         self._thread = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
         self._thread.start()
 
@@ -181,6 +193,7 @@ class MqttSink:
             outbox_depth=self._outbox.depth(),
             dropped_total=self._outbox.dropped_total,
             dropped_by_reason=self._outbox.dropped_by_reason,
+            dropped_by_type=self._outbox.dropped_by_type,
             published_total=self._sender.published_total,
             outbox_state=self._outbox.state,
             outbox_memory_depth=self._outbox.memory_depth,
@@ -189,6 +202,7 @@ class MqttSink:
             refused_total=self._sender.refused_total,
             last_refusal=self._sender.last_refusal,
             refusing=self._sender.refusing,
+            refusals_detectable=self._protocol != "3.1.1",
         )
 
     # ----- the sender thread -----
@@ -219,6 +233,10 @@ class MqttSink:
         # Only hand the request over: handling it here would hold up every PUBACK behind it.
         action = self._request_topics.get(topic)
         if action is None or self._on_remote_request is None:
+            return
+        if not payload:
+            # An empty message is how a retained request is cleared: nothing was asked.
+            self._log.info("empty operator request ignored (clears a retained one)", topic=topic, retained=retained)
             return
         try:
             self._on_remote_request(RemoteRequest(action, payload, retained=retained, received_s=time.monotonic()))

@@ -15,7 +15,9 @@ gets its row id when accepted, so ids follow acceptance order across both), an
 acknowledged are written, in order and under the same row ids, once writing
 works again (``put`` and ``retry_writes`` try). A delete after delivery that
 fails is remembered and retried, and the row is not sent again meanwhile.
-``state`` says which of these applies. With a ``fallback`` file (``cabin_monitor/bus/fallback.py``)
+``state`` says which of these applies. A file that cannot be opened for writing at start-up (full or
+read-only disk) is read instead, where SQLite can read it, and opened for writing once it can be.
+With a ``fallback`` file (``cabin_monitor/bus/fallback.py``)
 each event held in memory is also kept there, so it survives the process, and the next outbox to
 open writes what a previous process left there before anything else.
 
@@ -28,21 +30,28 @@ Owns the outbox file; imports ``bus.fallback``, ``bus.facts``, ``messages`` and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, get_args
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
+
+import structlog
 
 from cabin_monitor.bus.facts import COLUMNS as _FACT_COLUMNS
 from cabin_monitor.bus.facts import NO_FACTS, EventFacts, facts_of_payload
 from cabin_monitor.bus.fallback import FallbackFile, KeptEvent
 from cabin_monitor.errors import ConfigurationError, RuntimeFault
-from cabin_monitor.messages import OutboxState, Severity
+from cabin_monitor.messages import OutboxState, Phase, Severity
+
+log = structlog.get_logger("cabin_monitor.bus.outbox")
 
 SEVERITY_RANK = {name: rank for rank, name in enumerate(get_args(Severity))}
 SEVERITY_NAME: dict[int, Severity] = {rank: name for name, rank in SEVERITY_RANK.items()}
@@ -85,6 +94,19 @@ CREATE INDEX IF NOT EXISTS outbox_age ON outbox (created_wall_s);
 # The facts' columns are added to files written before they existed; NULL in those files' rows.
 _BASE_COLUMNS = "row_id, event_id, topic, payload, severity, created_wall_s"
 _ROW_COLUMNS = f"{_BASE_COLUMNS}, {', '.join(_FACT_COLUMNS)}"
+# The next event to evict: the lowest severity, then ends whose start is no longer here (delivered: without
+# them it would never end) last, then the oldest.
+_VICTIM = """
+SELECT row_id, event_id, severity, created_wall_s, type, phase FROM outbox AS o
+ORDER BY severity,
+    (phase = 'end' AND start_event_id IS NOT NULL
+     AND NOT EXISTS (SELECT 1 FROM outbox AS s WHERE s.event_id = o.start_event_id)),
+    row_id
+LIMIT 1
+"""
+_VICTIM_WITHOUT_FACTS = (
+    "SELECT row_id, event_id, severity, created_wall_s, NULL, NULL FROM outbox ORDER BY severity, row_id LIMIT 1"
+)
 # What a file that could not be given the facts' columns is read with.
 _ROW_COLUMNS_WITHOUT_FACTS = f"{_BASE_COLUMNS}, {', '.join('NULL' for _ in _FACT_COLUMNS)}"
 
@@ -104,8 +126,8 @@ class OutboxContentError(OutboxError):
 class OutboxNotWritableError(OutboxError):
     """The outbox file or its folder cannot be written (read-only mount, permissions, immutable).
 
-    A setup error: restarting cannot make the folder writable, so it exits like a configuration error.
-    The file is left alone: what it holds is pending events, not damage.
+    ``Outbox`` then opens the file for reading and holds new events in memory; the file is left alone:
+    what it holds is pending events, not damage.
     """
 
     exit_code = ConfigurationError.exit_code
@@ -132,6 +154,7 @@ class DroppedEvent:
     severity: str
     created_wall_s: float
     reason: DropReason
+    type: str | None = None  # the event's type, when the outbox knows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +168,27 @@ class _HeldEvent:
     rank: int
     created_wall_s: float
     facts: EventFacts | None
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _salvaging(method: Callable[Concatenate[Outbox, _P], _R]) -> Callable[Concatenate[Outbox, _P], _R]:
+    """Run ``method``; when SQLite finds the file damaged, replace it by a new one holding its readable rows
+    (``Outbox.replace_damaged``) and run ``method`` again."""
+
+    @functools.wraps(method)
+    def salvaging(self: Outbox, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise
+            self.replace_damaged(str(exc))
+        return method(self, *args, **kwargs)
+
+    return salvaging
 
 
 class Outbox:
@@ -172,6 +216,9 @@ class Outbox:
         # serialised by this lock.
         self._lock = threading.Lock()
         self._dropped: dict[str, int] = {reason: 0 for reason in get_args(DropReason)}
+        self._dropped_by_type: dict[str, int] = {}
+        # Starts evicted before their end came: that end is refused too (insertion-ordered, bounded).
+        self._dropped_starts: dict[str, None] = {}
         self._memory: list[_HeldEvent] = []  # newer than every row on disk, oldest first
         self._undeleted: set[int] = set()  # delivered rows whose DELETE failed
         self._write_fault: sqlite3.Error | None = None  # the last failed write, until writing works again
@@ -179,7 +226,19 @@ class Outbox:
         # event held in memory gets one after every row on disk and keeps it once written.
         self._last_row_id = 0
         self._has_fact_columns = True  # False for an older file that could not be given them
-        self._db = self._open()
+        # True while the file could not be opened for writing (start-up on a full or read-only disk): what
+        # it holds is read where it can be, new events are held in memory, and opening is retried.
+        self._reading_only = False
+        self.replaced: list[MovedAside] = []  # files found damaged while running, moved aside
+        try:
+            self._db = self._open()
+        except OutboxContentError:
+            raise
+        except OutboxError as exc:
+            if not _is_open_write_fault(exc):
+                raise
+            self._db, self._write_fault = self._open_for_reading(), _start_fault(self.path, exc)
+            self._reading_only = True
         self._fallback: FallbackFile | None = None
         self._fallback_error: str | None = None
         self._kept: set[str] = set()  # ids of the memory-held events the fallback file keeps
@@ -254,6 +313,89 @@ class Outbox:
             raise
         return db
 
+    def replace_damaged(self, reason: str) -> MovedAside:
+        """The file turned out damaged while running: move it aside and go on with a new one holding the rows that
+        can still be read, under their own row ids (so the sender's window stays right). Logged."""
+        with self._lock:
+            self._db.close()
+            aside = _move_aside(self.path)
+            last_row_id = self._last_row_id
+            self._db = self._open()
+            self._last_row_id = max(last_row_id, self._last_row_id)
+            salvaged = salvage(aside, self.max_events)
+            columns = _ROW_COLUMNS if self._has_fact_columns else _BASE_COLUMNS
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                for item in salvaged:
+                    values: tuple[object, ...] = (
+                        item.row_id,
+                        item.event_id,
+                        item.topic,
+                        item.payload,
+                        SEVERITY_RANK[item.severity],
+                        item.created_wall_s,
+                    )
+                    if self._has_fact_columns:
+                        values += NO_FACTS if item.facts is None else item.facts.columns()
+                    self._db.execute(
+                        f"INSERT OR IGNORE INTO outbox ({columns}) VALUES ({', '.join('?' * len(values))})", values
+                    )
+            self._undeleted &= {item.row_id for item in salvaged}
+            moved = MovedAside(aside, reason, len(salvaged))
+            self.replaced.append(moved)
+        log.error(
+            "outbox file damaged while running; moved aside, its readable rows taken into a new one",
+            path=str(self.path),
+            moved_to=str(aside),
+            reason=reason,
+            salvaged=len(salvaged),
+        )
+        return moved
+
+    def _open_for_reading(self) -> sqlite3.Connection:
+        """A connection that only reads the file (or, when it cannot be read, an empty stand-in); writes through it
+        fail as write faults, so events go to memory and deletes wait, as when a disk fills mid-run."""
+        wal = Path(f"{self.path}-wal")
+        # Without a WAL to take in, an immutable connection reads the file as it is and needs no -shm.
+        no_wal = not wal.exists() or wal.stat().st_size == 0
+        for query in ("mode=ro&immutable=1",) if no_wal else ("mode=ro",):
+            db: sqlite3.Connection | None = None
+            try:
+                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?{query}", uri=True, check_same_thread=False)
+                db.isolation_level = None
+                present = {row[1] for row in db.execute("PRAGMA table_info(outbox)").fetchall()}
+                if present:
+                    self._has_fact_columns = all(column in present for column in _FACT_COLUMNS)
+                    self._last_row_id = db.execute("SELECT COALESCE(MAX(row_id), 0) FROM outbox").fetchone()[0]
+                    db.execute("PRAGMA query_only=1")
+                    return db
+            except (OSError, sqlite3.Error):
+                pass
+            if db is not None:
+                db.close()
+        # Nothing readable: ids given now must come after any the file holds, once it can be read.
+        self._last_row_id = int(time.time() * 1000)
+        db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        db.executescript(_SCHEMA)
+        db.execute("PRAGMA query_only=1")
+        return db
+
+    def _reopen_locked(self) -> bool:
+        """While only reading: open the file for writing again; whether it worked (the fault stays if not)."""
+        if not self._reading_only:
+            return True
+        last_row_id = self._last_row_id
+        try:
+            db = self._open()
+        except OutboxError:
+            self._last_row_id = last_row_id
+            return False
+        self._db.close()
+        self._db, self._reading_only = db, False
+        self._last_row_id = max(last_row_id, self._last_row_id)
+        return True
+
+    @_salvaging
     def put(
         self,
         event_id: str,
@@ -276,7 +418,7 @@ class Outbox:
             self._last_row_id += 1
             event = _HeldEvent(self._last_row_id, event_id, topic, payload, rank, created_wall_s, facts)
             dropped = self._retry_locked(probe=False)  # with nothing held, this event's own insert is the probe
-            if not self._memory:
+            if not self._memory and not self._reading_only:
                 try:
                     dropped += self._insert_locked(event)
                     self._count(dropped)
@@ -304,6 +446,8 @@ class Outbox:
             refused: DropReason | None = None
             if event.created_wall_s < now - self.max_age_s:
                 refused = "expired"
+            elif event.facts is not None and self._dropped_starts.pop(event.facts.start_event_id or "", 1) is None:
+                refused = "full"  # its start was evicted: an end alone would end nothing the receiver has
             else:
                 evicted, fits = self._make_room_locked(event.rank)
                 dropped += evicted
@@ -322,7 +466,8 @@ class Outbox:
                 columns = _ROW_COLUMNS if self._has_fact_columns else _BASE_COLUMNS
                 self._db.execute(f"INSERT INTO outbox ({columns}) VALUES ({', '.join('?' * len(values))})", values)
             else:
-                dropped.append(DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, refused))
+                dropped.append(_dropped(event, refused))
+                self._note_dropped_start_locked(event)
         return dropped
 
     def _on_disk_locked(self, event_id: str) -> bool:
@@ -337,19 +482,42 @@ class Outbox:
         if event.created_wall_s < time.time() - self.max_age_s:
             self._forget_kept_locked(event.event_id)
             return [_dropped(event, "expired")]
+        if _end_of(event) is not None and self._dropped_starts.pop(_end_of(event) or "", 1) is None:
+            self._forget_kept_locked(event.event_id)
+            return [_dropped(event, "memory_full")]  # its start was dropped: pairs go together
         if len(self._memory) < self.memory_max_events:
             self._memory.append(event)
             self._keep_locked(event)
             return []
-        victim = min(self._memory, key=lambda held: held.rank)  # min() keeps the first, i.e. the oldest
+        held_ids = {held.event_id for held in self._memory}
+
+        def last_to_go(held: _HeldEvent) -> bool:
+            start = _end_of(held)
+            return start is not None and start not in held_ids and not self._on_disk_locked(start)
+
+        # The lowest severity, ends of delivered starts last, the oldest (min() keeps the first).
+        victim = min(self._memory, key=lambda held: (held.rank, last_to_go(held)))
         if event.rank < victim.rank:
             self._forget_kept_locked(event.event_id)
+            self._note_dropped_start_locked(event)
             return [_dropped(event, "memory_full")]
-        self._memory.remove(victim)
-        self._forget_kept_locked(victim.event_id)
+        gone = [victim, *(held for held in self._memory if _end_of(held) == victim.event_id)]
+        for held in gone:
+            self._memory.remove(held)
+            self._forget_kept_locked(held.event_id)
+        if len(gone) == 1:
+            self._note_dropped_start_locked(victim)
         self._memory.append(event)
         self._keep_locked(event)
-        return [_dropped(victim, "memory_full")]
+        return [_dropped(held, "memory_full") for held in gone]
+
+    def _note_dropped_start_locked(self, event: _HeldEvent) -> None:
+        """A start dropped before its end came: that end is refused when it comes (bounded memory of them)."""
+        if event.facts is None or event.facts.phase is not Phase.START:
+            return
+        self._dropped_starts[event.event_id] = None
+        while len(self._dropped_starts) > self.max_events:
+            del self._dropped_starts[next(iter(self._dropped_starts))]
 
     def _keep_locked(self, event: _HeldEvent) -> None:
         """Keep a memory-held event in the fallback file too, if there is one that works."""
@@ -378,6 +546,7 @@ class Outbox:
             return
         self._kept.discard(event_id)
 
+    @_salvaging
     def retry_writes(self) -> list[DroppedEvent]:
         """Retry failed deletes and write what is held in memory (with nothing held, a probe write), so that
         ``state`` turns ``ok`` once the file takes writes again; returns the events dropped to make room."""
@@ -388,7 +557,7 @@ class Outbox:
 
     def _retry_locked(self, probe: bool) -> list[DroppedEvent]:
         """Retry failed deletes, then write what memory holds; with ``probe`` and nothing to write, write a probe."""
-        if self._write_fault is None:
+        if self._write_fault is None or not self._reopen_locked():
             return []
         dropped: list[DroppedEvent] = []
         try:
@@ -413,21 +582,39 @@ class Outbox:
         return dropped
 
     def _make_room_locked(self, rank: int) -> tuple[list[DroppedEvent], bool]:
-        """Evict until one more event fits; returns the evicted and False if the newcomer should go instead."""
+        """Evict until one more event fits; returns the evicted and False if the newcomer should go instead.
+
+        Pairs go together: a start is evicted with its end (and its end, still to come, refused: see
+        ``_dropped_starts``); an end whose start was delivered already goes only when nothing else of its
+        severity is left, since without it that start would never end.
+        """
         evicted: list[DroppedEvent] = []
         depth: int = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         while depth >= self.max_events:
-            victim = self._db.execute(
-                "SELECT row_id, event_id, severity, created_wall_s FROM outbox ORDER BY severity, row_id LIMIT 1"
-            ).fetchone()
+            victim = self._db.execute(_VICTIM if self._has_fact_columns else _VICTIM_WITHOUT_FACTS).fetchone()
             if rank < victim[2]:
                 # Everything held matters more than the newcomer: keep them all and refuse it.
                 return evicted, False
-            self._db.execute("DELETE FROM outbox WHERE row_id = ?", (victim[0],))
-            evicted.append(DroppedEvent(victim[1], SEVERITY_NAME[victim[2]], victim[3], "full"))
+            row_id, event_id, severity, created_wall_s, event_type, phase = victim
+            self._db.execute("DELETE FROM outbox WHERE row_id = ?", (row_id,))
+            evicted.append(DroppedEvent(event_id, SEVERITY_NAME[severity], created_wall_s, "full", event_type))
             depth -= 1
+            if phase == Phase.START.value:
+                ends = self._db.execute(
+                    "SELECT row_id, event_id, severity, created_wall_s, type FROM outbox WHERE start_event_id = ?",
+                    (event_id,),
+                ).fetchall()
+                for end in ends:
+                    self._db.execute("DELETE FROM outbox WHERE row_id = ?", (end[0],))
+                    evicted.append(DroppedEvent(end[1], SEVERITY_NAME[end[2]], end[3], "full", end[4]))
+                    depth -= 1
+                if not ends:
+                    self._dropped_starts[event_id] = None
+                    while len(self._dropped_starts) > self.max_events:
+                        del self._dropped_starts[next(iter(self._dropped_starts))]
         return evicted, True
 
+    @_salvaging
     def pending(self, limit: int, after_row_id: int = 0) -> list[OutboxItem]:
         """Up to ``limit`` events with ``row_id > after_row_id``, oldest first: those on disk, then those in memory."""
         with self._lock:
@@ -444,6 +631,7 @@ class Outbox:
                     items.append(_item(held))
         return items
 
+    @_salvaging
     def ack(self, row_id: int) -> bool:
         """Remove a delivered event; False if it was no longer held (already acked, evicted or expired).
 
@@ -458,6 +646,9 @@ class Outbox:
                     return True
             if row_id in self._undeleted:
                 return False
+            if self._reading_only:
+                self._undeleted.add(row_id)
+                return True
             try:
                 with self._db:
                     return self._db.execute("DELETE FROM outbox WHERE row_id = ?", (row_id,)).rowcount == 1
@@ -468,6 +659,7 @@ class Outbox:
                 self._undeleted.add(row_id)
                 return True
 
+    @_salvaging
     def expire(self, now_wall_s: float | None = None) -> list[DroppedEvent]:
         """Drop events older than ``max_age_s`` (on disk and in memory); returns them."""
         now = time.time() if now_wall_s is None else now_wall_s
@@ -476,6 +668,9 @@ class Outbox:
             self._memory = [held for held in self._memory if held.created_wall_s >= now - self.max_age_s]
             for gone in dropped:
                 self._forget_kept_locked(gone.event_id)
+            if self._reading_only:
+                self._count(dropped)
+                return dropped  # the file's rows expire once it can be written
             try:
                 with self._db:
                     self._db.execute("BEGIN IMMEDIATE")
@@ -503,7 +698,10 @@ class Outbox:
     def _count(self, dropped: list[DroppedEvent]) -> None:
         for d in dropped:
             self._dropped[d.reason] += 1
+            kind = d.type or "unknown"
+            self._dropped_by_type[kind] = self._dropped_by_type.get(kind, 0) + 1
 
+    @_salvaging
     def depth(self) -> int:
         """Events held, on disk and in memory."""
         with self._lock:
@@ -573,6 +771,12 @@ class Outbox:
         with self._lock:
             return dict(self._dropped)
 
+    @property
+    def dropped_by_type(self) -> dict[str, int]:
+        """Events dropped since this object was created, per event type (``unknown`` for rows without facts)."""
+        with self._lock:
+            return dict(self._dropped_by_type)
+
     def close(self) -> None:
         """Close the database (and the fallback file); what is pending there stays for the next start."""
         with self._lock:
@@ -596,8 +800,16 @@ def _rank(severity: str) -> int:
         raise ValueError(f"severity must be one of {sorted(SEVERITY_RANK)}, got {severity!r}") from None
 
 
+def _end_of(event: _HeldEvent) -> str | None:
+    """The start's ``event_id`` when ``event`` is an end, else None."""
+    if event.facts is None or event.facts.phase is not Phase.END:
+        return None
+    return event.facts.start_event_id
+
+
 def _dropped(event: _HeldEvent, reason: DropReason) -> DroppedEvent:
-    return DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, reason)
+    event_type = None if event.facts is None else event.facts.type
+    return DroppedEvent(event.event_id, SEVERITY_NAME[event.rank], event.created_wall_s, reason, event_type)
 
 
 def _item(event: _HeldEvent) -> OutboxItem:
@@ -689,6 +901,32 @@ def _open_error(path: Path, exc: OSError | sqlite3.Error) -> OutboxError:
     return OutboxError(path, f"cannot open: {reason}")
 
 
+def _is_open_write_fault(exc: OutboxError) -> bool:
+    """Whether an outbox could not be opened because its disk is full or cannot be written (not damage)."""
+    if isinstance(exc, OutboxNotWritableError):
+        return True
+    cause = exc.__cause__
+    if isinstance(cause, sqlite3.Error):
+        return _is_write_fault(cause)
+    return isinstance(cause, OSError) and cause.errno in (
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EIO,
+    )
+
+
+def _start_fault(path: Path, exc: OutboxError) -> sqlite3.Error:
+    """The write fault an outbox that could not be opened for writing reports (``state``, ``write_error``)."""
+    try:
+        full = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        full = False
+    # "disk is full" is what ``state`` reads as DISK_FULL, as SQLite's own message for a full disk.
+    return sqlite3.OperationalError(f"database or disk is full: {exc}" if full else str(exc))
+
+
 def _read_only_mount(path: Path) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
@@ -702,25 +940,103 @@ class MovedAside:
 
     moved_to: Path
     reason: str
+    salvaged: int = 0  # readable rows taken from it into the new outbox
 
 
 def open_outbox(
     path: Path, max_events: int, max_age_s: float, memory_max_events: int = 1000, fallback: Path | None = None
 ) -> tuple[Outbox, MovedAside | None]:
-    """Open the outbox; a file SQLite says is damaged or foreign is moved aside (and returned), an empty one started.
+    """Open the outbox; a file SQLite says is damaged or foreign is moved aside (and returned), a new one started
+    with the rows that can still be read from it (``salvage``), in their order.
 
     A daemon that refused to start over a damaged file would be restarted into the same
-    refusal forever; the moved file keeps whatever can still be salvaged from it. A file or
-    folder that cannot be written (``OutboxNotWritableError``) or a full disk is never a reason
-    to move pending events aside: those errors reach the caller.
+    refusal forever; the moved file is kept for a closer look. A file or
+    folder that cannot be written or a full disk is never a reason to move pending events aside: the
+    outbox then opens reading what it can (``state`` says why), as ``Outbox`` does.
     """
     try:
         return Outbox(path, max_events, max_age_s, memory_max_events, fallback), None
     except OutboxContentError as exc:
         reason = str(exc)
+    aside = _move_aside(path)
+    outbox = Outbox(path, max_events, max_age_s, memory_max_events, fallback)
+    salvaged = salvage(aside, max_events)
+    for item in salvaged:
+        outbox.put(item.event_id, item.topic, item.payload, item.severity, item.created_wall_s, item.facts)
+    return outbox, MovedAside(aside, reason, len(salvaged))
+
+
+def _move_aside(path: Path) -> Path:
+    """Move the outbox file (with its -wal and -shm) out of the way; where it went."""
     aside = path.with_name(f"{path.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
     for suffix in ("", "-wal", "-shm"):
         candidate = Path(f"{path}{suffix}")
         if candidate.exists():
             candidate.rename(Path(f"{aside}{suffix}"))
-    return Outbox(path, max_events, max_age_s, memory_max_events, fallback), MovedAside(aside, reason)
+    return aside
+
+
+def salvage(path: Path, max_events: int) -> list[OutboxItem]:
+    """The rows of a damaged outbox file that can still be read, oldest first (none when nothing can).
+
+    A whole scan first; when a damaged page stops it, each row id between the lowest and the highest is
+    looked up on its own (a lookup only reads the pages on its way), at most ``SALVAGE_SPAN`` times
+    ``max_events`` of them.
+    """
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return []
+    try:
+        columns = _salvage_columns(db)
+        if columns is None:
+            return []
+        try:
+            rows = db.execute(f"SELECT {columns} FROM outbox ORDER BY row_id").fetchall()
+        except sqlite3.Error:
+            rows = _rows_one_by_one(db, columns, max_events * SALVAGE_SPAN)
+        return [item for item in map(_salvaged_item, rows) if item is not None]
+    finally:
+        db.close()
+
+
+SALVAGE_SPAN = 10  # row ids looked up one by one, per event the outbox may hold
+
+
+def _salvage_columns(db: sqlite3.Connection) -> str | None:
+    try:
+        present = {row[1] for row in db.execute("PRAGMA table_info(outbox)").fetchall()}
+    except sqlite3.Error:
+        return None
+    if not present:
+        return None
+    return _ROW_COLUMNS if all(column in present for column in _FACT_COLUMNS) else _ROW_COLUMNS_WITHOUT_FACTS
+
+
+def _rows_one_by_one(db: sqlite3.Connection, columns: str, most: int) -> list[tuple[Any, ...]]:
+    bounds: list[int] = []
+    for query in ("SELECT MIN(row_id) FROM outbox", "SELECT MAX(row_id) FROM outbox"):
+        with contextlib.suppress(sqlite3.Error):
+            bounds.append(db.execute(query).fetchone()[0])
+    if len(bounds) < 2 or bounds[0] is None or bounds[1] is None:
+        return []
+    low, high = bounds[0], min(bounds[1], bounds[0] + most)
+    rows = []
+    for row_id in range(low, high + 1):
+        try:
+            row = db.execute(f"SELECT {columns} FROM outbox WHERE row_id = ?", (row_id,)).fetchone()
+        except sqlite3.Error:
+            continue
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def _salvaged_item(row: tuple[Any, ...]) -> OutboxItem | None:
+    """The item of a salvaged row, or None when what it holds is not a usable row (damage that still reads)."""
+    try:
+        if not isinstance(row[1], str) or not isinstance(row[2], str) or row[4] not in SEVERITY_NAME:
+            return None
+        return _row_item(row)
+    except (TypeError, ValueError):
+        return None

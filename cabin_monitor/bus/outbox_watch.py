@@ -38,6 +38,7 @@ class OutboxWatch:
                 "outbox dropped an event",
                 reason=d.reason,
                 event_id=d.event_id,
+                type=d.type,
                 severity=d.severity,
                 age_s=round(time.time() - d.created_wall_s, 1),
                 max_events=self._outbox.memory_max_events if d.reason == "memory_full" else self._outbox.max_events,

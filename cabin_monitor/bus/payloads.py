@@ -204,6 +204,9 @@ class OutboxHealth(_Payload):
     )
     dropped_total: int
     dropped_by_reason: dict[str, int] = Field(description="'full', 'expired' and 'memory_full' -> events dropped.")
+    dropped_by_type: dict[str, int] = Field(
+        default_factory=dict, description="Event type ('stress', …; 'unknown' without facts) -> events dropped."
+    )
     last_error: str | None = Field(None, description="Why the file cannot be written, while state is not ok.")
 
 
@@ -223,6 +226,10 @@ class MqttHealth(_Payload):
     reconnects: int
     refused_events: int = Field(description="Events the broker refused in a PUBACK (MQTT 5), each kept and retried.")
     last_refusal: RefusalHealth | None = None
+    refusals_detectable: bool = Field(
+        True,
+        description="False on MQTT 3.1.1: a PUBACK cannot refuse, so events the broker's ACL denies are lost unseen.",
+    )
 
 
 class RemoteHealth(_Payload):
@@ -466,12 +473,14 @@ def health_payload(health: HealthSnapshot, vehicle_id: str) -> HealthPayload:
             memory_unkept=sink.outbox_memory_unkept,
             dropped_total=sink.dropped_total,
             dropped_by_reason=dict(sink.dropped_by_reason),
+            dropped_by_type=dict(sink.dropped_by_type),
             last_error=sink.outbox_error,
         ),
         mqtt=MqttHealth(
             connected=sink.connected,
             reconnects=sink.reconnects,
             refused_events=sink.refused_total,
+            refusals_detectable=sink.refusals_detectable,
             last_refusal=None
             if refusal is None
             else RefusalHealth(

@@ -18,6 +18,7 @@ May import ``config``, ``messages``, ``rules`` and ``bus.payloads``; never ``run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import threading
@@ -84,8 +85,11 @@ def encode_payload(payload: BaseModel) -> bytes:
         return json.dumps(_escape_strings(document), ensure_ascii=False).encode()
 
 
-def peek_request_id(payload: bytes) -> str | None:
-    """The ``request_id`` of a request, if it has a usable one, without checking anything else."""
+def peek_request_id(payload: bytes, max_payload_bytes: int) -> str | None:
+    """The ``request_id`` of a request, if it has a usable one, without checking anything else; a payload
+    over ``max_payload_bytes`` is never parsed."""
+    if len(payload) > max_payload_bytes:
+        return None
     try:
         document = json.loads(payload.decode("utf-8"))
     except (ValueError, RecursionError):
@@ -253,12 +257,17 @@ def rules_state(
 
 
 def check_request(
-    action: RemoteAction, model: type[P], payload: bytes, max_payload_bytes: int, wall_time_s: float
+    action: RemoteAction,
+    model: type[P],
+    payload: bytes,
+    max_payload_bytes: int,
+    wall_time_s: float,
+    size_bytes: int | None = None,
 ) -> P | ConfigResultPayload:
     """The request in ``payload`` as a ``model``, or the answer refusing it: the only place a request is checked.
 
-    Too large, not JSON, not an object, a ``request_id`` that is not text UTF-8 can carry, or not a
-    ``model``: refused with the problem.
+    Too large (``size_bytes``, the size it came with, default ``len(payload)``), not JSON, not an object,
+    a ``request_id`` that is not text UTF-8 can carry, or not a ``model``: refused with the problem.
     """
 
     def failure(message: str, request_id: str | None = None, path: str = "(payload)") -> ConfigResultPayload:
@@ -266,11 +275,10 @@ def check_request(
             message, wall_time_s=wall_time_s, request_id=request_id, path=path, action=action
         )
 
-    if len(payload) > max_payload_bytes:
-        log.warning(
-            f"config/{action} refused: payload too large", size_bytes=len(payload), limit_bytes=max_payload_bytes
-        )
-        return failure(f"payload is {len(payload)} bytes; at most {max_payload_bytes} are accepted")
+    size_bytes = len(payload) if size_bytes is None else size_bytes
+    if size_bytes > max_payload_bytes:
+        log.warning(f"config/{action} refused: payload too large", size_bytes=size_bytes, limit_bytes=max_payload_bytes)
+        return failure(f"payload is {size_bytes} bytes; at most {max_payload_bytes} are accepted")
     try:
         document = json.loads(payload.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError too
@@ -296,8 +304,8 @@ def check_request(
         return refusal(validation_problems(exc), wall_time_s, request_id, action)
 
 
-def _retained(request: RemoteRequest, wall_time_s: float) -> ConfigResultPayload:
-    request_id = peek_request_id(request.payload)
+def _retained(request: RemoteRequest, max_payload_bytes: int, wall_time_s: float) -> ConfigResultPayload:
+    request_id = peek_request_id(request.payload, max_payload_bytes)
     log.warning(f"config/{request.action} refused: retained", request_id=request_id)
     return ConfigResultPayload.failure(
         f"a retained config/{request.action} message is never applied: the broker would replay it on "
@@ -326,8 +334,8 @@ def answer(
     since the operator waits for one."""
     action = request.action
     if request.retained:
-        return Answer(_retained(request, wall_time_s))
-    checked = check_request(action, route.model, request.payload, max_payload_bytes, wall_time_s)
+        return Answer(_retained(request, max_payload_bytes, wall_time_s))
+    checked = check_request(action, route.model, request.payload, max_payload_bytes, wall_time_s, request.size_bytes)
     if isinstance(checked, ConfigResultPayload):
         return Answer(checked)
     request_id: str | None = getattr(checked, "request_id", None)
@@ -366,31 +374,43 @@ class RemoteOutlet(Protocol):
 class RequestQueue:
     """The bounded hand-over from the broker's network thread to the worker; ``offer`` never blocks.
 
-    A request that finds the queue full is dropped without an answer, and counted.
+    Bounded in requests (``queue_size``) and in bytes (``queue_max_bytes``); a request over
+    ``max_payload_bytes`` keeps only its size (it is refused unread). A request that finds the queue
+    full is dropped without an answer, and counted.
     """
 
-    def __init__(self, size: int) -> None:
-        self._queue: queue.Queue[RemoteRequest] = queue.Queue(size)
+    def __init__(self, settings: RemoteConfigConfig) -> None:
+        self._queue: queue.Queue[RemoteRequest] = queue.Queue(settings.queue_size)
+        self._max_bytes = settings.queue_max_bytes
+        self._max_payload_bytes = settings.max_payload_bytes
         self._lock = threading.Lock()
-        self._received = self._dropped = 0
+        self._received = self._dropped = self._bytes = 0
 
     def offer(self, request: RemoteRequest) -> None:
         """Queue a request for the worker, or count it as dropped if the queue is full. Never blocks."""
-        try:
-            self._queue.put_nowait(request)
-            dropped = False
-        except queue.Full:
-            dropped = True
+        if len(request.payload) > self._max_payload_bytes:
+            request = dataclasses.replace(request, payload=b"", oversize_bytes=len(request.payload))
+        size = len(request.payload)
         with self._lock:
             self._received += 1
-            self._dropped += dropped
+            fits = self._bytes + size <= self._max_bytes
+            if fits:
+                try:
+                    self._queue.put_nowait(request)
+                    self._bytes += size
+                except queue.Full:
+                    fits = False
+            self._dropped += not fits
 
     def get(self, timeout_s: float) -> RemoteRequest | None:
         """The next request, or None after ``timeout_s`` without one."""
         try:
-            return self._queue.get(timeout=timeout_s)
+            request = self._queue.get(timeout=timeout_s)
         except queue.Empty:
             return None
+        with self._lock:
+            self._bytes -= len(request.payload)
+        return request
 
     def counts(self) -> tuple[int, int, int]:
         """Requests received, dropped, and waiting now."""
@@ -513,7 +533,7 @@ class RemoteRequests:
             f"busy: more than {self._settings.max_requests_per_s:g} requests per second (bursts of "
             f"{self._settings.burst_requests}); this one was not applied, send it again later",
             wall_time_s=self._wall(),
-            request_id=peek_request_id(request.payload),
+            request_id=peek_request_id(request.payload, self._settings.max_payload_bytes),
             path="(busy)",
             action=request.action,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cabin_monitor.config.base import Integer, Number, Strict
 
@@ -32,6 +32,19 @@ class RemoteConfigConfig(Strict):
     queue_size: Integer = Field(
         256, ge=1, le=100_000, description="Requests waiting for the worker; beyond it they are dropped and counted."
     )
+    queue_max_bytes: Integer = Field(
+        1 << 20,
+        ge=64,
+        le=1 << 28,
+        description="Bytes of requests waiting for the worker; beyond it they are dropped and counted. "
+        "At least max_payload_bytes.",
+    )
     remembered_request_ids: Integer = Field(
         1024, ge=1, le=1_000_000, description="Recent request_ids of applied changes: a repeat is not applied again."
     )
+
+    @model_validator(mode="after")
+    def _queue_holds_one_request(self) -> RemoteConfigConfig:
+        if self.queue_max_bytes < self.max_payload_bytes:
+            raise ValueError("queue_max_bytes must be >= max_payload_bytes")
+        return self

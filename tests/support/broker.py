@@ -67,7 +67,8 @@ class MosquittoBroker:
     certificate signed by the same CA. ``passwords`` (username -> password) adds a password file;
     anonymous clients stay allowed. ``acl`` is the text of an ACL file (Mosquitto's format: topic
     lines before the first ``user`` line are for anonymous clients); ``set_acl`` and ``reload``
-    change it while the broker runs.
+    change it while the broker runs. ``max_packet_bytes`` is Mosquitto's ``max_packet_size``, sent to MQTT 5
+    clients in the CONNACK.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class MosquittoBroker:
         passwords: Mapping[str, str] | None = None,
         acl: str | None = None,
         start_timeout_s: float = 10.0,
+        max_packet_bytes: int | None = None,
     ) -> None:
         self._own_dir = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="mosquitto-")) if directory is None else directory
@@ -93,6 +95,7 @@ class MosquittoBroker:
         self.acl = acl
         self.acl_file = self.directory / "acl"
         self.start_timeout_s = start_timeout_s
+        self.max_packet_bytes = max_packet_bytes
         self.config_file = self.directory / "mosquitto.conf"
         self.log_file = self.directory / "mosquitto.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -121,6 +124,8 @@ class MosquittoBroker:
             "allow_anonymous true",
             f"listener {self.port} 127.0.0.1",
         ]
+        if self.max_packet_bytes is not None:
+            lines.append(f"max_packet_size {self.max_packet_bytes}")
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.directory}/", "autosave_interval 1"]
         if self.passwords:
