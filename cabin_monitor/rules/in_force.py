@@ -19,7 +19,7 @@ import itertools
 import json
 import os
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -136,12 +136,60 @@ class RecentIds:
         while len(self._seen) > self._capacity:
             self._seen.popitem(last=False)
 
+    def refusal(self, request_id: str | None) -> Outcome | None:
+        """The refusal of a request whose id was already applied, or None to go ahead with it."""
+        # QoS 1 may deliver a request twice, an operator may re-send one.
+        seen = None if request_id is None else self.get(request_id)
+        if seen is None:
+            return None
+        message = f"already applied at {utc_iso(seen)}; a change is applied at most once per request_id"
+        return Outcome(None, (Problem("request_id", message),))
+
+    def remember(self, request_id: str | None, wall_time_s: float) -> None:
+        """``add`` for a request that has an id."""
+        if request_id is not None:
+            self.add(request_id, wall_time_s)
+
+
+def checked_rules(base: RulesConfig, patch: Mapping[str, Any], class_names: Sequence[str]) -> RulesConfig | Outcome:
+    """``patch`` merged on ``base`` and checked against the model's classes, or the refusal naming its problems."""
+    try:
+        effective = merge_rules(base, patch)
+        check_classes(effective, class_names)
+    except ValidationError as exc:
+        return Outcome(None, tuple(p.under("rules.") for p in validation_problems(exc)))
+    except ValueError as exc:  # a class the model lacks
+        return Outcome(None, (Problem("rules", str(exc)),))
+    return effective
+
+
+def build_in_force(
+    effective: RulesConfig,
+    overrides_base: RulesConfig,
+    patch: Mapping[str, Any],
+    sources: Callable[[Mapping[str, Any]], Mapping[str, RuleSource]],
+    generation: int,
+) -> InForce:
+    """The ``InForce`` of ``effective``, with ``patch``'s overrides of ``overrides_base`` and ``sources(values)``."""
+    values = effective.model_dump(mode="json")
+    return InForce(
+        rules=effective,
+        values=values,
+        sources=sources(values),
+        overrides=rule_overrides(overrides_base, patch),
+        generation=generation,
+    )
+
 
 class OverrideFile:
-    """The persisted override patch: a JSON object, written atomically, owner-only; None keeps nothing."""
+    """The persisted override patch: a JSON object, written atomically, owner-only; None keeps nothing.
 
-    def __init__(self, path: Path | None) -> None:
+    ``kind`` (``""`` or ``"shadow "``) goes into its log events and problems.
+    """
+
+    def __init__(self, path: Path | None, kind: str = "") -> None:
         self.path = path
+        self.kind = kind
 
     def load(self) -> dict[str, Any] | None:
         """The saved patch, or None when there is none. Raises OSError or ValueError for an unusable file."""
@@ -181,6 +229,24 @@ class OverrideFile:
         finally:
             os.close(fd)
 
+    def save_or_refuse(self, patch: Mapping[str, Any]) -> Outcome | None:
+        """``save``, or (logged) the refusal of a change that cannot be saved."""
+        try:
+            self.save(patch)
+        except OSError as exc:
+            log.error(f"cannot persist {self.kind}rules override", path=str(self.path), error=str(exc))
+            return Outcome(None, (Problem("(state)", f"cannot save the {self.kind}override file: {exc}"),))
+        return None
+
+    def remove_or_refuse(self) -> Outcome | None:
+        """``remove``, or (logged) the refusal of a reset that cannot remove the file."""
+        try:
+            self.remove()
+        except OSError as exc:
+            log.error(f"cannot remove the {self.kind}rules override file", path=str(self.path), error=str(exc))
+            return Outcome(None, (Problem("(state)", f"cannot remove the {self.kind}override file: {exc}"),))
+        return None
+
 
 class RulesInForce:
     """Owns the rules in force; thread-safe (the request worker and SIGHUP write, the inference thread reads).
@@ -213,14 +279,10 @@ class RulesInForce:
 
     def _build(self, effective: RulesConfig) -> InForce:
         # Called with the lock held (or before the object is shared).
-        values = effective.model_dump(mode="json")
-        return InForce(
-            rules=effective,
-            values=values,
-            sources=rule_sources(values, self._patch, self._base, self._environment_paths),
-            overrides=rule_overrides(self._base, self._patch),
-            generation=next(self._generations),
-        )
+        def sources(values: Mapping[str, Any]) -> dict[str, RuleSource]:
+            return rule_sources(values, self._patch, self._base, self._environment_paths)
+
+        return build_in_force(effective, self._base, self._patch, sources, next(self._generations))
 
     def _load_overrides(self) -> None:
         try:
@@ -275,7 +337,7 @@ class RulesInForce:
     def change(self, patch: Mapping[str, Any], request_id: str | None, wall_time_s: float) -> Outcome:
         """Merge a partial rules mapping over the overrides, persist it and put it in force, or refuse it."""
         with self._lock:
-            refused = self._already_applied(request_id)
+            refused = self._applied_ids.refusal(request_id)
             if refused is None:
                 refused = self._change(deep_merge(self._patch, dict(patch)), request_id, wall_time_s)
             outcome = refused if refused is not None else Outcome(self._in_force)
@@ -285,41 +347,30 @@ class RulesInForce:
 
     def _change(self, patch: dict[str, Any], request_id: str | None, wall_time_s: float) -> Outcome | None:
         # Called with the lock held; None when the change is in force.
-        try:
-            effective = merge_rules(self._base, patch)
-            check_classes(effective, self._class_names)
-        except ValidationError as exc:
-            return Outcome(None, tuple(p.under("rules.") for p in validation_problems(exc)))
-        except ValueError as exc:  # a class the model lacks
-            return Outcome(None, (Problem("rules", str(exc)),))
-        try:
-            self._file.save(patch)
-        except OSError as exc:
-            log.error("cannot persist rules override", path=str(self._file.path), error=str(exc))
-            return Outcome(None, (Problem("(state)", f"cannot save the override file: {exc}"),))
+        effective = checked_rules(self._base, patch, self._class_names)
+        if isinstance(effective, Outcome):
+            return effective
+        refused = self._file.save_or_refuse(patch)
+        if refused is not None:
+            return refused
         self._patch = patch
         self._in_force = self._build(effective)
         self._pending = effective
-        self._remember(request_id, wall_time_s)
+        self._applied_ids.remember(request_id, wall_time_s)
         return None
 
     def reset(self, request_id: str | None, wall_time_s: float) -> Outcome:
         """Drop every override (and the override file): the file's rules are in force again."""
         with self._lock:
-            refused = self._already_applied(request_id)
+            refused = self._applied_ids.refusal(request_id) or self._file.remove_or_refuse()
             if refused is not None:
                 return refused
             dropped = self._in_force.overrides
-            try:
-                self._file.remove()
-            except OSError as exc:
-                log.error("cannot remove the rules override file", path=str(self._file.path), error=str(exc))
-                return Outcome(None, (Problem("(state)", f"cannot remove the override file: {exc}"),))
             self._patch = {}
             if self._in_force.rules != self._base:
                 self._pending = self._base
             self._in_force = self._build(self._base)
-            self._remember(request_id, wall_time_s)
+            self._applied_ids.remember(request_id, wall_time_s)
             outcome = Outcome(self._in_force)
         log.info(
             "rules overrides dropped over MQTT; the configuration file's rules apply",
@@ -327,15 +378,3 @@ class RulesInForce:
             dropped=describe_overrides(dropped),
         )
         return outcome
-
-    def _already_applied(self, request_id: str | None) -> Outcome | None:
-        # Called with the lock held. QoS 1 may deliver a request twice, an operator may re-send one.
-        seen = None if request_id is None else self._applied_ids.get(request_id)
-        if seen is None:
-            return None
-        message = f"already applied at {utc_iso(seen)}; a change is applied at most once per request_id"
-        return Outcome(None, (Problem("request_id", message),))
-
-    def _remember(self, request_id: str | None, wall_time_s: float) -> None:
-        if request_id is not None:
-            self._applied_ids.add(request_id, wall_time_s)

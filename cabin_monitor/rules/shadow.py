@@ -22,10 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import ValidationError
 
-from cabin_monitor.config import Problem, RulesConfig, deep_merge, merge_rules, validation_problems
-from cabin_monitor.messages import utc_iso
+from cabin_monitor.config import RulesConfig, deep_merge, merge_rules
 from cabin_monitor.rules.engine import check_classes
 from cabin_monitor.rules.in_force import (
     InForce,
@@ -33,9 +31,10 @@ from cabin_monitor.rules.in_force import (
     OverrideFile,
     RecentIds,
     RuleSource,
+    build_in_force,
+    checked_rules,
     describe_overrides,
     flatten,
-    rule_overrides,
     rule_sources,
 )
 
@@ -75,7 +74,7 @@ class ShadowRules:
             check_classes(file_rules, self._class_names)
         self._file_rules = file_rules
         self._live = live
-        self._file = OverrideFile(override_path)
+        self._file = OverrideFile(override_path, "shadow ")
         self._snapshot: RulesConfig | None = None  # the live rules a run-time shadow set was made from
         self._patch: dict[str, Any] = {}
         self._generations = itertools.count()
@@ -86,19 +85,13 @@ class ShadowRules:
 
     def _build(self, effective: RulesConfig, base: RulesConfig) -> InForce:
         # Called with the lock held (or before the object is shared).
-        values = effective.model_dump(mode="json")
-        if self._file_rules is not None:
-            sources = rule_sources(values, self._patch, self._file_rules, self._environment_paths)
-        else:
+        def sources(values: Mapping[str, Any]) -> dict[str, RuleSource]:
+            if self._file_rules is not None:
+                return rule_sources(values, self._patch, self._file_rules, self._environment_paths)
             remote = set(flatten(self._patch))
-            sources = {path: _live_or_remote(path in remote) for path in flatten(values)}
-        return InForce(
-            rules=effective,
-            values=values,
-            sources=sources,
-            overrides=rule_overrides(base, self._patch),
-            generation=next(self._generations),
-        )
+            return {path: _live_or_remote(path in remote) for path in flatten(values)}
+
+        return build_in_force(effective, base, self._patch, sources, next(self._generations))
 
     def _base(self) -> RulesConfig:
         # Called with the lock held: what the shadow overrides go on top of.
@@ -148,7 +141,7 @@ class ShadowRules:
         """Merge a partial rules mapping over the shadow overrides (making the shadow set from the live rules
         when there is none), persist it and put it in force, or refuse it."""
         with self._lock:
-            refused = self._already_applied(request_id)
+            refused = self._applied_ids.refusal(request_id)
             if refused is None:
                 refused = self._change(deep_merge(self._patch, dict(patch)), request_id, wall_time_s)
             outcome = refused if refused is not None else Outcome(self._in_force)
@@ -159,57 +152,34 @@ class ShadowRules:
     def _change(self, patch: dict[str, Any], request_id: str | None, wall_time_s: float) -> Outcome | None:
         # Called with the lock held; None when the change is in force.
         base = self._base()
-        try:
-            effective = merge_rules(base, patch)
-            check_classes(effective, self._class_names)
-        except ValidationError as exc:
-            return Outcome(None, tuple(p.under("rules.") for p in validation_problems(exc)))
-        except ValueError as exc:  # a class the model lacks
-            return Outcome(None, (Problem("rules", str(exc)),))
+        effective = checked_rules(base, patch, self._class_names)
+        if isinstance(effective, Outcome):
+            return effective
         snapshot = None if self._file_rules is not None else base
         saved = {"live": None if snapshot is None else snapshot.model_dump(mode="json"), "patch": patch}
-        try:
-            self._file.save(saved)
-        except OSError as exc:
-            log.error("cannot persist shadow rules override", path=str(self._file.path), error=str(exc))
-            return Outcome(None, (Problem("(state)", f"cannot save the shadow override file: {exc}"),))
+        refused = self._file.save_or_refuse(saved)
+        if refused is not None:
+            return refused
         self._snapshot, self._patch = snapshot, patch
         self._in_force = self._build(effective, base)
         self._pending = ShadowChange(effective)
-        self._remember(request_id, wall_time_s)
+        self._applied_ids.remember(request_id, wall_time_s)
         return None
 
     def reset(self, request_id: str | None, wall_time_s: float) -> Outcome:
         """Drop the shadow overrides (and their file): the file's ``rules_shadow`` again, or no shadow set."""
         with self._lock:
-            refused = self._already_applied(request_id)
+            refused = self._applied_ids.refusal(request_id) or self._file.remove_or_refuse()
             if refused is not None:
                 return refused
-            try:
-                self._file.remove()
-            except OSError as exc:
-                log.error("cannot remove the shadow rules override file", path=str(self._file.path), error=str(exc))
-                return Outcome(None, (Problem("(state)", f"cannot remove the shadow override file: {exc}"),))
             self._snapshot, self._patch = None, {}
             base = self._file_rules
             self._in_force = None if base is None else self._build(base, base)
             self._pending = ShadowChange(base)
-            self._remember(request_id, wall_time_s)
+            self._applied_ids.remember(request_id, wall_time_s)
             outcome = Outcome(self._in_force)
         log.info("shadow rules overrides dropped over MQTT", request_id=request_id, shadow_rules_left=base is not None)
         return outcome
-
-    def _already_applied(self, request_id: str | None) -> Outcome | None:
-        # Called with the lock held.
-        seen = None if request_id is None else self._applied_ids.get(request_id)
-        if seen is None:
-            return None
-        message = f"already applied at {utc_iso(seen)}; a change is applied at most once per request_id"
-        return Outcome(None, (Problem("request_id", message),))
-
-    def _remember(self, request_id: str | None, wall_time_s: float) -> None:
-        if request_id is not None:
-            self._applied_ids.add(request_id, wall_time_s)
 
 
 def _live_or_remote(remote: bool) -> RuleSource:
