@@ -38,6 +38,7 @@ from cabin_monitor.config import RulesConfig, parse_mqtt_url
 from cabin_monitor.fleet.db import upgrade
 from cabin_monitor.messages import RemoteRequest
 from tests.support.broker import MosquittoBroker
+from tests.support.helpers import exit_code
 from tests.support.pki import TestPki
 from tests.support.vehicle_rules import VehicleRules
 
@@ -189,12 +190,7 @@ class FleetCommand:
 
     def wait(self, timeout_s: float = 60.0) -> int:
         """The exit code; AssertionError (with its output) when it runs longer than ``timeout_s``."""
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"fleet command still running after {timeout_s} s:\n{self.output()[-3000:]}") from None
+        return exit_code(self.proc, timeout_s, f"fleet command still running after {timeout_s} s:", self.output)
 
     def terminate(self, timeout_s: float = 30.0) -> int:
         """SIGTERM and wait for the exit code."""
