@@ -22,16 +22,19 @@ import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import structlog
 from pydantic import ValidationError
+from structlog.typing import FilteringBoundLogger
 
 from cabin_monitor.config import Problem, RulesConfig, deep_merge, merge_rules, paths_set, validation_problems
 from cabin_monitor.messages import utc_iso
 from cabin_monitor.rules import check_classes
 
 log = structlog.get_logger("cabin_monitor.rules.in_force")
+
+PendingT = TypeVar("PendingT")
 
 # "live" is the shadow rules' only (``rules.shadow``): a value of the live rules the shadow set was made from.
 RuleSource = Literal["default", "file", "environment", "remote", "live"]
@@ -248,12 +251,50 @@ class OverrideFile:
         return None
 
 
-class RulesInForce:
+class OverriddenRules(Generic[PendingT]):
+    """What the live and the shadow rules share: a change merged over the overrides at most once per request id,
+    and the pending change the inference thread takes. Subclasses set the attributes and ``_change``."""
+
+    _changed_event: ClassVar[str]  # the log event of an accepted change
+    _log: ClassVar[FilteringBoundLogger]
+    _lock: threading.Lock
+    _patch: dict[str, Any]
+    _in_force: InForce | None
+    _pending: PendingT | None
+    _applied_ids: RecentIds
+
+    def take_pending(self) -> PendingT | None:
+        """The change since the last call, for the inference thread to apply between frames."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+            return pending
+
+    def change(self, patch: Mapping[str, Any], request_id: str | None, wall_time_s: float) -> Outcome:
+        """Merge a partial rules mapping over the overrides, persist it and put it in force, or refuse it."""
+        with self._lock:
+            refused = self._applied_ids.refusal(request_id)
+            if refused is None:
+                refused = self._change(deep_merge(self._patch, dict(patch)), request_id, wall_time_s)
+            outcome = refused if refused is not None else Outcome(self._in_force)
+        if outcome.ok:
+            self._log.info(self._changed_event, request_id=request_id, change=dict(patch))
+        return outcome
+
+    def _change(self, patch: dict[str, Any], request_id: str | None, wall_time_s: float) -> Outcome | None:
+        # Called with the lock held; None when the change is in force.
+        raise NotImplementedError
+
+
+class RulesInForce(OverriddenRules[RulesConfig]):
     """Owns the rules in force; thread-safe (the request worker and SIGHUP write, the inference thread reads).
 
     ``environment_paths`` are the rule paths the process's ``CABIN_MONITOR__RULES__…`` variables set
     (``rule_paths_from_environment``), reported as ``environment`` rather than ``file``.
     """
+
+    _changed_event = "rules changed over MQTT"
+    _log = log
+    _in_force: InForce  # never None for the live rules
 
     def __init__(
         self,
@@ -315,12 +356,6 @@ class RulesInForce:
         with self._lock:
             return self._in_force
 
-    def take_pending(self) -> RulesConfig | None:
-        """Rules changed since the last call, for the inference thread to apply between frames."""
-        with self._lock:
-            pending, self._pending = self._pending, None
-            return pending
-
     def reload(self, base: RulesConfig) -> InForce:
         """New file rules (SIGHUP) under the overrides, which still win; returns the rules then in force.
 
@@ -333,17 +368,6 @@ class RulesInForce:
             self._in_force = self._build(effective)
             self._pending = effective
             return self._in_force
-
-    def change(self, patch: Mapping[str, Any], request_id: str | None, wall_time_s: float) -> Outcome:
-        """Merge a partial rules mapping over the overrides, persist it and put it in force, or refuse it."""
-        with self._lock:
-            refused = self._applied_ids.refusal(request_id)
-            if refused is None:
-                refused = self._change(deep_merge(self._patch, dict(patch)), request_id, wall_time_s)
-            outcome = refused if refused is not None else Outcome(self._in_force)
-        if outcome.ok:
-            log.info("rules changed over MQTT", request_id=request_id, change=dict(patch))
-        return outcome
 
     def _change(self, patch: dict[str, Any], request_id: str | None, wall_time_s: float) -> Outcome | None:
         # Called with the lock held; None when the change is in force.

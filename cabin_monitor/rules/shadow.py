@@ -23,11 +23,12 @@ from typing import Any
 
 import structlog
 
-from cabin_monitor.config import RulesConfig, deep_merge, merge_rules
+from cabin_monitor.config import RulesConfig, merge_rules
 from cabin_monitor.rules.engine import check_classes
 from cabin_monitor.rules.in_force import (
     InForce,
     Outcome,
+    OverriddenRules,
     OverrideFile,
     RecentIds,
     RuleSource,
@@ -48,14 +49,18 @@ class ShadowChange:
     rules: RulesConfig | None
 
 
-class ShadowRules:
+class ShadowRules(OverriddenRules[ShadowChange]):
     """Owns the shadow rules in force (or their absence); thread-safe like ``RulesInForce``.
 
     ``live`` gives the live rules in force now: the base of a shadow set made at run time where the
     file has no ``rules_shadow``. Sources: ``remote`` for a shadow override, ``live`` for a value of
     that copy of the live rules, else ``environment`` (``environment_paths``: what
     ``CABIN_MONITOR__RULES_SHADOW__…`` variables set), ``file`` or ``default`` as for the live rules.
+    A change makes the shadow set from the live rules when there is none.
     """
+
+    _changed_event = "shadow rules changed over MQTT"
+    _log = log
 
     def __init__(
         self,
@@ -130,24 +135,6 @@ class ShadowRules:
         """The shadow rules in force now, with their sources and overrides; None when there are none."""
         with self._lock:
             return self._in_force
-
-    def take_pending(self) -> ShadowChange | None:
-        """The change since the last call, for the inference thread to apply between frames."""
-        with self._lock:
-            pending, self._pending = self._pending, None
-            return pending
-
-    def change(self, patch: Mapping[str, Any], request_id: str | None, wall_time_s: float) -> Outcome:
-        """Merge a partial rules mapping over the shadow overrides (making the shadow set from the live rules
-        when there is none), persist it and put it in force, or refuse it."""
-        with self._lock:
-            refused = self._applied_ids.refusal(request_id)
-            if refused is None:
-                refused = self._change(deep_merge(self._patch, dict(patch)), request_id, wall_time_s)
-            outcome = refused if refused is not None else Outcome(self._in_force)
-        if outcome.ok:
-            log.info("shadow rules changed over MQTT", request_id=request_id, change=dict(patch))
-        return outcome
 
     def _change(self, patch: dict[str, Any], request_id: str | None, wall_time_s: float) -> Outcome | None:
         # Called with the lock held; None when the change is in force.
