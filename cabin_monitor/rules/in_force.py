@@ -253,15 +253,27 @@ class OverrideFile:
 
 class OverriddenRules(Generic[PendingT]):
     """What the live and the shadow rules share: a change merged over the overrides at most once per request id,
-    and the pending change the inference thread takes. Subclasses set the attributes and ``_change``."""
+    and the pending change the inference thread takes. Subclasses build ``_in_force`` and define ``_change``."""
 
     _changed_event: ClassVar[str]  # the log event of an accepted change
     _log: ClassVar[FilteringBoundLogger]
-    _lock: threading.Lock
-    _patch: dict[str, Any]
     _in_force: InForce | None
-    _pending: PendingT | None
-    _applied_ids: RecentIds
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        override_file: OverrideFile,
+        remembered_request_ids: int,
+        environment_paths: Collection[str],
+    ) -> None:
+        self._lock = threading.Lock()
+        self._environment_paths = frozenset(environment_paths)
+        self._class_names = tuple(class_names)
+        self._file = override_file
+        self._patch: dict[str, Any] = {}
+        self._generations = itertools.count()
+        self._pending: PendingT | None = None
+        self._applied_ids = RecentIds(remembered_request_ids)
 
     def take_pending(self) -> PendingT | None:
         """The change since the last call, for the inference thread to apply between frames."""
@@ -305,17 +317,10 @@ class RulesInForce(OverriddenRules[RulesConfig]):
         remembered_request_ids: int = 1024,
         environment_paths: Collection[str] = (),
     ) -> None:
-        self._lock = threading.Lock()
-        self._environment_paths = frozenset(environment_paths)
-        self._class_names = tuple(class_names)
-        self._file = OverrideFile(override_path)
+        super().__init__(class_names, OverrideFile(override_path), remembered_request_ids, environment_paths)
         check_classes(base, self._class_names)
         self._base = base
-        self._patch: dict[str, Any] = {}
-        self._generations = itertools.count()
         self._in_force = self._build(base)
-        self._pending: RulesConfig | None = None
-        self._applied_ids = RecentIds(remembered_request_ids)
         self._load_overrides()
 
     def _build(self, effective: RulesConfig) -> InForce:

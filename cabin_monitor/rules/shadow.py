@@ -14,8 +14,6 @@ May import what ``rules.in_force`` imports, and ``rules.in_force``; its only I/O
 
 from __future__ import annotations
 
-import itertools
-import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,6 @@ from cabin_monitor.rules.in_force import (
     Outcome,
     OverriddenRules,
     OverrideFile,
-    RecentIds,
     RuleSource,
     build_in_force,
     checked_rules,
@@ -72,20 +69,13 @@ class ShadowRules(OverriddenRules[ShadowChange]):
         remembered_request_ids: int = 1024,
         environment_paths: Collection[str] = (),
     ) -> None:
-        self._lock = threading.Lock()
-        self._environment_paths = frozenset(environment_paths)
-        self._class_names = tuple(class_names)
+        super().__init__(class_names, OverrideFile(override_path, "shadow "), remembered_request_ids, environment_paths)
         if file_rules is not None:
             check_classes(file_rules, self._class_names)
         self._file_rules = file_rules
         self._live = live
-        self._file = OverrideFile(override_path, "shadow ")
         self._snapshot: RulesConfig | None = None  # the live rules a run-time shadow set was made from
-        self._patch: dict[str, Any] = {}
-        self._generations = itertools.count()
         self._in_force = None if file_rules is None else self._build(file_rules, file_rules)
-        self._pending: ShadowChange | None = None
-        self._applied_ids = RecentIds(remembered_request_ids)
         self._load_overrides()
 
     def _build(self, effective: RulesConfig, base: RulesConfig) -> InForce:
