@@ -17,6 +17,15 @@ def mqtt_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
 
 
+@pytest.fixture
+def dsn() -> Iterator[str]:
+    """A fresh PostgreSQL database (DSN) with the fleet schema, dropped afterwards."""
+    from tests.support.fleet import fleet_database
+
+    with fleet_database() as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def live_recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, object]]]:
     """The bundled clip through the real pipeline (fast, as demo runs it) with recording on: the folder and the

@@ -4,39 +4,27 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from cabin_monitor.fleet.db import upgrade
 from tests.support.broker import MosquittoBroker
 from tests.support.fleet import (
     BridgedVehicleBroker,
     Publisher,
     event_json,
     fleet_broker,
-    fresh_database,
     ingest,
-    pg_unreachable_reason,
     query,
+    requires_postgres,
 )
 from tests.support.helpers import wait_until
 from tests.support.pki import make_test_pki
 
-pytestmark = pytest.mark.skipif(pg_unreachable_reason() is not None, reason=str(pg_unreachable_reason()))
-
-
-@pytest.fixture
-def dsn() -> Iterator[str]:
-    """A fresh database with the fleet schema."""
-    with fresh_database() as url:
-        upgrade(url)
-        yield url
+pytestmark = requires_postgres()
 
 
 def anonymous_publish(broker: MosquittoBroker, topic: str, payloads: list[bytes]) -> None:

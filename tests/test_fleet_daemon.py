@@ -10,22 +10,21 @@ import pytest
 import yaml
 
 from cabin_monitor.assets import sample_path
-from cabin_monitor.fleet.db import upgrade
 from tests.support.daemon import DaemonProcess, clean_environment
 from tests.support.fleet import (
     BridgedVehicleBroker,
     FleetCommand,
     account_url,
     fleet_broker,
-    fresh_database,
+    fleet_database,
     ingest,
-    pg_unreachable_reason,
     query,
+    requires_postgres,
 )
 from tests.support.helpers import wait_until
 from tests.support.pki import make_test_pki
 
-pytestmark = pytest.mark.skipif(pg_unreachable_reason() is not None, reason=str(pg_unreachable_reason()))
+pytestmark = requires_postgres()
 
 
 @pytest.mark.slow
@@ -34,11 +33,10 @@ def test_a_rollout_reaches_the_real_daemon_through_the_bridge(tmp_path: Path) ->
     pki = make_test_pki(tmp_path / "pki")
     config = tmp_path / "cabin-monitor.yaml"
     with (
-        fresh_database() as dsn,
+        fleet_database() as dsn,
         fleet_broker(tmp_path / "fleet", ["car-1"], pki=pki) as fleet,
         BridgedVehicleBroker(tmp_path / "vehicle", fleet, "car-1") as vehicle,
     ):
-        upgrade(dsn)
         worker = ingest(tmp_path, fleet.url, dsn, "ingest-a")
         config.write_text(
             yaml.safe_dump(

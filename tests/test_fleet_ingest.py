@@ -21,23 +21,15 @@ from tests.support.fleet import (
     fleet_broker,
     fresh_database,
     ingest,
-    pg_unreachable_reason,
     query,
+    requires_postgres,
 )
 from tests.support.helpers import wait_until
 from tests.support.vehicle_rules import VehicleRules
 
-pytestmark = pytest.mark.skipif(pg_unreachable_reason() is not None, reason=str(pg_unreachable_reason()))
+pytestmark = requires_postgres()
 
 VEHICLES = ["car-1", "car-2", "car-3"]
-
-
-@pytest.fixture
-def dsn() -> Iterator[str]:
-    """A fresh database with the fleet schema."""
-    with fresh_database() as url:
-        upgrade(url)
-        yield url
 
 
 @pytest.fixture

@@ -14,15 +14,14 @@ import pytest
 
 from cabin_monitor.bus.payloads import ChangeCause
 from cabin_monitor.config import RulesConfig
-from cabin_monitor.fleet.db import upgrade
 from cabin_monitor.fleet.records import classify
 from cabin_monitor.fleet.store import PartitionCache, write_records
 from cabin_monitor.messages import RemoteRequest
 from tests.support.browser import open_offline
-from tests.support.fleet import FleetCommand, event_json, fresh_database, health_json, pg_unreachable_reason
+from tests.support.fleet import FleetCommand, event_json, fleet_database, health_json, requires_postgres
 from tests.support.vehicle_rules import VehicleRules
 
-pytestmark = pytest.mark.skipif(pg_unreachable_reason() is not None, reason=str(pg_unreachable_reason()))
+pytestmark = requires_postgres()
 
 
 def rules_state(vehicle_id: str, change: dict[str, Any] | None) -> bytes:
@@ -62,8 +61,7 @@ def store() -> Iterator[str]:
         messages.append((f"cabin/{vehicle}/rules/state", rules_state(vehicle, change)))
     messages += [("cabin/car-1/events", event_json("car-1", ts_s=hour + 60 * i)) for i in range(6)]
     messages.append(("cabin/car-2/events", event_json("car-2", ts_s=hour + 100, rule="unexpected_expression")))
-    with fresh_database() as dsn:
-        upgrade(dsn)
+    with fleet_database() as dsn:
         with psycopg.connect(dsn) as conn:
             write_records(conn, [classify(t, p) for t, p in messages], PartitionCache())
         yield dsn
@@ -145,8 +143,7 @@ def shadow_store() -> Iterator[str]:
         ("cabin/car-2/shadow/events", shadow_event_json("car-2", t)) for t in (hour + 100, hour + 200, hour + 2000)
     ]
     messages += [("cabin/car-3/events", event_json("car-3", ts_s=hour + 60 * i)) for i in range(5)]
-    with fresh_database() as dsn:
-        upgrade(dsn)
+    with fleet_database() as dsn:
         with psycopg.connect(dsn) as conn:
             write_records(conn, [classify(t, p) for t, p in messages], PartitionCache())
         yield dsn

@@ -9,21 +9,20 @@ from pathlib import Path
 import pytest
 
 from cabin_monitor.config import RulesConfig
-from cabin_monitor.fleet.db import upgrade
 from tests.support.broker import MosquittoBroker
 from tests.support.fleet import (
     FleetCommand,
     SimulatedVehicle,
     account_url,
     fleet_broker,
-    fresh_database,
+    fleet_database,
     ingest,
-    pg_unreachable_reason,
     query,
+    requires_postgres,
 )
 from tests.support.helpers import wait_until
 
-pytestmark = pytest.mark.skipif(pg_unreachable_reason() is not None, reason=str(pg_unreachable_reason()))
+pytestmark = requires_postgres()
 
 VEHICLES = [f"car-{i}" for i in range(10)]
 WAIT_S = 4.0
@@ -34,8 +33,7 @@ BASE = RulesConfig.model_validate({"stress": {"sustain_s": 0.5}})
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, str, list[SimulatedVehicle]]]:
     """Fleet broker, a fresh store fed by one ingest process, and ten vehicles reporting for WAIT_S already."""
-    with fresh_database() as dsn, fleet_broker(tmp_path / "fleet", VEHICLES) as broker:
-        upgrade(dsn)
+    with fleet_database() as dsn, fleet_broker(tmp_path / "fleet", VEHICLES) as broker:
         worker = ingest(tmp_path, broker.url, dsn, "ingest-a")
         wait_until(lambda: "connected to the fleet broker" in worker.output(), 30, "ingest connected")
         cars = [SimulatedVehicle(broker.url, v, BASE) for v in VEHICLES]

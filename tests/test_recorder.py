@@ -3,68 +3,27 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cabin_monitor.config import RecordConfig, RulesConfig
-from cabin_monitor.messages import EmotionReading, Frame, FrameResult
 from cabin_monitor.record.files import open_file, read_entries
-from cabin_monitor.record.format import Closing, FrameSample, RecordingMeta, RulesChange
+from cabin_monitor.record.format import Closing, FrameSample, RulesChange
 from cabin_monitor.runtime.recorder import Recorder
 from tests.support.helpers import wait_until
-
-CLASSES = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger")
-IMAGE = np.zeros((2, 2, 3), np.uint8)
-
-
-def meta() -> RecordingMeta:
-    """The session description a daemon would give."""
-    return RecordingMeta(
-        vehicle_id="car-17",
-        session_id="5f0e8a52-1d7c-4a8e-9a51-000000000017",
-        segment=0,
-        class_names=CLASSES,
-        model_version="0.6.0",
-        model_name="emotionaldan-7.onnx",
-        rules=RulesConfig(),
-        source_kind="camera",
-        opened_wall_time_s=0.0,
-    )
-
-
-def frames(n: int, seed: int = 1) -> Iterator[FrameResult]:
-    """``n`` frames at 30 Hz of one occupant with random probabilities (which compress as real ones do)."""
-    rng = random.Random(seed)
-    for i in range(n):
-        p = np.array([rng.random() for _ in CLASSES], np.float32)
-        p /= p.sum()
-        t = 1000.0 + i / 30
-        reading = EmotionReading(
-            i,
-            t,
-            1.7e9 + t,
-            "occupant-1",
-            "driver",
-            (10.0, 10.0, 80.0, 90.0),
-            0.9,
-            {name: float(v) for name, v in zip(CLASSES, p, strict=True)},
-            np.zeros((68, 2), np.float32),
-        )
-        yield FrameResult(Frame(i, t, 1.7e9 + t, IMAGE, media_s=None), (reading,), ())
+from tests.support.recordings import CLASSES, one_occupant, session_meta
 
 
 def test_files_rotate_by_size_stay_under_the_cap_and_carry_their_session(tmp_path: Path) -> None:
     """Small files and cap: several finished files, the oldest deleted, the newest segments kept, metadata in each."""
     cfg = RecordConfig(dir=tmp_path, max_file_mb=0.02, max_total_mb=0.1, row_group_rows=64, queue_max_frames=10000)
-    recorder = Recorder(cfg, meta())
+    recorder = Recorder(cfg, session_meta())
     recorder.start()
-    for result in frames(8000):
+    for result in one_occupant(8000):
         recorder.record_frame(result, ())
     recorder.record_rules(RulesConfig.model_validate({"stress": {"enter_score": 0.8}}), 2000.0, 1.7e9 + 2000.0)
     recorder.record_close((), 2000.0, 1.7e9 + 2000.0)
@@ -86,16 +45,16 @@ def test_files_rotate_by_size_stay_under_the_cap_and_carry_their_session(tmp_pat
 def test_a_file_closes_when_old_enough_and_the_next_one_names_the_rules_then_in_force(tmp_path: Path) -> None:
     """Past max_file_age_s the file is finished even while idle; the next file's metadata has the changed rules."""
     now = [0.0]
-    recorder = Recorder(RecordConfig(dir=tmp_path, max_file_age_s=60.0), meta(), clock=lambda: now[0])
+    recorder = Recorder(RecordConfig(dir=tmp_path, max_file_age_s=60.0), session_meta(), clock=lambda: now[0])
     recorder.start()
-    batch = frames(20)
+    batch = one_occupant(20)
     for result in list(batch)[:10]:
         recorder.record_frame(result, ())
     recorder.record_rules(RulesConfig.model_validate({"smoothing_s": 0.2}), 1.0, 2.0)
     wait_until(lambda: recorder._queue.empty(), what="the writer took the frames")
     now[0] = 61.0
     wait_until(lambda: recorder.files_written == 1, what="the first file closed by age")
-    for result in frames(5, seed=2):
+    for result in one_occupant(5, seed=2):
         recorder.record_frame(result, ())
     recorder.stop(30.0)
     first, second = sorted((open_file(p) for p in tmp_path.glob("*.parquet")), key=lambda f: f.meta.segment)
@@ -107,7 +66,7 @@ def test_an_unfinished_file_of_an_earlier_run_is_deleted_at_start(tmp_path: Path
     """A .parquet.partial (no footer: a crash) cannot be read, so start deletes it."""
     leftover = tmp_path / "car-17-20260101T000000Z-deadbeef-00004.parquet.partial"
     leftover.write_bytes(b"PAR1 half a row group")
-    recorder = Recorder(RecordConfig(dir=tmp_path), meta())
+    recorder = Recorder(RecordConfig(dir=tmp_path), session_meta())
     recorder.start()
     recorder.stop(10.0)
     assert not leftover.exists()
@@ -115,8 +74,9 @@ def test_an_unfinished_file_of_an_earlier_run_is_deleted_at_start(tmp_path: Path
 
 def test_a_writer_that_is_behind_costs_the_inference_thread_nothing_but_a_count(tmp_path: Path) -> None:
     """With the writer not taking frames, record_frame returns at once and counts what did not fit."""
-    recorder = Recorder(RecordConfig(dir=tmp_path, queue_max_frames=10), meta())  # never started: nothing drains
-    for result in frames(25):
+    # Never started: nothing drains.
+    recorder = Recorder(RecordConfig(dir=tmp_path, queue_max_frames=10), session_meta())
+    for result in one_occupant(25):
         recorder.record_frame(result, ())
     assert recorder.dropped_frames == 15
 
@@ -140,9 +100,9 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
 def test_a_full_disk_loses_rows_but_neither_the_recorder_nor_the_caller_fails(tiny_tmpfs: Path) -> None:
     """On a full filesystem writes fail; the rows are counted as lost, the thread ends cleanly at stop."""
     cfg = RecordConfig(dir=tiny_tmpfs, max_file_mb=0.1, max_total_mb=100, row_group_rows=512, queue_max_frames=40000)
-    recorder = Recorder(cfg, meta())
+    recorder = Recorder(cfg, session_meta())
     recorder.start()
-    for result in frames(30000):
+    for result in one_occupant(30000):
         recorder.record_frame(result, ())
     recorder.stop(60.0)
     assert recorder.lost_rows > 0

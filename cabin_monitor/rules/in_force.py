@@ -19,19 +19,22 @@ import itertools
 import json
 import os
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import structlog
 from pydantic import ValidationError
+from structlog.typing import FilteringBoundLogger
 
 from cabin_monitor.config import Problem, RulesConfig, deep_merge, merge_rules, paths_set, validation_problems
 from cabin_monitor.messages import utc_iso
 from cabin_monitor.rules import check_classes
 
 log = structlog.get_logger("cabin_monitor.rules.in_force")
+
+PendingT = TypeVar("PendingT")
 
 # "live" is the shadow rules' only (``rules.shadow``): a value of the live rules the shadow set was made from.
 RuleSource = Literal["default", "file", "environment", "remote", "live"]
@@ -136,12 +139,60 @@ class RecentIds:
         while len(self._seen) > self._capacity:
             self._seen.popitem(last=False)
 
+    def refusal(self, request_id: str | None) -> Outcome | None:
+        """The refusal of a request whose id was already applied, or None to go ahead with it."""
+        # QoS 1 may deliver a request twice, an operator may re-send one.
+        seen = None if request_id is None else self.get(request_id)
+        if seen is None:
+            return None
+        message = f"already applied at {utc_iso(seen)}; a change is applied at most once per request_id"
+        return Outcome(None, (Problem("request_id", message),))
+
+    def remember(self, request_id: str | None, wall_time_s: float) -> None:
+        """``add`` for a request that has an id."""
+        if request_id is not None:
+            self.add(request_id, wall_time_s)
+
+
+def checked_rules(base: RulesConfig, patch: Mapping[str, Any], class_names: Sequence[str]) -> RulesConfig | Outcome:
+    """``patch`` merged on ``base`` and checked against the model's classes, or the refusal naming its problems."""
+    try:
+        effective = merge_rules(base, patch)
+        check_classes(effective, class_names)
+    except ValidationError as exc:
+        return Outcome(None, tuple(p.under("rules.") for p in validation_problems(exc)))
+    except ValueError as exc:  # a class the model lacks
+        return Outcome(None, (Problem("rules", str(exc)),))
+    return effective
+
+
+def build_in_force(
+    effective: RulesConfig,
+    overrides_base: RulesConfig,
+    patch: Mapping[str, Any],
+    sources: Callable[[Mapping[str, Any]], Mapping[str, RuleSource]],
+    generation: int,
+) -> InForce:
+    """The ``InForce`` of ``effective``, with ``patch``'s overrides of ``overrides_base`` and ``sources(values)``."""
+    values = effective.model_dump(mode="json")
+    return InForce(
+        rules=effective,
+        values=values,
+        sources=sources(values),
+        overrides=rule_overrides(overrides_base, patch),
+        generation=generation,
+    )
+
 
 class OverrideFile:
-    """The persisted override patch: a JSON object, written atomically, owner-only; None keeps nothing."""
+    """The persisted override patch: a JSON object, written atomically, owner-only; None keeps nothing.
 
-    def __init__(self, path: Path | None) -> None:
+    ``kind`` (``""`` or ``"shadow "``) goes into its log events and problems.
+    """
+
+    def __init__(self, path: Path | None, kind: str = "") -> None:
         self.path = path
+        self.kind = kind
 
     def load(self) -> dict[str, Any] | None:
         """The saved patch, or None when there is none. Raises OSError or ValueError for an unusable file."""
@@ -181,13 +232,81 @@ class OverrideFile:
         finally:
             os.close(fd)
 
+    def save_or_refuse(self, patch: Mapping[str, Any]) -> Outcome | None:
+        """``save``, or (logged) the refusal of a change that cannot be saved."""
+        try:
+            self.save(patch)
+        except OSError as exc:
+            log.error(f"cannot persist {self.kind}rules override", path=str(self.path), error=str(exc))
+            return Outcome(None, (Problem("(state)", f"cannot save the {self.kind}override file: {exc}"),))
+        return None
 
-class RulesInForce:
+    def remove_or_refuse(self) -> Outcome | None:
+        """``remove``, or (logged) the refusal of a reset that cannot remove the file."""
+        try:
+            self.remove()
+        except OSError as exc:
+            log.error(f"cannot remove the {self.kind}rules override file", path=str(self.path), error=str(exc))
+            return Outcome(None, (Problem("(state)", f"cannot remove the {self.kind}override file: {exc}"),))
+        return None
+
+
+class OverriddenRules(Generic[PendingT]):
+    """What the live and the shadow rules share: a change merged over the overrides at most once per request id,
+    and the pending change the inference thread takes. Subclasses build ``_in_force`` and define ``_change``."""
+
+    _changed_event: ClassVar[str]  # the log event of an accepted change
+    _log: ClassVar[FilteringBoundLogger]
+    _in_force: InForce | None
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        override_file: OverrideFile,
+        remembered_request_ids: int,
+        environment_paths: Collection[str],
+    ) -> None:
+        self._lock = threading.Lock()
+        self._environment_paths = frozenset(environment_paths)
+        self._class_names = tuple(class_names)
+        self._file = override_file
+        self._patch: dict[str, Any] = {}
+        self._generations = itertools.count()
+        self._pending: PendingT | None = None
+        self._applied_ids = RecentIds(remembered_request_ids)
+
+    def take_pending(self) -> PendingT | None:
+        """The change since the last call, for the inference thread to apply between frames."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+            return pending
+
+    def change(self, patch: Mapping[str, Any], request_id: str | None, wall_time_s: float) -> Outcome:
+        """Merge a partial rules mapping over the overrides, persist it and put it in force, or refuse it."""
+        with self._lock:
+            refused = self._applied_ids.refusal(request_id)
+            if refused is None:
+                refused = self._change(deep_merge(self._patch, dict(patch)), request_id, wall_time_s)
+            outcome = refused if refused is not None else Outcome(self._in_force)
+        if outcome.ok:
+            self._log.info(self._changed_event, request_id=request_id, change=dict(patch))
+        return outcome
+
+    def _change(self, patch: dict[str, Any], request_id: str | None, wall_time_s: float) -> Outcome | None:
+        # Called with the lock held; None when the change is in force.
+        raise NotImplementedError
+
+
+class RulesInForce(OverriddenRules[RulesConfig]):
     """Owns the rules in force; thread-safe (the request worker and SIGHUP write, the inference thread reads).
 
     ``environment_paths`` are the rule paths the process's ``CABIN_MONITOR__RULES__…`` variables set
     (``rule_paths_from_environment``), reported as ``environment`` rather than ``file``.
     """
+
+    _changed_event = "rules changed over MQTT"
+    _log = log
+    _in_force: InForce  # never None for the live rules
 
     def __init__(
         self,
@@ -198,29 +317,18 @@ class RulesInForce:
         remembered_request_ids: int = 1024,
         environment_paths: Collection[str] = (),
     ) -> None:
-        self._lock = threading.Lock()
-        self._environment_paths = frozenset(environment_paths)
-        self._class_names = tuple(class_names)
-        self._file = OverrideFile(override_path)
+        super().__init__(class_names, OverrideFile(override_path), remembered_request_ids, environment_paths)
         check_classes(base, self._class_names)
         self._base = base
-        self._patch: dict[str, Any] = {}
-        self._generations = itertools.count()
         self._in_force = self._build(base)
-        self._pending: RulesConfig | None = None
-        self._applied_ids = RecentIds(remembered_request_ids)
         self._load_overrides()
 
     def _build(self, effective: RulesConfig) -> InForce:
         # Called with the lock held (or before the object is shared).
-        values = effective.model_dump(mode="json")
-        return InForce(
-            rules=effective,
-            values=values,
-            sources=rule_sources(values, self._patch, self._base, self._environment_paths),
-            overrides=rule_overrides(self._base, self._patch),
-            generation=next(self._generations),
-        )
+        def sources(values: Mapping[str, Any]) -> dict[str, RuleSource]:
+            return rule_sources(values, self._patch, self._base, self._environment_paths)
+
+        return build_in_force(effective, self._base, self._patch, sources, next(self._generations))
 
     def _load_overrides(self) -> None:
         try:
@@ -253,12 +361,6 @@ class RulesInForce:
         with self._lock:
             return self._in_force
 
-    def take_pending(self) -> RulesConfig | None:
-        """Rules changed since the last call, for the inference thread to apply between frames."""
-        with self._lock:
-            pending, self._pending = self._pending, None
-            return pending
-
     def reload(self, base: RulesConfig) -> InForce:
         """New file rules (SIGHUP) under the overrides, which still win; returns the rules then in force.
 
@@ -272,54 +374,32 @@ class RulesInForce:
             self._pending = effective
             return self._in_force
 
-    def change(self, patch: Mapping[str, Any], request_id: str | None, wall_time_s: float) -> Outcome:
-        """Merge a partial rules mapping over the overrides, persist it and put it in force, or refuse it."""
-        with self._lock:
-            refused = self._already_applied(request_id)
-            if refused is None:
-                refused = self._change(deep_merge(self._patch, dict(patch)), request_id, wall_time_s)
-            outcome = refused if refused is not None else Outcome(self._in_force)
-        if outcome.ok:
-            log.info("rules changed over MQTT", request_id=request_id, change=dict(patch))
-        return outcome
-
     def _change(self, patch: dict[str, Any], request_id: str | None, wall_time_s: float) -> Outcome | None:
         # Called with the lock held; None when the change is in force.
-        try:
-            effective = merge_rules(self._base, patch)
-            check_classes(effective, self._class_names)
-        except ValidationError as exc:
-            return Outcome(None, tuple(p.under("rules.") for p in validation_problems(exc)))
-        except ValueError as exc:  # a class the model lacks
-            return Outcome(None, (Problem("rules", str(exc)),))
-        try:
-            self._file.save(patch)
-        except OSError as exc:
-            log.error("cannot persist rules override", path=str(self._file.path), error=str(exc))
-            return Outcome(None, (Problem("(state)", f"cannot save the override file: {exc}"),))
+        effective = checked_rules(self._base, patch, self._class_names)
+        if isinstance(effective, Outcome):
+            return effective
+        refused = self._file.save_or_refuse(patch)
+        if refused is not None:
+            return refused
         self._patch = patch
         self._in_force = self._build(effective)
         self._pending = effective
-        self._remember(request_id, wall_time_s)
+        self._applied_ids.remember(request_id, wall_time_s)
         return None
 
     def reset(self, request_id: str | None, wall_time_s: float) -> Outcome:
         """Drop every override (and the override file): the file's rules are in force again."""
         with self._lock:
-            refused = self._already_applied(request_id)
+            refused = self._applied_ids.refusal(request_id) or self._file.remove_or_refuse()
             if refused is not None:
                 return refused
             dropped = self._in_force.overrides
-            try:
-                self._file.remove()
-            except OSError as exc:
-                log.error("cannot remove the rules override file", path=str(self._file.path), error=str(exc))
-                return Outcome(None, (Problem("(state)", f"cannot remove the override file: {exc}"),))
             self._patch = {}
             if self._in_force.rules != self._base:
                 self._pending = self._base
             self._in_force = self._build(self._base)
-            self._remember(request_id, wall_time_s)
+            self._applied_ids.remember(request_id, wall_time_s)
             outcome = Outcome(self._in_force)
         log.info(
             "rules overrides dropped over MQTT; the configuration file's rules apply",
@@ -327,15 +407,3 @@ class RulesInForce:
             dropped=describe_overrides(dropped),
         )
         return outcome
-
-    def _already_applied(self, request_id: str | None) -> Outcome | None:
-        # Called with the lock held. QoS 1 may deliver a request twice, an operator may re-send one.
-        seen = None if request_id is None else self._applied_ids.get(request_id)
-        if seen is None:
-            return None
-        message = f"already applied at {utc_iso(seen)}; a change is applied at most once per request_id"
-        return Outcome(None, (Problem("request_id", message),))
-
-    def _remember(self, request_id: str | None, wall_time_s: float) -> None:
-        if request_id is not None:
-            self._applied_ids.add(request_id, wall_time_s)

@@ -14,28 +14,25 @@ May import what ``rules.in_force`` imports, and ``rules.in_force``; its only I/O
 
 from __future__ import annotations
 
-import itertools
-import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import ValidationError
 
-from cabin_monitor.config import Problem, RulesConfig, deep_merge, merge_rules, validation_problems
-from cabin_monitor.messages import utc_iso
+from cabin_monitor.config import RulesConfig, merge_rules
 from cabin_monitor.rules.engine import check_classes
 from cabin_monitor.rules.in_force import (
     InForce,
     Outcome,
+    OverriddenRules,
     OverrideFile,
-    RecentIds,
     RuleSource,
+    build_in_force,
+    checked_rules,
     describe_overrides,
     flatten,
-    rule_overrides,
     rule_sources,
 )
 
@@ -49,14 +46,18 @@ class ShadowChange:
     rules: RulesConfig | None
 
 
-class ShadowRules:
+class ShadowRules(OverriddenRules[ShadowChange]):
     """Owns the shadow rules in force (or their absence); thread-safe like ``RulesInForce``.
 
     ``live`` gives the live rules in force now: the base of a shadow set made at run time where the
     file has no ``rules_shadow``. Sources: ``remote`` for a shadow override, ``live`` for a value of
     that copy of the live rules, else ``environment`` (``environment_paths``: what
     ``CABIN_MONITOR__RULES_SHADOW__…`` variables set), ``file`` or ``default`` as for the live rules.
+    A change makes the shadow set from the live rules when there is none.
     """
+
+    _changed_event = "shadow rules changed over MQTT"
+    _log = log
 
     def __init__(
         self,
@@ -68,37 +69,24 @@ class ShadowRules:
         remembered_request_ids: int = 1024,
         environment_paths: Collection[str] = (),
     ) -> None:
-        self._lock = threading.Lock()
-        self._environment_paths = frozenset(environment_paths)
-        self._class_names = tuple(class_names)
+        super().__init__(class_names, OverrideFile(override_path, "shadow "), remembered_request_ids, environment_paths)
         if file_rules is not None:
             check_classes(file_rules, self._class_names)
         self._file_rules = file_rules
         self._live = live
-        self._file = OverrideFile(override_path)
         self._snapshot: RulesConfig | None = None  # the live rules a run-time shadow set was made from
-        self._patch: dict[str, Any] = {}
-        self._generations = itertools.count()
         self._in_force = None if file_rules is None else self._build(file_rules, file_rules)
-        self._pending: ShadowChange | None = None
-        self._applied_ids = RecentIds(remembered_request_ids)
         self._load_overrides()
 
     def _build(self, effective: RulesConfig, base: RulesConfig) -> InForce:
         # Called with the lock held (or before the object is shared).
-        values = effective.model_dump(mode="json")
-        if self._file_rules is not None:
-            sources = rule_sources(values, self._patch, self._file_rules, self._environment_paths)
-        else:
+        def sources(values: Mapping[str, Any]) -> dict[str, RuleSource]:
+            if self._file_rules is not None:
+                return rule_sources(values, self._patch, self._file_rules, self._environment_paths)
             remote = set(flatten(self._patch))
-            sources = {path: _live_or_remote(path in remote) for path in flatten(values)}
-        return InForce(
-            rules=effective,
-            values=values,
-            sources=sources,
-            overrides=rule_overrides(base, self._patch),
-            generation=next(self._generations),
-        )
+            return {path: _live_or_remote(path in remote) for path in flatten(values)}
+
+        return build_in_force(effective, base, self._patch, sources, next(self._generations))
 
     def _base(self) -> RulesConfig:
         # Called with the lock held: what the shadow overrides go on top of.
@@ -138,78 +126,37 @@ class ShadowRules:
         with self._lock:
             return self._in_force
 
-    def take_pending(self) -> ShadowChange | None:
-        """The change since the last call, for the inference thread to apply between frames."""
-        with self._lock:
-            pending, self._pending = self._pending, None
-            return pending
-
-    def change(self, patch: Mapping[str, Any], request_id: str | None, wall_time_s: float) -> Outcome:
-        """Merge a partial rules mapping over the shadow overrides (making the shadow set from the live rules
-        when there is none), persist it and put it in force, or refuse it."""
-        with self._lock:
-            refused = self._already_applied(request_id)
-            if refused is None:
-                refused = self._change(deep_merge(self._patch, dict(patch)), request_id, wall_time_s)
-            outcome = refused if refused is not None else Outcome(self._in_force)
-        if outcome.ok:
-            log.info("shadow rules changed over MQTT", request_id=request_id, change=dict(patch))
-        return outcome
-
     def _change(self, patch: dict[str, Any], request_id: str | None, wall_time_s: float) -> Outcome | None:
         # Called with the lock held; None when the change is in force.
         base = self._base()
-        try:
-            effective = merge_rules(base, patch)
-            check_classes(effective, self._class_names)
-        except ValidationError as exc:
-            return Outcome(None, tuple(p.under("rules.") for p in validation_problems(exc)))
-        except ValueError as exc:  # a class the model lacks
-            return Outcome(None, (Problem("rules", str(exc)),))
+        effective = checked_rules(base, patch, self._class_names)
+        if isinstance(effective, Outcome):
+            return effective
         snapshot = None if self._file_rules is not None else base
         saved = {"live": None if snapshot is None else snapshot.model_dump(mode="json"), "patch": patch}
-        try:
-            self._file.save(saved)
-        except OSError as exc:
-            log.error("cannot persist shadow rules override", path=str(self._file.path), error=str(exc))
-            return Outcome(None, (Problem("(state)", f"cannot save the shadow override file: {exc}"),))
+        refused = self._file.save_or_refuse(saved)
+        if refused is not None:
+            return refused
         self._snapshot, self._patch = snapshot, patch
         self._in_force = self._build(effective, base)
         self._pending = ShadowChange(effective)
-        self._remember(request_id, wall_time_s)
+        self._applied_ids.remember(request_id, wall_time_s)
         return None
 
     def reset(self, request_id: str | None, wall_time_s: float) -> Outcome:
         """Drop the shadow overrides (and their file): the file's ``rules_shadow`` again, or no shadow set."""
         with self._lock:
-            refused = self._already_applied(request_id)
+            refused = self._applied_ids.refusal(request_id) or self._file.remove_or_refuse()
             if refused is not None:
                 return refused
-            try:
-                self._file.remove()
-            except OSError as exc:
-                log.error("cannot remove the shadow rules override file", path=str(self._file.path), error=str(exc))
-                return Outcome(None, (Problem("(state)", f"cannot remove the shadow override file: {exc}"),))
             self._snapshot, self._patch = None, {}
             base = self._file_rules
             self._in_force = None if base is None else self._build(base, base)
             self._pending = ShadowChange(base)
-            self._remember(request_id, wall_time_s)
+            self._applied_ids.remember(request_id, wall_time_s)
             outcome = Outcome(self._in_force)
         log.info("shadow rules overrides dropped over MQTT", request_id=request_id, shadow_rules_left=base is not None)
         return outcome
-
-    def _already_applied(self, request_id: str | None) -> Outcome | None:
-        # Called with the lock held.
-        seen = None if request_id is None else self._applied_ids.get(request_id)
-        if seen is None:
-            return None
-        message = f"already applied at {utc_iso(seen)}; a change is applied at most once per request_id"
-        return Outcome(None, (Problem("request_id", message),))
-
-    def _remember(self, request_id: str | None, wall_time_s: float) -> None:
-        if request_id is not None:
-            self._applied_ids.add(request_id, wall_time_s)
 
 
 def _live_or_remote(remote: bool) -> RuleSource:

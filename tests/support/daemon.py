@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support.helpers import exit_code
+
 
 def clean_environment() -> dict[str, str]:
     """This process's environment without the daemon's own and systemd's variables, which would steer the child."""
@@ -38,12 +40,7 @@ class DaemonProcess:
 
     def wait(self, timeout_s: float = 60.0) -> int:
         """The exit code, waiting at most ``timeout_s`` (then the process is killed and AssertionError raised)."""
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"daemon did not exit within {timeout_s} s; stderr:\n{self.logs()[-3000:]}") from None
+        return exit_code(self.proc, timeout_s, f"daemon did not exit within {timeout_s} s; stderr:", self.logs)
 
     def logs(self) -> str:
         """What the daemon logged so far."""

@@ -2,7 +2,7 @@
 
 ``fresh_database`` creates a uniquely named database on the PostgreSQL server at ``CABIN_FLEET_TEST_PG``
 (default ``postgresql://postgres@127.0.0.1:5432/postgres``) and drops it afterwards; ``pg_server_dsn``
-says why no server can be reached, for a skip.
+says why no server can be reached, for a skip (``requires_postgres``); ``fleet_database`` is one with the fleet schema.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg import sql
 
@@ -34,8 +35,10 @@ from cabin_monitor.bus.payloads import (
     utc_iso,
 )
 from cabin_monitor.config import RulesConfig, parse_mqtt_url
+from cabin_monitor.fleet.db import upgrade
 from cabin_monitor.messages import RemoteRequest
 from tests.support.broker import MosquittoBroker
+from tests.support.helpers import exit_code
 from tests.support.pki import TestPki
 from tests.support.vehicle_rules import VehicleRules
 
@@ -66,6 +69,20 @@ def fresh_database() -> Iterator[str]:
     finally:
         with psycopg.connect(SERVER_DSN, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextlib.contextmanager
+def fleet_database() -> Iterator[str]:
+    """A fresh database (DSN) with the fleet schema, dropped on exit."""
+    with fresh_database() as dsn:
+        upgrade(dsn)
+        yield dsn
+
+
+def requires_postgres() -> pytest.MarkDecorator:
+    """A mark skipping a module's tests when the test PostgreSQL server cannot be reached."""
+    reason = pg_unreachable_reason()
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
 
 
 def query(dsn: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -173,12 +190,7 @@ class FleetCommand:
 
     def wait(self, timeout_s: float = 60.0) -> int:
         """The exit code; AssertionError (with its output) when it runs longer than ``timeout_s``."""
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"fleet command still running after {timeout_s} s:\n{self.output()[-3000:]}") from None
+        return exit_code(self.proc, timeout_s, f"fleet command still running after {timeout_s} s:", self.output)
 
     def terminate(self, timeout_s: float = 30.0) -> int:
         """SIGTERM and wait for the exit code."""

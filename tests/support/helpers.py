@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -30,6 +31,17 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0, what: str
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout_s} s")
         time.sleep(0.02)
+
+
+def exit_code(proc: subprocess.Popen[bytes], timeout_s: float, failure: str, output: Callable[[], str]) -> int:
+    """``proc``'s exit code; past ``timeout_s`` it is killed and AssertionError raised: ``failure``, the end of
+    ``output()``."""
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"{failure}\n{output()[-3000:]}") from None
 
 
 def make_event(phase: Phase = Phase.START, **changes: Any) -> Event:
