@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cabin_monitor import daemon
     from cabin_monitor.logs import configure_logging
-    from cabin_monitor.tools.annotate import DEFAULT_VIDEO_FPS, AnnotatedVideoWriter, video_fps
+    from cabin_monitor.tools.annotate import BROWSER_CODECS, DEFAULT_VIDEO_FPS, AnnotatedVideoWriter, video_fps
     from cabin_monitor.vision.capture import parse_source
 
     cfg = daemon.load(_config_path(args), _overrides(args, fast=True))
@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         code = daemon.run_demo(cfg, on_result=writer)
     finally:
         writer.close()
-    note = "" if writer.codec in ("H.264", "") else " (no H.264 encoder in this OpenCV build)"
+    note = "" if writer.codec in (*BROWSER_CODECS, "") else " (browsers do not play it: write a .webm file for VP9)"
     print(
         f"annotated video: {out} ({writer.frames} frames, {writer.codec}{note}, {writer.fps:.3f} fps)", file=sys.stderr
     )
@@ -319,7 +319,12 @@ def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
     demo.add_argument("--source", help="video file instead of the bundled sample")
     demo.add_argument("--model", help="emotion ONNX model instead of the bundled one")
-    demo.add_argument("--out", default="cabin-monitor-demo.mp4", help="annotated video to write")
+    demo.add_argument(
+        "--out",
+        default="cabin-monitor-demo.webm",
+        help="annotated video to write: .webm (VP9, plays in browsers) or .mp4 (H.264 where OpenCV has an encoder,"
+        " else MPEG-4 Part 2)",
+    )
     demo.add_argument("--record", metavar="DIR", help="record what the rules engine sees into DIR (record.dir)")
     demo.add_argument(
         "--video-fps", type=float, default=None, help="frame rate of the written video (default: the source's)"
@@ -531,7 +536,7 @@ SUBCOMMANDS = (
         cmd_demo,
         "Run the whole pipeline on a video file (the bundled sample by default) without a broker: events as "
         "JSON lines on stdout, and a video with boxes, landmarks and emotion bars.",
-        "cabin-monitor demo --source cabin.mp4 --out annotated.mp4",
+        "cabin-monitor demo --source cabin.mp4 --out annotated.webm",
         EXIT_CODES_RUN,
     ),
     SubCommand(

@@ -379,3 +379,20 @@ def test_an_oversized_request_is_never_parsed_on_the_retained_or_busy_path(tmp_p
     worker.handle(request("get", {"request_id": "small"}))
     assert [(r["errors"] or [{}])[0].get("path") for r in outlet.results] == [None, "(busy)", "(busy)"]
     assert [r["request_id"] for r in outlet.results] == ["first", None, "small"]
+
+
+def test_set_refuses_what_the_yaml_loader_refuses(tmp_path: Path) -> None:
+    """A class named twice, "yes" for a boolean and a key given twice are refused, and nothing changes."""
+    rules = in_force(tmp_path)
+    twice = ask(rules, "set", {"request_id": "c", "rules": {"stress": {"classes": ["anger", "anger", "fear"]}}})
+    assert [(e.path, e.message) for e in twice.payload.errors] == [
+        ("rules.stress.classes", "names a class more than once: anger")
+    ]
+    yes = ask(rules, "set", {"request_id": "y", "rules": {"occupant_lost": {"enabled": "yes"}}}).payload
+    assert not yes.ok and [e.path for e in yes.errors] == ["rules.occupant_lost.enabled"]
+    duplicated = b'{"request_id": "d", "rules": {"smoothing_s": 1, "smoothing_s": 2}}'
+    answer_ = answer(
+        RemoteRequest("set", duplicated, retained=False, received_s=0.0), DISPATCH["set"], sets(rules), 4096, NOW
+    )
+    assert not answer_.payload.ok and "the key 'smoothing_s' is given twice" in answer_.payload.errors[0].message
+    assert rules.effective == RulesConfig()

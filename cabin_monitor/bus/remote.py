@@ -85,6 +85,16 @@ def encode_payload(payload: BaseModel) -> bytes:
         return json.dumps(_escape_strings(document), ensure_ascii=False).encode()
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refusing a key given twice (the YAML loader refuses it too)."""
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"the key {key!r} is given twice")
+        document[key] = value
+    return document
+
+
 def peek_request_id(payload: bytes, max_payload_bytes: int) -> str | None:
     """The ``request_id`` of a request, if it has a usable one, without checking anything else; a payload
     over ``max_payload_bytes`` is never parsed."""
@@ -280,7 +290,7 @@ def check_request(
         log.warning(f"config/{action} refused: payload too large", size_bytes=size_bytes, limit_bytes=max_payload_bytes)
         return failure(f"payload is {size_bytes} bytes; at most {max_payload_bytes} are accepted")
     try:
-        document = json.loads(payload.decode("utf-8"))
+        document = json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError too
         log.warning(f"config/{action} refused: not JSON", error=str(exc))
         return failure(f"payload is not JSON: {escape_text(str(exc))}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, model_validator
 
 from cabin_monitor.config.base import Number, Strict
 from cabin_monitor.messages import Severity
@@ -11,11 +13,23 @@ EMOTIONS_7 = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", 
 NEGATIVE_7 = ("sadness", "anger", "fear", "disgust")
 
 
+def _distinct(names: tuple[str, ...]) -> tuple[str, ...]:
+    # A class named twice would count its probability twice: a score could exceed 1.
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"names a class more than once: {', '.join(twice)}")
+    return names
+
+
+ClassNames = Annotated[tuple[str, ...], AfterValidator(_distinct)]
+Enabled = Annotated[bool, Field(strict=True, description="Whether the rule runs (a JSON/YAML boolean only).")]
+
+
 class StressRuleConfig(Strict):
     """Sustained negative emotion."""
 
-    enabled: bool = True
-    classes: tuple[str, ...] = Field(NEGATIVE_7, min_length=1, description="Classes whose probabilities are summed.")
+    enabled: Enabled = True
+    classes: ClassNames = Field(NEGATIVE_7, min_length=1, description="Classes whose probabilities are summed.")
     enter_score: Number = Field(0.6, gt=0, le=1, description="Smoothed group score that opens the event...")
     sustain_s: Number = Field(3.0, ge=0, le=600, description="...when held at or above it for this long.")
     exit_score: Number = Field(0.4, ge=0, lt=1, description="Score below which the event may close...")
@@ -33,8 +47,8 @@ class StressRuleConfig(Strict):
 class UnexpectedExpressionRuleConfig(Strict):
     """A sudden, strong expression onset against the occupant's own recent baseline."""
 
-    enabled: bool = True
-    classes: tuple[str, ...] = Field(
+    enabled: Enabled = True
+    classes: ClassNames = Field(
         ("fear", "surprise", "anger", "disgust"), min_length=1, description="Classes whose probabilities are summed."
     )
     onset_window_s: Number = Field(0.5, gt=0, le=10, description="Time constant of the fast average.")
@@ -59,7 +73,7 @@ class UnexpectedExpressionRuleConfig(Strict):
 class OccupantLostRuleConfig(Strict):
     """A tracked face that has gone."""
 
-    enabled: bool = True
+    enabled: Enabled = True
     lost_after_s: Number = Field(3.0, gt=0, le=3600, description="Unseen this long opens the event.")
     severity: Severity = "info"
 

@@ -47,7 +47,13 @@ def annotate(result: FrameResult, active: set[tuple[str, str]]) -> ImageArray:
 
 
 # H.264 plays everywhere; OpenCV's pip builds carry no H.264 encoder, so MPEG-4 Part 2 is the fallback.
-CODECS = (("avc1", "H.264"), ("mp4v", "MPEG-4 Part 2"))
+# Tried in order, by the file's suffix. Browsers play H.264 in MP4 and VP9/VP8 in WebM; the pip OpenCV carries
+# no H.264 encoder, so an .mp4 falls back to MPEG-4 Part 2, which browsers do not play: the demo writes WebM.
+CODECS = {
+    ".webm": (("VP90", "VP9"), ("VP80", "VP8")),
+    ".mp4": (("avc1", "H.264"), ("mp4v", "MPEG-4 Part 2")),
+}
+BROWSER_CODECS = ("H.264", "VP9", "VP8")
 DEFAULT_VIDEO_FPS = 25.0
 
 
@@ -64,22 +70,26 @@ def video_fps(source: str) -> float:
 
 
 def _open_writer(path: Path, fps: float, size: tuple[int, int]) -> tuple[cv2.VideoWriter, str]:
+    codecs = CODECS.get(path.suffix.lower())
+    if codecs is None:
+        raise OSError(f"cannot write video {path}: give a .webm (VP9) or .mp4 (H.264 where OpenCV has it) file")
     level = cv2.utils.logging.getLogLevel()
     # A missing encoder is expected (see CODECS): keep OpenCV from printing errors for it.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     try:
-        for fourcc, name in CODECS:
+        for fourcc, name in codecs:
             writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
             if writer.isOpened():
                 return writer, name
             writer.release()
     finally:
         cv2.utils.logging.setLogLevel(level)
-    raise OSError(f"cannot write video {path}: no H.264 or MPEG-4 encoder in this OpenCV build")
+    names = " or ".join(name for _, name in codecs)
+    raise OSError(f"cannot write video {path}: no {names} encoder in this OpenCV build")
 
 
 class AnnotatedVideoWriter:
-    """Writes annotated frames to an MP4 file (H.264 where OpenCV can), tracking which events are open."""
+    """Writes annotated frames to a WebM (VP9) or MP4 file, tracking which events are open."""
 
     def __init__(self, path: Path, fps: float) -> None:
         self.path = path
