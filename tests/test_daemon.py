@@ -726,7 +726,9 @@ def test_a_full_state_folder_holds_events_in_memory_and_loses_none(
                 while_full = [r["event_id"] for r in daemon.logged("event accepted")]
                 recorder.wait_for(lambda ms: {e["event_id"] for e in events(ms)} >= set(while_full), 30)
                 full = [h for h in health_payloads(recorder.messages) if h["outbox"]["state"] == "disk_full"]
-                assert filler.exists() and not daemon.logged(WRITABLE), "received while the disk was still full"
+                # Received before the filler goes. (The daemon's other file in the folder, the open-event ledger,
+                # shrinks and grows as events open and end, so the outbox may find a page meanwhile.)
+                assert filler.exists(), "received while the disk was still full"
                 filler.unlink()
             wait_until(lambda: bool(daemon.logged(WRITABLE)), 30, "the outbox to be written again")
             daemon.proc.send_signal(signal.SIGTERM)
