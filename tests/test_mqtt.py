@@ -925,6 +925,10 @@ def test_an_outage_that_fills_the_outbox_delivers_no_end_without_its_start(tmp_p
     """Broker down, outbox full (6 events) while 12 rounds of overlapping stress and occupant_lost pairs come: what
     arrives afterwards pairs up, and the drops are counted per type."""
     broker = MosquittoBroker(tmp_path / "broker", persistence=True)
+    # The subscriber's persistent session first, so that the broker queues what the sink sends on reconnecting
+    # even before the subscriber is back.
+    with broker, MqttRecorder(broker.url, [f"{BASE}/events"]):
+        pass
     with Outbox(tmp_path / "outbox.sqlite", max_events=6) as box:
         sink = make_sink(broker.url, box)
         for _ in range(12):

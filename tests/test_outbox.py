@@ -29,6 +29,7 @@ from tests.support.helpers import make_event
 from tests.support.mounts import fill, pin_wal, read_only_bind, remount, tmpfs
 
 NOW = time.time()
+DAY_S = 86400.0  # a maximum age no event put at NOW reaches, however long the suite has run
 DATA = Path(__file__).parent / "data"
 FOREVER_S = 1e10  # the events stored in DATA are from 2023: never expire them here
 
@@ -434,7 +435,7 @@ def test_a_read_only_folder_opens_reading_its_events_and_holding_new_ones(tmp_pa
         before = sorted(p.name for p in state.iterdir())
         remount(state, read_only=True)
         try:
-            outbox, moved = open_outbox(path, 10, 60.0, fallback=tmp_path / "run" / "held-events.sqlite")
+            outbox, moved = open_outbox(path, 10, DAY_S, fallback=tmp_path / "run" / "held-events.sqlite")
             assert moved is None and state_of(outbox) == "unwritable" and "read-only" in (outbox.write_error or "")
             put(outbox, "e2")
             assert ids(outbox) == ["e0", "e1", "e2"] and outbox.memory_event_ids == ["e2"]
@@ -475,7 +476,7 @@ def test_a_read_only_file_in_a_writable_folder_opens_and_is_never_moved_aside(tm
         for i in range(62):
             put(outbox, f"e{i}")
     with read_only_bind(path):
-        outbox, moved = open_outbox(path, max_events=100, max_age_s=60.0)
+        outbox, moved = open_outbox(path, max_events=100, max_age_s=DAY_S)
         assert moved is None and state_of(outbox) == "unwritable" and outbox.depth() == 62
         outbox.close()
     assert not list(tmp_path.glob("*unusable*"))
@@ -634,7 +635,7 @@ def test_open_outbox_salvages_the_readable_rows_of_a_damaged_file(tmp_path: Path
     middle = pages // 2
     data[4096 * middle : 4096 * (middle + 2)] = b"\xa5" * 8192
     path.write_bytes(bytes(data))
-    outbox, aside = open_outbox(path, max_events=1000, max_age_s=60.0)
+    outbox, aside = open_outbox(path, max_events=1000, max_age_s=DAY_S)
     with outbox:
         salvaged = ids(outbox)
     print(f"\n{pages} pages, 2 overwritten: {len(salvaged)} of 400 rows salvaged")
