@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from cabin_monitor.config import RulesConfig
@@ -88,3 +89,29 @@ def test_canary_alerting_far_more_aborts_and_is_restored(
     (detail,) = [r[0] for r in query(dsn, "SELECT detail FROM rollout_steps WHERE step = 'rates'")]
     assert detail["decision"] == "abort"
     assert detail["canary_after"]["per_hour"] > 3 * detail["canary_before"]["per_hour"]
+
+
+def test_a_rollout_killed_mid_wave_is_resumed_and_held_by_one_process(
+    tmp_path: Path, fleet: tuple[MosquittoBroker, str, list[SimulatedVehicle]]
+) -> None:
+    """SIGKILLed in its first wave, `rollout resume` goes on from the store (refused while another holds it)."""
+    broker, dsn, cars = fleet
+    command = rollout(tmp_path, broker, dsn, "kill-1", "--set", "stress.cooldown_s=45", "--max-per-minute", "60")
+    started = "SELECT count(*) FROM rollout_steps WHERE rollout_id = 'kill-1' AND step = 'wave started'"
+    wait_until(lambda: query(dsn, started)[0][0] == 1, 60, "the first wave started")
+    command.kill()
+    url = account_url(broker.url, "fleet-rollout")
+    resume = ["rollout", "resume", "kill-1", "--broker", url, "--db", dsn]
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext('kill-1'))")
+        busy = FleetCommand(tmp_path, resume)
+        assert busy.wait(60) == 1 and "being run by another process" in busy.output()
+    resumed = FleetCommand(tmp_path, resume)
+    assert resumed.wait(90) == 0, resumed.output()
+    assert "rollout kill-1: done" in resumed.output()
+    assert all(car.overrides() == {"stress.cooldown_s": 45.0} for car in cars)
+    assert query(dsn, "SELECT state, count(*) FROM rollout_vehicles WHERE rollout_id = 'kill-1' GROUP BY 1") == [
+        ("applied", 10)
+    ]
+    steps = [r[0] for r in query(dsn, "SELECT step FROM rollout_steps WHERE rollout_id = 'kill-1' ORDER BY id")]
+    assert steps.count("resumed") == 1 and steps.count("wave started") == 3 and steps[-1] == "done"

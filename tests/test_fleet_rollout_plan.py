@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
+import pytest
+
 from cabin_monitor.fleet.rollout import MeasureRates, Phase, Plan, Rate, Rollout, Send, VehicleState, plan_groups
 
 VEHICLES = [f"car-{i}" for i in range(10)]
@@ -117,3 +122,35 @@ def test_answers_of_other_requests_are_ignored() -> None:
     assert isinstance(send, Send)
     rollout.answer(send.vehicle_id, "someone-else", False, [], 0.5)
     assert rollout.vehicles[send.vehicle_id].state == VehicleState.SENT
+
+
+def stored(rollout: Rollout, steps: list[tuple[str, dict[str, Any]]], now_s: float) -> Rollout:
+    """What ``load_rollout`` rebuilds from the store: the steps taken so far, a copy of the vehicles, the phase."""
+    steps += rollout.take_changes()[1]
+    return Rollout.resumed(
+        rollout.rollout_id, rollout.plan, rollout.phase, copy.deepcopy(rollout.vehicles), steps, now_s
+    )
+
+
+@pytest.mark.parametrize("canary_rate", [Rate(5, 2.0), Rate(20, 2.0)], ids=["go on", "abort"])
+def test_a_resumed_rollout_goes_on_as_the_uninterrupted_one(canary_rate: Rate) -> None:
+    """Rebuilt from its steps and vehicles (observing, then mid-wave or mid-restore), it ends as the original."""
+    plan = Plan({"stress": {"sustain_s": 5.0}}, canary_percent=30, wait_s=60, abort_rate_ratio=2.0, max_per_minute=60)
+    original = Rollout("r7", plan, VEHICLES, 0.0)
+    steps: list[tuple[str, dict[str, Any]]] = []
+    now = run_until_quiet(original, 0.0, {})
+    observing = stored(original, steps, now)
+    assert phase(observing) == Phase.OBSERVING and observing.tick(now) != []  # the due measurement asked again
+    original.rates(Rate(4, 2.0), canary_rate, Rate(28, 14.0), now)
+    sends = original.tick(now)  # one request a second (two at once after the wait): one of three left waiting
+    assert len(sends) == 2
+    resumed = stored(original, steps, now + 1.0)
+    assert (resumed.phase, resumed.wave, resumed.abort_reason) == (original.phase, original.wave, original.abort_reason)
+    for rollout in (original, resumed):
+        for send in sends:
+            assert isinstance(send, Send)
+            rollout.answer(send.vehicle_id, send.request_id, True, [], now + 1.5)
+        run_until_quiet(rollout, now + 2.0, {})
+    assert phase(resumed) == phase(original) in (Phase.DONE, Phase.ABORTED)
+    assert {v: p.state for v, p in resumed.vehicles.items()} == {v: p.state for v, p in original.vehicles.items()}
+    assert resumed.take_changes()[1][0][0] == "resumed"

@@ -58,9 +58,15 @@ def _add_rollout(cmds: Any) -> None:
     ro = cmds.add_parser(
         "rollout",
         help="change rules on a canary group, then in waves, aborting and restoring on refusals or alert rates",
-        description="'fleet rollout [options]' starts a roll-out; 'fleet rollout status ID --db DSN' shows one.",
+        description="'fleet rollout [options]' starts a roll-out; 'fleet rollout status ID --db DSN' shows one; "
+        "'fleet rollout resume ID --broker URL --db DSN' goes on with one whose process ended.",
     )
-    ro.add_argument("status", nargs="*", metavar="status ID", help="show roll-out ID instead of starting one")
+    ro.add_argument(
+        "existing",
+        nargs="*",
+        metavar="status|resume ID",
+        help="show roll-out ID, or go on with it where its process ended, instead of starting one",
+    )
     _db_option(ro)
     _broker_options(ro, required=False)
     who = ro.add_mutually_exclusive_group()
@@ -203,38 +209,53 @@ def _read_vehicles(args: argparse.Namespace, pool: Any) -> list[str]:
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:
-    from cabin_monitor.fleet.db import open_pool
-    from cabin_monitor.fleet.rollout import Phase, Plan
-    from cabin_monitor.fleet.rollout_run import RolloutRunner, status_text
+    if args.existing:
+        if len(args.existing) != 2 or args.existing[0] not in ("status", "resume"):
+            return _usage("give 'status ID' or 'resume ID', or no positional argument to start a roll-out")
+        return _rollout_status(args) if args.existing[0] == "status" else _rollout_resume(args)
+    return _rollout_start(args)
 
-    if args.status:
-        if len(args.status) != 2 or args.status[0] != "status":
-            return _usage("give 'status ID', or no positional argument to start a roll-out")
-        with open_pool(args.db, max_size=1) as pool:
-            text = status_text(pool, args.status[1])
-        if text is None:
-            return _usage(f"no roll-out {args.status[1]!r}")
-        print(text)
-        return EXIT_OK
+
+def _rollout_status(args: argparse.Namespace) -> int:
+    from cabin_monitor.fleet.db import open_pool
+    from cabin_monitor.fleet.rollout_run import status_text
+
+    with open_pool(args.db, max_size=1) as pool:
+        text = status_text(pool, args.existing[1])
+    if text is None:
+        return _usage(f"no roll-out {args.existing[1]!r}")
+    print(text)
+    return EXIT_OK
+
+
+def _rollout_plan(args: argparse.Namespace) -> Any:
+    from cabin_monitor.fleet.rollout import Plan
+
+    return Plan(
+        changes=parse_changes(args.set),
+        canary_percent=float(args.canary.rstrip("%")),
+        waves=args.waves,
+        wait_s=parse_duration_s(args.wait),
+        answer_timeout_s=parse_duration_s(args.answer_timeout),
+        max_per_minute=args.max_per_minute,
+        abort_rate_ratio=args.abort_if_rate_above,
+        rate_floor_per_hour=args.rate_floor,
+        max_failures_percent=args.max_failures_percent,
+        min_answered=args.min_answered,
+    )
+
+
+def _rollout_start(args: argparse.Namespace) -> int:
+    from cabin_monitor.fleet.db import open_pool
+    from cabin_monitor.fleet.rollout_run import create_rollout, status_text
+
     if args.broker is None or not args.set or not (args.vehicles or args.all):
         return _usage("a roll-out needs --broker, --vehicles FILE or --all, and at least one --set PATH=VALUE")
     try:
-        plan = Plan(
-            changes=parse_changes(args.set),
-            canary_percent=float(args.canary.rstrip("%")),
-            waves=args.waves,
-            wait_s=parse_duration_s(args.wait),
-            answer_timeout_s=parse_duration_s(args.answer_timeout),
-            max_per_minute=args.max_per_minute,
-            abort_rate_ratio=args.abort_if_rate_above,
-            rate_floor_per_hour=args.rate_floor,
-            max_failures_percent=args.max_failures_percent,
-            min_answered=args.min_answered,
-        )
+        plan = _rollout_plan(args)
     except ValueError as exc:
         return _usage(str(exc))
     rollout_id = args.rollout_id or f"r-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(2)}"
-    stop = _stop_on_signals()
     with open_pool(args.db, max_size=2) as pool:
         vehicles = _read_vehicles(args, pool)
         if not vehicles:
@@ -242,9 +263,40 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
         if status_text(pool, rollout_id) is not None:
             return _usage(f"roll-out {rollout_id!r} exists already (see: fleet rollout status {rollout_id})")
         print(f"rollout {rollout_id}: {len(vehicles)} vehicles", flush=True)
-        runner = RolloutRunner(_address(args), pool, rollout_id, plan, vehicles, args.prefix)
-        phase = runner.run(stop)
-        print(status_text(pool, rollout_id), flush=True)
+        machine, previous = create_rollout(pool, rollout_id, plan, vehicles, time.time())
+        return _run_rollout(args, pool, machine, previous)
+
+
+def _rollout_resume(args: argparse.Namespace) -> int:
+    from cabin_monitor.fleet.db import open_pool
+    from cabin_monitor.fleet.rollout import Phase
+    from cabin_monitor.fleet.rollout_run import load_rollout
+
+    rollout_id = args.existing[1]
+    if args.broker is None:
+        return _usage("resuming a roll-out needs --broker")
+    with open_pool(args.db, max_size=2) as pool:
+        loaded = load_rollout(pool, rollout_id, time.time())
+        if loaded is None:
+            return _usage(f"no roll-out {rollout_id!r}")
+        machine, previous = loaded
+        if machine.phase in (Phase.DONE, Phase.ABORTED):
+            return _usage(f"roll-out {rollout_id!r} has ended ({machine.phase.value}); nothing to resume")
+        print(f"rollout {rollout_id}: resumed in {machine.phase.value}, wave {machine.wave}", flush=True)
+        return _run_rollout(args, pool, machine, previous)
+
+
+def _run_rollout(args: argparse.Namespace, pool: Any, machine: Any, previous: Any) -> int:
+    from cabin_monitor.fleet.rollout import Phase
+    from cabin_monitor.fleet.rollout_run import RolloutBusy, RolloutRunner, status_text
+
+    runner = RolloutRunner(_address(args), pool, machine, previous, args.prefix)
+    try:
+        phase = runner.run(_stop_on_signals())
+    except RolloutBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(status_text(pool, machine.rollout_id), flush=True)
     return EXIT_OK if phase == Phase.DONE else EXIT_FAILED
 
 

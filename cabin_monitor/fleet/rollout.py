@@ -11,7 +11,8 @@ aborts, and restores every vehicle it may have changed, when
   the rest's (at least ``rate_floor_per_hour``).
 
 ``fleet.rollout_run`` is the I/O loop around it: it publishes what ``tick`` asks for, feeds answers and
-rates back, and stores every step.
+rates back, and stores every step. ``Rollout.resumed`` rebuilds a roll-out from what was stored (its steps and
+its vehicles), so one whose process ended goes on where the store says it was.
 """
 
 from __future__ import annotations
@@ -141,6 +142,42 @@ class Rollout:
         self._canary_started_s: float | None = None
         self._observe_until_s: float | None = None
         self._measuring = False
+        self._restore_targets: list[str] = []
+
+    @classmethod
+    def resumed(
+        cls,
+        rollout_id: str,
+        plan: Plan,
+        phase: Phase,
+        vehicles: dict[str, VehicleProgress],
+        steps: Sequence[tuple[str, dict[str, Any]]],
+        now_s: float,
+    ) -> Rollout:
+        """The roll-out its stored ``phase``, ``vehicles`` and ``steps`` describe, going on at ``now_s``.
+
+        The groups and the canary's start come from the ``planned`` step, the wave from the last ``wave
+        started``, the end of the canary's observation from ``observing canary``, what to restore from
+        ``aborting``; an observation that was due is measured again.
+        """
+        planned = next((detail for name, detail in steps if name == "planned"), None)
+        if planned is None:
+            raise ValueError(f"roll-out {rollout_id!r} has no 'planned' step")
+        machine = cls(rollout_id, plan, [], planned["at_s"])
+        machine.groups = [list(group) for group in planned["groups"]]
+        machine.vehicles = vehicles
+        machine.phase = phase
+        machine._canary_started_s = planned["at_s"]
+        machine._next_send_s = now_s
+        for name, detail in steps:
+            if name == "wave started":
+                machine.wave = detail["wave"]
+            elif name == "observing canary":
+                machine._observe_until_s = detail["until_s"]
+            elif name == "aborting":
+                machine.abort_reason, machine._restore_targets = detail["reason"], list(detail["restoring"])
+        machine.steps = [("resumed", {"at_s": now_s, "phase": phase.value, "wave": machine.wave, **machine.counts()})]
+        return machine
 
     # -- inputs --
 

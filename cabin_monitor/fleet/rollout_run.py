@@ -1,5 +1,10 @@
 """``fleet rollout``: the I/O around ``fleet.rollout.Rollout``: MQTT requests and answers, rates and steps in the store.
 
+A roll-out is stored before its first request (``create_rollout``) and after every step, so one whose process
+ended (killed, the machine restarted) is taken up again with ``load_rollout``: the answers that came meanwhile
+are read from ``config_results``, where ingest stored them. A PostgreSQL advisory lock keeps a roll-out to
+one process at a time.
+
 Requests go to ``cabin/<vehicle>/config/set`` (QoS 1, not retained) with request ids ``<rollout>/set/<vehicle>``;
 answers come from ``cabin/+/config/result``. A restore sends back the values the changed paths had in the
 vehicle's last ``rules/state`` before the roll-out, or ``config/reset`` when it had no override then (or no
@@ -24,7 +29,7 @@ from psycopg_pool import ConnectionPool
 from cabin_monitor.fleet.link import BrokerAddress, connect, make_client
 from cabin_monitor.fleet.rates import alert_rate
 from cabin_monitor.fleet.records import ConfigResultRecord, classify
-from cabin_monitor.fleet.rollout import MeasureRates, Phase, Plan, Rollout, Send
+from cabin_monitor.fleet.rollout import MeasureRates, Phase, Plan, Rollout, Send, VehicleProgress, VehicleState
 
 log = structlog.get_logger("cabin_monitor.fleet.rollout")
 TICK_S = 0.2
@@ -60,15 +65,17 @@ def restore_request(changes: dict[str, Any], previous: dict[str, Any] | None) ->
 
 
 class RolloutRunner:
-    """Publishes what the state machine asks, feeds it answers and rates, stores every step; one roll-out."""
+    """Publishes what the state machine asks, feeds it answers and rates, stores every step; one roll-out.
+
+    ``previous`` is each vehicle's ``rules/state`` payload before the roll-out (what a restore goes back to).
+    """
 
     def __init__(
         self,
         address: BrokerAddress,
         pool: ConnectionPool,
-        rollout_id: str,
-        plan: Plan,
-        vehicles: Sequence[str],
+        machine: Rollout,
+        previous: dict[str, dict[str, Any] | None],
         prefix: str = "cabin",
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -76,14 +83,14 @@ class RolloutRunner:
         self._prefix = prefix
         self._clock = clock
         self._address = address
-        self.machine = Rollout(rollout_id, plan, vehicles, clock())
+        self.machine = machine
+        self._previous = previous
         self._answers: queue.Queue[Answer] = queue.Queue()
         self._subscribed = threading.Event()
-        self._client = make_client(address, f"rollout-{rollout_id}"[:64])
+        self._client = make_client(address, f"rollout-{machine.rollout_id}"[:64])
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = lambda *_: self._subscribed.set()
         self._client.on_message = self._on_message
-        self._previous: dict[str, dict[str, Any] | None] = {}
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
         if reason.is_failure:
@@ -98,13 +105,26 @@ class RolloutRunner:
             self._answers.put((record.vehicle_id, record.payload.request_id, record.payload.ok, errors))
 
     def run(self, stop: threading.Event) -> Phase:
-        """Until done or aborted (or ``stop``): the final phase."""
-        self._create()
-        connect(self._client, self._address, persistent=False)  # nothing to keep once it has ended
+        """Until done or aborted (or ``stop``): the final phase. One process per roll-out at a time: a second one
+        (a resume while the first still runs) gets ``RolloutBusy``."""
+        with self._pool.connection() as lock:
+            held = lock.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (self.machine.rollout_id,)).fetchone()
+            if held is None or not held[0]:
+                raise RolloutBusy(f"roll-out {self.machine.rollout_id!r} is being run by another process")
+            lock.commit()  # the lock is the session's: nothing stays open in a transaction meanwhile
+            try:
+                self._run(stop)
+            finally:
+                lock.execute("SELECT pg_advisory_unlock(hashtext(%s))", (self.machine.rollout_id,))
+        return self.machine.phase
+
+    def _run(self, stop: threading.Event) -> None:
+        connect(self._client, self._address, persistent=False)  # answers while away come from the store
         self._client.loop_start()
         try:
             if not self._subscribed.wait(30):
                 raise TimeoutError(f"could not subscribe to config/result on {self._address}")
+            self._answers_stored()
             while self.machine.phase not in (Phase.DONE, Phase.ABORTED) and not stop.is_set():
                 self._step()
                 stop.wait(TICK_S)
@@ -112,7 +132,18 @@ class RolloutRunner:
         finally:
             self._client.disconnect()
             self._client.loop_stop()
-        return self.machine.phase
+
+    def _answers_stored(self) -> None:
+        """Feed the answers ingest stored for requests still open (those that came while no process ran it)."""
+        open_ids = [p.request_id for p in self.machine.vehicles.values() if p.request_id is not None]
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT vehicle_id, request_id, ok, coalesce(payload->'errors', '[]'::jsonb), extract(epoch FROM ts) "
+                "FROM config_results WHERE request_id = ANY(%s) ORDER BY ts",
+                (open_ids,),
+            ).fetchall()
+        for vehicle, request_id, ok, errors, ts in rows:
+            self.machine.answer(vehicle, request_id, ok, errors, float(ts))
 
     def _step(self) -> None:
         now = self._clock()
@@ -144,27 +175,6 @@ class RolloutRunner:
 
     # -- the store --
 
-    def _create(self) -> None:
-        machine = self.machine
-        with self._pool.connection() as conn, conn.transaction():
-            rows = conn.execute(
-                "SELECT vehicle_id, payload FROM rules_state WHERE vehicle_id = ANY(%s)", (list(machine.vehicles),)
-            ).fetchall()
-            self._previous = {v: None for v in machine.vehicles} | {r[0]: r[1] for r in rows}
-            conn.execute(
-                "INSERT INTO rollouts (rollout_id, state, changes, plan) VALUES (%s, %s, %s, %s)",
-                (machine.rollout_id, machine.phase.value, Jsonb(machine.plan.changes), Jsonb(asdict(machine.plan))),
-            )
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO rollout_vehicles (rollout_id, vehicle_id, wave, state, previous) "
-                    "VALUES (%s, %s, %s, %s, %s)",
-                    [
-                        (machine.rollout_id, v, p.wave, p.state.value, Jsonb(self._previous[v]))
-                        for v, p in machine.vehicles.items()
-                    ],
-                )
-
     def _store(self) -> None:
         changed, steps = self.machine.take_changes()
         if not changed and not steps:
@@ -190,6 +200,62 @@ class RolloutRunner:
             )
         for name, detail in steps:
             log.info(f"rollout {name}", rollout_id=rid, **{k: v for k, v in detail.items() if k != "groups"})
+
+
+class RolloutBusy(RuntimeError):
+    """Another process holds the roll-out."""
+
+
+def create_rollout(
+    pool: ConnectionPool, rollout_id: str, plan: Plan, vehicles: Sequence[str], now_s: float
+) -> tuple[Rollout, dict[str, dict[str, Any] | None]]:
+    """A new roll-out, stored with each vehicle's ``rules/state`` before it; and those states."""
+    machine = Rollout(rollout_id, plan, vehicles, now_s)
+    with pool.connection() as conn, conn.transaction():
+        rows = conn.execute(
+            "SELECT vehicle_id, payload FROM rules_state WHERE vehicle_id = ANY(%s)", (list(machine.vehicles),)
+        ).fetchall()
+        previous: dict[str, dict[str, Any] | None] = {v: None for v in machine.vehicles} | {r[0]: r[1] for r in rows}
+        conn.execute(
+            "INSERT INTO rollouts (rollout_id, state, changes, plan) VALUES (%s, %s, %s, %s)",
+            (rollout_id, machine.phase.value, Jsonb(plan.changes), Jsonb(asdict(plan))),
+        )
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO rollout_vehicles (rollout_id, vehicle_id, wave, state, previous) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                [(rollout_id, v, p.wave, p.state.value, Jsonb(previous[v])) for v, p in machine.vehicles.items()],
+            )
+    return machine, previous
+
+
+def load_rollout(
+    pool: ConnectionPool, rollout_id: str, now_s: float
+) -> tuple[Rollout, dict[str, dict[str, Any] | None]] | None:
+    """The stored roll-out ``rollout_id`` as it was when its process ended, and the vehicles' states before it;
+    None if unknown."""
+    with pool.connection() as conn:
+        head = conn.execute("SELECT state, plan FROM rollouts WHERE rollout_id = %s", (rollout_id,)).fetchone()
+        if head is None:
+            return None
+        rows = conn.execute(
+            "SELECT vehicle_id, wave, state, request_id, coalesce(errors, '[]'::jsonb), extract(epoch FROM sent_at), "
+            "extract(epoch FROM answered_at), previous FROM rollout_vehicles WHERE rollout_id = %s",
+            (rollout_id,),
+        ).fetchall()
+        steps = conn.execute(
+            "SELECT step, detail FROM rollout_steps WHERE rollout_id = %s ORDER BY id", (rollout_id,)
+        ).fetchall()
+    vehicles = {
+        v: VehicleProgress(wave, VehicleState(state), request_id, _seconds(sent), _seconds(answered), errors)
+        for v, wave, state, request_id, errors, sent, answered, _ in rows
+    }
+    machine = Rollout.resumed(rollout_id, Plan(**head[1]), Phase(head[0]), vehicles, steps, now_s)
+    return machine, {r[0]: r[7] for r in rows}
+
+
+def _seconds(epoch: Any) -> float | None:
+    return None if epoch is None else float(epoch)
 
 
 def status_text(pool: ConnectionPool, rollout_id: str) -> str | None:
