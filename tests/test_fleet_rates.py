@@ -18,7 +18,14 @@ from cabin_monitor.fleet.records import classify
 from cabin_monitor.fleet.store import PartitionCache, write_records
 from cabin_monitor.messages import RemoteRequest
 from tests.support.browser import open_offline
-from tests.support.fleet import FleetCommand, event_json, fleet_database, health_json, requires_postgres
+from tests.support.fleet import (
+    FleetCommand,
+    event_json,
+    fleet_database,
+    health_at,
+    requires_postgres,
+    shadow_event_json,
+)
 from tests.support.vehicle_rules import VehicleRules
 
 pytestmark = requires_postgres()
@@ -33,21 +40,9 @@ def rules_state(vehicle_id: str, change: dict[str, Any] | None) -> bytes:
     return control.state(vehicle_id, "start").model_dump_json().encode()
 
 
-def shadow_event_json(vehicle_id: str, ts_s: float, phase: str = "start") -> bytes:
-    """A shadow rules' event of ``vehicle_id`` (the payload of a live one) stamped ``ts_s``."""
-    return json.dumps({**json.loads(event_json(vehicle_id, ts_s=ts_s)), "phase": phase}).encode()
-
-
 def request(action: str, body: dict[str, Any]) -> RemoteRequest:
     """A config request as the daemon receives it."""
     return RemoteRequest(action, json.dumps(body).encode(), retained=False, received_s=0.0)  # type: ignore[arg-type]
-
-
-def health_at(vehicle_id: str, ts_s: float) -> bytes:
-    """A health payload stamped ``ts_s``."""
-    data = json.loads(health_json(vehicle_id))
-    data["ts"] = json.loads(event_json(vehicle_id, ts_s=ts_s))["ts"]
-    return json.dumps(data).encode()
 
 
 @pytest.fixture

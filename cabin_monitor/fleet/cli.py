@@ -28,7 +28,7 @@ def add_fleet_parser(sub: Any) -> None:
     fleet = sub.add_parser("fleet", help="fleet operators: event store, ingest, rule roll-outs, alert rates")
     fleet.set_defaults(func=_fleet_main)
     cmds = fleet.add_subparsers(dest="fleet_command", required=True)
-    for add in (_add_db, _add_ingest, _add_rollout, _add_rates, _add_report):
+    for add in (_add_db, _add_ingest, _add_rollout, _add_rates, _add_report, _add_retention):
         add(cmds)
 
 
@@ -124,6 +124,19 @@ def _add_report(cmds: Any) -> None:
     rp.add_argument("--since", default="7d", help="window up to now: 90m, 12h, 7d (default: %(default)s)")
     rp.add_argument("--top", type=int, default=20, help="top vehicles plotted (default: %(default)s)")
     rp.set_defaults(fleet_func=_cmd_report)
+
+
+def _add_retention(cmds: Any) -> None:
+    rt = cmds.add_parser(
+        "retention",
+        help="drop what is older than --keep: events by whole monthly partitions, other tables by row",
+        description="Events and shadow events go by whole months: every partition ending before the month of "
+        "now minus --keep is dropped; copies of dropped events arriving later are quarantined.",
+    )
+    _db_option(rt)
+    rt.add_argument("--keep", required=True, help="what to keep, up to now: 400d, 9600h (at least 1d)")
+    rt.add_argument("--dry-run", action="store_true", help="count what would go, change nothing")
+    rt.set_defaults(fleet_func=_cmd_retention)
 
 
 def parse_duration_s(text: str) -> float:
@@ -340,6 +353,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     with psycopg.connect(args.db) as conn:
         path = write_report(conn, args.out, end - timedelta(seconds=since_s), end, args.top)
     print(path)
+    return EXIT_OK
+
+
+def _cmd_retention(args: argparse.Namespace) -> int:
+    from datetime import datetime, timedelta, timezone
+
+    import psycopg
+
+    from cabin_monitor.fleet.retention import apply_retention, format_retention
+
+    try:
+        keep_s = parse_duration_s(args.keep)
+    except ValueError as exc:
+        return _usage(str(exc))
+    if keep_s < 86400:
+        return _usage(f"--keep {args.keep} is under a day: the store would lose the events it is taking in now")
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=keep_s)
+    with psycopg.connect(args.db) as conn:
+        result = apply_retention(conn, cutoff, dry_run=args.dry_run)
+    print(format_retention(result, dry_run=args.dry_run))
     return EXIT_OK
 
 

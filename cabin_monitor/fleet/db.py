@@ -173,6 +173,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         SELECT vehicle_id, ts, payload ? 'shadow' FROM rules_state;
         """,
     ),
+    Migration(
+        4,
+        "retention horizon",
+        """
+        -- Set by 'fleet retention': events before kept_from were dropped, and copies arriving late are quarantined.
+        CREATE TABLE retention (
+            table_name text PRIMARY KEY,
+            kept_from timestamptz NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
 # Tables partitioned by month on ts, each with its partitions named <table>_YYYY_MM.
 PARTITIONED_TABLES = ("events", "shadow_events")
@@ -185,7 +197,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )
 """
 # Held while migrating and while creating partitions, so two processes never do either at once.
-_SCHEMA_LOCK = 7_140_215
+SCHEMA_LOCK = 7_140_215
 
 
 def upgrade(dsn: str, migrations: Iterable[Migration] = MIGRATIONS) -> list[int]:
@@ -195,7 +207,7 @@ def upgrade(dsn: str, migrations: Iterable[Migration] = MIGRATIONS) -> list[int]
         conn.execute(_MIGRATIONS_TABLE)
         for migration in sorted(migrations, key=lambda m: m.version):
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 row = conn.execute(
                     "SELECT 1 FROM schema_migrations WHERE version = %s", (migration.version,)
                 ).fetchone()
@@ -240,7 +252,7 @@ def ensure_partitions(conn: psycopg.Connection[object], times: Iterable[datetime
     """
     months = {month_start(t) for t in times}
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         for start in sorted(months):
             for table in PARTITIONED_TABLES:
                 # DDL takes no bind parameters: the bounds go in as literals.

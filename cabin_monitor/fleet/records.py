@@ -38,6 +38,7 @@ class Reason(str, enum.Enum):
     UNKNOWN_TOPIC = "unknown_topic"
     IMPLAUSIBLE_TIME = "implausible_time"
     REFUSED_BY_STORE = "refused_by_store"
+    BEFORE_RETENTION = "before_retention"
 
 
 @dataclass(frozen=True, slots=True)

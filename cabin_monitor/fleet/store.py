@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
 import psycopg
 
@@ -121,7 +122,9 @@ class PartitionCache:
 def write_records(
     conn: psycopg.Connection[object], records: Sequence[Record], partitions: PartitionCache, prefix: str = "cabin"
 ) -> WriteCounts:
-    """Store ``records`` in one transaction (committed on return); a record PostgreSQL refuses is quarantined."""
+    """Store ``records`` in one transaction (committed on return); a record PostgreSQL refuses is quarantined,
+    as is an event from before the retention horizon (its month was dropped: storing it would bring it back)."""
+    records = _before_retention(conn, records, prefix)
     partitions.ensure(conn, [r.ts for r in records if isinstance(r, EventRecord | ShadowEventRecord)])
     try:
         with conn.transaction():
@@ -139,6 +142,10 @@ def write_records(
     return counts
 
 
+_RETAINED: dict[str, type[EventRecord | ShadowEventRecord]] = {
+    "events": EventRecord,
+    "shadow_events": ShadowEventRecord,
+}
 _TOPIC_SUFFIX = {
     EventRecord: "events",
     ShadowEventRecord: "shadow/events",
@@ -149,9 +156,28 @@ _TOPIC_SUFFIX = {
 }
 
 
+def _before_retention(conn: psycopg.Connection[object], records: Sequence[Record], prefix: str) -> list[Record]:
+    rows = cast(list[tuple[str, datetime]], conn.execute("SELECT table_name, kept_from FROM retention").fetchall())
+    conn.commit()  # idle again, for the partitions' own transaction
+    horizon = {_RETAINED[name]: kept_from for name, kept_from in rows if name in _RETAINED}
+    kept: list[Record] = []
+    for r in records:
+        if isinstance(r, EventRecord | ShadowEventRecord) and type(r) in horizon and r.ts < horizon[type(r)]:
+            detail = f"{r.ts.isoformat()} is before the retention horizon {horizon[type(r)].isoformat()}"
+            kept.append(_quarantined(r, Reason.BEFORE_RETENTION, detail, prefix))
+        else:
+            kept.append(r)
+    return kept
+
+
 def _refused(record: Record, exc: psycopg.DataError, prefix: str) -> Quarantined:
     if isinstance(record, Quarantined):
         raise exc  # the quarantine row itself was refused: nothing is left to fall back on
+    return _quarantined(record, Reason.REFUSED_BY_STORE, str(exc).strip(), prefix)
+
+
+def _quarantined(record: Record, reason: Reason, detail: str, prefix: str) -> Quarantined:
+    assert not isinstance(record, Quarantined)
     if isinstance(record, StatusRecord):
         vehicle, raw = record.vehicle_id, record.status.encode()
     elif isinstance(record, ConfigResultRecord):
@@ -159,7 +185,7 @@ def _refused(record: Record, exc: psycopg.DataError, prefix: str) -> Quarantined
     else:
         vehicle, raw = record.payload.vehicle_id, record.json_text.encode()
     topic = f"{prefix}/{vehicle}/{_TOPIC_SUFFIX[type(record)]}"
-    return Quarantined(topic, raw, Reason.REFUSED_BY_STORE, str(exc).strip())
+    return Quarantined(topic, raw, reason, detail)
 
 
 def _write_events(

@@ -8,6 +8,7 @@ says why no server can be reached, for a skip (``requires_postgres``); ``fleet_d
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -313,3 +314,15 @@ def health_json(vehicle_id: str) -> bytes:
         mqtt=MqttHealth(connected=True, reconnects=0, refused_events=0),
     )
     return payload.model_dump_json().encode()
+
+
+def health_at(vehicle_id: str, ts_s: float) -> bytes:
+    """A health payload stamped ``ts_s``."""
+    data = json.loads(health_json(vehicle_id))
+    data["ts"] = json.loads(event_json(vehicle_id, ts_s=ts_s))["ts"]
+    return json.dumps(data).encode()
+
+
+def shadow_event_json(vehicle_id: str, ts_s: float, phase: str = "start") -> bytes:
+    """A shadow rules' event of ``vehicle_id`` (the payload of a live one) stamped ``ts_s``."""
+    return json.dumps({**json.loads(event_json(vehicle_id, ts_s=ts_s)), "phase": phase}).encode()
