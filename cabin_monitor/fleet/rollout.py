@@ -139,6 +139,7 @@ class Rollout:
         self.steps: list[tuple[str, dict[str, Any]]] = [("planned", {"groups": self.groups, "at_s": now_s})]
         self.changed: set[str] = set()
         self._next_send_s = now_s
+        self._last_tick_s = now_s
         self._canary_started_s: float | None = None
         self._observe_until_s: float | None = None
         self._measuring = False
@@ -168,7 +169,7 @@ class Rollout:
         machine.vehicles = vehicles
         machine.phase = phase
         machine._canary_started_s = planned["at_s"]
-        machine._next_send_s = now_s
+        machine._next_send_s = machine._last_tick_s = now_s
         for name, detail in steps:
             if name == "wave started":
                 machine.wave = detail["wave"]
@@ -183,13 +184,15 @@ class Rollout:
 
     def tick(self, now_s: float) -> list[Action]:
         """What to do now: requests to send (paced), or rates to measure."""
+        actions: list[Action] = []
         if self.phase == Phase.RUNNING:
-            return self._run_wave(now_s)
-        if self.phase == Phase.OBSERVING:
-            return self._observe(now_s)
-        if self.phase == Phase.RESTORING:
-            return self._restore(now_s)
-        return []
+            actions = self._run_wave(now_s)
+        elif self.phase == Phase.OBSERVING:
+            actions = self._observe(now_s)
+        elif self.phase == Phase.RESTORING:
+            actions = self._restore(now_s)
+        self._last_tick_s = now_s
+        return actions
 
     def answer(
         self, vehicle_id: str, request_id: str | None, ok: bool, errors: list[dict[str, Any]], now_s: float
@@ -297,7 +300,8 @@ class Rollout:
         self, group: Sequence[str], waiting: VehicleState, kind: Literal["set", "restore"], now_s: float
     ) -> list[Action]:
         interval_s = 60.0 / self.plan.max_per_minute
-        self._next_send_s = max(self._next_send_s, now_s - interval_s)  # no burst after a quiet spell
+        # Requests due since the last tick go now; none are saved up over a quiet spell (observing, say).
+        self._next_send_s = max(self._next_send_s, self._last_tick_s)
         sends: list[Action] = []
         for v in group:
             progress = self.vehicles[v]
