@@ -3,7 +3,8 @@
 A private Mosquitto (anonymous, on a free port) and a scratch database on the PostgreSQL server at ``--db``
 (created, upgraded, dropped). Publisher processes send ``--events`` valid events at QoS 1 from ``--vehicles``
 vehicle ids as fast as the broker takes them; the figure is events stored over the time from the first publish
-to the last row committed, with the publish rate beside it.
+to the last row committed, with the publish rate beside it. ``--kill-ingest`` SIGKILLs one ingest process once
+a third of the events is stored and starts it again: the store must still hold every event once.
 
     python scripts/bench_fleet_ingest.py --db postgresql://postgres@127.0.0.1:5432/postgres --events 20000
 """
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--publishers", type=int, default=2)
     parser.add_argument("--ingest", type=int, default=2, help="ingest processes in the shared group")
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--kill-ingest", action="store_true", help="SIGKILL and restart one ingest process mid-run")
     args = parser.parse_args()
 
     name = f"cabin_fleet_bench_{uuid.uuid4().hex[:8]}"
@@ -82,7 +84,8 @@ def main() -> None:
         upgrade(dsn)
         with FleetBroker(work / "broker") as broker:
             env = {**os.environ, "PYTHONPATH": str(REPO)}
-            for i in range(args.ingest):
+
+            def start_ingest(i: int) -> subprocess.Popen[bytes]:
                 command = [
                     sys.executable,
                     "-m",
@@ -95,8 +98,10 @@ def main() -> None:
                     dsn,
                 ]
                 command += ["--client-id", f"bench-ingest-{i}", "--batch-size", str(args.batch_size)]
-                with (work / f"ingest-{i}.log").open("wb") as log:
-                    workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+                with (work / f"ingest-{i}.log").open("ab") as log:
+                    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+            workers += [start_ingest(i) for i in range(args.ingest)]
             while (
                 sum(
                     "connected to the fleet broker" in (work / f"ingest-{i}.log").read_text()
@@ -114,10 +119,17 @@ def main() -> None:
                     [(broker.port, vehicles[i :: args.publishers], share, start_at) for i in range(args.publishers)],
                 )
                 total = share * args.publishers
-                with psycopg.connect(dsn) as conn:
+                killed = not args.kill_ingest
+                with psycopg.connect(dsn, autocommit=True) as conn:
                     while (stored := conn.execute("SELECT count(*) FROM events").fetchone()[0]) < total:  # type: ignore[index]
+                        if not killed and stored >= total // 3:
+                            workers[0].kill()  # SIGKILL: its uncommitted batch was never acknowledged
+                            workers[0].wait(10)
+                            workers[0], killed = start_ingest(0), True
+                            print(f"ingest 0 SIGKILLed with {stored} events stored, started again")
                         time.sleep(0.05)
-                stored_s = time.time() - start_at
+                    stored_s = time.time() - start_at
+                    distinct = conn.execute("SELECT count(DISTINCT event_id) FROM events").fetchone()[0]  # type: ignore[index]
                 publish_s = max(pending.get(300))
         for w in workers:
             w.terminate()
@@ -125,6 +137,7 @@ def main() -> None:
         print(f"{total} events, {args.vehicles} vehicles, {args.publishers} publishers, {args.ingest} ingest processes")
         print(f"published (QoS 1, acknowledged by the broker): {total / publish_s:.0f} events/s")
         print(f"stored in PostgreSQL (committed, exactly once):  {stored / stored_s:.0f} events/s ({stored_s:.1f} s)")
+        print(f"events published {total}, rows {stored}, distinct event ids {distinct}")
     finally:
         for w in workers:
             if w.poll() is None:
