@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -139,12 +140,19 @@ def test_tiny_run_writes_checkpoints_and_history(tiny_run: Path) -> None:
     assert json.loads((tiny_run / "config.json").read_text())["model"]["width"] == 0.125
 
 
-def test_interrupted_training_resumes_exactly(tmp_path: Path) -> None:
+def shape_fed(**optim: object) -> TrainConfig:
+    """The tiny config with the emotion head reading the stage-2 shape."""
+    cfg = tiny(**optim)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"emotion_from_shape": True})})
+
+
+@pytest.mark.parametrize("config", [tiny, shape_fed], ids=["features", "features and shape"])
+def test_interrupted_training_resumes_exactly(tmp_path: Path, config: Callable[..., TrainConfig]) -> None:
     """Three steps, stop, resume to six gives the very weights of six steps straight through."""
     straight, resumed = tmp_path / "a", tmp_path / "b"
-    train(tiny(max_steps=6), DATA, straight, progress=False)
-    train(tiny(max_steps=3), DATA, resumed, progress=False)
-    train(tiny(max_steps=6), DATA, resumed, progress=False)
+    train(config(max_steps=6), DATA, straight, progress=False)
+    train(config(max_steps=3), DATA, resumed, progress=False)
+    train(config(max_steps=6), DATA, resumed, progress=False)
     a = torch.load(straight / "last.pt", weights_only=False)
     b = torch.load(resumed / "last.pt", weights_only=False)
     assert a["global_step"] == b["global_step"] == 6
@@ -152,28 +160,17 @@ def test_interrupted_training_resumes_exactly(tmp_path: Path) -> None:
         assert torch.equal(value, b["model"][key]), key
 
 
-def shape_fed(**optim: object) -> TrainConfig:
-    """The tiny config with the emotion head reading the stage-2 shape."""
-    cfg = tiny(**optim)
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"emotion_from_shape": True})})
-
-
-def test_shape_fed_head_resumes_exactly_and_exports(tmp_path: Path) -> None:
-    """With emotion_from_shape, a resumed run equals a straight one, and the export agrees with PyTorch."""
-    straight, resumed = tmp_path / "a", tmp_path / "b"
-    train(shape_fed(max_steps=4), DATA, straight, progress=False)
-    train(shape_fed(max_steps=2), DATA, resumed, progress=False)
-    train(shape_fed(max_steps=4), DATA, resumed, progress=False)
-    a = torch.load(straight / "last.pt", weights_only=False)
-    b = torch.load(resumed / "last.pt", weights_only=False)
-    assert any(key.startswith("shape_encoder.") for key in a["model"])
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    path = export_run(straight, tmp_path / "shape.onnx", mirror=True)
-    rebuilt = load_onnx_as_torch(path)
-    assert rebuilt.spec.emotion_from_shape
-    diff = check_parity(MirrorAveraged(load_checkpoint_model(straight / "best.pt")[0]).eval(), path, real_crops(64))
-    assert diff["probs"] < 1e-3
+def test_shape_fed_head_exports_as_trained(tmp_path: Path) -> None:
+    """With emotion_from_shape, the mirror-averaged export is rebuilt with the shape encoder and agrees with PyTorch."""
+    train(shape_fed(max_steps=2), DATA, tmp_path / "run", progress=False)
+    assert any(
+        key.startswith("shape_encoder.")
+        for key in torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    )
+    path = export_run(tmp_path / "run", tmp_path / "shape.onnx", mirror=True)
+    assert load_onnx_as_torch(path).spec.emotion_from_shape
+    model = MirrorAveraged(load_checkpoint_model(tmp_path / "run" / "best.pt")[0]).eval()
+    assert check_parity(model, path, real_crops(64))["probs"] < 1e-3
 
 
 def test_shape_fed_head_reads_the_landmarks() -> None:
