@@ -29,7 +29,7 @@ pytestmark = requires_postgres()
 
 @pytest.mark.slow
 def test_a_rollout_reaches_the_real_daemon_through_the_bridge(tmp_path: Path) -> None:
-    """The daemon's health and rules reach the store; a roll-out's config/set reaches it, is applied and stored."""
+    """The daemon's health and rules reach the store; a roll-out reaches it, is applied; an aborted one restores it."""
     pki = make_test_pki(tmp_path / "pki")
     config = tmp_path / "cabin-monitor.yaml"
     with (
@@ -67,6 +67,19 @@ def test_a_rollout_reaches_the_real_daemon_through_the_bridge(tmp_path: Path) ->
             wait_until(lambda: query(dsn, cause)[0][0] == "config/set", 30, "the new rules/state stored")
             assert query(dsn, cause) == [("config/set", "e2e/set/car-1", 4.5)]
             assert query(dsn, "SELECT ok FROM config_results WHERE request_id = 'e2e/set/car-1'") == [(True,)]
+
+            # car-9 never answers: with half the canary silent the roll-out aborts, and car-1 gets its 4.5 back.
+            (tmp_path / "vehicles").write_text("car-1\ncar-9\n")
+            args[args.index("e2e")] = "e2e-abort"
+            args[args.index("stress.sustain_s=4.5")] = "stress.sustain_s=6"
+            args += ["--answer-timeout", "5s", "--max-failures-percent", "40", "--min-answered", "2"]
+            aborted = FleetCommand(tmp_path, args)
+            assert aborted.wait(120) == 1, aborted.output()
+            restored = "SELECT request_id, payload #> '{rules,stress,sustain_s}' FROM rules_state"
+            wait_until(lambda: query(dsn, restored)[0][0] == "e2e-abort/restore/car-1", 30, "the restore stored")
+            assert query(dsn, restored) == [("e2e-abort/restore/car-1", 4.5)]
+            states = "SELECT vehicle_id, state FROM rollout_vehicles WHERE rollout_id = 'e2e-abort' ORDER BY 1"
+            assert query(dsn, states) == [("car-1", "restored"), ("car-9", "restore_failed")]
             daemon.proc.send_signal(signal.SIGTERM)
             assert daemon.wait(60) == 0, daemon.logs()[-3000:]
             assert worker.terminate() == 0
