@@ -87,9 +87,10 @@ class RolloutRunner:
         self._previous = previous
         self._answers: queue.Queue[Answer] = queue.Queue()
         self._subscribed = threading.Event()
+        self._read_stored_answers = threading.Event()
         self._client = make_client(address, f"rollout-{machine.rollout_id}"[:64])
         self._client.on_connect = self._on_connect
-        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
 
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
@@ -97,6 +98,12 @@ class RolloutRunner:
             log.warning("fleet broker refused the connection", reason=str(reason))
             return
         client.subscribe(f"{self._prefix}/+/config/result", qos=1)
+
+    def _on_subscribe(self, *_: object) -> None:
+        # Answers that came while not subscribed (before a start or a resume, during a lost connection)
+        # are in the store: ingest keeps every config/result.
+        self._subscribed.set()
+        self._read_stored_answers.set()
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         record = classify(msg.topic, bytes(msg.payload), self._prefix)
@@ -124,7 +131,6 @@ class RolloutRunner:
         try:
             if not self._subscribed.wait(30):
                 raise TimeoutError(f"could not subscribe to config/result on {self._address}")
-            self._answers_stored()
             while self.machine.phase not in (Phase.DONE, Phase.ABORTED) and not stop.is_set():
                 self._step()
                 stop.wait(TICK_S)
@@ -134,7 +140,7 @@ class RolloutRunner:
             self._client.loop_stop()
 
     def _answers_stored(self) -> None:
-        """Feed the answers ingest stored for requests still open (those that came while no process ran it)."""
+        """Feed the answers ingest stored for this roll-out's requests (the machine ignores those it has)."""
         open_ids = [p.request_id for p in self.machine.vehicles.values() if p.request_id is not None]
         with self._pool.connection() as conn:
             rows = conn.execute(
@@ -146,6 +152,9 @@ class RolloutRunner:
             self.machine.answer(vehicle, request_id, ok, errors, float(ts))
 
     def _step(self) -> None:
+        if self._read_stored_answers.is_set():
+            self._read_stored_answers.clear()
+            self._answers_stored()
         now = self._clock()
         while not self._answers.empty():
             vehicle, request_id, ok, errors = self._answers.get_nowait()
