@@ -416,6 +416,19 @@ def test_training_starts_from_an_exported_model(tiny_run: Path, tmp_path: Path) 
         assert torch.equal(started[name], weight), name
 
 
+def test_a_shape_fed_head_grown_from_an_export_answers_as_it_did(tiny_run: Path, tmp_path: Path) -> None:
+    """init_from a features-only export: the shape columns start at zero, so the logits are the export's own."""
+    path = export_run(tiny_run, tmp_path / "start.onnx")
+    cfg = shape_fed(init_from=str(path))
+    grown = Trainer(cfg, load_datasets(cfg, DATA), tmp_path / "again").model.eval()
+    original = load_onnx_as_torch(path).eval()
+    faces = torch.from_numpy(real_crops(64).astype(np.float32)[:, None])
+    with torch.no_grad():
+        assert torch.allclose(grown.forward_all(faces)["logits"], original.forward_all(faces)["logits"], atol=1e-5)
+    encoder = grown.shape_encoder[0]
+    assert isinstance(encoder, torch.nn.Linear) and encoder.weight.abs().sum() > 0  # the shape path is there
+
+
 def test_ferplus_votes_map_onto_the_model_classes() -> None:
     """FER+ votes land on the model's classes (grouped for the 3-class model) and give a majority label or -1."""
     seven = load_emotion(DATA / "fer2013_train.npz", 64, {}, EMOTIONS_7)

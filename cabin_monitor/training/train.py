@@ -247,6 +247,18 @@ def _landmark_draws(n_items: int, batch: int, seed: int, step: int) -> np.ndarra
     return np.random.default_rng([seed, step, 29]).integers(0, n_items, size=batch)
 
 
+def _widened_head(weights: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A features-only emotion head taken into a head that also reads the shape: the feature columns as they
+    were, the shape columns zero, so the network starts answering exactly as the one it came from."""
+    key = "emotion_head.1.weight"
+    old, new = weights.get(key), own.get(key)
+    if old is None or new is None or old.shape[0] != new.shape[0] or old.shape[1] >= new.shape[1]:
+        return {}
+    widened = torch.zeros_like(new)
+    widened[:, : old.shape[1]] = old
+    return {key: widened}
+
+
 class Trainer:
     """Owns the model, optimiser and run folder of one training run."""
 
@@ -330,6 +342,7 @@ class Trainer:
         own = self.model.state_dict()
         # An export's logit bias is the class prior it was shipped with, not a weight to train from.
         usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape and k != "logit_bias"}
+        usable |= _widened_head(weights, own)
         skipped = sorted(set(own) - set(usable))
         self.model.load_state_dict(usable, strict=False)
         print(f"initialised from {path}; not taken: {skipped or 'nothing'}", file=sys.stderr)
