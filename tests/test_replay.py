@@ -17,7 +17,8 @@ from cabin_monitor.record.replay import RulesChoice, alerts, replay_session, sum
 from cabin_monitor.rules import RULES
 from cabin_monitor.tools.progress import Progress
 from cabin_monitor.tools.replay import load_recordings, replay_all, replay_rows
-from tests.support.grin_rule import GRIN, GrinRule, smiling_session
+from tests.support.grin_rule import GRIN, GrinRule
+from tests.support.sessions import smiling_session
 
 Live = tuple[Path, list[dict[str, Any]]]
 NEW_IDS = ("event_id", "start_event_id")

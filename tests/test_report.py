@@ -17,7 +17,8 @@ from cabin_monitor.record.replay import alerts, replay_session
 from cabin_monitor.rules import RULES
 from cabin_monitor.tools.report import PNG_HEIGHT_PX, PNG_WIDTH_PX, timeline_figure
 from cabin_monitor.tools.report_page import timeline
-from tests.support.grin_rule import GrinRule, smiling_session
+from tests.support.grin_rule import GrinRule
+from tests.support.sessions import smiling_session
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from cabin_monitor.record.format import RulesChange
 from cabin_monitor.record.replay import RulesChoice, SessionReplay, alerts, replay_session, summarize
 from cabin_monitor.tools.report_page import SessionView, page, thin, timeline
 from tests.support.browser import OpenPage, open_offline
-from tests.support.long_session import ANGRY_S, CAPTURE_T0_S, WALL_T0_S, long_session
+from tests.support.sessions import ANGRY_S, CAPTURE_T0_S, WALL_T0_S, long_session
 
 ROW = re.compile(
     r"<tr class='event'[^>]*data-plot='([^']+)' data-at-s='([^']+)' data-start-s='([^']+)' data-end-s='([^']+)'"

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from cabin_monitor.config import EMOTIONS_7, RulesConfig
+from cabin_monitor.config import RulesConfig
 from cabin_monitor.config.base import Number, Strict
 from cabin_monitor.messages import Observation, Severity
-from cabin_monitor.record.format import Entry, FrameSample, OccupantSample, RecordingMeta
 from cabin_monitor.rules import Rule, Series, Threshold
 from cabin_monitor.rules.base import Context, Verdict, group_score
 
@@ -78,28 +77,3 @@ class GrinRule(Rule[GrinRuleConfig, GrinState]):
     ) -> dict[str, float | None]:
         """The latest raw score."""
         return {"grin.score": state.score}
-
-
-def smiling_session(fps: float = 30.0) -> list[RecordingMeta | Entry]:
-    """A recording's items, in memory: one occupant neutral for 5 s, smiling (happiness 0.9) for 3 s, neutral 2 s."""
-    meta = RecordingMeta(
-        vehicle_id="car-17",
-        session_id="0123456789abcdef",
-        segment=0,
-        class_names=EMOTIONS_7,
-        model_version="1",
-        model_name="test",
-        rules=RulesConfig(),
-        source_kind="file",
-        opened_wall_time_s=1_700_000_000.0,
-    )
-    items: list[RecordingMeta | Entry] = [meta]
-    for frame_id in range(round(10 * fps)):
-        capture_s = frame_id / fps
-        happiness = 0.9 if 5.0 <= capture_s < 8.0 else 0.0
-        raw = tuple(
-            happiness if name == "happiness" else 1.0 - happiness if name == "neutral" else 0.0 for name in EMOTIONS_7
-        )
-        occupant = OccupantSample("occupant-1", "driver", 120.0, 120.0, 0.9, raw, raw)
-        items.append(FrameSample(frame_id, capture_s, 1_700_000_000.0 + capture_s, capture_s, (occupant,)))
-    return items
