@@ -34,7 +34,7 @@ BASE = RulesConfig.model_validate({"stress": {"sustain_s": 0.5}})
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, str, list[SimulatedVehicle]]]:
     """Fleet broker, a fresh store fed by one ingest process, and ten vehicles reporting for WAIT_S already."""
-    with fleet_database() as dsn, fleet_broker(tmp_path / "fleet", VEHICLES) as broker:
+    with fleet_database() as dsn, fleet_broker(tmp_path / "fleet", [*VEHICLES, "car-late"]) as broker:
         worker = ingest(tmp_path, broker.url, dsn, "ingest-a")
         wait_until(lambda: "connected to the fleet broker" in worker.output(), 30, "ingest connected")
         cars = [SimulatedVehicle(broker.url, v, BASE) for v in VEHICLES]
@@ -115,3 +115,29 @@ def test_a_rollout_killed_mid_wave_is_resumed_and_held_by_one_process(
     ]
     steps = [r[0] for r in query(dsn, "SELECT step FROM rollout_steps WHERE rollout_id = 'kill-1' ORDER BY id")]
     assert steps.count("resumed") == 1 and steps.count("wave started") == 3 and steps[-1] == "done"
+
+
+def test_a_vehicle_offline_during_a_rollout_is_pending_until_it_answers(
+    tmp_path: Path, fleet: tuple[MosquittoBroker, str, list[SimulatedVehicle]]
+) -> None:
+    """Offline through its wave, a vehicle shows as pending; back online, it applies the queued change."""
+    broker, dsn, _ = fleet
+    stored = "SELECT count(*) FROM health_latest WHERE vehicle_id = 'car-late'"
+    late = SimulatedVehicle(broker.url, "car-late", BASE, persistent=True)
+    wait_until(lambda: query(dsn, stored)[0][0] == 1, 30, "car-late's health stored")
+    late.close()  # offline; the broker keeps its session and queues what comes for it
+    command = rollout(tmp_path, broker, dsn, "late-1", "--set", "stress.cooldown_s=45")
+    assert command.wait(90) == 0, command.output()
+    answers = "SELECT state, count(*) FROM rollout_vehicles WHERE rollout_id = 'late-1' GROUP BY 1 ORDER BY 1"
+    assert query(dsn, answers) == [("applied", 10), ("no_answer", 1)]
+    status = FleetCommand(tmp_path, ["rollout", "status", "late-1", "--db", dsn])
+    assert status.wait(60) == 0 and "  pending         1" in status.output()
+    back = SimulatedVehicle(broker.url, "car-late", BASE, persistent=True)
+    try:
+        result = "SELECT ok FROM config_results WHERE request_id = 'late-1/set/car-late'"
+        wait_until(lambda: query(dsn, result) == [(True,)], 30, "car-late's answer stored")
+        assert back.overrides() == {"stress.cooldown_s": 45.0}
+    finally:
+        back.close()
+    status = FleetCommand(tmp_path, ["rollout", "status", "late-1", "--db", dsn])
+    assert status.wait(60) == 0 and "  applied         1" in status.output() and "pending" not in status.output()

@@ -287,6 +287,15 @@ def status_text(pool: ConnectionPool, rollout_id: str) -> str | None:
         steps = conn.execute(
             "SELECT at, step, detail FROM rollout_steps WHERE rollout_id = %s ORDER BY id", (rollout_id,)
         ).fetchall()
+        # Vehicles left without an answer (offline): their request waits in the broker's queue for them, and
+        # the answer they give when back is stored by ingest; pending until then.
+        late = conn.execute(
+            "SELECT CASE WHEN r.ok IS NULL THEN 'pending' WHEN r.ok THEN 'applied' ELSE 'refused' END, count(*) "
+            "FROM rollout_vehicles v LEFT JOIN config_results r ON r.request_id = v.request_id "
+            "AND r.vehicle_id = v.vehicle_id WHERE v.rollout_id = %s AND v.state IN ('sent', 'no_answer', "
+            "'restoring', 'restore_failed') GROUP BY 1 ORDER BY 1",
+            (rollout_id,),
+        ).fetchall()
     state, created, updated, changes, plan = head
     lines = [
         f"rollout {rollout_id}: {state} (started {created:%Y-%m-%d %H:%M:%S}, last change {updated:%H:%M:%S})",
@@ -296,6 +305,9 @@ def status_text(pool: ConnectionPool, rollout_id: str) -> str | None:
     ]
     lines += [f"  wave {wave:>2}  {st:<15} {n}" for wave, st, n in counts]
     lines += [f"  {v}: {json.dumps(errors)}" for v, errors in refused]
+    if late:
+        lines.append("without an answer in the roll-out, since (answers stored by ingest):")
+        lines += [f"  {what:<15} {n}" for what, n in late]
     lines.append("steps:")
     lines += [f"  {at:%H:%M:%S} {step}: {json.dumps(detail)}" for at, step, detail in steps]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from psycopg import sql
 
 from cabin_monitor.bus.payloads import (
@@ -129,7 +131,17 @@ def event_json(
 class Publisher:
     """An MQTT 5 client logged in as one account that publishes at QoS 1 and waits for each PUBACK."""
 
-    def __init__(self, broker_url: str, account: str, *, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        account: str,
+        *,
+        client_id: str | None = None,
+        persistent: bool = False,
+        on_message: Callable[[mqtt.Client, object, mqtt.MQTTMessage], None] | None = None,
+    ) -> None:
+        """With ``persistent``, the broker keeps the session (subscriptions, queued messages) for an hour after a
+        disconnect; ``on_message`` is in place before connecting, so nothing queued meanwhile is missed."""
         host, port, _ = parse_mqtt_url(broker_url)
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id or f"pub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
@@ -137,10 +149,13 @@ class Publisher:
         self.client.username_pw_set(account, PASSWORD)
         self._connected = threading.Event()
         self.client.on_connect = lambda *_a: self._connected.set()
+        self.client.on_message = on_message
         self._acks: dict[int, int] = {}
         self._acked = threading.Condition()
         self.client.on_publish = self._on_publish
-        self.client.connect(host, port, keepalive=10)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 3600 if persistent else 0
+        self.client.connect(host, port, keepalive=10, clean_start=not persistent, properties=properties)
         self.client.loop_start()
         if not self._connected.wait(10):
             raise TimeoutError(f"{account} could not connect to {broker_url}")
@@ -246,27 +261,36 @@ class SimulatedVehicle:
     rules an operator sets.
     """
 
-    def __init__(self, broker_url: str, vehicle_id: str, base: RulesConfig, health_interval_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        vehicle_id: str,
+        base: RulesConfig,
+        health_interval_s: float = 0.5,
+        *,
+        persistent: bool = False,
+    ) -> None:
         self.vehicle_id = vehicle_id
         self.control = VehicleRules(base)
         self.health_interval_s = health_interval_s
         self._stop = threading.Event()
-        self.publisher = Publisher(broker_url, vehicle_id, client_id=vehicle_id)
+        self.publisher = Publisher(
+            broker_url, vehicle_id, client_id=vehicle_id, persistent=persistent, on_message=self._on_request
+        )
         client = self.publisher.client
-        client.on_message = self._on_request
         client.subscribe([(f"cabin/{vehicle_id}/config/{a}", 1) for a in ("set", "get", "reset")])
         self._publish_state("start", None)
         self._thread = threading.Thread(target=self._run, name=f"sim-{vehicle_id}", daemon=True)
         self._thread.start()
 
-    def _on_request(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+    def _on_request(self, client: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         action = msg.topic.rsplit("/", 1)[1]
         request = RemoteRequest(action, bytes(msg.payload), retained=bool(msg.retain), received_s=time.monotonic())  # type: ignore[arg-type]
         answer = self.control.handle(request)
         # From paho's network thread: publish without waiting for the PUBACK, which this thread delivers.
-        self.publisher.client.publish(f"cabin/{self.vehicle_id}/config/result", answer.model_dump_json(), qos=1)
+        client.publish(f"cabin/{self.vehicle_id}/config/result", answer.model_dump_json(), qos=1)
         if answer.ok and action != "get":
-            self.publisher.client.publish(
+            client.publish(
                 f"cabin/{self.vehicle_id}/rules/state",
                 self.control.state(self.vehicle_id, f"config/{action}", answer.request_id).model_dump_json(),  # type: ignore[arg-type]
                 qos=1,
