@@ -212,7 +212,7 @@ def build_pipeline(
             stop_event=stop,
             recorder=open_recorder(cfg, processor),
             remote=worker,
-            on_reload=functools.partial(reload_rules, rules, worker, config_path),
+            on_reload=functools.partial(reload_rules, RuleSets(rules, shadow), worker, config_path),
             shadow=shadow,
         )
     except BaseException:
@@ -360,22 +360,30 @@ def _software_version() -> str:
         return "unknown"
 
 
-def reload_rules(rules: RulesInForce, worker: RemoteRequests | None, config_path: Path | None) -> None:
-    """SIGHUP's work, run by the supervising loop (never inside the signal handler)."""
+def reload_rules(sets: RuleSets, worker: RemoteRequests | None, config_path: Path | None) -> None:
+    """SIGHUP's work, run by the supervising loop (never inside the signal handler): the file's ``rules`` and
+    ``rules_shadow``, each under its operators' overrides; either one refused leaves it as it was."""
     if config_path is None:
         log.warning("SIGHUP ignored: no configuration file to reload")
         return
     try:
-        in_force = rules.reload(load_config(config_path).rules)
+        cfg = load_config(config_path)
+        in_force = sets.live.reload(cfg.rules)
     except (ConfigError, ValueError) as exc:
         log.error("SIGHUP reload refused; rules unchanged", error=str(exc))
         return
+    try:
+        shadow = sets.shadow.reload(cfg.rules_shadow)
+    except ValueError as exc:
+        log.error("SIGHUP: the file's rules_shadow refused; shadow rules unchanged", error=str(exc))
+        shadow = sets.shadow.current()
     # The precedence, stated where the operator looks: an override still wins over the new file.
     log.info(
         "rules reloaded from the configuration file",
         path=str(config_path),
         remote_overrides_still_win=describe_overrides(in_force.overrides),
         precedence=PRECEDENCE,
+        shadow_rules=shadow is not None,
     )
     if worker is not None:
         worker.publish_state("reload", in_force)

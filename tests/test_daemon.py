@@ -419,7 +419,7 @@ def test_sighup_keeps_remote_overrides_on_top_and_says_so(
     mqtt_broker: MosquittoBroker, tmp_path: Path, face_gap_video: Path, start_daemon: DaemonStarter
 ) -> None:
     """After a SIGHUP the override still wins, named in the log and rules/state; config/reset gives the file's
-    value; a value set by an environment variable is named as such."""
+    value; a value set by an environment variable is named as such; a SIGHUP also takes a new rules_shadow."""
     import paho.mqtt.publish as publish
 
     def request(action: str, body: dict[str, Any]) -> None:
@@ -463,6 +463,11 @@ def test_sighup_keeps_remote_overrides_on_top_and_says_so(
         daemon.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: len(daemon.logged("rules reloaded from the configuration file")) == 2, 30, "the reload")
         assert daemon.logged("rules reloaded from the configuration file")[1]["remote_overrides_still_win"] == "none"
+        assert "shadow" not in rules_state()
+        write_config(tmp_path, rules=RULES, rules_shadow=RULES | {"stress": stress})  # a shadow set, by SIGHUP
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "shadow" in rules_state(), 30, "rules/state with the file's new shadow rules")
+        assert rules_state()["shadow"]["rules"]["stress"]["sustain_s"] == 1.0
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.wait() == 0, daemon.logs()[-3000:]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from cabin_monitor.config import EMOTIONS_7, RulesConfig, rule_paths_from_environment
@@ -118,3 +119,35 @@ def test_values_set_by_the_environment_are_named_so(tmp_path: Path) -> None:
     shadow = ShadowRules(file_rules, lambda: live.effective, EMOTIONS_7, None, environment_paths=paths).current()
     assert shadow is not None
     assert (shadow.sources["stress.sustain_s"], shadow.sources["stress.enter_score"]) == ("environment", "file")
+
+
+def test_sighup_reload_puts_the_files_new_rules_shadow_under_the_overrides(tmp_path: Path) -> None:
+    """A new rules_shadow: the override still wins; the engine is told; a class the model lacks changes nothing."""
+    live = live_rules(tmp_path)
+    shadow = shadow_rules(tmp_path, live, RulesConfig.model_validate({"stress": {"sustain_s": 5}}))
+    shadow.change({"stress": {"enter_score": 0.9}}, None, NOW)
+    shadow.take_pending()
+    reloaded = shadow.reload(RulesConfig.model_validate({"stress": {"sustain_s": 7, "enter_score": 0.7}}))
+    assert reloaded is not None and (reloaded.rules.stress.sustain_s, reloaded.rules.stress.enter_score) == (7, 0.9)
+    assert reloaded.sources["stress.sustain_s"] == "file" and reloaded.sources["stress.enter_score"] == "remote"
+    assert shadow.take_pending() == ShadowChange(reloaded.rules)
+    again = shadow.reload(RulesConfig.model_validate({"stress": {"sustain_s": 7, "enter_score": 0.7}}))
+    assert again is not None and shadow.take_pending() is None  # the same rules: the engine keeps its state
+    with pytest.raises(ValueError, match="rage"):
+        shadow.reload(RulesConfig.model_validate({"stress": {"classes": ["rage"]}}))
+    assert shadow.current() is again
+
+
+def test_sighup_reload_without_rules_shadow_keeps_overrides_on_the_live_rules(tmp_path: Path) -> None:
+    """rules_shadow gone: with overrides they go on the live rules of now (saved for a restart); without, no set."""
+    live = live_rules(tmp_path)
+    with_overrides = shadow_rules(tmp_path, live, RulesConfig.model_validate({"stress": {"sustain_s": 5}}))
+    with_overrides.change({"stress": {"enter_score": 0.9}}, None, NOW)
+    live.change({"smoothing_s": 2.0}, None, NOW)
+    reloaded = with_overrides.reload(None)
+    assert reloaded is not None and (reloaded.rules.stress.enter_score, reloaded.rules.smoothing_s) == (0.9, 2.0)
+    assert reloaded.rules.stress.sustain_s == RulesConfig().stress.sustain_s
+    restarted = shadow_rules(tmp_path, live).current()
+    assert restarted is not None and restarted.rules == reloaded.rules
+    plain = ShadowRules(RulesConfig(), lambda: live.effective, EMOTIONS_7, tmp_path / "other.json")
+    assert plain.reload(None) is None and plain.take_pending() == ShadowChange(None)

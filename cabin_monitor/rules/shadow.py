@@ -143,6 +143,34 @@ class ShadowRules(OverriddenRules[ShadowChange]):
         self._applied_ids.remember(request_id, wall_time_s)
         return None
 
+    def reload(self, file_rules: RulesConfig | None) -> InForce | None:
+        """The file's new ``rules_shadow`` (SIGHUP) under the shadow overrides, which still win; the shadow rules
+        then in force (None: no shadow set). Without ``rules_shadow`` any more, the overrides go on top of the
+        live rules in force now (kept in the override file, as a run-time shadow set is). Raises ValueError (a
+        class the model lacks) if the new set does not fit; nothing changes then.
+        """
+        with self._lock:
+            if file_rules is None and not self._patch:
+                base, snapshot, effective = None, None, None
+            else:
+                if file_rules is not None:
+                    base, snapshot = file_rules, None
+                else:
+                    base = self._snapshot if self._snapshot is not None else self._live()
+                    snapshot = base
+                effective = merge_rules(base, self._patch)
+                check_classes(effective, self._class_names)
+            before = None if self._in_force is None else self._in_force.rules
+            if snapshot is not None and self._snapshot is None:
+                saved = {"live": snapshot.model_dump(mode="json"), "patch": self._patch}
+                if self._file.save_or_refuse(saved) is not None:  # logged; the set runs on in memory
+                    log.warning("after a restart the shadow overrides go on top of the live rules of then")
+            self._file_rules, self._snapshot = file_rules, snapshot
+            self._in_force = None if base is None or effective is None else self._build(effective, base)
+            if effective != before:
+                self._pending = ShadowChange(effective)
+            return self._in_force
+
     def reset(self, request_id: str | None, wall_time_s: float) -> Outcome:
         """Drop the shadow overrides (and their file): the file's ``rules_shadow`` again, or no shadow set."""
         with self._lock:
