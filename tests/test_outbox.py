@@ -678,6 +678,58 @@ def test_eviction_keeps_a_start_and_its_end_together_and_counts_per_type(tmp_pat
         assert outbox.dropped_by_type == {"stress": 8} and outbox.dropped_by_reason["full"] == 8
 
 
+def test_expiry_keeps_a_start_and_its_end_together(tmp_path: Path) -> None:
+    """A start expires with its young end, the end of an expired start is refused when it comes, and the end of a
+    delivered start never expires (the receiver would hold that start open for ever)."""
+    now = time.time()
+    with Outbox(tmp_path / "outbox.sqlite", max_age_s=60) as outbox:
+        delivered = make_event(Phase.START, wall_time_s=now - 50)
+        put_event(outbox, delivered)
+        assert outbox.ack(outbox.pending(1)[0].row_id)
+        put_event(outbox, make_event(Phase.END, start_event_id=delivered.event_id, wall_time_s=now - 40))
+        old, alone = make_event(Phase.START, wall_time_s=now - 30), make_event(Phase.START, wall_time_s=now - 30)
+        put_event(outbox, old)
+        put_event(outbox, make_event(Phase.END, start_event_id=old.event_id, wall_time_s=now - 5))
+        put_event(outbox, alone)
+        young = make_event(Phase.START, wall_time_s=now)
+        put_event(outbox, young)
+        dropped = outbox.expire(now_wall_s=now + 45)
+        assert len(dropped) == 3 and outbox.dropped_by_type == {"stress": 3}
+        assert unpaired_ends(outbox, {delivered.event_id}) == []
+        kept = [(i.facts.phase, i.facts.start_event_id) for i in outbox.pending(10) if i.facts is not None]
+        assert kept == [(Phase.END, delivered.event_id), (Phase.START, None)]
+        late_end = make_event(Phase.END, start_event_id=alone.event_id, wall_time_s=now + 45)
+        put_event(outbox, late_end)
+        assert late_end.event_id not in ids(outbox)
+        assert [i.facts.phase for i in outbox.pending(10) if i.facts is not None] == [Phase.END, Phase.START]
+
+
+def test_expiry_in_memory_keeps_a_start_and_its_end_together(tmp_path: Path) -> None:
+    """With the disk full, a held start expires with its young held end; the held end of a delivered start stays."""
+    now = time.time()
+    with tmpfs(tmp_path / "state", 1024) as state, Outbox(state / "outbox.sqlite", max_age_s=60) as outbox:
+        delivered = make_event(Phase.START, wall_time_s=now - 50)
+        put_event(outbox, delivered)
+        assert outbox.ack(outbox.pending(1)[0].row_id)
+        with pin_wal(outbox.path):
+            fill(state)
+            put_until_held(outbox, "p")
+            old = make_event(Phase.START, wall_time_s=now - 30)
+            for event in (
+                make_event(Phase.END, start_event_id=delivered.event_id, wall_time_s=now - 40),
+                old,
+                make_event(Phase.END, start_event_id=old.event_id, wall_time_s=now - 5),
+            ):
+                put_event(outbox, event)
+            held = outbox.memory_depth
+            dropped = outbox.expire(now_wall_s=now + 45)
+            assert state_of(outbox) == "disk_full" and outbox.memory_depth == held - 2
+            assert [d.reason for d in dropped] == ["expired", "expired"]
+            assert unpaired_ends(outbox, {delivered.event_id}) == []
+            ends = [i.facts.start_event_id for i in outbox.pending(1000) if i.facts is not None]
+            assert ends == [delivered.event_id]
+
+
 def test_the_memory_queue_keeps_a_start_and_its_end_together(tmp_path: Path) -> None:
     """With the disk full and memory_max_events 3, overlapping stress and occupant_lost pairs leave no end held
     without its start, and what went is counted per type."""

@@ -104,6 +104,19 @@ ORDER BY severity,
     row_id
 LIMIT 1
 """
+# What expires: events older than the cutoff but ends whose start is no longer here (delivered), and the ends
+# of expiring starts, however young.
+_EXPIRED = """
+SELECT row_id, event_id, severity, created_wall_s, type, phase, start_event_id FROM outbox AS o
+WHERE (created_wall_s < ?1 AND NOT (phase = 'end' AND start_event_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM outbox AS s WHERE s.event_id = o.start_event_id)))
+   OR (phase = 'end' AND start_event_id IN (SELECT event_id FROM outbox WHERE phase = 'start' AND created_wall_s < ?1))
+ORDER BY row_id
+"""
+_EXPIRED_WITHOUT_FACTS = (
+    "SELECT row_id, event_id, severity, created_wall_s, NULL, NULL, NULL FROM outbox WHERE created_wall_s < ? "
+    "ORDER BY row_id"
+)
 _VICTIM_WITHOUT_FACTS = (
     "SELECT row_id, event_id, severity, created_wall_s, NULL, NULL FROM outbox ORDER BY severity, row_id LIMIT 1"
 )
@@ -661,39 +674,68 @@ class Outbox:
 
     @_salvaging
     def expire(self, now_wall_s: float | None = None) -> list[DroppedEvent]:
-        """Drop events older than ``max_age_s`` (on disk and in memory); returns them."""
+        """Drop events older than ``max_age_s`` (on disk and in memory); returns them.
+
+        Pairs go together, as in eviction: a start expires with its end, however young, and an end still to
+        come is refused; an end whose start was delivered never expires (without it that start would never
+        end for the receiver), and goes only when room is needed.
+        """
         now = time.time() if now_wall_s is None else now_wall_s
         with self._lock:
-            dropped = [_dropped(held, "expired") for held in self._memory if held.created_wall_s < now - self.max_age_s]
-            self._memory = [held for held in self._memory if held.created_wall_s >= now - self.max_age_s]
-            for gone in dropped:
-                self._forget_kept_locked(gone.event_id)
-            if self._reading_only:
-                self._count(dropped)
-                return dropped  # the file's rows expire once it can be written
-            try:
-                with self._db:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    dropped = self._expire_locked(now) + dropped
-            except sqlite3.Error as exc:
-                if not _is_write_fault(exc):
-                    raise
-                self._write_fault = exc  # tried again at the next expiry
+            dropped: list[DroppedEvent] = []
+            if not self._reading_only:  # else the file's rows expire once it can be written
+                try:
+                    with self._db:
+                        self._db.execute("BEGIN IMMEDIATE")
+                        dropped = self._expire_locked(now)
+                except sqlite3.Error as exc:
+                    if not _is_write_fault(exc):
+                        raise
+                    self._write_fault = exc  # tried again at the next expiry
+            dropped += self._expire_memory_locked(now - self.max_age_s)
             self._count(dropped)
         return dropped
+
+    def _expire_memory_locked(self, cutoff_wall_s: float) -> list[DroppedEvent]:
+        expired_starts = {
+            held.event_id
+            for held in self._memory
+            if held.created_wall_s < cutoff_wall_s and held.facts is not None and held.facts.phase is Phase.START
+        }
+        held_ids = {held.event_id for held in self._memory}
+
+        def goes(held: _HeldEvent) -> bool:
+            start = _end_of(held)
+            if start is not None and (start in expired_starts or self._dropped_starts.pop(start, 1) is None):
+                return True  # the end of a start that went
+            delivered = start is not None and start not in held_ids and not self._on_disk_locked(start)
+            return held.created_wall_s < cutoff_wall_s and not delivered
+
+        gone = [held for held in self._memory if goes(held)]
+        ended = {_end_of(held) for held in gone}
+        for held in gone:
+            self._memory.remove(held)
+            self._forget_kept_locked(held.event_id)
+            if held.event_id not in ended:
+                self._note_dropped_start_locked(held)
+        return [_dropped(held, "expired") for held in gone]
 
     def _expire_locked(self, now_wall_s: float) -> list[DroppedEvent]:
         # Wall-clock ages: a clock set backwards only delays expiry; one set forwards (first NTP sync
         # after a dead RTC) can expire events early, which is counted like any other expiry.
         cutoff = now_wall_s - self.max_age_s
         # SELECT then DELETE rather than DELETE ... RETURNING, which needs SQLite 3.35 (Debian 11 has 3.34).
-        rows = self._db.execute(
-            "SELECT row_id, event_id, severity, created_wall_s FROM outbox WHERE created_wall_s < ? ORDER BY row_id",
-            (cutoff,),
-        ).fetchall()
-        if rows:
-            self._db.execute("DELETE FROM outbox WHERE created_wall_s < ?", (cutoff,))
-        return [DroppedEvent(r[1], SEVERITY_NAME[r[2]], r[3], "expired") for r in rows if r[0] not in self._undeleted]
+        rows = self._db.execute(_EXPIRED if self._has_fact_columns else _EXPIRED_WITHOUT_FACTS, (cutoff,)).fetchall()
+        self._db.executemany("DELETE FROM outbox WHERE row_id = ?", [(r[0],) for r in rows])
+        ended = {r[6] for r in rows if r[5] == Phase.END.value}
+        for r in rows:
+            if r[5] == Phase.START.value and r[1] not in ended:
+                self._dropped_starts[r[1]] = None  # its end, when it comes, is refused
+        while len(self._dropped_starts) > self.max_events:
+            del self._dropped_starts[next(iter(self._dropped_starts))]
+        return [
+            DroppedEvent(r[1], SEVERITY_NAME[r[2]], r[3], "expired", r[4]) for r in rows if r[0] not in self._undeleted
+        ]
 
     def _count(self, dropped: list[DroppedEvent]) -> None:
         for d in dropped:
