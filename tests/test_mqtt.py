@@ -822,8 +822,10 @@ def test_a_health_payload_over_the_brokers_packet_size_is_named_and_events_still
     tmp_path: Path, outbox: Outbox
 ) -> None:
     """A broker whose Maximum Packet Size is below the health payload: health is not sent (logged once, with sizes),
-    the connection stays up and events are delivered."""
+    the connection stays up and events are delivered; an event over the limit stays in the outbox, holding
+    back none after it."""
     events = [make_event(frame_id=i) for i in range(3)]
+    too_large_event = make_event(frame_id=9, occupant_id="o" * 700)
     broker = MosquittoBroker(tmp_path / "broker", max_packet_bytes=600)
     with broker, MqttRecorder(broker.url, [f"{BASE}/events"]) as recorder:
         logger, logs = capturing_logger()
@@ -832,10 +834,13 @@ def test_a_health_payload_over_the_brokers_packet_size_is_named_and_events_still
         for n, event in enumerate(events):
             sink.publish_health(make_health(frames_processed=n))
             sink.submit_event(event)
+            if n == 0:
+                sink.submit_event(too_large_event)
         recorder.wait_for(lambda ms: len(event_ids(ms)) == len(events))
         time.sleep(1.0)  # a dropped connection would show by now
         sink.stop(flush_timeout_s=1.0)
     assert event_ids(recorder.messages) == [e.event_id for e in events]
+    assert [item.event_id for item in outbox.pending(10)] == [too_large_event.event_id]
     (too_large,) = [e for e in logs.entries if e["event"].startswith("message larger than the broker's Maximum")]
     assert too_large["topic"] == f"{BASE}/health" and too_large["broker_max_packet_bytes"] == 600
     assert too_large["size_bytes"] > 600 and sink.stats().reconnects == 0

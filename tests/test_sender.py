@@ -175,6 +175,27 @@ def test_a_link_going_down_stops_the_round_and_the_row_goes_later(outbox: Outbox
     assert rig.send() == ["e0", "e1"]
 
 
+def test_an_event_too_large_for_the_broker_is_kept_and_holds_nobody_back(outbox: Outbox) -> None:
+    """An event over the broker's packet limit stays in the outbox, named once; those after it go; the next
+    connection tries it again (a broker with a larger limit takes it)."""
+    rig = Rig(outbox, max_inflight=4)
+    rig.publisher.max_payload_bytes = 10
+    rig.put("e0", "too-large-event", "e2")
+    mids = sent_mids(rig)
+    assert list(mids) == ["e0", "e2"]
+    rig.answer(mids, ACCEPTED, "e0", "e2")
+    assert rig.send() == [] and [i.event_id for i in outbox.pending(10)] == ["too-large-event"]
+    rig.sender.link_closed()
+    rig.sender.restart()
+    assert rig.send() == []
+    (named,) = rig.lines("event larger than the broker's Maximum Packet Size kept in the outbox, not sent")
+    assert named["event_id"] == "too-large-event" and named["size_bytes"] == 15
+    rig.publisher.max_payload_bytes = None
+    rig.sender.link_closed()
+    rig.sender.restart()
+    assert rig.send() == ["too-large-event"]
+
+
 def test_expired_events_are_dropped_and_logged_once_per_period(tmp_path: Path) -> None:
     """Expiry runs at once and then every EXPIRE_EVERY_S; what it drops is logged and never sent."""
     with Outbox(tmp_path / "outbox.sqlite", max_age_s=0.3) as outbox:

@@ -145,6 +145,11 @@ class BrokerClient:
         """Stop was asked: end a wait for the CONNACK now."""
         self._connack.set()
 
+    def fits(self, topic: str, payload: bytes, *, qos: int) -> bool:
+        """Whether the broker takes a message this large (MQTT 5: the CONNACK's Maximum Packet Size)."""
+        limit = self._broker_max_packet_bytes
+        return limit is None or publish_packet_bytes(topic, payload, qos) <= limit
+
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> int | None:
         """Hand a message to the current connection; its message id, or None when there is none or it is going."""
         client = self._client

@@ -29,6 +29,7 @@ from cabin_monitor.bus.outbox_watch import OutboxWatch
 from cabin_monitor.messages import Refusal
 
 EXPIRE_EVERY_S = 60.0
+TOO_LARGE_REMEMBERED = 1024
 
 
 class Publisher(Protocol):
@@ -36,6 +37,9 @@ class Publisher(Protocol):
 
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> int | None:
         """Hand a message to the connection; its message id, or None when the link is going down."""
+
+    def fits(self, topic: str, payload: bytes, *, qos: int) -> bool:
+        """Whether the broker takes a message this large (MQTT 5: the CONNACK's Maximum Packet Size)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class OutboxSender:
         self._acks: collections.deque[PubAck] = collections.deque()  # appended by the network thread
         self._inflight: dict[int, OutboxItem] = {}  # mid -> row
         self._cursor = 0  # the last row id sent on this connection
+        self._too_large: dict[str, None] = {}  # events named once as too large for the broker
         self._next_expiry_s = 0.0
         self.published_total = 0
         self.refused_total = 0
@@ -146,6 +151,20 @@ class OutboxSender:
         if free <= 0:
             return
         for item in self._outbox.pending(free, after_row_id=self._cursor):
+            if not publisher.fits(item.topic, item.payload, qos=1):
+                # Sent, the broker would drop the connection (and again after each reconnect), holding back
+                # every event after it. It stays in the outbox and is tried on the next connection.
+                self._cursor = item.row_id
+                if item.event_id not in self._too_large:
+                    self._too_large[item.event_id] = None
+                    while len(self._too_large) > TOO_LARGE_REMEMBERED:
+                        del self._too_large[next(iter(self._too_large))]
+                    self._log.error(
+                        "event larger than the broker's Maximum Packet Size kept in the outbox, not sent",
+                        event_id=item.event_id,
+                        size_bytes=len(item.payload),
+                    )
+                continue
             mid = publisher.publish(item.topic, item.payload, qos=1)
             if mid is None:
                 break  # the link is going down; the row is sent again after reconnecting

@@ -10,6 +10,7 @@ class RecordingPublisher:
     """Records each publish and gives it the next message id; ``down`` makes it refuse like a link going down."""
 
     down: bool = False
+    max_payload_bytes: int | None = None  # a broker's packet limit, as the payload size it leaves
     sent: list[tuple[int, str, bytes]] = field(default_factory=list)  # (mid, topic, payload)
     _next_mid: int = 0
 
@@ -21,6 +22,10 @@ class RecordingPublisher:
         self._next_mid += 1
         self.sent.append((self._next_mid, topic, payload))
         return self._next_mid
+
+    def fits(self, topic: str, payload: bytes, *, qos: int) -> bool:
+        """Whether ``payload`` is within ``max_payload_bytes``."""
+        return self.max_payload_bytes is None or len(payload) <= self.max_payload_bytes
 
     def take(self) -> list[tuple[int, str]]:
         """``(mid, payload text)`` of what was published since the last take."""
