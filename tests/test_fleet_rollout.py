@@ -73,6 +73,8 @@ def test_canary_then_waves_then_done(
     status = FleetCommand(tmp_path, ["rollout", "status", "ok-1", "--db", dsn])
     assert status.wait(60) == 0
     assert "rollout ok-1: done" in status.output() and "applied" in status.output()
+    again = FleetCommand(tmp_path, ["rollout", "resume", "ok-1", "--broker", broker.url, "--db", dsn])
+    assert again.wait(60) == 2 and "has ended (done); nothing to resume" in again.output()
 
 
 def test_canary_alerting_far_more_aborts_and_is_restored(
