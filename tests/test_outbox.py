@@ -707,22 +707,23 @@ def test_expiry_keeps_a_start_and_its_end_together(tmp_path: Path) -> None:
 def test_expiry_in_memory_keeps_a_start_and_its_end_together(tmp_path: Path) -> None:
     """With the disk full, a held start expires with its young held end; the held end of a delivered start stays."""
     now = time.time()
-    with tmpfs(tmp_path / "state", 1024) as state, Outbox(state / "outbox.sqlite", max_age_s=60) as outbox:
-        delivered = make_event(Phase.START, wall_time_s=now - 50)
+    day_ago = now - DAY_S  # a day's maximum age: the fillers put at the import-time NOW never expire here
+    with tmpfs(tmp_path / "state", 1024) as state, Outbox(state / "outbox.sqlite", max_age_s=DAY_S) as outbox:
+        delivered = make_event(Phase.START, wall_time_s=day_ago + 50)
         put_event(outbox, delivered)
         assert outbox.ack(outbox.pending(1)[0].row_id)
         with pin_wal(outbox.path):
             fill(state)
             put_until_held(outbox, "p")
-            old = make_event(Phase.START, wall_time_s=now - 30)
+            old = make_event(Phase.START, wall_time_s=day_ago + 70)
             for event in (
-                make_event(Phase.END, start_event_id=delivered.event_id, wall_time_s=now - 40),
+                make_event(Phase.END, start_event_id=delivered.event_id, wall_time_s=day_ago + 60),
                 old,
                 make_event(Phase.END, start_event_id=old.event_id, wall_time_s=now - 5),
             ):
                 put_event(outbox, event)
             held = outbox.memory_depth
-            dropped = outbox.expire(now_wall_s=now + 45)
+            dropped = outbox.expire(now_wall_s=now + 100)
             assert state_of(outbox) == "disk_full" and outbox.memory_depth == held - 2
             assert [d.reason for d in dropped] == ["expired", "expired"]
             assert unpaired_ends(outbox, {delivered.event_id}) == []
