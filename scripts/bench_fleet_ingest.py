@@ -24,23 +24,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
-from psycopg import sql
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cabin_monitor.fleet.db import upgrade  # noqa: E402
-from tests.support.broker import MosquittoBroker  # noqa: E402
-from tests.support.fleet import event_json  # noqa: E402
-
-
-class FleetBroker(MosquittoBroker):
-    """The test broker with the fleet broker's deep per-session queue (see deploy/mosquitto/mosquitto.conf)."""
-
-    def _write_config(self) -> None:
-        super()._write_config()
-        with self.config_file.open("a") as config:
-            config.write("max_queued_messages 1000000\n")
+from tests.support.fleet import DeepQueueBroker, event_json, fleet_database  # noqa: E402
 
 
 def publish(port: int, vehicles: list[str], count: int, start_at: float) -> float:
@@ -74,76 +62,76 @@ def main() -> None:
     parser.add_argument("--kill-ingest", action="store_true", help="SIGKILL and restart one ingest process mid-run")
     args = parser.parse_args()
 
-    name = f"cabin_fleet_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.db, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = f"{args.db.rpartition('/')[0]}/{name}"
-    work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
-    workers: list[subprocess.Popen[bytes]] = []
-    try:
-        upgrade(dsn)
-        with FleetBroker(work / "broker") as broker:
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with fleet_database(args.db) as dsn:
+        work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+        workers: list[subprocess.Popen[bytes]] = []
+        try:
+            with DeepQueueBroker(work / "broker") as broker:
+                env = {**os.environ, "PYTHONPATH": str(REPO)}
 
-            def start_ingest(i: int) -> subprocess.Popen[bytes]:
-                command = [
-                    sys.executable,
-                    "-m",
-                    "cabin_monitor",
-                    "fleet",
-                    "ingest",
-                    "--broker",
-                    broker.url,
-                    "--db",
-                    dsn,
-                ]
-                command += ["--client-id", f"bench-ingest-{i}", "--batch-size", str(args.batch_size)]
-                with (work / f"ingest-{i}.log").open("ab") as log:
-                    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                def start_ingest(i: int) -> subprocess.Popen[bytes]:
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "cabin_monitor",
+                        "fleet",
+                        "ingest",
+                        "--broker",
+                        broker.url,
+                        "--db",
+                        dsn,
+                    ]
+                    command += ["--client-id", f"bench-ingest-{i}", "--batch-size", str(args.batch_size)]
+                    with (work / f"ingest-{i}.log").open("ab") as log:
+                        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
-            workers += [start_ingest(i) for i in range(args.ingest)]
-            while (
-                sum(
-                    "connected to the fleet broker" in (work / f"ingest-{i}.log").read_text()
-                    for i in range(args.ingest)
-                )
-                < args.ingest
-            ):
-                time.sleep(0.2)
-            vehicles = [f"car-{i:05d}" for i in range(args.vehicles)]
-            share = args.events // args.publishers
-            start_at = time.time() + 3.0  # payloads are made before the clock starts
-            with multiprocessing.Pool(args.publishers) as pool:
-                pending = pool.starmap_async(
-                    publish,
-                    [(broker.port, vehicles[i :: args.publishers], share, start_at) for i in range(args.publishers)],
-                )
-                total = share * args.publishers
-                killed = not args.kill_ingest
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    while (stored := conn.execute("SELECT count(*) FROM events").fetchone()[0]) < total:  # type: ignore[index]
-                        if not killed and stored >= total // 3:
-                            workers[0].kill()  # SIGKILL: its uncommitted batch was never acknowledged
-                            workers[0].wait(10)
-                            workers[0], killed = start_ingest(0), True
-                            print(f"ingest 0 SIGKILLed with {stored} events stored, started again")
-                        time.sleep(0.05)
-                    stored_s = time.time() - start_at
-                    distinct = conn.execute("SELECT count(DISTINCT event_id) FROM events").fetchone()[0]  # type: ignore[index]
-                publish_s = max(pending.get(300))
-        for w in workers:
-            w.terminate()
-            w.wait(30)
-        print(f"{total} events, {args.vehicles} vehicles, {args.publishers} publishers, {args.ingest} ingest processes")
-        print(f"published (QoS 1, acknowledged by the broker): {total / publish_s:.0f} events/s")
-        print(f"stored in PostgreSQL (committed, exactly once):  {stored / stored_s:.0f} events/s ({stored_s:.1f} s)")
-        print(f"events published {total}, rows {stored}, distinct event ids {distinct}")
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-        with psycopg.connect(args.db, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                workers += [start_ingest(i) for i in range(args.ingest)]
+                while (
+                    sum(
+                        "connected to the fleet broker" in (work / f"ingest-{i}.log").read_text()
+                        for i in range(args.ingest)
+                    )
+                    < args.ingest
+                ):
+                    time.sleep(0.2)
+                vehicles = [f"car-{i:05d}" for i in range(args.vehicles)]
+                share = args.events // args.publishers
+                start_at = time.time() + 3.0  # payloads are made before the clock starts
+                with multiprocessing.Pool(args.publishers) as pool:
+                    pending = pool.starmap_async(
+                        publish,
+                        [
+                            (broker.port, vehicles[i :: args.publishers], share, start_at)
+                            for i in range(args.publishers)
+                        ],
+                    )
+                    total = share * args.publishers
+                    killed = not args.kill_ingest
+                    with psycopg.connect(dsn, autocommit=True) as conn:
+                        while (stored := conn.execute("SELECT count(*) FROM events").fetchone()[0]) < total:  # type: ignore[index]
+                            if not killed and stored >= total // 3:
+                                workers[0].kill()  # SIGKILL: its uncommitted batch was never acknowledged
+                                workers[0].wait(10)
+                                workers[0], killed = start_ingest(0), True
+                                print(f"ingest 0 SIGKILLed with {stored} events stored, started again")
+                            time.sleep(0.05)
+                        stored_s = time.time() - start_at
+                        distinct = conn.execute("SELECT count(DISTINCT event_id) FROM events").fetchone()[0]  # type: ignore[index]
+                    publish_s = max(pending.get(300))
+            for w in workers:
+                w.terminate()
+                w.wait(30)
+            setup = f"{args.vehicles} vehicles, {args.publishers} publishers, {args.ingest} ingest processes"
+            print(f"{total} events, {setup}")
+            print(f"published (QoS 1, acknowledged by the broker): {total / publish_s:.0f} events/s")
+            print(
+                f"stored in PostgreSQL (committed, exactly once):  {stored / stored_s:.0f} events/s ({stored_s:.1f} s)"
+            )
+            print(f"events published {total}, rows {stored}, distinct event ids {distinct}")
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    w.kill()
 
 
 if __name__ == "__main__":

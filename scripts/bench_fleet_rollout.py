@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,28 +29,16 @@ import paho.mqtt.client as mqtt
 import psycopg
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
-from psycopg import sql
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cabin_monitor.assets import sample_path  # noqa: E402
 from cabin_monitor.config import RulesConfig  # noqa: E402
-from cabin_monitor.fleet.db import upgrade  # noqa: E402
 from cabin_monitor.logs import configure_logging  # noqa: E402
 from cabin_monitor.messages import RemoteRequest  # noqa: E402
-from tests.support.broker import MosquittoBroker  # noqa: E402
-from tests.support.fleet import event_json, health_json  # noqa: E402
+from tests.support.fleet import DeepQueueBroker, event_json, fleet_database, health_json  # noqa: E402
 from tests.support.vehicle_rules import VehicleRules  # noqa: E402
-
-
-class FleetBroker(MosquittoBroker):
-    """The test broker with the fleet broker's deep per-session queue (see deploy/mosquitto/mosquitto.conf)."""
-
-    def _write_config(self) -> None:
-        super()._write_config()
-        with self.config_file.open("a") as config:
-            config.write("max_queued_messages 1000000\n")
 
 
 class SimulatedFleet:
@@ -210,71 +197,68 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging("warning")  # the simulated vehicles' rule changes are not news here
 
-    name = f"cabin_fleet_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.db, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = f"{args.db.rpartition('/')[0]}/{name}"
-    work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
-    children: list[subprocess.Popen[bytes]] = []
-    fleet: SimulatedFleet | None = None
-    try:
-        upgrade(dsn)
-        with FleetBroker(work / "broker") as broker:
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
-            ingest = [sys.executable, "-m", "cabin_monitor", "fleet", "ingest", "--broker", broker.url, "--db", dsn]
-            with (work / "ingest.log").open("wb") as log:
-                children.append(
-                    subprocess.Popen(
-                        [*ingest, "--client-id", "bench-ingest"], stdout=log, stderr=subprocess.STDOUT, env=env
+    with fleet_database(args.db) as dsn:
+        work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
+        children: list[subprocess.Popen[bytes]] = []
+        fleet: SimulatedFleet | None = None
+        try:
+            with DeepQueueBroker(work / "broker") as broker:
+                env = {**os.environ, "PYTHONPATH": str(REPO)}
+                ingest = [sys.executable, "-m", "cabin_monitor", "fleet", "ingest", "--broker", broker.url, "--db", dsn]
+                with (work / "ingest.log").open("wb") as log:
+                    children.append(
+                        subprocess.Popen(
+                            [*ingest, "--client-id", "bench-ingest"], stdout=log, stderr=subprocess.STDOUT, env=env
+                        )
                     )
+                while "connected to the fleet broker" not in (work / "ingest.log").read_text():
+                    time.sleep(0.2)
+                children += [start_daemon(work, broker.port, f"daemon-{i}") for i in range(args.daemons)]
+                vehicles = [f"car-{i:05d}" for i in range(args.vehicles)]
+                fleet = SimulatedFleet(
+                    broker.port,
+                    vehicles,
+                    RulesConfig.model_validate({"stress": {"sustain_s": 10}}),
+                    args.health_interval,
                 )
-            while "connected to the fleet broker" not in (work / "ingest.log").read_text():
-                time.sleep(0.2)
-            children += [start_daemon(work, broker.port, f"daemon-{i}") for i in range(args.daemons)]
-            vehicles = [f"car-{i:05d}" for i in range(args.vehicles)]
-            fleet = SimulatedFleet(
-                broker.port, vehicles, RulesConfig.model_validate({"stress": {"sustain_s": 10}}), args.health_interval
-            )
-            total = args.vehicles + args.daemons
-            wait_for(
-                dsn,
-                "SELECT count(*) FROM health_latest h JOIN rules_state USING (vehicle_id)",
-                total,
-                300,
-                "vehicles stored",
-            )
-            time.sleep(args.wait + 1.0)  # the canary's 'before'
-            print(
-                f"{args.vehicles} simulated vehicles + {args.daemons} real daemons, canary {args.canary} %, "
-                f"observed {args.wait:.0f} s, two waves, {args.max_per_minute:.0f} requests/min at most"
-            )
-            bad_s = rollout(work, broker.port, dsn, "bench-abort", "stress.sustain_s=1", args)
-            print(f"\nabort: stress.sustain_s=1 (canary alerts 10x): {bad_s:.1f} s end to end")
-            print("\n".join(timeline(dsn, "bench-abort")))
-            print(f"  simulated vehicles' overrides after: {fleet.overrides()}")
-            time.sleep(args.wait + 1.0)  # a fresh 'before' once the canary is back
-            good_s = rollout(work, broker.port, dsn, "bench-done", "stress.cooldown_s=45", args)
-            print(f"\ndone: stress.cooldown_s=45: {good_s:.1f} s end to end")
-            print("\n".join(timeline(dsn, "bench-done")))
-            print(f"  simulated vehicles' overrides after: {fleet.overrides()}")
-            with psycopg.connect(dsn) as conn:
-                real = conn.execute(
-                    "SELECT vehicle_id, cause, payload #> '{rules,stress,cooldown_s}' FROM rules_state "
-                    "WHERE vehicle_id LIKE 'daemon-%%' ORDER BY 1"
-                ).fetchall()
-            print(f"  real daemons' rules/state: {real}")
-    finally:
-        if fleet is not None:
-            fleet.close()
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        with psycopg.connect(args.db, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                total = args.vehicles + args.daemons
+                wait_for(
+                    dsn,
+                    "SELECT count(*) FROM health_latest h JOIN rules_state USING (vehicle_id)",
+                    total,
+                    300,
+                    "vehicles stored",
+                )
+                time.sleep(args.wait + 1.0)  # the canary's 'before'
+                print(
+                    f"{args.vehicles} simulated vehicles + {args.daemons} real daemons, canary {args.canary} %, "
+                    f"observed {args.wait:.0f} s, two waves, {args.max_per_minute:.0f} requests/min at most"
+                )
+                bad_s = rollout(work, broker.port, dsn, "bench-abort", "stress.sustain_s=1", args)
+                print(f"\nabort: stress.sustain_s=1 (canary alerts 10x): {bad_s:.1f} s end to end")
+                print("\n".join(timeline(dsn, "bench-abort")))
+                print(f"  simulated vehicles' overrides after: {fleet.overrides()}")
+                time.sleep(args.wait + 1.0)  # a fresh 'before' once the canary is back
+                good_s = rollout(work, broker.port, dsn, "bench-done", "stress.cooldown_s=45", args)
+                print(f"\ndone: stress.cooldown_s=45: {good_s:.1f} s end to end")
+                print("\n".join(timeline(dsn, "bench-done")))
+                print(f"  simulated vehicles' overrides after: {fleet.overrides()}")
+                with psycopg.connect(dsn) as conn:
+                    real = conn.execute(
+                        "SELECT vehicle_id, cause, payload #> '{rules,stress,cooldown_s}' FROM rules_state "
+                        "WHERE vehicle_id LIKE 'daemon-%%' ORDER BY 1"
+                    ).fetchall()
+                print(f"  real daemons' rules/state: {real}")
+        finally:
+            if fleet is not None:
+                fleet.close()
+            for child in children:
+                child.terminate()
+            for child in children:
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
 
 
 if __name__ == "__main__":

@@ -61,23 +61,33 @@ def pg_unreachable_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def fresh_database() -> Iterator[str]:
-    """A new, empty database (DSN) dropped on exit, with any session still connected to it."""
+def fresh_database(server_dsn: str = SERVER_DSN) -> Iterator[str]:
+    """A new, empty database (DSN) on ``server_dsn``'s server, dropped on exit with any session still connected."""
     name = f"cabin_fleet_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(SERVER_DSN, autocommit=True) as admin:
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base, _, _ = SERVER_DSN.rpartition("/")
+    base, _, _ = server_dsn.rpartition("/")
     try:
         yield f"{base}/{name}"
     finally:
-        with psycopg.connect(SERVER_DSN, autocommit=True) as admin:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+class DeepQueueBroker(MosquittoBroker):
+    """The test broker (anonymous) with the fleet broker's deep per-session queue (deploy/mosquitto/mosquitto.conf),
+    for the benchmarks' load."""
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        with self.config_file.open("a") as config:
+            config.write("max_queued_messages 1000000\n")
+
+
 @contextlib.contextmanager
-def fleet_database() -> Iterator[str]:
+def fleet_database(server_dsn: str = SERVER_DSN) -> Iterator[str]:
     """A fresh database (DSN) with the fleet schema, dropped on exit."""
-    with fresh_database() as dsn:
+    with fresh_database(server_dsn) as dsn:
         upgrade(dsn)
         yield dsn
 
