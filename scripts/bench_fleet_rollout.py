@@ -165,7 +165,7 @@ def timeline(dsn: str, rollout_id: str) -> list[str]:
     first = steps[0][0]
     lines = []
     for at, step, detail in steps:
-        keep = {k: v for k, v in detail.items() if k in ("wave", "vehicles", "decision", "reason") or k in states}
+        keep = {k: v for k, v in detail.items() if k in ("wave", "vehicles", "decision", "reason")}
         if step == "rates":
             keep = {"decision": detail["decision"], "canary_after_per_h": round(detail["canary_after"]["per_hour"], 1)}
             keep["reference_per_h"] = round(detail["reference_per_hour"], 1)
