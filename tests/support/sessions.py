@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from cabin_monitor.config import EMOTIONS_7, RulesConfig
+import dataclasses
+
+from cabin_monitor.config import EMOTIONS_7
 from cabin_monitor.record.format import Entry, FrameSample, OccupantSample, RecordingMeta
+from tests.support.recordings import session_meta
 
 # long_session: a video file processed at twice its speed, so its wall clock runs apart from its own clock.
 ANGRY_S = ((600.0, 630.0), (1300.0, 1340.0))  # seconds into the recording
@@ -24,14 +27,12 @@ def one_occupant_session(
     wall_per_media_s: float = 1.0,
 ) -> list[RecordingMeta | Entry]:
     """A driver reading neutral, but ``emotion`` at 0.9 within ``spans_s`` (seconds into the recording)."""
-    meta = RecordingMeta(
-        vehicle_id=vehicle_id,
+    meta = dataclasses.replace(
+        session_meta(vehicle_id),
         session_id=session_id,
-        segment=0,
         class_names=EMOTIONS_7,
         model_version="1",
         model_name="test",
-        rules=RulesConfig(),
         source_kind="file",
         opened_wall_time_s=WALL_T0_S,
     )
