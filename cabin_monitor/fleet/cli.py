@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -313,20 +314,22 @@ def _run_rollout(args: argparse.Namespace, pool: Any, machine: Any, previous: An
     return EXIT_OK if phase == Phase.DONE else EXIT_FAILED
 
 
-def _cmd_rates(args: argparse.Namespace) -> int:
-    from datetime import datetime, timedelta, timezone
+def _window(duration: str) -> tuple[datetime, datetime]:
+    """(now minus ``duration``, now) in UTC; ``ValueError`` for a duration ``parse_duration_s`` refuses."""
+    end = datetime.now(timezone.utc)
+    return end - timedelta(seconds=parse_duration_s(duration)), end
 
+
+def _cmd_rates(args: argparse.Namespace) -> int:
     import psycopg
 
     from cabin_monitor.fleet.rates import format_report, report
     from cabin_monitor.fleet.shadow_rates import compare, format_compare
 
     try:
-        since_s = parse_duration_s(args.since)
+        start, end = _window(args.since)
     except ValueError as exc:
         return _usage(str(exc))
-    end = datetime.now(timezone.utc)
-    start = end - timedelta(seconds=since_s)
     with psycopg.connect(args.db) as conn:
         if args.shadow:
             data = compare(conn, start, end)
@@ -339,37 +342,31 @@ def _cmd_rates(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from datetime import datetime, timedelta, timezone
-
     import psycopg
 
     from cabin_monitor.fleet.report import write_report
 
     try:
-        since_s = parse_duration_s(args.since)
+        start, end = _window(args.since)
     except ValueError as exc:
         return _usage(str(exc))
-    end = datetime.now(timezone.utc)
     with psycopg.connect(args.db) as conn:
-        path = write_report(conn, args.out, end - timedelta(seconds=since_s), end, args.top)
+        path = write_report(conn, args.out, start, end, args.top)
     print(path)
     return EXIT_OK
 
 
 def _cmd_retention(args: argparse.Namespace) -> int:
-    from datetime import datetime, timedelta, timezone
-
     import psycopg
 
     from cabin_monitor.fleet.retention import apply_retention, format_retention
 
     try:
-        keep_s = parse_duration_s(args.keep)
+        cutoff, now = _window(args.keep)
     except ValueError as exc:
         return _usage(str(exc))
-    if keep_s < 86400:
+    if now - cutoff < timedelta(days=1):
         return _usage(f"--keep {args.keep} is under a day: the store would lose the events it is taking in now")
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=keep_s)
     with psycopg.connect(args.db) as conn:
         result = apply_retention(conn, cutoff, dry_run=args.dry_run)
     print(format_retention(result, dry_run=args.dry_run))
